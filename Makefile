@@ -1,0 +1,40 @@
+# BFN on Ray. `make help` lists the targets.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install test test-fast run bench lint mlflow-ui clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[pipeline,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
+
+test: $(STAMP)  ## run the whole test suite (what .ci/run runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## only the fast tests (no Ray, no servers)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+run: $(STAMP)  ## the main job: ~10 min binarized-MNIST BFN on a local 2-worker Ray, tracked in local MLflow
+	$(BIN)/bfn data prepare mnist
+	timeout -s INT -k 60 3600 $(BIN)/bfn train experiment=mnist_local
+
+bench: $(STAMP)  ## benchmarks: training step vs bare network, Ray loop vs plain loop
+	$(BIN)/bfn bench
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check bfn pipeline tune_spaces tests
+
+mlflow-ui: $(STAMP)  ## browse the local MLflow store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:  ## remove the venv and run outputs
+	rm -rf $(VENV) runs outputs .pytest_cache

@@ -1,0 +1,212 @@
+"""The BFN module: network + Bayesian flow + output head, with losses, NLL and sampling.
+
+Shapes: B batch, D = prod(data_shape), K classes, h network output values per dimension.
+Data x has shape (B, *data_shape): long class ids in [0, K) for discrete data, floats in [-1, 1]
+for continuous and discretised data. The network is called as net(net_inputs, t) with t of shape
+(B,) and returns (B, *data_shape, h).
+
+Usage:
+    model = BFN(net, DiscreteFlow(2, beta_1=9.0), BernoulliHead(), data_shape=(28, 28, 1))
+    loss = model(x); loss.backward()            # continuous-time loss (the training loss)
+    nll = model.nll(x, num_steps=784)           # n-step loss + reconstruction, NLLEstimate
+    images = model.sample(16, num_steps=100)    # (16, 28, 28, 1) long
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bfn import losses
+from bfn.distributions import BernoulliHead, CategoricalHead, DeltaHead, DiscretizedNormalHead
+from bfn.flows import ContinuousFlow, DiscreteFlow
+from bfn.nll import NLLEstimate
+
+
+class BFN(nn.Module):
+    def __init__(
+        self,
+        net: nn.Module,
+        flow: ContinuousFlow | DiscreteFlow,
+        head,
+        *,
+        data_shape: Sequence[int],
+        receiver: str = "reference",
+        num_mc_samples: int = 10,
+        reconstruction_bins: int = 256,
+        reconstruction_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.flow = flow
+        self.head = head
+        self.data_shape = tuple(int(d) for d in data_shape)
+        self.num_dims = math.prod(self.data_shape)
+        self.discrete = isinstance(flow, DiscreteFlow)
+        _check_pairing(flow, head)
+        if receiver not in losses.RECEIVERS:
+            raise ValueError(f"receiver must be one of {losses.RECEIVERS}, got {receiver!r}")
+        if num_mc_samples < 1:
+            raise ValueError(f"num_mc_samples must be >= 1, got {num_mc_samples}")
+        if reconstruction_bins < 2:
+            raise ValueError(f"reconstruction_bins must be >= 2, got {reconstruction_bins}")
+        self.receiver = receiver
+        self.num_mc_samples = num_mc_samples
+        self.reconstruction_bins = reconstruction_bins
+        # the reference scores a Delta output as N(x_hat, sigma_1^2) discretised at t = 1
+        sigma = getattr(flow, "sigma_1", None)
+        self.reconstruction_std = reconstruction_std if reconstruction_std is not None else sigma
+
+    # ---------------------------------------------------------------------------------- helpers
+    def check_data(self, x: Tensor) -> Tensor:
+        """Validate a batch and flatten it to (B, D). Raises ValueError naming what is wrong."""
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(
+                f"data shape must be (batch, {', '.join(map(str, self.data_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+        if self.discrete:
+            K = self.flow.num_classes
+            if x.dtype.is_floating_point or x.dtype == torch.bool:
+                raise ValueError(f"discrete data must be integer class ids, got dtype {x.dtype}")
+            if x.numel() and (x.min() < 0 or x.max() >= K):
+                raise ValueError(
+                    f"discrete data must lie in [0, {K - 1}], got [{x.min().item()}, {x.max().item()}]"
+                )
+            return x.reshape(x.shape[0], -1).long()
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"continuous data must be floating point, got dtype {x.dtype}")
+        if x.numel() and (x.min() < -1 or x.max() > 1 or not torch.isfinite(x).all()):
+            raise ValueError(
+                f"continuous data must lie in [-1, 1], got [{x.min().item()}, {x.max().item()}]"
+            )
+        return x.reshape(x.shape[0], -1).float()
+
+    def output_distribution(self, params, t: Tensor):
+        """Run the network on input params at t (B, 1) and build p_O. Loss math stays float32."""
+        net_inputs = self.flow.net_inputs(params, self.data_shape)
+        output = self.net(net_inputs, t[:, 0])  # (B, *data_shape, h)
+        output = output.float().reshape(t.shape[0], self.num_dims, -1)  # (B, D, h)
+        input_mean = None if self.discrete else params.mean
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            return self.head(output, input_mean, t)
+
+    def _no_autocast(self, t: Tensor):
+        return torch.autocast(device_type=t.device.type, enabled=False)
+
+    # ----------------------------------------------------------------------------------- losses
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        return self.loss(x, t)
+
+    def continuous_time_loss(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """L_inf per example and dimension, (B, D). t (B,) ~ U[0, 1) unless given."""
+        x = self.check_data(x)
+        t = torch.rand(x.shape[0], 1, device=x.device) if t is None else t.reshape(-1, 1).float()
+        params = self.flow.sample(x, t)
+        dist = self.output_distribution(params, t)
+        with self._no_autocast(t):
+            if self.discrete:
+                return losses.continuous_time_loss_discrete(self.flow, dist, x, t)
+            return losses.continuous_time_loss_continuous(self.flow, dist, x, t)
+
+    def loss(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """The training loss: the continuous-time loss averaged over dimensions and batch."""
+        return self.continuous_time_loss(x, t).mean()
+
+    def n_step_loss(self, x: Tensor, num_steps: int, t: Tensor | None = None) -> Tensor:
+        """n-step loss per example (B,), t = (i - 1)/n with i uniform in 1..n unless given."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        x = self.check_data(x)
+        if t is None:
+            i = torch.randint(0, num_steps, (x.shape[0], 1), device=x.device)
+            t = i / num_steps
+        t = t.reshape(-1, 1).float()
+        params = self.flow.sample(x, t)
+        dist = self.output_distribution(params, t)
+        with self._no_autocast(t):
+            if self.discrete:
+                return losses.n_step_loss_discrete(
+                    self.flow, dist, x, t, num_steps,
+                    num_samples=self.num_mc_samples, receiver=self.receiver,
+                )
+            return losses.n_step_loss_continuous(
+                self.flow, dist, x, t, num_steps, num_samples=self.num_mc_samples
+            )
+
+    def reconstruction_loss(self, x: Tensor) -> Tensor:
+        """-ln p_O(x | theta(1)) averaged over dimensions, (B,)."""
+        x = self.check_data(x)
+        t = torch.ones(x.shape[0], 1, device=x.device)
+        params = self.flow.sample(x, t)
+        dist = self.output_distribution(params, t)
+        with self._no_autocast(t):
+            if self.discrete:
+                return losses.reconstruction_loss_discrete(dist, x).mean(-1)
+            return losses.reconstruction_loss_continuous(
+                dist, x, num_bins=self.reconstruction_bins, std=self.reconstruction_std
+            ).mean(-1)
+
+    @torch.no_grad()
+    def nll(self, x: Tensor, num_steps: int, repeats: int = 1) -> NLLEstimate:
+        """NLL of one batch: n-step loss + reconstruction over ``repeats``, nats/dim with SEs."""
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        loss = torch.stack([self.n_step_loss(x, num_steps) for _ in range(repeats)])
+        reconstruction = torch.stack([self.reconstruction_loss(x) for _ in range(repeats)])
+        return NLLEstimate.from_terms(loss, reconstruction, self.num_dims)
+
+    # --------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        batch_size: int,
+        num_steps: int,
+        *,
+        generator: torch.Generator | None = None,
+        return_sample: bool = False,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """Generate (batch_size, *data_shape) in ``num_steps`` steps (paper Algorithms 3, 6, 9).
+
+        Returns the mode of p_O at t = 1, as the paper does (class argmax, bin centre or the point
+        estimate); ``return_sample=True`` returns a draw from p_O instead. Deterministic given
+        ``generator``.
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = device or next(self.parameters()).device
+        params = self.flow.prior(batch_size, self.num_dims, device)
+        for i in range(1, num_steps + 1):
+            t = torch.full((batch_size, 1), (i - 1) / num_steps, device=device)
+            x_out = self.output_distribution(params, t).sample(generator)
+            alpha = self.flow.alpha(i, num_steps)
+            y = self.flow.sender_sample(x_out, alpha, generator)
+            params = self.flow.update(params, y, alpha)
+        dist = self.output_distribution(params, torch.ones(batch_size, 1, device=device))
+        out = dist.sample(generator) if return_sample else dist.mode
+        return out.reshape(batch_size, *self.data_shape)
+
+
+def _check_pairing(flow, head) -> None:
+    """Discrete flows need a discrete head with the same K; continuous flows a continuous head."""
+    if isinstance(flow, DiscreteFlow):
+        K = flow.num_classes
+        if K == 2 and not isinstance(head, BernoulliHead | CategoricalHead):
+            raise ValueError(f"binary data need a Bernoulli or categorical head, got {head}")
+        if isinstance(head, CategoricalHead) and head.output_height != K:
+            raise ValueError(f"head has {head.output_height} classes but the flow has {K}")
+        if K > 2 and not isinstance(head, CategoricalHead):
+            raise ValueError(f"{K}-class data need a categorical head, got {type(head).__name__}")
+    elif isinstance(flow, ContinuousFlow):
+        if not isinstance(head, DiscretizedNormalHead | DeltaHead):
+            raise ValueError(
+                f"continuous data need a discretized-normal or delta head, got {type(head).__name__}"
+            )
+    else:
+        raise ValueError(f"flow must be a ContinuousFlow or DiscreteFlow, got {type(flow).__name__}")
