@@ -100,29 +100,34 @@ def n_step_loss_discrete(
     """n-step loss n E_y[ln p_S(y) - ln p_R(y)] at step i = t n + 1, averaged over D, (B,).
 
     y ~ p_S = N(alpha (K e_x - 1), alpha K I), ``num_samples`` draws (or the given y (S, B, D, K)).
-    Every receiver component shares the same std, and component m has mean alpha (K - 1) in
-    coordinate m and -alpha elsewhere; both receivers below are exact rewrites of the mixtures in
-    the module docstring that never build the (B, D, K, K) tensor per sample.
     """
     if receiver not in RECEIVERS:
         raise ValueError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
-    K = flow.num_classes
     alpha = flow.alpha(t * num_steps + 1, num_steps)  # (B, 1)
     mean, std = flow.sender_mean_std(x, alpha)  # (B, D, K), (B, 1, 1)
     if y is None:
         y = mean + std * torch.randn(num_samples, *mean.shape, device=x.device)
-    a = alpha.unsqueeze(-1)
     log_sender = normal_log_prob(y, mean, std).sum(-1)  # (S, B, D)
-    log_hit = normal_log_prob(y, a * (K - 1), std)  # coordinate j under component m = j
-    log_miss = normal_log_prob(y, -a, std)  # coordinate j under any other component
-    log_weights = categorical_log_weights(dist.probs)  # (B, D, K)
-    if receiver == "paper":
-        log_receiver = log_miss.sum(-1) + torch.logsumexp(log_weights + log_hit - log_miss, -1)
-    else:
-        log_rest = _log_sum_of_others(log_weights)  # ln sum_{m != j} w_m, (B, D, K)
-        per_coordinate = torch.logaddexp(log_weights + log_hit, log_rest + log_miss)
-        log_receiver = per_coordinate.sum(-1)  # (S, B, D)
+    log_receiver = discrete_receiver_log_prob(y, dist.probs, alpha.unsqueeze(-1), receiver)
     return num_steps * (log_sender - log_receiver).mean(0).mean(-1)
+
+
+def discrete_receiver_log_prob(y: Tensor, probs: Tensor, alpha: Tensor | float, receiver: str):
+    """ln p_R(y) per dimension, summed over the K coordinates of y: (..., D, K) -> (..., D).
+
+    Every component shares the std sqrt(alpha K); component m has mean alpha (K - 1) in coordinate
+    m and -alpha elsewhere. Both receivers are exact rewrites of the mixtures in the module
+    docstring that never build a (..., K, K) tensor per sample. ``alpha`` broadcasts against y.
+    """
+    K = probs.shape[-1]
+    std = (K * alpha) ** 0.5
+    log_hit = normal_log_prob(y, alpha * (K - 1), std)  # coordinate j under component m = j
+    log_miss = normal_log_prob(y, -alpha, std)  # coordinate j under any other component
+    log_weights = categorical_log_weights(probs)  # (..., D, K)
+    if receiver == "paper":
+        return log_miss.sum(-1) + torch.logsumexp(log_weights + log_hit - log_miss, -1)
+    log_rest = _log_sum_of_others(log_weights)  # ln sum_{m != j} w_m
+    return torch.logaddexp(log_weights + log_hit, log_rest + log_miss).sum(-1)
 
 
 def _log_sum_of_others(log_weights: Tensor) -> Tensor:
