@@ -1,0 +1,70 @@
+"""The one place that turns a validated Config into objects: network, flow, head, BFN, optimiser."""
+
+from __future__ import annotations
+
+import torch
+
+from bfn import (
+    BFN,
+    BernoulliHead,
+    CategoricalHead,
+    ContinuousFlow,
+    DeltaHead,
+    DiscreteFlow,
+    DiscretizedNormalHead,
+)
+from bfn.networks import build_network
+from pipeline.config import Config
+
+
+def build_flow_and_head(config: Config):
+    f = config.flow
+    if f.kind == "discrete":
+        flow = DiscreteFlow(f.num_classes, f.beta_1)
+        head = BernoulliHead() if f.head == "bernoulli" else CategoricalHead(f.num_classes)
+        return flow, head
+    flow = ContinuousFlow(f.sigma_1)
+    if f.head == "discretized_normal":
+        head = DiscretizedNormalHead(f.num_bins, sigma_1=f.sigma_1, noise_prediction=f.noise_prediction)
+    else:
+        head = DeltaHead(sigma_1=f.sigma_1, noise_prediction=f.noise_prediction)
+    return flow, head
+
+
+def build_model(config: Config) -> BFN:
+    """The BFN of ``config`` (network weights freshly initialised)."""
+    flow, head = build_flow_and_head(config)
+    data_shape = config.data.data_shape
+    data_kwargs = {
+        "in_channels": data_shape[-1],
+        "image_size": data_shape[0],
+        "out_height": head.output_height,
+        "num_classes": config.flow.num_classes,
+        "seq_len": data_shape[0],
+    }
+    net = build_network(config.net.name, **{**data_kwargs, **config.net.kwargs})
+    return BFN(
+        net, flow, head,
+        data_shape=data_shape,
+        receiver=config.flow.receiver,
+        num_mc_samples=config.flow.num_mc_samples,
+        reconstruction_bins=config.flow.reconstruction_bins,
+        reconstruction_std=(config.flow.sigma_1 or 0) * config.flow.reconstruction_std_scale or None,
+    )  # fmt: skip
+
+
+def build_optimizer(config: Config, model: BFN) -> torch.optim.Optimizer:
+    """AdamW; networks that define ``optim_groups`` (the transformer) decay Linear weights only."""
+    o = config.optim
+    net = model.net
+    if hasattr(net, "optim_groups"):
+        groups = net.optim_groups(o.weight_decay)
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def lr_at(config: Config, step: int) -> float:
+    """Linear warm-up over optim.warmup_steps, then constant (the paper uses no schedule)."""
+    warmup = config.optim.warmup_steps
+    return config.optim.lr * min(1.0, (step + 1) / warmup) if warmup else config.optim.lr

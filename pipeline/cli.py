@@ -1,0 +1,151 @@
+"""The `bfn` command: train, eval, sample, data, bench (+ tune, scaling, submit, jobs, stack).
+
+Every command that builds a model takes Hydra overrides (`experiment=smoke trainer.max_steps=10`).
+Bad input exits with status 2 and one line naming the culprit, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
+
+
+def cmd_train(args) -> int:
+    from pipeline.config import load
+    from pipeline.train import fit, print_summary
+
+    cfg = load(args.overrides)
+    print_summary(cfg, fit(cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pipeline.evaluate import evaluate
+
+    evaluate(args.checkpoint, args.overrides, split=args.split, num_steps=args.steps,
+             repeats=args.repeats, max_batches=args.max_batches, use_ema=not args.raw_weights)  # fmt: skip
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from pipeline.evaluate import sample
+
+    path = sample(args.checkpoint, num=args.num, num_steps=args.steps, seed=args.seed,
+                  out=args.out, use_ema=not args.raw_weights)  # fmt: skip
+    print(f"[bfn] samples written to {path}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from pipeline import data
+    from pipeline.config import compose
+
+    out = args.out
+    if out is None:
+        out = str(Path(compose([])["paths"]["data_dir"]) / args.dataset)
+    manifest = data.prepare(args.dataset, out, source=args.source, seq_len=args.seq_len)
+    rows = {split: info["rows"] for split, info in manifest["splits"].items()}
+    print(f"[bfn] prepared {args.dataset} at {out}: {rows}")
+    return 0
+
+
+def cmd_data_verify(args) -> int:
+    from pipeline import data
+
+    manifest = data.verify(args.uri)
+    print(f"[bfn] {args.uri}: {manifest['dataset']} OK "
+          f"({ {s: i['rows'] for s, i in manifest['splits'].items()} })")  # fmt: skip
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pipeline.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bfn", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or resume) a BFN on Ray Train")
+    _overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="NLL of a checkpoint (n-step loss + reconstruction)")
+    p.add_argument("checkpoint", help="checkpoint folder (local)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--steps", type=int, default=None, help="n of the n-step loss (default: eval.nll_steps)")
+    p.add_argument("--repeats", type=int, default=None, help="repeats (default: eval.nll_repeats)")
+    p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
+    _overrides(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate samples from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
+    p.add_argument("--raw-weights", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("data", help="prepare or verify sharded Parquet datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("prepare", help="raw data -> Parquet shards + manifest")
+    q.add_argument("dataset", choices=["mnist", "cifar10", "text8"])
+    q.add_argument("--out", default=None, help="folder or s3://bucket/prefix (default: data/shards/NAME)")
+    q.add_argument("--source", default=None, help="folder or URL of the canonical files (default: bundled)")
+    q.add_argument("--seq-len", type=int, default=256, help="text8 window length")
+    q.set_defaults(func=cmd_data_prepare)
+    q = data_sub.add_parser("verify", help="check a prepared dataset's manifest, shards and checksums")
+    q.add_argument("uri")
+    q.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
+    p.add_argument("which", nargs="?", default="all", choices=["all", "step", "pipeline"])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.set_defaults(func=cmd_bench)
+
+    for module in ("pipeline.tune", "pipeline.scaling", "pipeline.submit", "pipeline.localstack"):
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import set_env_defaults
+
+    set_env_defaults()  # before anything imports ray.data: it reads its switches at import time
+    from pipeline.checkpointing import CheckpointError
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="[%(name)s] %(levelname)s %(message)s")  # fmt: skip
+    try:
+        return args.func(args) or 0
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"bfn: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bfn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Figures a person would rather look at than read: sample grids, sample text, loss curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TEXT8_ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # id 0 = space
+
+
+def to_uint8_images(samples: torch.Tensor, data_name: str) -> np.ndarray:
+    """(N, H, W, C) model-space samples -> uint8 pixels (binary {0,1} or floats in [-1, 1])."""
+    x = samples.detach().cpu()
+    if data_name == "mnist":
+        return (x.clamp(0, 1) * 255).to(torch.uint8).numpy()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def save_image_grid(images: np.ndarray, path: str | Path, *, scale: int = 3) -> Path:
+    """Tile (N, H, W, C) uint8 images into a roughly square PNG grid (1-pixel gaps)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 128, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = image
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path
+
+
+def decode_text(ids: torch.Tensor) -> list[str]:
+    """(N, L) text8 ids -> strings, spaces shown as '_' (as the paper's samples are)."""
+    return ["".join(TEXT8_ALPHABET[i] for i in row).replace(" ", "_") for row in ids.tolist()]
+
+
+def save_samples(samples: torch.Tensor, data_name: str, path_stem: str | Path) -> Path:
+    """A PNG grid for images, a .txt file for text; returns the path written."""
+    path_stem = Path(path_stem)
+    if data_name == "text8":
+        path = path_stem.with_suffix(".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(decode_text(samples)) + "\n")
+        return path
+    return save_image_grid(to_uint8_images(samples, data_name), path_stem.with_suffix(".png"))
+
+
+def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
+    """Line plot of each metric against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(history), figsize=(5 * len(history), 3.5), squeeze=False)
+    for ax, (name, points) in zip(axes[0], history.items(), strict=True):
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="." if len(points) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

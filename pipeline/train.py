@@ -1,0 +1,145 @@
+"""`bfn train`: validate the config and data, start (or join) Ray, run the TorchTrainer.
+
+Order matters: every check that can fail on bad input (config values, shards, manifest) runs
+before Ray starts, so a mistake costs seconds, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pipeline import data as data_lib
+from pipeline.config import Config, flatten, set_env_defaults
+from pipeline.tracking import MLflowTracker, git_sha
+
+
+def preflight(cfg: Config) -> dict:
+    """Check the prepared shards (manifest, files, checksums, schema) of train and val."""
+    manifest = data_lib.verify(cfg.data.uri, splits=["train", "val"])
+    if manifest.get("dataset") not in (None, cfg.data.name):
+        raise data_lib.DataError(
+            f"data.uri {cfg.data.uri} holds {manifest.get('dataset')!r}, but data.name is "
+            f"{cfg.data.name!r}"
+        )
+    return manifest
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    set_env_defaults()
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only runtime
+    ray.init(num_cpus=cfg.run.ray_num_cpus, object_store_memory=768 * 1024**2,
+             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)  # fmt: skip
+
+
+def local_run_dir(cfg: Config) -> str | None:
+    """Where rank 0 writes sample grids and curves (also logged to MLflow)."""
+    if "://" in cfg.run.storage_path:
+        return str(Path(cfg.raw["paths"]["runs_dir"]) / "outputs" / cfg.run.name)
+    return str(Path(cfg.run.storage_path) / cfg.run.name / "outputs")
+
+
+def start_tracking(cfg: Config, num_parameters: int, manifest: dict) -> str | None:
+    if not cfg.tracking.enabled:
+        return None
+    try:
+        tracker = MLflowTracker.start(
+            cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
+            artifact_location=cfg.tracking.artifact_location,
+        )  # fmt: skip
+    except Exception as error:  # tracking must never stop training
+        print(f"[bfn] warning: MLflow unavailable ({type(error).__name__}: {error}); "
+              f"training continues without tracking", file=sys.stderr)  # fmt: skip
+        return None
+    public = {k: v for k, v in cfg.raw.items() if k != "_runtime"}
+    tracker.log_params(flatten(public))
+    tracker.set_tags({
+        "git_sha": git_sha(), "dataset": cfg.data.name, "num_parameters": num_parameters,
+        "net": cfg.net.name, "flow.kind": cfg.flow.kind,
+        "dataset.train_rows": manifest["splits"]["train"],
+    })  # fmt: skip
+    return tracker.run_id
+
+
+def fit(cfg: Config) -> dict:
+    """Run (or resume) the training run ``cfg.run.name``; returns rank 0's summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from bfn.networks import count_parameters
+    from pipeline.build import build_model
+    from pipeline.worker import train_fn_per_worker
+
+    manifest = preflight(cfg)
+    import torch
+
+    with torch.device("meta"):
+        num_parameters = count_parameters(build_model(cfg).net)
+    init_ray(cfg)
+    seed = cfg.trainer.seed
+    datasets = {
+        "train": data_lib.ray_dataset(cfg.data.uri, "train", cfg.data.name, num_bins=cfg.data.num_bins,
+                                      fraction=cfg.data.fraction, seed=seed),
+        "val": data_lib.ray_dataset(cfg.data.uri, "val", cfg.data.name, num_bins=cfg.data.num_bins,
+                                    seed=seed + 1),
+    }  # fmt: skip
+    run_id = start_tracking(cfg, num_parameters, manifest)
+    run_dir = local_run_dir(cfg)
+    loop_config = {**cfg.raw, "_runtime": {"mlflow_run_id": run_id, "local_run_dir": run_dir}}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )  # fmt: skip
+    result = trainer.fit()
+    summary = dict(result.return_value or {})
+    summary.update({"run_name": cfg.run.name, "mlflow_run_id": run_id,
+                    "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                    "storage": result.path})  # fmt: skip
+    if run_id and summary.get("checkpoint"):
+        tracker = MLflowTracker(cfg.tracking.uri, run_id)
+        tracker.set_tags({"final_checkpoint": summary["checkpoint"]})
+    return summary
+
+
+def print_summary(cfg: Config, summary: dict) -> None:
+    unit_key = cfg.eval.unit.replace("/", "_per_")
+    lines = [f"\n[bfn] run {cfg.run.name!r} finished at step {summary.get('step')}"]
+    if "val/nll_bits_per_dim" in summary:
+        lines.append(
+            f"  validation NLL: {summary['val/nll_bits_per_dim']:.4f} ± "
+            f"{summary['val/nll_bits_per_dim_se']:.4f} bits/dim"
+            + (f", {summary[f'val/nll_{unit_key}']:.2f} ± {summary[f'val/nll_{unit_key}_se']:.2f} "
+               f"{cfg.eval.unit}" if cfg.eval.unit not in ("bits/dim", "nats/dim") else "")
+        )  # fmt: skip
+    if "val/loss" in summary:
+        lines.append(f"  validation continuous-time loss: {summary['val/loss']:.4f} nats/dim")
+    if summary.get("run_dir"):
+        lines.append(f"  samples and curves: {summary['run_dir']}")
+    lines.append(f"  checkpoint: {summary.get('checkpoint')}")
+    if cfg.tracking.enabled and summary.get("mlflow_run_id"):
+        uri = cfg.tracking.uri
+        if uri.startswith("sqlite"):
+            lines.append(f"  browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        else:
+            lines.append(f"  browse: {uri}")
+        lines.append(f"  MLflow run id: {summary['mlflow_run_id']}")
+    print("\n".join(lines), flush=True)
