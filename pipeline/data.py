@@ -963,15 +963,14 @@ def verify(uri: str, splits: Sequence[str] | None = None, *, check_checksums: bo
     a manifest schema that differs from the dataset's, an unknown or empty split, a missing shard,
     a shard whose size or sha256 differs from the manifest (corrupt, truncated), a shard whose
     Parquet schema or row count differs from the manifest. With ``check_checksums=False`` only the
-    sizes and Parquet footers are read. Returns a summary ``{"dataset", "splits": {split: rows},
-    "shards", "bytes", "checked_checksums"}``.
+    sizes and Parquet footers are read. Returns the manifest, plus ``"verified": {"splits":
+    {split: rows} (the splits checked), "shards", "bytes", "checked_checksums"}``.
     """
     man = read_manifest(uri)
     schema = _manifest_schema(man, uri)
     fs, root = _resolve(uri)
     wanted = list(man["splits"]) if splits is None else list(splits)
     summary: dict[str, Any] = {
-        "dataset": man["dataset"],
         "splits": {},
         "shards": 0,
         "bytes": 0,
@@ -1025,7 +1024,7 @@ def verify(uri: str, splits: Sequence[str] | None = None, *, check_checksums: bo
                 f"{entry['rows']}"
             )
         summary["splits"][split] = total
-    return summary
+    return {**man, "verified": summary}
 
 
 def num_rows(uri: str, split: str) -> int:

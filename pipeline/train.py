@@ -40,6 +40,33 @@ def init_ray(cfg: Config) -> None:
              include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)  # fmt: skip
 
 
+def storage(cfg: Config):
+    """(storage_path, storage_filesystem) for Ray Train.
+
+    With a custom S3 endpoint in the environment (AWS_ENDPOINT_URL, e.g. MinIO or moto), an
+    explicit pyarrow filesystem carries the endpoint and credentials to the controller and
+    workers, which may have been started before the variables were set. Ray then wants the path
+    without its scheme.
+    """
+    from urllib.parse import urlparse
+
+    path = cfg.run.storage_path
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not (path.startswith("s3://") and endpoint):
+        return path, None
+    from pyarrow import fs
+
+    url = urlparse(endpoint)
+    filesystem = fs.S3FileSystem(
+        endpoint_override=url.netloc, scheme=url.scheme or "http",
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )  # fmt: skip
+    return path[len("s3://") :], filesystem
+
+
 def local_run_dir(cfg: Config) -> str | None:
     """Where rank 0 writes sample grids and curves (also logged to MLflow)."""
     if "://" in cfg.run.storage_path:
@@ -93,6 +120,7 @@ def fit(cfg: Config) -> dict:
     }  # fmt: skip
     run_id = start_tracking(cfg, num_parameters, manifest)
     run_dir = local_run_dir(cfg)
+    storage_path, storage_filesystem = storage(cfg)
     loop_config = {**cfg.raw, "_runtime": {"mlflow_run_id": run_id, "local_run_dir": run_dir}}
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -102,7 +130,7 @@ def fit(cfg: Config) -> dict:
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
         ),

@@ -147,10 +147,13 @@ def train_fn_per_worker(config: dict) -> dict | None:
         if metrics:
             tracker.log_metrics(metrics, step)
             last.update(metrics)
+            # every report carries the latest validation metrics too, so a Tune scheduler that
+            # watches a val/ metric finds it in each result
+            metrics = {**{k: v for k, v in last.items() if k.startswith("val/")}, **metrics}
         if step % cfg.trainer.checkpoint_every == 0 or last_step:
             _report_and_checkpoint(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics)
         elif metrics:
-            ray.train.report(metrics)
+            ray.train.report({**metrics, "step": step})
 
     if rank != 0:
         return None

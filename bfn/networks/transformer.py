@@ -1,0 +1,207 @@
+"""Non-causal nanoGPT-style transformer used by the BFN reference for text8.
+
+Data flow (paper config, B sequences of L=256 characters, K=27 classes)::
+
+    theta (B,L,K) categorical input probabilities, t (B,)
+      -> Linear(K -> 768)(2*theta - 1)
+         + fixed sinusoidal position code (base 1000)
+         + Linear(1 -> 768)(2t - 1)                        = x_in  (B,L,768)
+      -> 24 pre-LayerNorm blocks: x + Attn(LN(x)), x + MLP(LN(x))
+         (12 heads, non-causal scaled_dot_product_attention, GELU-tanh MLP 4x wide)
+      -> final LayerNorm                                   (B,L,768)
+      -> concat with x_in (skip=True)                      (B,L,1536)
+      -> lm_head Linear(1536 -> K)                         (B,L,K) logits
+
+Initialisation as in GPT-2/nanoGPT: every Linear N(0, 0.02) with zero bias, the two residual
+output projections of each block N(0, 0.02/sqrt(2*n_layer)); LayerNorms weight 1, bias 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import check_divides, check_dropout, check_int
+
+
+def sinusoidal_positions(seq_len: int, dim: int, base: float = 1000.0) -> Tensor:
+    """Fixed position code (seq_len, dim): even columns sin(p / base^(i/dim)) for even i,
+    odd columns cos(p / base^(i/dim)) for odd i (the reference uses base 1000, not 10000)."""
+    pos = torch.arange(seq_len, dtype=torch.float32)[:, None]  # (L, 1)
+    index = torch.arange(dim, dtype=torch.float32)  # (dim,)
+    angles = pos / torch.pow(base, index / dim)  # (L, dim)
+    code = torch.empty(seq_len, dim)
+    code[:, 0::2] = torch.sin(angles[:, 0::2])
+    code[:, 1::2] = torch.cos(angles[:, 1::2])
+    return code
+
+
+class TextInputAdapter(nn.Module):
+    """theta (B,L,K), t (B,) or (B,L) -> token embeddings (B,L,d)."""
+
+    def __init__(self, num_classes: int, seq_len: int, width: int, bias: bool):
+        super().__init__()
+        self.seq_len = seq_len
+        self.token_proj = nn.Linear(num_classes, width, bias=bias)
+        self.time_proj = nn.Linear(1, width, bias=bias)
+        self.register_buffer("positions", sinusoidal_positions(seq_len, width), persistent=False)
+
+    def forward(self, theta: Tensor, t: Tensor) -> Tensor:
+        b, length, _ = theta.shape
+        t = t.to(theta.dtype).reshape(b, -1)  # (B, 1) or (B, L)
+        tokens = self.token_proj(2 * theta - 1)  # (B, L, d)
+        times = self.time_proj((2 * t - 1)[..., None])  # (B, 1 or L, d)
+        return tokens + self.positions[:length].to(tokens.dtype) + times
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; q, k, v come from one Linear(d -> 3d) as [q | k | v]."""
+
+    def __init__(self, width: int, n_head: int, dropout: float, bias: bool, is_causal: bool):
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.is_causal = is_causal
+        self.c_attn = nn.Linear(width, 3 * width, bias=bias)
+        self.c_proj = nn.Linear(width, width, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, length, width = x.shape
+        qkv = self.c_attn(x).view(b, length, 3, self.n_head, width // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.is_causal
+        )
+        y = y.transpose(1, 2).reshape(b, length, width)  # (B, L, d)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Linear(d -> 4d), GELU (tanh approximation), Linear(4d -> d), dropout."""
+
+    def __init__(self, width: int, dropout: float, bias: bool):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width, bias=bias)
+        self.c_proj = nn.Linear(4 * width, width, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, width: int, n_head: int, dropout: float, bias: bool, is_causal: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=1e-5, bias=bias)
+        self.attn = SelfAttention(width, n_head, dropout, bias, is_causal)
+        self.ln_2 = nn.LayerNorm(width, eps=1e-5, bias=bias)
+        self.mlp = MLP(width, dropout, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTransformer(nn.Module):
+    """Non-causal GPT; ``net(theta, t)`` maps (B,L,K), (B,) -> (B,L,K) logits.
+
+    Args (defaults = the paper's text8 config, 170.18M parameters):
+        num_classes: K, the vocabulary size (27 for text8).
+        seq_len: maximum sequence length L (the position code is built for it).
+        n_layer, n_head, n_embd: depth, heads and width.
+        dropout: dropout on the input embedding, attention weights and residual branches.
+        bias: biases in every Linear and LayerNorm.
+        skip: concatenate the input embedding with the final features before lm_head.
+        is_causal: causal attention (the reference BFN uses False; skip is then disabled).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 27,
+        seq_len: int = 256,
+        n_layer: int = 24,
+        n_head: int = 12,
+        n_embd: int = 768,
+        dropout: float = 0.0,
+        bias: bool = True,
+        skip: bool = True,
+        is_causal: bool = False,
+    ):
+        super().__init__()
+        self.num_classes = check_int("num_classes", num_classes, minimum=2)
+        self.seq_len = check_int("seq_len", seq_len)
+        self.n_layer = check_int("n_layer", n_layer)
+        check_int("n_head", n_head)
+        check_int("n_embd", n_embd)
+        check_divides("n_head", n_head, "n_embd", n_embd)
+        dropout = check_dropout("dropout", dropout)
+        self.is_causal = bool(is_causal)
+        self.skip = bool(skip) and not self.is_causal
+
+        self.input_adapter = TextInputAdapter(num_classes, seq_len, n_embd, bias)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(n_embd, n_head, dropout, bias, self.is_causal) for _ in range(n_layer)
+        )
+        self.ln_f = nn.LayerNorm(n_embd, eps=1e-5, bias=bias)
+        self.lm_head = nn.Linear(2 * n_embd if self.skip else n_embd, num_classes, bias=bias)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+
+    def forward(self, theta: Tensor, t: Tensor) -> Tensor:
+        """theta: (B, L, K) probabilities; t: (B,) (or per token (B, L)) -> (B, L, K) logits."""
+        self._check_input(theta, t)
+        x_in = self.input_adapter(theta, t)  # (B, L, d)
+        x = self.drop(x_in)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        if self.skip:
+            x = torch.cat([x, x_in], dim=-1)  # (B, L, 2d)
+        return self.lm_head(x)
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Input-embedding parameters (token and time projections; positions are a fixed buffer)."""
+        return list(self.input_adapter.parameters())
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay on Linear weights only; biases and LayerNorm weights get
+        none (like the reference GPT.get_optim_groups)."""
+        linear_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        decay, no_decay = [], []
+        for p in self.parameters():
+            (decay if id(p) in linear_weights else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    get_optim_groups = optim_groups  # the reference's name
+
+    def _check_input(self, theta: Tensor, t: Tensor) -> None:
+        if theta.dim() != 3 or theta.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"net_inputs must have shape (B, L, {self.num_classes}), got {tuple(theta.shape)}"
+            )
+        b, length, _ = theta.shape
+        if length > self.seq_len:
+            raise ValueError(f"sequence length {length} exceeds seq_len={self.seq_len}")
+        if t.dim() == 0 or t.shape[0] != b or t[0].numel() not in (1, length):
+            raise ValueError(f"t must have shape (B,) or (B, L), got {tuple(t.shape)}")
