@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
 
-test: $(STAMP)  ## run the whole test suite (what .ci/run runs)
-	$(BIN)/python -m pytest -q
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):  ## headless browser for the MLflow UI test (Debian package)
+	-(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1
+
+test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); two pytest processes
+	timeout -s INT -k 60 2400 $(BIN)/python -m pytest -q -m "not cluster"
+	timeout -s INT -k 60 1200 $(BIN)/python -m pytest -q -m cluster
 
 test-fast: $(STAMP)  ## only the fast tests (no Ray, no servers)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -36,6 +36,11 @@ def mask_secrets(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def git_sha() -> str:
+    """The commit being run: BFN_GIT_SHA (set by `bfn submit`, whose upload has no .git) or git."""
+    import os
+
+    if os.environ.get("BFN_GIT_SHA"):
+        return os.environ["BFN_GIT_SHA"]
     try:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,

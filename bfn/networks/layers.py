@@ -1,9 +1,13 @@
 """Building blocks shared by the BFN networks.
 
-Everything here is plain PyTorch: argument checks that raise ``ValueError`` naming the offending
-argument, a float32 GroupNorm, the two sinusoidal time embeddings used by the reference nets,
-zero initialisation and a spatial self-attention block built on
-``F.scaled_dot_product_attention``.
+Everything here is plain PyTorch:
+
+* argument checks that raise ``ValueError`` naming the offending argument;
+* ``GroupNorm32`` (always computed in float32) with a channels-last CPU path, ``GroupNormNHWC``;
+* ``Dropout`` with a cheaper CPU mask sampler;
+* ``linear_on_concat``, a Linear layer applied to a concatenation without building it;
+* the two sinusoidal time embeddings of the reference nets, zero initialisation, and a spatial
+  self-attention block built on ``F.scaled_dot_product_attention``.
 
 Image tensors inside the U-Nets are logically NCHW; when ``channels_last`` is on they are stored
 NHWC in memory, which is what the oneDNN convolutions on CPU prefer.
@@ -73,8 +77,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm that always computes in float32.
 
     A float32 input goes straight to the kernel (no cast, no copy); float16/bfloat16 inputs are
-    normalised in float32 and cast back. Channels-last CPU inputs use ``group_norm_nhwc``,
-    because PyTorch's channels-last CPU kernel is several times slower than its NCHW one.
+    normalised in float32 and cast back. Channels-last CPU inputs use ``GroupNormNHWC``, because
+    PyTorch's channels-last CPU kernel is several times slower than its NCHW one when there are
+    few channels per group.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,7 +109,7 @@ class GroupNormNHWC(torch.autograd.Function):
 
     Viewed as (B, HW, C) the tensor is contiguous, so per-channel sums over HW are cheap; the
     group statistics are combined from them. The variance comes from one pass (E[x^2] - mean^2)
-    unless some group has |mean| > 30 std, where that loses precision; then it is recomputed
+    unless some group has |mean| > ~30 std, where that loses precision; then it is recomputed
     around the mean. The backward pass uses the closed form
     dx = rstd * (w*g - mean_grp(w*g) - xhat * mean_grp(w*g*xhat)).
     """

@@ -1,0 +1,664 @@
+"""Fast checks of the cluster-use layer: infra/ configs, and the error paths of `bfn submit`.
+
+No Ray, no servers except a tiny in-process HTTP stand-in for a Ray job API on 127.0.0.1.
+
+What "not exposed" means here: nothing publishes the Ray dashboard/job API or MLflow beyond
+127.0.0.1 or the cluster network. On VMs (cluster.yaml) the dashboard binds 127.0.0.1 and the
+security group opens no port for it; with Compose, ports are published on 127.0.0.1 only; on
+Kubernetes, Services are ClusterIP (no LoadBalancer/NodePort/Ingress/hostNetwork/hostPort) and a
+NetworkPolicy limits who may connect. A server listening on all interfaces *inside* a container or
+pod is allowed only behind those restrictions (it is what a published port or a Service needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import localstack, submit
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+DOCKERFILE_INSTRUCTIONS = {
+    "FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "EXPOSE", "ENTRYPOINT", "CMD",
+    "LABEL", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD",
+}  # fmt: skip
+K8S_KINDS_WITHOUT_SPEC = {"ServiceAccount", "ConfigMap", "Secret"}
+PUBLIC_KINDS = {"Ingress", "Route", "Gateway", "HTTPRoute"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pinned(name: str) -> str:
+    """The exact version pyproject.toml pins for ``name`` (in dependencies or any extra)."""
+    meta = PYPROJECT["project"]
+    reqs = list(meta["dependencies"])
+    for extra in meta.get("optional-dependencies", {}).values():
+        reqs += extra
+    for req in reqs:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;,\s]+)", req.replace(" ", ""))
+        if m and m.group(1).lower() == name.lower():
+            return m.group(3)
+    raise AssertionError(f"{name} is not pinned with == in pyproject.toml")
+
+
+def python_minor() -> str:
+    spec = PYPROJECT["project"]["requires-python"]
+    m = re.search(r">=\s*3\.(\d+)\s*,\s*<\s*3\.(\d+)", spec)
+    assert m and int(m.group(2)) == int(m.group(1)) + 1, spec
+    return f"3.{m.group(1)}"
+
+
+def infra_files() -> list[Path]:
+    return sorted(p for p in INFRA.rglob("*") if p.is_file())
+
+
+def yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def k8s_docs() -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted((INFRA / "kuberay").glob("*.yaml")) + [INFRA / "mlflow" / "k8s.yaml"]:
+        out += [(path, d) for d in yaml_docs(path)]
+    return out
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined; comments and blanks dropped."""
+    out, buf = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            word, _, rest = buf.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+        buf = ""
+    assert not buf, f"{path}: dangling line continuation"
+    return out
+
+
+def dockerfiles() -> list[Path]:
+    return sorted(
+        p
+        for p in INFRA.rglob("Dockerfile*")
+        if p.is_file() and not p.name.endswith(".dockerignore")
+    )
+
+
+def dockerfile_args(path: Path) -> dict[str, str]:
+    args = {}
+    for word, rest in dockerfile_instructions(path):
+        if word == "ARG" and "=" in rest:
+            k, _, v = rest.partition("=")
+            args[k.strip()] = v.strip().strip('"')
+    return args
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text
+    )
+
+
+def all_images() -> list[tuple[Path, str]]:
+    """Every container image reference in infra/ (Dockerfile FROM/COPY --from, YAML image:)."""
+    found = []
+    for path in dockerfiles():
+        args = dockerfile_args(path)
+        stages = set()
+        for word, rest in dockerfile_instructions(path):
+            if word == "FROM":
+                parts = expand(rest, args).split()
+                parts = [p for p in parts if not p.startswith("--")]
+                if parts[0] not in stages:
+                    found.append((path, parts[0]))
+                if len(parts) >= 3 and parts[1].upper() == "AS":
+                    stages.add(parts[2])
+            m = re.search(r"--from=(\S+)", rest) if word == "COPY" else None
+            if m and expand(m.group(1), args) not in stages:
+                found.append((path, expand(m.group(1), args)))
+    for path in INFRA.rglob("*.yaml"):
+
+        def walk(node):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k == "image" and isinstance(v, str):
+                        found.append((path, v))  # noqa: B023 - consumed immediately
+                    else:
+                        walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        for doc in yaml_docs(path):
+            walk(doc)
+    return found
+
+
+# --------------------------------------------------------------------------- infra/: parsing
+
+
+def test_every_infra_file_parses():
+    files = infra_files()
+    assert files, "infra/ is empty"
+    kinds = set()
+    for path in files:
+        name = path.name
+        if name.endswith((".yaml", ".yml")):
+            assert yaml_docs(path), f"{path}: no YAML document"
+            kinds.add("yaml")
+        elif name.endswith(".json"):
+            json.loads(path.read_text())
+        elif name.startswith("Dockerfile") and not name.endswith(".dockerignore"):
+            instrs = dockerfile_instructions(path)
+            assert instrs, path
+            for word, _ in instrs:
+                assert word in DOCKERFILE_INSTRUCTIONS, f"{path}: unknown instruction {word}"
+            first = next(w for w, _ in instrs if w != "ARG")
+            assert first == "FROM", f"{path}: first instruction after ARGs is {first}"
+            kinds.add("dockerfile")
+        elif name.endswith(".md"):
+            assert len(path.read_text().strip()) > 200, f"{path} is almost empty"
+        elif name in (".gitignore",) or name.endswith(".dockerignore"):
+            assert path.read_text().strip(), path
+        else:
+            pytest.fail(f"{path}: no parser for this kind of file in tests/test_infra.py")
+    assert kinds == {"yaml", "dockerfile"}
+
+
+def test_expected_infra_files_exist():
+    expected = "docker/Dockerfile ray/cluster.yaml kuberay/raycluster.yaml kuberay/rayjob.yaml"
+    expected += " mlflow/compose.yaml mlflow/k8s.yaml README.md"
+    for rel in expected.split():
+        assert (INFRA / rel).is_file(), rel
+
+
+# --------------------------------------------------------------------------- Ray cluster launcher
+
+
+def test_ray_cluster_config_validates_against_rays_schema():
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(config)  # Ray's own check (schema + required fields)
+    assert config["provider"]["type"] == "aws"
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_ray_cluster_dashboard_private_and_token_auth():
+    config = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
+    head_cmds = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_cmds
+    all_cmds = " ".join(
+        config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        + config.get("setup_commands", []) + config.get("head_setup_commands", [])
+    )  # fmt: skip
+    assert "0.0.0.0" not in all_cmds
+    for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("RAY_AUTH_MODE=token" in c for c in cmds)
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    # the security group opens nothing but what Ray adds itself (intra-cluster + SSH)
+    for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
+        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])]
+        ranges += [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        public = {"0.0.0.0/0", "::/0"} & set(ranges)
+        ports = range(rule.get("FromPort", 0), rule.get("ToPort", 65535) + 1)
+        for port in (8265, 6379, 10001, 5000):
+            assert not (public and port in ports), f"port {port} open to {public}: {rule}"
+    # S3 through instance profiles, never keys
+    for node_type in config["available_node_types"].values():
+        assert "IamInstanceProfile" in node_type["node_config"]
+    text = (INFRA / "ray" / "cluster.yaml").read_text()
+    assert not re.search(r"AWS_SECRET_ACCESS_KEY\s*[=:]\s*\S", text)
+
+
+# --------------------------------------------------------------------------- Kubernetes manifests
+
+
+def test_k8s_manifests_have_required_fields():
+    docs = k8s_docs()
+    kinds = {d["kind"] for _, d in docs}
+    assert {"RayCluster", "RayJob", "Deployment", "Service", "NetworkPolicy"} <= kinds
+    ray_version = pinned("ray")
+    for path, doc in docs:
+        where = f"{path.name}:{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        assert doc.get("apiVersion"), where
+        assert doc.get("kind"), where
+        assert doc.get("metadata", {}).get("name"), where
+        if doc["kind"] not in K8S_KINDS_WITHOUT_SPEC:
+            assert isinstance(doc.get("spec"), dict), where
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            assert doc["apiVersion"] == "ray.io/v1", where
+            cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+            if doc["kind"] == "RayJob":
+                assert doc["spec"]["entrypoint"].startswith("python -m pipeline.cli "), where
+            assert cluster["rayVersion"] == ray_version, where
+            assert cluster["authOptions"]["mode"] == "token", where
+            assert cluster["authOptions"].get("secretName"), f"{where}: token not from a Secret"
+            head = cluster["headGroupSpec"]
+            assert head["serviceType"] == "ClusterIP", where
+            assert head["template"]["spec"]["containers"], where
+            assert cluster["workerGroupSpecs"], where
+            for group in cluster["workerGroupSpecs"]:
+                assert group["groupName"] and group["template"]["spec"]["containers"], where
+                assert group["minReplicas"] <= group["maxReplicas"], where
+                limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+                assert "nvidia.com/gpu" in limits, f"{where}: workers are GPU workers"
+            rsp = dict(head.get("rayStartParams", {}))
+            assert rsp.get("dashboard-host", "") != "0.0.0.0", where
+        if doc["kind"] == "Deployment":
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            for k, v in doc["spec"]["selector"]["matchLabels"].items():
+                assert labels.get(k) == v, f"{where}: selector does not match the pod labels"
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("selector") and doc["spec"].get("ports"), where
+
+
+def test_k8s_nothing_public():
+    for path, doc in k8s_docs():
+        where = f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"
+        assert doc["kind"] not in PUBLIC_KINDS, where
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", where
+            assert not doc["spec"].get("externalIPs"), where
+        text = yaml.safe_dump(doc)
+        assert "hostNetwork: true" not in text, where
+        assert "hostPort:" not in text, where
+        assert "LoadBalancer" not in text and "NodePort" not in text, where
+    # every namespace-local server is behind a NetworkPolicy
+    policies = [d for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"]
+    covered = [p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in policies]
+    assert {"bfn-ray", "bfn-rayjob", "bfn-mlflow"} <= set(covered)
+
+
+# --------------------------------------------------------------------------- MLflow (compose)
+
+
+def test_compose_ports_on_loopback_and_no_literal_credentials():
+    compose = yaml.safe_load((INFRA / "mlflow" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "mlflow"} <= set(services)
+    assert "ports" not in services["postgres"], "PostgreSQL must not be published"
+    for name, svc in services.items():
+        assert svc.get("network_mode") != "host", name
+        for port in svc.get("ports", []):
+            host = str(port).rsplit(":", 2)[0]
+            assert host in ("127.0.0.1", "${MLFLOW_BIND_ADDRESS:-127.0.0.1}"), f"{name}: {port}"
+    command = " ".join(services["mlflow"]["command"])
+    assert "postgresql://" in command and "--artifacts-destination" in command
+    assert not re.search(r"postgresql://[^@\s/]+:[^@\s]+@", command), "password in the URI"
+    pg_env = services["postgres"]["environment"]
+    assert "POSTGRES_PASSWORD" not in pg_env and pg_env["POSTGRES_PASSWORD_FILE"]
+    for key, value in services["mlflow"]["environment"].items():
+        if any(w in key for w in ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY")):
+            assert str(value).startswith("${"), f"{key} is a literal"
+
+
+def test_no_secrets_or_public_binds_anywhere_in_infra():
+    for path in infra_files():
+        text = path.read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), f"{path}: AWS access key id"
+        assert "--dashboard-host=0.0.0.0" not in text, path
+        assert not re.search(r"dashboard-host:\s*['\"]?0\.0\.0\.0", text), path
+        assert not re.search(r"auth_token\s*[:=]\s*['\"]?[0-9a-f]{32,}", text), f"{path}: token"
+        if path.name in ("cluster.yaml", "Dockerfile"):
+            assert "0.0.0.0" not in text.replace("0.0.0.0/0", ""), path
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def test_images_pinned_and_versions_consistent_with_pyproject():
+    ray_v, mlflow_v, torch_v, py = pinned("ray"), pinned("mlflow"), pinned("torch"), python_minor()
+    assert (ray_v, mlflow_v, torch_v, py) == ("2.60.0", "3.17.2", "2.13.0", "3.11")
+    images = all_images()
+    assert images
+    for path, image in images:
+        name, _, tag = image.rpartition(":") if "@" not in image else (image, "", "digest")
+        assert name and tag and "/" not in tag, f"{path}: image {image} has no tag"
+        assert tag != "latest" and "$" not in tag, f"{path}: image {image} is not pinned"
+    bfn_tags = {img.rpartition(":")[2] for _, img in images if "/bfn-ray:" in img}
+    assert len(bfn_tags) == 1, f"one bfn-ray image tag everywhere, got {bfn_tags}"
+    (tag,) = bfn_tags
+    assert f"ray{ray_v}" in tag and f"torch{torch_v}" in tag and f"py{py}" in tag, tag
+    assert tag.startswith(PYPROJECT["project"]["version"]), tag
+    for _, img in images:
+        if "/bfn-mlflow:" in img:
+            assert img.endswith(f":{mlflow_v}"), img
+
+    args = dockerfile_args(INFRA / "docker" / "Dockerfile")
+    assert args["RAY_VERSION"] == ray_v
+    assert args["MLFLOW_VERSION"] == mlflow_v
+    assert args["TORCH_VERSION"] == torch_v
+    assert args["PYTHON_VERSION"] == py
+    assert dockerfile_args(INFRA / "mlflow" / "Dockerfile")["MLFLOW_VERSION"] == mlflow_v
+    # every `pkg==version` in a Dockerfile agrees with pyproject.toml where both pin it
+    for path in dockerfiles():
+        text = expand(path.read_text(), dockerfile_args(path))
+        for name, version in re.findall(r'"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^"\s]+)"', text):
+            try:
+                expected = pinned(name)
+            except AssertionError:
+                continue
+            assert version == expected, f"{path}: {name}=={version}, pyproject pins {expected}"
+    # CUDA base image: a full x.y.z version and torch's CUDA major (13) for torch 2.13.0
+    cuda = args["CUDA_IMAGE"]
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-[a-z]+-ubuntu\d\d\.\d\d", cuda), cuda
+    raycluster = yaml_docs(INFRA / "kuberay" / "raycluster.yaml")
+    assert any(d.get("spec", {}).get("rayVersion") == ray_v for d in raycluster)
+
+
+def test_infra_readme_walks_laptop_to_cluster():
+    text = (INFRA / "README.md").read_text()
+    for needle in ("bfn stack up", "bfn submit", "ray up", "ray dashboard", "RAY_AUTH_TOKEN",
+                   "kubectl", "bfn jobs logs", "bfn stack down"):  # fmt: skip
+        assert needle in text, needle
+
+
+# --------------------------------------------------------------------------- submit: errors
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bfn")
+    sub = parser.add_subparsers(dest="command", required=True)
+    submit.register(sub)
+    localstack.register(sub)
+    return parser
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_token_env(monkeypatch, tmp_path):
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token
+    return tmp_path
+
+
+class FakeJobAPI:
+    """A stand-in for a token-auth Ray job API on 127.0.0.1 (enough for JobSubmissionClient)."""
+
+    def __init__(self, token: str | None = "s3cr3t-cluster-token", mode: str = "token"):
+        self.token, self.mode, self.requests = token, mode, []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, code: int, body: object = None):
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                api.requests.append((self.command, self.path, dict(self.headers), body))
+                if self.path == "/api/authentication_mode":
+                    return self._reply(200, {"authentication_mode": api.mode})
+                if api.mode == "token":
+                    got = self.headers.get("Authorization")
+                    if not got:
+                        return self._reply(401, "Unauthorized: Missing authentication token")
+                    if got != f"Bearer {api.token}":
+                        return self._reply(403, "Forbidden: Invalid authentication token")
+                if self.path == "/api/version":
+                    return self._reply(200, {"ray_version": "2.60.0", "version": "4"})
+                if self.path.startswith("/api/packages/"):
+                    return self._reply(404 if self.command == "GET" else 200, {})
+                if self.path == "/api/jobs/" and self.command == "POST":
+                    sid = json.loads(body)["submission_id"]
+                    return self._reply(200, {"job_id": sid, "submission_id": sid})
+                return self._reply(404, {})
+
+            do_GET = do_POST = do_PUT = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_unreachable_address_fails_fast_and_names_it(no_token_env):
+    address = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(submit.UnreachableError, match=re.escape(address)):
+        submit.connect(address, timeout=3)
+    assert time.monotonic() - t0 < 5
+
+
+def test_silent_address_times_out_within_connect_timeout(no_token_env):
+    # a socket that accepts connections but never answers (a hung or firewalled endpoint)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        address = f"http://127.0.0.1:{s.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(submit.UnreachableError, match=re.escape(address)):
+            submit.connect(address, timeout=1.5)
+        assert time.monotonic() - t0 < 5
+
+
+def test_cli_unreachable_exit_code_and_message(no_token_env):
+    address = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.submit", "submit", "train", "experiment=smoke"]
+        + ["--address", address, "--connect-timeout", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ.copy(),
+    )
+    assert proc.returncode == submit.UnreachableError.exit_code, proc.stderr
+    assert address in proc.stderr and "cannot reach" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_missing_token_is_a_clear_error(no_token_env):
+    with FakeJobAPI() as api, pytest.raises(submit.MissingTokenError) as err:
+        submit.connect(api.address, timeout=3)
+    msg = str(err.value)
+    assert msg.startswith("missing token")
+    assert api.address in msg and "RAY_AUTH_TOKEN" in msg and "RAY_AUTH_TOKEN_PATH" in msg
+
+
+def test_missing_token_via_cli(no_token_env, capsys):
+    with FakeJobAPI() as api, pytest.raises(SystemExit) as exit_:
+        args = _parser().parse_args(["jobs", "list", "--address", api.address])
+        args.func(args)
+    assert exit_.value.code == submit.MissingTokenError.exit_code
+    assert "error: missing token" in capsys.readouterr().err
+
+
+def test_unreadable_token_path_is_a_clear_error(no_token_env, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(no_token_env / "nope"))
+    with pytest.raises(submit.MissingTokenError, match="RAY_AUTH_TOKEN_PATH"):
+        submit.resolve_token()
+
+
+def test_wrong_token_is_rejected_clearly(no_token_env, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    with FakeJobAPI() as api, pytest.raises(submit.SubmitError, match="rejected the token"):
+        submit.connect(api.address, timeout=3)
+
+
+def test_token_precedence_matches_ray(no_token_env, monkeypatch):
+    home_token = no_token_env / "home" / ".ray" / "auth_token"
+    home_token.parent.mkdir(parents=True)
+    home_token.write_text("from-home\n")
+    assert submit.resolve_token() == ("from-home", str(home_token))
+    path_token = no_token_env / "tok"
+    path_token.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path_token))
+    assert submit.resolve_token()[0] == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert submit.resolve_token() == ("from-env", "RAY_AUTH_TOKEN")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["submit", "bogus"], ["jobs", "bogus"], ["stack", "bogus"], ["bogus"]],
+    ids=["submit-kind", "jobs", "stack", "top"],
+)
+def test_unknown_subcommand(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_registered_subcommands_set_func():
+    parser = _parser()
+    for argv in (["submit", "train", "experiment=smoke", "run.name=x"], ["jobs", "list"],
+                 ["jobs", "logs", "j1"], ["jobs", "stop", "j1"], ["stack", "up"],
+                 ["stack", "down"], ["stack", "status"]):  # fmt: skip
+        args = parser.parse_args(argv)
+        assert callable(args.func), argv
+    args = parser.parse_args(["submit", "tune", "a=1", "b=2", "--address", "http://x:1"])
+    assert args.kind == "tune" and args.overrides == ["a=1", "b=2"]
+
+
+# --------------------------------------------------------------------------- submit: happy path
+
+
+def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypatch, capsys):
+    """Full `bfn submit --no-wait` against the stand-in job API: the token goes in the header,
+    credentials reach the job's env_vars, and no secret value is printed."""
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLEID")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    workdir = no_token_env / "proj"
+    (workdir / "pipeline").mkdir(parents=True)
+    (workdir / "pipeline" / "__init__.py").write_text("")
+    monkeypatch.setattr(submit, "REPO_ROOT", workdir)
+    with FakeJobAPI() as api:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", api.token)
+        args = _parser().parse_args(
+            ["submit", "train", "experiment=smoke", "run.name=it's", "--address", api.address]
+            + ["--no-wait", "--job-id", "bfn-test-1"]
+        )
+        assert args.func(args) == 0
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err and api.token not in out.out + out.err
+    assert "AWS_SECRET_ACCESS_KEY" in out.out and "bfn-test-1" in out.out
+    assert f"bfn jobs logs bfn-test-1 --address {api.address}" in out.out
+    posts = [r for r in api.requests if r[0] == "POST" and r[1] == "/api/jobs/"]
+    assert len(posts) == 1
+    _, _, headers, body = posts[0]
+    assert headers["Authorization"] == f"Bearer {api.token}"
+    job = json.loads(body)
+    expected = "python -m pipeline.cli train run=cluster tracking=mlflow_server experiment=smoke"
+    expected += " 'run.name=it'\"'\"'s'"
+    assert job["entrypoint"] == expected
+    env = job["runtime_env"]["env_vars"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == secret and env["MLFLOW_TRACKING_URI"].endswith(":5999")
+    assert not any(k.startswith("RAY_AUTH") for k in env)
+    assert job["runtime_env"]["working_dir"].startswith("gcs://")
+
+
+def test_runtime_env_variants(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "xxxxsecret")
+    env, masker = submit.job_env(forward_credentials=False)
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    env, masker = submit.job_env(["EXTRA=1"])
+    assert env["EXTRA"] == "1" and masker("key=xxxxsecret") == "key=****"
+    image_env = submit.build_runtime_env(env, image="registry.example.com/bfn/bfn-ray:1")
+    assert "working_dir" not in image_env and image_env["image_uri"].endswith(":1")
+    with pytest.raises(submit.SubmitError, match="cannot be combined"):
+        submit.build_runtime_env(env, image="x:1", pip=["numpy"])
+    wd = submit.build_runtime_env(env)
+    for pattern in (".venv/", "runs/", "data/shards/", ".git/"):
+        assert pattern in wd["excludes"]
+    reqs = submit.pip_requirements(None)
+    assert "torch==2.13.0" in reqs and "mlflow==3.17.2" in reqs
+    assert not any(r.startswith("ray") for r in reqs)
+    with pytest.raises(submit.SubmitError, match="RAY_AUTH"):
+        submit.job_env(["RAY_AUTH_MODE=disabled"])
+
+
+def test_working_dir_upload_is_small():
+    total, per_top = submit.working_dir_size(REPO, submit.WORKING_DIR_EXCLUDES)
+    assert ".venv" not in per_top and ".git" not in per_top and "runs" not in per_top
+    assert total < submit.MAX_WORKING_DIR_BYTES, per_top
+
+
+def test_cluster_defaults_only_where_not_given():
+    ovr, added = submit.with_cluster_defaults("train", ["experiment=smoke"])
+    assert ovr == ["run=cluster", "tracking=mlflow_server", "experiment=smoke"]
+    assert added == ["run=cluster", "tracking=mlflow_server"]
+    ovr, added = submit.with_cluster_defaults("tune", ["tracking=none", "run.name=x"])
+    assert added == ["run=cluster"] and "tracking=none" in ovr
+    assert submit.with_cluster_defaults("eval", ["a=1"]) == (["a=1"], [])
+
+
+def test_bfn_cli_registers_cluster_subcommands():
+    if importlib.util.find_spec("pipeline.cli") is None:
+        pytest.skip("pipeline/cli.py does not exist yet")
+    from pipeline import cli
+
+    parser = cli.build_parser()
+    for argv in (["submit", "train", "experiment=smoke"], ["jobs", "list"], ["stack", "status"]):
+        args = parser.parse_args(argv)
+        assert args.func in (submit.cmd_submit, submit.cmd_jobs, localstack._cmd), argv
+
+
+# --------------------------------------------------------------------------- localstack (no start)
+
+
+def test_localstack_without_a_stack(tmp_path, capsys):
+    assert localstack.status(tmp_path) == {"running": False, "root_dir": str(tmp_path)}
+    assert localstack.down(tmp_path) == {}
+    assert "nothing to stop" in capsys.readouterr().out
+    # unix socket paths must fit: a long root gets a short Ray temp dir under /tmp
+    long_root = tmp_path / ("x" * 80)
+    assert len(str(localstack._ray_temp_dir(long_root, "abcdef123456"))) <= 36
+    assert localstack._ray_temp_dir(Path("/r"), "abc") == Path("/r/ray")
