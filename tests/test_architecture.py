@@ -1,0 +1,45 @@
+"""Package boundaries: bfn/ is pure torch math; tune_spaces/ imports only ray.tune."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+FORBIDDEN_IN_BFN = ("ray", "mlflow", "hydra", "omegaconf", "pipeline", "tune_spaces", "boto3", "pyarrow")
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    found = {}
+    for path in (REPO / package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(REPO))] = names
+    return found
+
+
+def test_bfn_source_imports_no_infrastructure():
+    for path, names in imported_modules("bfn").items():
+        assert not names & set(FORBIDDEN_IN_BFN), f"{path} imports {names & set(FORBIDDEN_IN_BFN)}"
+
+
+def test_importing_bfn_loads_no_infrastructure():
+    """Indirect imports too: a fresh interpreter that imports all of bfn loads none of them."""
+    code = (
+        "import sys, bfn, bfn.networks, bfn.losses, bfn.nll, bfn.ema\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN_IN_BFN!r}]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tune_spaces_import_neither_bfn_nor_pipeline():
+    for path, names in imported_modules("tune_spaces").items():
+        assert not names & {"bfn", "pipeline"}, f"{path} imports {names & {'bfn', 'pipeline'}}"
