@@ -34,14 +34,14 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def _numpy_state() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (global state is what we save)
     return [name, keys.tolist(), pos, has_gauss, cached]
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = json.loads(bytes(state["numpy"].tolist()).decode())
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
     version, internal, gauss = json.loads(bytes(state["python"].tolist()).decode())
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():

@@ -211,6 +211,7 @@ class TrainerConfig:
     max_bad_steps: int
     seed: int
     compile: bool
+    max_minutes: float
 
     def validate(self, config: Config) -> None:
         _number("trainer.num_workers", self.num_workers, low=1, integer=True)
@@ -219,6 +220,7 @@ class TrainerConfig:
                     "max_bad_steps"):  # fmt: skip
             _number(f"trainer.{key}", getattr(self, key), low=1, integer=True)
         _number("trainer.max_failures", self.max_failures, low=-1, integer=True)
+        _number("trainer.max_minutes", self.max_minutes, low=0)
         _number("trainer.seed", self.seed, low=0, integer=True)
         for key in ("use_gpu", "amp", "compile"):
             if not isinstance(getattr(self, key), bool):

@@ -66,6 +66,8 @@ def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, t
         if points:
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="." if len(points) < 30 else None)
+            if min(values) > 0 and max(values) / min(values) > 10:
+                ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(name)
         ax.grid(alpha=0.3)

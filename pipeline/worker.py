@@ -104,7 +104,12 @@ def train_fn_per_worker(config: dict) -> dict | None:
     bad_in_a_row = skipped_total = 0
     window_loss, window_steps = 0.0, 0
     model.train()
+    if rank == 0 and step == 0:  # the untrained model's numbers: the baseline every curve starts at
+        baseline = _validate_and_sample(cfg, ema.model, 0, run_dir, tracker, device, samples=False)
+        tracker.log_metrics(baseline, 0)
+        history["val/loss"].append((0, baseline["val/loss"]))
     window_start = time.perf_counter()  # throughput windows include data waits, not val/ckpt
+    loop_start = window_start
 
     while step < cfg.trainer.max_steps:
         epoch, x = next(train_iter)
@@ -140,6 +145,14 @@ def train_fn_per_worker(config: dict) -> dict | None:
             history["train/loss"].append((step, loss))
             throughput.append(metrics["train/samples_per_s"])
             window_loss, window_steps = 0.0, 0
+            # a time budget ends the run at a log step; every rank must agree, so all-reduce
+            budget = cfg.trainer.max_minutes * 60
+            out_of_time = budget > 0 and time.perf_counter() - loop_start > budget
+            if _all_mean(float(out_of_time), world) > 0 and not last_step:
+                last_step = True
+                if rank == 0:
+                    print(f"[bfn] time budget of {cfg.trainer.max_minutes} min reached at step "
+                          f"{step}", flush=True)  # fmt: skip
             if rank == 0:
                 print(f"[bfn] step {step}/{cfg.trainer.max_steps} epoch {epoch} loss {loss:.4f} "
                       f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)  # fmt: skip
@@ -158,6 +171,8 @@ def train_fn_per_worker(config: dict) -> dict | None:
             ray.train.report({**metrics, "step": step})
         if metrics:
             window_start = time.perf_counter()
+        if last_step:
+            break
 
     if rank != 0:
         return None
@@ -170,7 +185,8 @@ def train_fn_per_worker(config: dict) -> dict | None:
             "num_parameters": count_parameters(raw.net)}  # fmt: skip
 
 
-def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, tracker, device) -> dict:
+def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, tracker, device,
+                         samples: bool = True) -> dict:  # fmt: skip
     """Rank 0: EMA validation (loss, NLL in each unit) and a sample grid/text file."""
     import ray.train
 
@@ -184,7 +200,7 @@ def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, track
     if result["nll"] is not None:
         metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
         print(f"[bfn] step {step} val: {result['nll'].summary(cfg.eval.unit)}", flush=True)
-    if cfg.eval.num_samples:
+    if cfg.eval.num_samples and samples:
         generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed)
         samples = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
         path = figures.save_samples(samples, cfg.data.name, run_dir / "samples" / f"step_{step:08d}")

@@ -43,3 +43,11 @@ def test_importing_bfn_loads_no_infrastructure():
 def test_tune_spaces_import_neither_bfn_nor_pipeline():
     for path, names in imported_modules("tune_spaces").items():
         assert not names & {"bfn", "pipeline"}, f"{path} imports {names & {'bfn', 'pipeline'}}"
+
+
+def test_ruff_is_clean():
+    ruff = REPO / ".venv" / "bin" / "ruff"
+    exe = str(ruff) if ruff.exists() else "ruff"
+    result = subprocess.run([exe, "check", "bfn", "pipeline", "tune_spaces", "tests"], cwd=REPO,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
