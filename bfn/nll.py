@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 UNITS = ("nats/dim", "bits/dim", "nats/image", "bits/char")

@@ -21,16 +21,19 @@ import torch
 from bfn import EMA
 
 
-def _time(fn, steps: int, warmup: int = 3) -> float:
-    """Median seconds per call over ``steps`` calls after ``warmup``."""
+def _time_interleaved(fns: dict, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so that load spikes on a
+    shared machine hit every variant alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[str, float]:
@@ -55,7 +58,7 @@ def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[
     def step():
         train_step(model, model, x, optimizer, ema, grad_clip=5.0, lr=cfg.optim.lr)
 
-    results = {"bare_net_fwd_bwd_s": _time(bare, steps), "train_step_s": _time(step, steps)}
+    results = _time_interleaved({"bare_net_fwd_bwd_s": bare, "train_step_s": step}, steps)
     results["step_over_bare"] = results["train_step_s"] / results["bare_net_fwd_bwd_s"]
     results["samples_per_s"] = batch_size / results["train_step_s"]
     print(f"\n== training step: {cfg.net.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "

@@ -5,11 +5,19 @@ is safe inside Ray workers). Every call is wrapped: a failing tracking server is
 warning, the metrics are kept in a buffer and sent again on the next call (up to
 ``max_buffer`` points; beyond that the oldest are dropped and counted as lost, and the count is
 logged). ``NullTracker`` does nothing. Secrets are masked in params and tags.
+
+A dead server costs seconds, not minutes: MLflow's HTTP client retries a request 7 times with
+exponential backoff (about 4 minutes) and waits up to 120 s per attempt by default. The tracker
+retries on its own (the buffer), so unless the user set them it asks the client for one immediate
+retry and a 10 s timeout (``HTTP_DEFAULTS``), and while the server is failing it tries to deliver
+the buffer at most every ``retry_every`` seconds, so a hung server does not stall every step.
+Points still undelivered at ``finish`` are counted in ``lost_points`` and reported.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import time
@@ -22,6 +30,13 @@ SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|a
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|(?<=://)[^/@\s:]+:[^/@\s]+(?=@))")
 MASK = "***"
 RUN_NAME_TAG = "bfn.run_name"
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _quick_http_defaults() -> None:
+    """Short MLflow client retries (read at request time), unless the user set them."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def mask_secrets(params: dict[str, Any]) -> dict[str, Any]:
@@ -37,8 +52,6 @@ def mask_secrets(params: dict[str, Any]) -> dict[str, Any]:
 
 def git_sha() -> str:
     """The commit being run: BFN_GIT_SHA (set by `bfn submit`, whose upload has no .git) or git."""
-    import os
-
     if os.environ.get("BFN_GIT_SHA"):
         return os.environ["BFN_GIT_SHA"]
     try:
@@ -65,15 +78,19 @@ class NullTracker:
 
 
 class MLflowTracker:
-    def __init__(self, uri: str, run_id: str, *, max_buffer: int = 100_000) -> None:
+    def __init__(self, uri: str, run_id: str, *, max_buffer: int = 100_000,
+                 retry_every: float = 5.0) -> None:  # fmt: skip
         from mlflow.tracking import MlflowClient
 
+        _quick_http_defaults()
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
         self.buffer: deque = deque()
         self.max_buffer = max_buffer
+        self.retry_every = retry_every
         self.lost_points = 0
         self._failing = False
+        self._next_try = 0.0
 
     @staticmethod
     def start(uri: str, experiment: str, run_name: str, *, artifact_location: str | None = None,
@@ -82,6 +99,7 @@ class MLflowTracker:
         keeps one run and one step axis), creating the experiment on first use."""
         from mlflow.tracking import MlflowClient
 
+        _quick_http_defaults()
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -103,8 +121,8 @@ class MLflowTracker:
             fn(*args, **kwargs)
         except Exception as error:  # any tracking failure: warn, never kill training
             if not self._failing:
-                log.warning("MLflow %s failed (%s: %s); buffering and retrying", what,
-                            type(error).__name__, str(error)[:200])  # fmt: skip
+                log.warning("MLflow %s failed (%s: %s); buffering and retrying", what, type(error).__name__,
+                            SECRET_VALUE.sub(MASK, str(error))[:200])  # fmt: skip (the URL may hold credentials)
             self._failing = True
             return False
         if self._failing:
@@ -134,11 +152,15 @@ class MLflowTracker:
             self.lost_points += 1
         self.flush()
 
-    def flush(self) -> bool:
-        """Send buffered metrics; True when the buffer is empty afterwards."""
+    def flush(self, force: bool = False) -> bool:
+        """Send buffered metrics; True when the buffer is empty afterwards. While the server is
+        failing, an attempt is made at most every ``retry_every`` s (unless ``force``)."""
+        if self.buffer and self._failing and not force and time.monotonic() < self._next_try:
+            return False
         while self.buffer:
             batch = [self.buffer[i] for i in range(min(len(self.buffer), 500))]
             if not self._call("log_metrics", self.client.log_batch, self.run_id, metrics=batch):
+                self._next_try = time.monotonic() + self.retry_every
                 return False
             for _ in batch:
                 self.buffer.popleft()
@@ -148,8 +170,11 @@ class MLflowTracker:
         self._call("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if not self.flush():
-            log.warning("MLflow: %d metric points could not be delivered", len(self.buffer))
+        if not self.flush(force=True):
+            log.warning("MLflow: %d metric points could not be delivered and are lost", len(self.buffer))
+            self.lost_points += len(self.buffer)
+            self.buffer.clear()
         if self.lost_points:
-            log.warning("MLflow: %d metric points were dropped (buffer full)", self.lost_points)
+            log.warning("MLflow: %d metric points were lost in all (buffer full or server down)",
+                        self.lost_points)  # fmt: skip
         self._call("set_terminated", self.client.set_terminated, self.run_id, status)

@@ -12,18 +12,47 @@ from pathlib import Path
 
 from pipeline import data as data_lib
 from pipeline.config import Config, flatten, set_env_defaults
-from pipeline.tracking import MLflowTracker, git_sha
+from pipeline.tracking import MASK, SECRET_VALUE, MLflowTracker, git_sha
 
 
 def preflight(cfg: Config) -> dict:
-    """Check the prepared shards (manifest, files, checksums, schema) of train and val."""
+    """Check the prepared shards (manifest, files, checksums, schema, value ranges) of train and val."""
     manifest = data_lib.verify(cfg.data.uri, splits=["train", "val"])
     if manifest.get("dataset") not in (None, cfg.data.name):
         raise data_lib.DataError(
             f"data.uri {cfg.data.uri} holds {manifest.get('dataset')!r}, but data.name is "
             f"{cfg.data.name!r}"
         )
+    check_values(cfg.data.uri, manifest, ["train", "val"])
     return manifest
+
+
+VALUE_RANGES = {"mnist": ("label", 9), "cifar10": ("label", 9), "text8": ("ids", 26)}  # column, max
+
+
+def check_values(uri: str, manifest: dict, splits: list[str]) -> None:
+    """Every stored label / text8 id in range, shard by shard. verify() checks sizes, checksums and
+    schemas but not values; a bad value would otherwise fail inside a Ray Data task after the
+    workers started, without the shard's name. Reads one column per shard."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    column, high = VALUE_RANGES[manifest["dataset"]]
+    filesystem, root = data_lib._resolve(uri)
+    for split in splits:
+        for shard in manifest["splits"][split]["shards"]:
+            with filesystem.open_input_file(data_lib._join(root, shard["path"])) as f:
+                array = pq.read_table(f, columns=[column]).column(column).combine_chunks()
+            if column == "ids":  # fixed_size_binary: one byte per id
+                width = array.type.byte_width
+                values = np.frombuffer(array.buffers()[1], np.uint8, len(array) * width, array.offset * width)
+            else:
+                values = array.to_numpy(zero_copy_only=False)
+            if values.size and (values.min() < 0 or values.max() > high):
+                raise data_lib.DataError(
+                    f"shard {uri.rstrip('/')}/{shard['path']} (split {split!r}): column {column!r} has values "
+                    f"outside 0..{high} (min {values.min()}, max {values.max()})"
+                )
 
 
 def init_ray(cfg: Config) -> None:
@@ -83,8 +112,9 @@ def start_tracking(cfg: Config, num_parameters: int, manifest: dict) -> str | No
             artifact_location=cfg.tracking.artifact_location,
         )  # fmt: skip
     except Exception as error:  # tracking must never stop training
-        print(f"[bfn] warning: MLflow unavailable ({type(error).__name__}: {error}); "
-              f"training continues without tracking", file=sys.stderr)  # fmt: skip
+        print(f"[bfn] warning: MLflow unavailable ({type(error).__name__}: "
+              f"{SECRET_VALUE.sub(MASK, str(error))}); training continues without tracking",
+              file=sys.stderr)  # fmt: skip
         return None
     public = {k: v for k, v in cfg.raw.items() if k != "_runtime"}
     tracker.log_params(flatten(public))
@@ -96,8 +126,10 @@ def start_tracking(cfg: Config, num_parameters: int, manifest: dict) -> str | No
     return tracker.run_id
 
 
-def fit(cfg: Config) -> dict:
-    """Run (or resume) the training run ``cfg.run.name``; returns rank 0's summary."""
+def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
+    """Run (or resume) the training run ``cfg.run.name``; returns rank 0's summary.
+
+    ``callbacks``: extra Ray Train callbacks (``bfn tune`` passes a ``TuneReportCallback``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -133,6 +165,7 @@ def fit(cfg: Config) -> dict:
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
+            callbacks=list(callbacks or []),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -164,7 +197,7 @@ def print_summary(cfg: Config, summary: dict) -> None:
         lines.append(f"  samples and curves: {summary['run_dir']}")
     lines.append(f"  checkpoint: {summary.get('checkpoint')}")
     if cfg.tracking.enabled and summary.get("mlflow_run_id"):
-        uri = cfg.tracking.uri
+        uri = SECRET_VALUE.sub(MASK, cfg.tracking.uri)  # never print credentials inside the URI
         if uri.startswith("sqlite"):
             lines.append(f"  browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         else:

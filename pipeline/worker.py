@@ -222,4 +222,5 @@ def _report_and_checkpoint(cfg, rank, raw, ema, optimizer, step, epoch, config, 
             checkpointing.save(folder, model=raw, ema=ema, optimizer=optimizer,
                                train_state=train_state, config=public)  # fmt: skip
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint,
+                         checkpoint_upload_fn=checkpointing.persist)  # fmt: skip

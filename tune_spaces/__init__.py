@@ -1,0 +1,60 @@
+"""Ray Tune search spaces for BFN, keyed by dotted config paths (``optim.lr``,
+``net.kwargs.model_channels``), one module per concern: schedule, optim, architecture.
+
+``SPACES[name]()`` returns ``{dotted_key: tune domain}``; ``get_space("a+b")`` merges spaces.
+``MATCHING[name]`` lists the experiment presets a space is meant for (the tests check that every
+key exists in those presets' composed configs). Validation and application live in ``common``.
+This package imports only ``ray.tune``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import architecture, optim, schedule
+from .common import apply_to_dict, check_space, corner_samples, to_overrides
+
+SPACES: dict[str, Callable[[], dict]] = {
+    "schedule_mnist": schedule.mnist,
+    "schedule_text8": schedule.text8,
+    "schedule_continuous": schedule.continuous,
+    "optim": optim.optim,
+    "optim_short": optim.optim_short,
+    "lr": optim.lr,
+    "arch_mnist": architecture.mnist_unet,
+    "arch_cifar": architecture.cifar_unet_vdm,
+    "arch_text8": architecture.text8_transformer,
+}
+
+_MNIST = ("smoke", "mnist_local", "mnist_binary")
+_CIFAR = ("cifar10_continuous", "cifar10_discretized_16", "cifar10_discretized_256")
+_ALL = (*_MNIST, *_CIFAR, "text8")
+MATCHING: dict[str, tuple[str, ...]] = {
+    "schedule_mnist": _MNIST,
+    "schedule_text8": ("text8",),
+    "schedule_continuous": _CIFAR,
+    "optim": _ALL,
+    "optim_short": _ALL,
+    "lr": _ALL,
+    "arch_mnist": _MNIST,
+    "arch_cifar": _CIFAR,
+    "arch_text8": ("text8",),
+}
+
+
+def get_space(name: str) -> dict:
+    """The space ``name``, or several joined with '+' (``optim_short+schedule_mnist``)."""
+    space: dict = {}
+    for part in name.split("+"):
+        if part not in SPACES:
+            raise ValueError(f"space: unknown space {part!r}; one of {', '.join(sorted(SPACES))} "
+                             f"(join several with '+')")  # fmt: skip
+        for key, domain in SPACES[part]().items():
+            if key in space:
+                raise ValueError(f"space: {key} appears in more than one of {name}")
+            space[key] = domain
+    return space
+
+
+__all__ = ["MATCHING", "SPACES", "apply_to_dict", "check_space", "corner_samples", "get_space",
+           "to_overrides"]  # fmt: skip

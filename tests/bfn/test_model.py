@@ -15,7 +15,7 @@ from bfn import (
     DiscreteFlow,
     DiscretizedNormalHead,
 )
-from tests.bfn.nets import DiscreteOracle, FlatMLP, NoiseOracle, DataPredictionMLP
+from tests.bfn.nets import DataPredictionMLP, DiscreteOracle, FlatMLP, NoiseOracle
 
 SIGMA_1 = 0.02
 

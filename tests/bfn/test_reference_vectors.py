@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bfn import BernoulliHead, ContinuousFlow, DiscreteFlow, DiscretizedNormalHead
-from bfn import losses
+from bfn import BernoulliHead, ContinuousFlow, DiscreteFlow, DiscretizedNormalHead, losses
 from tests.conftest import TEST_DATA
 
 VECTORS = TEST_DATA / "bfn_vectors"

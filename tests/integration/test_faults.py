@@ -1,0 +1,433 @@
+"""Faults injected for real into the training path (2 Ray Train workers, MLflow, S3 on moto).
+
+Each test breaks something the way it breaks in production and checks what survives:
+
+* a Train worker (rank 0, the one that logs and checkpoints) is SIGKILLed mid-run;
+* the `bfn train` driver process is SIGKILLed after its first checkpoint, then the command is rerun;
+* the MLflow tracking server is stopped for 30 s mid-run and started again on the same port;
+* S3 fails checkpoint uploads (a fault-injecting proxy in front of moto): first briefly, then for
+  good on one checkpoint folder, leaving it half-written;
+* the optimiser blows the weights up (optim.lr=1e30) so every later step is non-finite;
+* a checkpoint whose .pt would run code when unpickled is put where a resume reads it.
+
+"Continuous step axis" after a restart (documented choice): the steps between the checkpoint a
+run restarts from and the moment it died are trained again, and MLflow then holds two points for
+each of them (MLflow keeps every point it is sent). The history is continuous when, ordered by
+the time they were logged, the points form at most one segment per launch, each strictly
+increasing in step, every later segment starting right after a registered checkpoint's step, and
+the union of the steps is exactly 1..max_steps with nothing missing; the re-done span (last step
+logged before the fault minus the step resumed from) is at most trainer.checkpoint_every.
+
+Measurements (steps re-done, seconds from the fault to the first step after it) are printed;
+run with ``-s`` to see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline import data as data_lib
+from pipeline.config import load
+from tests.faults import (
+    CheckpointWriteFaults,
+    FaultyS3Proxy,
+    MLflowServer,
+    command_line,
+    complete_checkpoints,
+    kill_pids,
+    listening_sockets,
+    pids_matching,
+    rank0_worker_pid,
+    ray_session_dir,
+    registered_checkpoints,
+    sqlite_metric_rows,
+    wait_until,
+    write_malicious_pt,
+)
+from tests.servers import aws_env, create_bucket, moto_s3, venv_bin
+
+pytestmark = pytest.mark.slow
+
+FAST = ("experiment=smoke", "eval.num_samples=0", "eval.nll_steps=0", "trainer.log_every=1",
+        "trainer.val_every=100000")  # fmt: skip
+FIT_TIMEOUT_S = 900  # a hung fit fails the test (the watchdog below) instead of looping forever
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shards") / "mnist"
+    data_lib.prepare("mnist", str(out), progress=False)
+    return str(out)
+
+
+def overrides(tmp_path: Path, shards: str, name: str, *extra: str) -> list[str]:
+    return [*FAST, f"run.name={name}", f"data.uri={shards}", f"run.storage_path={tmp_path / 'ray'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_location={tmp_path / 'artifacts'}", *extra]  # fmt: skip
+
+
+def fit_with_watchdog(cfg):
+    """fit(cfg) in this process; a fit that outlives FIT_TIMEOUT_S fails the test."""
+    from pipeline.train import fit
+
+    timer = threading.Timer(FIT_TIMEOUT_S, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        return fit(cfg)
+    finally:
+        timer.cancel()
+
+
+def assert_continuous(rows: list[tuple[int, int]], total: int, every: int, fault_ms: float, resumed: int) -> None:
+    """The step-axis contract of the module docstring, for one fault at ``fault_ms`` after which
+    the run went on from the checkpoint at step ``resumed``. ``rows``: (step, timestamp ms)."""
+    before = [s for s, t in rows if t <= fault_ms]
+    after = [s for s, t in rows if t > fault_ms]
+    assert before == sorted(set(before)) and after == sorted(set(after)), (before, after)  # strictly increasing
+    assert after and after[0] == resumed + 1, (resumed, before, after)
+    assert resumed % every == 0 and 0 <= before[-1] - resumed <= every, (resumed, before)
+    assert sorted({s for s, _ in rows}) == list(range(1, total + 1)), rows  # nothing missing
+
+
+def run_ids(uri: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("bfn")
+    return [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
+
+
+# ------------------------------------------------------------------------------ worker death
+
+
+def test_worker_sigkill_restarts_from_latest_checkpoint(ray_local, shards, tmp_path):
+    """SIGKILL rank 0 two steps past a checkpoint: Ray Train (FailureConfig max_failures=1)
+    restarts the worker group from that checkpoint, the run finishes its steps in one MLflow run."""
+    every, total = 4, 20
+    cfg = load(overrides(tmp_path, shards, "wdeath", f"trainer.max_steps={total}",
+                         f"trainer.checkpoint_every={every}", "trainer.max_failures=1"))  # fmt: skip
+    run_folder, db, session = tmp_path / "ray" / "wdeath", tmp_path / "mlflow.db", ray_session_dir()
+    fault: dict = {}
+    over = threading.Event()
+
+    def kill_rank0_mid_run():
+        def ready():
+            if over.is_set():
+                raise RuntimeError("the run ended before the kill")
+            registered = registered_checkpoints(run_folder)
+            done = [s for s, p in complete_checkpoints(run_folder) if p.name in registered]
+            steps = [s for s, _ in sqlite_metric_rows(db, "train/loss")]
+            if done and steps and max(steps) >= done[-1] + 2 and max(steps) < total - every:
+                return rank0_worker_pid(session), done[-1]
+            return None
+
+        try:
+            (pid, checkpoint_step) = wait_until(ready, timeout=FIT_TIMEOUT_S, interval=0.05,
+                                                what="a checkpoint and two more steps")  # fmt: skip
+            assert pid, "rank 0's worker process not found"
+            os.kill(pid, signal.SIGKILL)
+            fault.update(pid=pid, at=time.time(), checkpoint_step=checkpoint_step)
+        except Exception as error:  # reported by the main thread
+            fault["error"] = error
+
+    killer = threading.Thread(target=kill_rank0_mid_run, daemon=True)
+    killer.start()
+    try:
+        summary = fit_with_watchdog(cfg)
+    finally:
+        over.set()
+        killer.join(timeout=10)
+    assert "error" not in fault, fault.get("error")
+
+    assert summary["step"] == total
+    rows = sqlite_metric_rows(db, "train/loss")
+    before = [s for s, t in rows if t <= fault["at"] * 1000]
+    after = [(s, t) for s, t in rows if t > fault["at"] * 1000]
+    resumed = after[0][0] - 1
+    assert resumed == fault["checkpoint_step"]  # the latest registered checkpoint
+    assert_continuous(rows, total, every, fault["at"] * 1000, resumed)
+    assert run_ids(cfg.tracking.uri) == [summary["mlflow_run_id"]]  # one run, one step axis
+    redone = max(before) - resumed
+    downtime = after[0][1] / 1000 - fault["at"]
+    print(f"\n[worker death] killed rank 0 (pid {fault['pid']}) after step {max(before)}; resumed "
+          f"from step {resumed}; {redone} step(s) re-done (<= {every}); {downtime:.1f} s from the "
+          f"kill to the next logged step")  # fmt: skip
+    assert not os.path.exists(f"/proc/{fault['pid']}")
+
+
+# ------------------------------------------------------------------------------ driver death
+
+SENTINELS = {  # secrets in the environment of a real run; none may show up anywhere
+    "AWS_ACCESS_KEY_ID": "AKIASENTINELAKID0001",
+    "AWS_SECRET_ACCESS_KEY": "sentinel-aws-secret-7f3a9c",
+    "AWS_SESSION_TOKEN": "sentinel-session-token-51be",
+    "MLFLOW_TRACKING_TOKEN": "sentinel-mlflow-token-c0de",
+    "HF_TOKEN": "sentinel-hf-token-9d2e",
+}
+
+
+def serves_ray_api(port: int) -> bool:
+    """Whether 127.0.0.1:port answers the Ray dashboard's /api/version (the job API's server)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as resp:
+            return "ray_version" in json.loads(resp.read() or b"{}")
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture
+def own_ray():
+    """(marker, ray temp dirs): what a test needs to find the Ray processes a `bfn train`
+    subprocess starts (they inherit ``marker`` in their environment). Afterwards anything still
+    carrying the marker is stopped by PID and the temp dirs are removed."""
+    tag = uuid.uuid4().hex
+    dirs: list[str] = []
+    yield f"BFN_FAULT_TEST={tag}", dirs
+    kill_pids(pids_matching(marker=f"BFN_FAULT_TEST={tag}"))
+    for folder in dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
+    """`bfn train` killed with SIGKILL after its first checkpoint; its Ray processes are found
+    and stopped by PID; the same command run again resumes from that checkpoint. The run also
+    carries secret sentinels in its environment, and every listening socket is checked."""
+    every, total = 4, 12
+    work = tmp_path / "cwd"
+    work.mkdir()
+    marker, ray_dirs = own_ray
+    argv = [venv_bin("bfn"), "train", *overrides(tmp_path, shards, "ddeath", f"trainer.max_steps={total}",
+                                                  f"trainer.checkpoint_every={every}")]  # fmt: skip
+    run_folder = tmp_path / "ray" / "ddeath"
+
+    def launch(log: Path) -> subprocess.Popen:
+        ray_tmp = tempfile.mkdtemp(prefix="bfnf-", dir="/tmp")  # short: unix socket paths < 108 bytes
+        ray_dirs.append(ray_tmp)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+        env.update(SENTINELS, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+        env[marker.split("=")[0]] = marker.split("=")[1]
+        with open(log, "wb") as out:
+            return subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    def leftovers(proc, ray_tmp):
+        return sorted(set(pids_matching(marker=marker, session=proc.pid, path=ray_tmp)) - {proc.pid})
+
+    first = launch(tmp_path / "first.log")
+    try:
+        def checkpointed():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            registered = registered_checkpoints(run_folder)
+            return [s for s, p in complete_checkpoints(run_folder) if p.name in registered]
+
+        steps = wait_until(checkpointed, timeout=FIT_TIMEOUT_S, interval=0.1, what="a registered checkpoint")
+        sockets = listening_sockets(leftovers(first, ray_dirs[0]) + [first.pid])
+        commands = {pid: command_line(pid) for pid, _, _ in sockets}
+        api = [(ip, port) for pid, ip, port in sockets
+               if "dashboard/dashboard.py" in commands[pid] and serves_ray_api(port)]  # fmt: skip
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.time()
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGKILL)
+        time.sleep(10)  # give the orphans a chance to go by themselves
+        orphans = leftovers(first, ray_dirs[0])
+        names = sorted({command_line(pid).split(" ")[0].rsplit("/", 1)[-1] for pid in orphans})
+        kill_pids(orphans)
+    checkpoint_step = steps[-1]
+    assert leftovers(first, ray_dirs[0]) == []
+    print(f"\n[driver death] killed the driver at checkpoint step {checkpoint_step}; 10 s later "
+          f"{len(orphans)} of its Ray processes were still running ({', '.join(names)}); stopped by PID")
+
+    # the dashboard / job API of the embedded runtime listens on loopback only
+    assert api and all(ip == "127.0.0.1" for ip, _ in api), (api, sockets)
+    others = sorted({commands[pid].split(" ")[0].rsplit("/", 1)[-1] for pid, ip, _ in sockets
+                     if ip not in ("127.0.0.1", "::1")})  # fmt: skip
+    print(f"[driver death] dashboard API on {api}; Ray 2.60 processes listening on non-loopback "
+          f"addresses (gRPC, agents, metrics; not configurable): {others}")
+
+    relaunched_at = time.time()  # (the killed driver's workers may log a step or two after its death)
+    second = launch(tmp_path / "second.log")
+    try:
+        second.wait(timeout=FIT_TIMEOUT_S)
+    finally:
+        if second.poll() is None:
+            os.kill(second.pid, signal.SIGKILL)
+        kill_pids(leftovers(second, ray_dirs[1]))
+    out = (tmp_path / "second.log").read_text(errors="replace")
+    assert second.returncode == 0, out[-4000:]
+    resumed = re.findall(r"\[bfn\] resumed from step (\d+)", out)
+    assert resumed and int(resumed[0]) >= checkpoint_step, out[-3000:]
+    assert f"[bfn] run 'ddeath' finished at step {total}" in out
+    rows = sqlite_metric_rows(tmp_path / "mlflow.db", "train/loss")
+    before = [s for s, t in rows if t <= relaunched_at * 1000]
+    late = [s for s, t in rows if killed_at * 1000 < t <= relaunched_at * 1000]
+    assert_continuous(rows, total, every, relaunched_at * 1000, int(resumed[0]))
+    assert len(run_ids(f"sqlite:///{tmp_path / 'mlflow.db'}")) == 1
+    print(f"[driver death] rerun resumed from step {resumed[0]}; {max(before) - int(resumed[0])} step(s) re-done "
+          f"(the orphaned workers logged steps {late} after the driver died)")
+
+    # no secret from the environment reached MLflow, the checkpoints, the output or Ray's logs
+    from tests.pipeline.test_security import find_secrets
+
+    places = [tmp_path / "first.log", tmp_path / "second.log", tmp_path / "mlflow.db", tmp_path / "artifacts",
+              run_folder, *(Path(d) for d in ray_dirs)]  # fmt: skip
+    assert find_secrets(SENTINELS.values(), places) == []
+
+
+# ---------------------------------------------------------------------------- tracking outage
+
+
+def test_tracking_server_outage_buffers_and_delivers(ray_local, shards, tmp_path):
+    """The MLflow server is stopped for 30 s while training runs, then started again on the same
+    port: training goes on, and every point logged during the outage reaches the store after it."""
+    outage_s = 30
+    with MLflowServer(tmp_path / "mlflow") as server:
+        cfg = load([*overrides(tmp_path, shards, "outage", "trainer.max_steps=100000", "trainer.max_minutes=1",
+                               "trainer.checkpoint_every=100000"),
+                    "tracking=mlflow_server", f"tracking.uri={server.url}"])  # fmt: skip
+        fault: dict = {}
+
+        def outage():
+            try:
+                wait_until(lambda: len(sqlite_metric_rows(server.db, "train/loss")) >= 3,
+                           timeout=FIT_TIMEOUT_S, what="3 logged steps")  # fmt: skip
+                fault["down"] = time.time()
+                server.stop()
+                time.sleep(outage_s)
+                fault["restarting"] = time.time()
+                server.start()
+                fault["up"] = time.time()
+            except Exception as error:
+                fault["error"] = error
+
+        thread = threading.Thread(target=outage, daemon=True)
+        thread.start()
+        started = time.time()
+        summary = fit_with_watchdog(cfg)
+        thread.join(timeout=300)
+        assert "error" not in fault, fault.get("error")
+        assert fault["up"] < time.time(), "the server came back only after the run"
+        rows = sqlite_metric_rows(server.db, "train/loss")
+
+    steps = [s for s, _ in rows]
+    total = summary["step"]
+    assert total > 0 and summary["tracking_lost_points"] == 0
+    assert sorted(steps) == list(range(1, total + 1))  # each step exactly once, none lost
+    during = [s for s, t in rows if fault["down"] * 1000 <= t < fault["up"] * 1000]
+    assert during, "no step was logged while the server was down"
+    print(f"\n[tracking outage] server down {fault['up'] - fault['down']:.0f} s (restart "
+          f"{fault['up'] - fault['restarting']:.0f} s); {len(during)} steps logged during it were "
+          f"delivered afterwards; the run trained {total} steps in {time.time() - started:.0f} s")
+
+
+# ----------------------------------------------------------------------------- storage outage
+
+
+def test_checkpoint_upload_faults_on_s3(ray_local, shards, tmp_path):
+    """Checkpoints go to S3 (moto) through a fault-injecting proxy. Folder 2: its first 4 PUTs
+    fail (the AWS SDK tries a request 3 times, so the upload as a whole must be retried). Folder 3:
+    optimizer.pt fails for good, a write cut short after config.json, ema.pt and model.pt: the
+    report fails, the worker group restarts from folder 2, the half-written folder is never
+    registered, and the run finishes its steps."""
+    import boto3
+
+    every, total = 2, 8
+    rule = CheckpointWriteFaults(transient={2: 4}, broken=[3], fail=["optimizer.pt"])
+    with moto_s3() as endpoint, FaultyS3Proxy(endpoint, rule) as proxy, aws_env(proxy.url):
+        create_bucket(endpoint, "bfn")
+        cfg = load(overrides(tmp_path, shards, "s3faults", f"trainer.max_steps={total}",
+                             f"trainer.checkpoint_every={every}", "trainer.max_failures=1",
+                             "run.storage_path=s3://bfn/ray"))  # fmt: skip
+        started = time.time()
+        summary = fit_with_watchdog(cfg)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="bfn", Prefix="ray/s3faults/")["Contents"]]
+        snapshot = s3.get_object(Bucket="bfn", Key="ray/s3faults/checkpoint_manager_snapshot.json")["Body"].read()
+
+    log = [(t, m, p.split("?")[0], s) for t, m, p, s in proxy.log]
+    assert summary["step"] == total
+    # folder 2: failed attempts, then the same files stored: the write was retried, no restart
+    second = rule.folder(2)
+    failed = {p for _, m, p, s in log if m == "PUT" and second in p and s == 503}
+    stored = {p for _, m, p, s in log if m == "PUT" and second in p and s == 200}
+    assert failed and failed <= stored
+    assert max(rule.attempts[p] for p in failed) > 3  # more than the SDK's own 3 attempts
+    # folder 3: half-written, never registered, not the result
+    third = rule.folder(3)
+    assert any(k.endswith(f"{third}/model.pt") for k in keys)
+    assert not any(k.endswith((f"{third}/COMPLETE", f"{third}/optimizer.pt")) for k in keys)
+    assert third.encode() not in snapshot and third not in summary["checkpoint"]
+    rows = sqlite_metric_rows(tmp_path / "mlflow.db", "train/loss")
+    fault_at = min(t for t, m, p, s in log if third in p and s == 503)
+    resumed = [s for s, t in rows if t > fault_at * 1000][0] - 1
+    assert resumed == 2 * every  # restarted from folder 2, the last complete checkpoint
+    assert_continuous(rows, total, every, fault_at * 1000, resumed)
+    complete = [k for k in keys if k.endswith("/COMPLETE")]
+    assert summary["checkpoint"].rstrip("/").rsplit("/", 1)[-1] in " ".join(complete)
+    print(f"\n[storage outage] folder 2: {rule.transient[2]} PUTs failed ({sorted(Path(p).name for p in failed)}), "
+          f"then stored; folder 3 left half-written, run restarted from step {resumed}; "
+          f"{time.time() - started:.0f} s for the whole run")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- numerics
+
+
+@pytest.fixture(scope="module")
+def blown_up_run(ray_local, shards, tmp_path_factory):
+    """A run whose first update (optim.lr=1e30) makes every later loss NaN: it must stop after
+    trainer.max_bad_steps consecutive skipped steps, with a diagnostic checkpoint."""
+    from ray.train import TrainingFailedError
+
+    tmp_path = tmp_path_factory.mktemp("nan")
+    cfg = load(overrides(tmp_path, shards, "blowup", "optim.lr=1e30", "trainer.max_bad_steps=3",
+                         "trainer.max_steps=50", "trainer.checkpoint_every=100", "trainer.max_failures=0"))  # fmt: skip
+    with pytest.raises(TrainingFailedError) as info:
+        fit_with_watchdog(cfg)
+    return tmp_path, cfg, info.value
+
+
+def test_non_finite_steps_stop_the_run_with_a_diagnostic_checkpoint(blown_up_run):
+    from mlflow.tracking import MlflowClient
+
+    tmp_path, cfg, error = blown_up_run
+    assert "BadStepsError" in str(error) and "3 consecutive non-finite steps at step 4" in str(error)
+    checkpoints = complete_checkpoints(tmp_path / "ray" / "blowup")
+    assert [s for s, _ in checkpoints] == [4]  # the diagnostic checkpoint, at the failing step
+    client = MlflowClient(cfg.tracking.uri)
+    (run_id,) = run_ids(cfg.tracking.uri)
+    skipped = {m.step: m.value for m in client.get_metric_history(run_id, "train/skipped_steps")}
+    assert skipped == {1: 0, 2: 1, 3: 2, 4: 3}  # counted step by step
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume(blown_up_run):
+    """Resume reads the latest checkpoint weights-only: a model.pt that would run code when
+    unpickled stops the run with CheckpointError, and the code never runs."""
+    from ray.train import TrainingFailedError
+
+    tmp_path, cfg, _ = blown_up_run
+    (_, folder), = complete_checkpoints(tmp_path / "ray" / "blowup")
+    marker = tmp_path / "pwned"
+    write_malicious_pt(folder / "model.pt", marker)
+    again = load(overrides(tmp_path, str(cfg.data.uri), "blowup", "trainer.max_steps=50",
+                           "trainer.checkpoint_every=100", "trainer.max_failures=0"))  # fmt: skip
+    with pytest.raises(TrainingFailedError) as info:
+        fit_with_watchdog(again)
+    assert "CheckpointError" in str(info.value) and "refusing to load" in str(info.value)
+    assert not marker.exists()

@@ -1,0 +1,241 @@
+"""Bad input fails before Ray starts, with one line naming the culprit.
+
+* Config: a table of bad values for every user-facing knob (data type vs flow, bins, sigma_1,
+  beta_1, batch vs workers, optimiser, trainer, paths, URIs, unknown preset, unknown or misspelt
+  key); each raises ConfigError naming the key (`pipeline.config.load`, what every command runs
+  first).
+* Through the real `bfn train` command (a subprocess with a fresh, empty RAY_TMPDIR): a few of
+  those config errors, and damaged data (truncated, corrupt, wrong schema, out-of-range values,
+  missing manifest) exit with status 2 and one stderr line naming the key or the shard, quickly,
+  and no Ray runtime was started (no session folder appears in RAY_TMPDIR).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import data as data_lib
+from pipeline.config import ConfigError, load
+from tests.pipeline.test_data import write_idx_folder
+
+CIFAR = "experiment=cifar10_discretized_256"
+TEXT = "experiment=text8"
+BAD = [  # (overrides, the key the message must name)
+    # data type vs flow vs network
+    (["data=cifar10"], "flow.kind"),
+    (["flow=continuous"], "flow.kind"),
+    (["data=text8", "net=text8_transformer_tiny"], "flow.num_classes"),
+    ([CIFAR, "flow=discrete_binary"], "flow.kind"),
+    (["net=text8_transformer_tiny"], "net.name"),
+    (["data.name=svhn"], "data.name"),
+    (["flow.kind=gaussian"], "flow.kind"),
+    (["flow.num_classes=3"], "flow.num_classes"),
+    (["flow.head=delta"], "flow.head"),
+    (["flow.head=softmax"], "flow.head"),
+    ([CIFAR, "flow.head=categorical"], "flow.head"),
+    (["flow.receiver=mine"], "flow.receiver"),
+    (["flow.num_mc_samples=0"], "flow.num_mc_samples"),
+    # bins
+    ([CIFAR, "data.num_bins=1"], "data.num_bins"),
+    ([CIFAR, "data.num_bins=300"], "data.num_bins"),
+    ([CIFAR, "data.num_bins=2.5"], "data.num_bins"),
+    ([CIFAR, "flow.num_bins=16"], "flow.num_bins"),
+    ([CIFAR, "flow.reconstruction_bins=1"], "flow.reconstruction_bins"),
+    ([CIFAR, "flow.reconstruction_std_scale=0"], "flow.reconstruction_std_scale"),
+    # accuracy schedules
+    *[([CIFAR, f"flow.sigma_1={v}"], "flow.sigma_1") for v in ("0", "1", "2.0", "-0.5", "nan", "inf", "abc", "null")],
+    *[([f"flow.beta_1={v}"], "flow.beta_1") for v in ("0", "-1", "inf", "nan", "abc", "null", "true")],
+    *[([TEXT, f"flow.beta_1={v}"], "flow.beta_1") for v in ("0", "-0.5")],
+    # batch vs workers, sizes
+    (["data.batch_size=33"], "data.batch_size"),
+    (["trainer=cpu_2", "trainer.num_workers=3", "data.batch_size=32"], "data.batch_size"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.batch_size=2.5"], "data.batch_size"),
+    (["data.val_batch_size=0"], "data.val_batch_size"),
+    *[([f"data.fraction={v}"], "data.fraction") for v in ("0", "1.5", "-0.1", "abc")],
+    ([TEXT, "data.seq_len=0"], "data.seq_len"),
+    # optimiser
+    *[([f"optim.lr={v}"], "optim.lr") for v in ("0", "-1", "inf", "abc")],
+    (["optim.betas=[0.9]"], "optim.betas"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas[1]"),
+    (["optim.eps=0"], "optim.eps"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay"),
+    (["optim.grad_clip=-1"], "optim.grad_clip"),
+    (["optim.ema_decay=1.0"], "optim.ema_decay"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps"),
+    (["optim.warmup_steps=1.5"], "optim.warmup_steps"),
+    # trainer
+    pytest.param(["trainer.num_workers=0"], "trainer.num_workers", marks=pytest.mark.xfail(
+        strict=True, raises=ZeroDivisionError, reason="config.py: DataConfig.validate divides data.batch_size by "
+        "trainer.num_workers before TrainerConfig.validate has checked it; validate trainer first")),
+    (["trainer.cpus_per_worker=0"], "trainer.cpus_per_worker"),
+    *[([f"trainer.{k}=0"], f"trainer.{k}")
+      for k in ("max_steps", "log_every", "val_every", "checkpoint_every", "num_to_keep", "max_bad_steps")],
+    (["trainer.max_steps=1.5"], "trainer.max_steps"),
+    (["trainer.max_failures=-2"], "trainer.max_failures"),
+    (["trainer.max_minutes=-1"], "trainer.max_minutes"),
+    (["trainer.seed=-1"], "trainer.seed"),
+    (["trainer.use_gpu=maybe"], "trainer.use_gpu"),
+    (["trainer.amp=1"], "trainer.amp"),
+    (["trainer.compile=yes"], "trainer.compile"),
+    # run: names, paths, URIs
+    (["run.name=''"], "run.name"),
+    (["run.name='a b'"], "run.name"),
+    (["run.name=../up"], "run.name"),
+    (["run.storage_path=ftp://host/runs"], "run.storage_path"),
+    (["run.ray_num_cpus=0"], "run.ray_num_cpus"),
+    # tracking URIs
+    (["tracking.uri=mysql://127.0.0.1/mlflow"], "tracking.uri"),
+    (["tracking.uri=mlruns"], "tracking.uri"),
+    (["tracking=mlflow_server", "tracking.uri=null"], "tracking.uri"),
+    # evaluation
+    (["eval.unit=furlongs"], "eval.unit"),
+    (["eval.nll_steps=-1"], "eval.nll_steps"),
+    (["eval.nll_repeats=0"], "eval.nll_repeats"),
+    (["eval.sample_steps=0"], "eval.sample_steps"),
+    (["eval.val_batches=-1"], "eval.val_batches"),
+    (["eval.num_samples=-1"], "eval.num_samples"),
+    # unknown preset, unknown or misspelt keys, unknown groups
+    (["experiment=nope"], "experiment"),
+    (["net=nope"], "net"),
+    (["trainer=tpu_64"], "trainer"),
+    (["+data.colour=red"], "data.colour"),
+    (["data.colour=red"], "data.colour"),
+    (["trainer.max_step=5"], "trainer.max_step"),
+    (["+flow.sigma=0.1"], "flow.sigma"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD,
+                         ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD])
+def test_every_bad_value_names_its_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load(overrides)
+    message = str(info.value)
+    assert re.search(r"(^|[^\w.])" + re.escape(key) + r"(\W|$)", message), message
+    assert "\n" not in message
+
+
+def test_the_good_presets_still_load():
+    for preset in ("smoke", "mnist_local", "mnist_binary", "cifar10_discretized_256", "cifar10_continuous", "text8"):
+        load([f"experiment={preset}"])
+
+
+# ------------------------------------------------------------------------ through `bfn train`
+
+
+def bfn_train(*overrides: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float, Path]:
+    """`bfn train` with a fresh RAY_TMPDIR; returns (result, seconds, that folder)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bfnc-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    started = time.monotonic()
+    try:
+        argv = [sys.executable, "-m", "pipeline.cli", "train", *overrides, f"run.storage_path={tmp_path / 'ray'}",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return result, time.monotonic() - started, ray_tmp
+    finally:
+        left = list(ray_tmp.iterdir())
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert left == [], f"a Ray runtime was started: {left}"
+
+
+def assert_one_line_error(result, seconds, needle: str) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bfn: error: "), result.stderr[-3000:]
+    assert needle in lines[0], lines[0]
+    assert seconds < 60, f"took {seconds:.0f} s: the error should come before anything slow"
+    return lines[0]
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ([CIFAR, "flow.sigma_1=2.0"], "flow.sigma_1"),
+    (["experiment=smoke", "data.batch_size=33"], "data.batch_size"),
+    (["experiment=smoke", "trainer.max_step=5"], "trainer.max_step"),
+])  # fmt: skip
+def test_cli_config_error_exits_2_before_ray(overrides, key, tmp_path):
+    result, seconds, _ = bfn_train(*overrides, tmp_path=tmp_path)
+    assert_one_line_error(result, seconds, key)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_data")
+    write_idx_folder(root / "src", 300, 40)
+    data_lib.prepare("mnist", str(root / "shards"), source=str(root / "src"), rows_per_shard=64, progress=False)
+    return root / "shards"
+
+
+def _shard(uri: Path, split: str, i: int = 0) -> Path:
+    return uri / data_lib.read_manifest(str(uri))["splits"][split]["shards"][i]["path"]
+
+
+def _rewrite(uri: Path, split: str, table: pa.Table, i: int = 0) -> Path:
+    """Replace a shard and make the manifest's size and checksum agree with the new file, so only
+    its content (schema or values) is wrong."""
+    path = _shard(uri, split, i)
+    pq.write_table(table, path)
+    data = path.read_bytes()
+    manifest = json.loads((uri / "manifest.json").read_text())
+    manifest["splits"][split]["shards"][i].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (uri / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def _truncate(uri: Path) -> tuple[Path, str]:
+    path = _shard(uri, "train", 2)
+    path.write_bytes(path.read_bytes()[:-100])
+    return path, "truncated"
+
+
+def _corrupt(uri: Path) -> tuple[Path, str]:
+    path = _shard(uri, "train", 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path, "(corrupt)"
+
+
+def _wrong_schema(uri: Path) -> tuple[Path, str]:
+    table = pq.read_table(_shard(uri, "val"))
+    table = table.set_column(1, "label", table.column("label").cast(pa.int32()))
+    return _rewrite(uri, "val", table), "column 'label' has type int32"
+
+
+def _out_of_range(uri: Path) -> tuple[Path, str]:
+    table = pq.read_table(_shard(uri, "train", 3))
+    labels = table.column("label").to_numpy().copy()
+    labels[5] = 12
+    table = table.set_column(1, "label", pa.array(labels, pa.int64()))
+    return _rewrite(uri, "train", table, 3), "column 'label' has values outside 0..9"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _corrupt, _wrong_schema, _out_of_range])
+def test_cli_bad_data_names_the_shard_before_ray(prepared, tmp_path, damage):
+    uri = tmp_path / "shards"
+    shutil.copytree(prepared, uri)
+    path, what = damage(uri)
+    result, seconds, _ = bfn_train("experiment=smoke", f"data.uri={uri}", tmp_path=tmp_path)
+    line = assert_one_line_error(result, seconds, f"shard {path}")
+    assert what in line
+
+
+def test_cli_missing_data_names_the_manifest(tmp_path):
+    result, seconds, _ = bfn_train("experiment=smoke", f"data.uri={tmp_path / 'nowhere'}", tmp_path=tmp_path)
+    assert_one_line_error(result, seconds, f"missing manifest {tmp_path / 'nowhere'}/manifest.json")
