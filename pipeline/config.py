@@ -23,7 +23,10 @@ class ConfigError(ValueError):
 
 
 def _fail(key: str, message: str, value: Any) -> None:
-    raise ConfigError(f"{key}: {message} (got {value!r})")
+    from pipeline.tracking import SECRET_KEY, mask_secrets
+
+    shown = "***" if SECRET_KEY.search(key) else mask_secrets({"value": value})["value"]
+    raise ConfigError(f"{key}: {message} (got {shown!r})")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> dict:
@@ -314,7 +317,8 @@ class Config:
                 _fail(f"{name}.{key}", "is missing", None)
             sections[name] = section_cls(**values)
         parsed = cls(**sections, raw=config)
-        for name in SECTIONS:
+        # trainer first: other sections' checks use its worker count
+        for name in ("trainer", *(n for n in SECTIONS if n != "trainer")):
             getattr(parsed, name).validate(parsed)
         return parsed
 

@@ -168,8 +168,6 @@ def test_tracker_warnings_hide_credentials_and_a_dead_server_costs_seconds(monke
     assert SECRET not in caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/config.py `_fail` echoes the bad value verbatim; "
-                   "mask credentials in it (pipeline.tracking.SECRET_VALUE) -- then drop this marker")  # fmt: skip
 def test_config_errors_do_not_echo_credentials():
     with pytest.raises(ConfigError) as info:
         load(["experiment=smoke", f"tracking.uri=mysql://bfn:{SECRET}@127.0.0.1/mlflow"])

@@ -15,7 +15,7 @@ from ray import tune
 
 import tune_spaces
 from pipeline import tune as T
-from pipeline.config import ConfigError, Config, compose, flatten, load
+from pipeline.config import Config, ConfigError, compose, flatten, load
 from tune_spaces import MATCHING, SPACES, get_space
 from tune_spaces.common import apply_to_dict, check_space, hydra_value, support, to_overrides
 
