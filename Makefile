@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-fast run bench lint mlflow-ui clean
+.PHONY: help install test test-faults test-fast run bench lint mlflow-ui clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,8 +23,11 @@ $(CHROMIUM):  ## headless browser for the MLflow UI test (Debian package)
 	-(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1
 
 test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); two pytest processes
-	timeout -s INT -k 60 2400 $(BIN)/python -m pytest -q -m "not cluster"
+	timeout -s INT -k 60 2400 $(BIN)/python -m pytest -q -m "not cluster and not faults"
 	timeout -s INT -k 60 1200 $(BIN)/python -m pytest -q -m cluster
+
+test-faults: $(STAMP)  ## fault-injection runs (worker/driver SIGKILL, MLflow and S3 outages); ~30 min
+	timeout -s INT -k 60 3600 $(BIN)/python -m pytest -q -m faults
 
 test-fast: $(STAMP)  ## only the fast tests (no Ray, no servers)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -58,7 +58,7 @@ from tests.faults import (
 )
 from tests.servers import aws_env, create_bucket, moto_s3, venv_bin
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 FAST = ("experiment=smoke", "eval.num_samples=0", "eval.nll_steps=0", "trainer.log_every=1",
         "trainer.val_every=100000")  # fmt: skip
