@@ -290,6 +290,54 @@ def pin_paths(cfg) -> list[str]:
     return [f"{k}={hydra_value(flat[k])}" for k in PINNED_PATH_KEYS if flat.get(k) is not None]
 
 
+def reap_orphan_placement_groups() -> int:
+    """Remove the placement groups whose creator actor died (not detached, not yet removed).
+
+    A trial that Tune stops (ASHA) is killed with its TorchTrainer controller; the controller's
+    worker placement group outlives it, because Ray only frees a non-detached group when both
+    its creator actor AND its job have died, and the job is this sweep. Ray Train's own
+    PlacementGroupCleaner finds the cluster through RAY_ADDRESS or by scanning the machine, and
+    gives up when several Ray instances run on one machine ("Found multiple active Ray
+    instances"): the stopped trials' CPUs then stay reserved and the next trials hang. This
+    does the same clean-up from the sweep's driver, through the GCS table (no state API).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    table = state._connect_and_get_accessor().get_placement_group_table()
+    for raw in table:
+        data = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (data.is_detached or not data.creator_actor_dead
+                or data.state == gcs_pb2.PlacementGroupTableData.REMOVED):  # fmt: skip
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
+        removed += 1
+    return removed
+
+
+def _reaper_callback(every_s: float = 3.0):
+    from ray.tune import Callback
+
+    class PlacementGroupReaper(Callback):
+        def __init__(self):
+            self.last = 0.0
+            self.removed = 0
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.last < every_s:
+                return
+            self.last = time.monotonic()
+            try:
+                self.removed += reap_orphan_placement_groups()
+            except Exception as error:  # never stop the sweep over the clean-up
+                print(f"[bfn] warning: placement group clean-up failed ({error})", file=sys.stderr)
+
+    return PlacementGroupReaper()
+
+
 def run_tune(*, name: str, storage_path: str, trainable_settings: dict, param_space: dict,
              num_samples: int, metric: str, mode: str, max_concurrent: int, driver_cpus: float,
              scheduler=None, search_alg=None, resume: bool = False, storage_filesystem=None):  # fmt: skip
@@ -303,7 +351,7 @@ def run_tune(*, name: str, storage_path: str, trainable_settings: dict, param_sp
         tune.with_parameters(run_trial, settings=trainable_settings), {"cpu": driver_cpus}
     )
     path = f"{storage_path.rstrip('/')}/{name}"
-    if resume:
+    if resume:  # Tune restores the RunConfig (callbacks included) with the experiment
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_filesystem)  # fmt: skip
     else:
@@ -314,7 +362,8 @@ def run_tune(*, name: str, storage_path: str, trainable_settings: dict, param_sp
                                         max_concurrent_trials=max_concurrent,
                                         scheduler=scheduler, search_alg=search_alg),  # fmt: skip
             run_config=tune.RunConfig(name=name, storage_path=storage_path,
-                                      storage_filesystem=storage_filesystem, verbose=1),  # fmt: skip
+                                      storage_filesystem=storage_filesystem, verbose=1,
+                                      callbacks=[_reaper_callback()]),  # fmt: skip
         )
     return tuner.fit()
 
@@ -386,8 +435,11 @@ def sweep(args: list[str]) -> dict:
         from ray.tune.schedulers import ASHAScheduler
 
         grace = opts.grace_period or max(cfg.trainer.val_every, cfg.trainer.log_every)
+        # a trial that reaches max_t = trainer.max_steps ends by itself (cleanly: its Train run
+        # closes its MLflow run and frees its workers) instead of being stopped by ASHA
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(grace, max_t),
-                                  reduction_factor=opts.reduction_factor)  # fmt: skip
+                                  reduction_factor=opts.reduction_factor,
+                                  stop_last_trials=max_t < cfg.trainer.max_steps)  # fmt: skip
     search_alg = None
     if opts.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
