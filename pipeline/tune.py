@@ -313,6 +313,8 @@ def reap_orphan_placement_groups() -> int:
         if (data.is_detached or not data.creator_actor_dead
                 or data.state == gcs_pb2.PlacementGroupTableData.REMOVED):  # fmt: skip
             continue
+        if not data.creator_actor_id or ray.ActorID(data.creator_actor_id).is_nil():
+            continue  # created by a driver (Tune's own trial groups): the job owns it
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
         removed += 1
     return removed
@@ -355,11 +357,16 @@ def run_tune(*, name: str, storage_path: str, trainable_settings: dict, param_sp
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_filesystem)  # fmt: skip
     else:
+        from ray.tune.search import Searcher
+
+        # Tune applies max_concurrent_trials to a Searcher only; a BasicVariantGenerator takes
+        # its own max_concurrent (set by the caller)
+        limit = max_concurrent if search_alg is None or isinstance(search_alg, Searcher) else None
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
-                                        max_concurrent_trials=max_concurrent,
+                                        max_concurrent_trials=limit,
                                         scheduler=scheduler, search_alg=search_alg),  # fmt: skip
             run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                       storage_filesystem=storage_filesystem, verbose=1,
@@ -712,7 +719,7 @@ def preset_yaml(overrides: list[str], preset_name: str, *, searchpath: list[str]
     body.update(_unflatten({**diff, "run.name": preset_name}))
     header = (f"# @package _global_\n# Best trial of a `bfn tune` sweep, written by pipeline/tune.py.\n"
               f"# Composed from: {' '.join(o for o in overrides if not o.startswith(PINNED_PATH_KEYS))}\n")
-    return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
+    return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
 
 
 def export_preset(overrides: list[str], sweep_name: str, export_dir: str | None,
@@ -729,8 +736,8 @@ def export_preset(overrides: list[str], sweep_name: str, export_dir: str | None,
     else:
         root = CONF_DIR
     path = root / "experiment" / f"{preset_name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)  # before composing: Hydra checks the searchpath
     text = preset_yaml(overrides, preset_name, searchpath=searchpath)
-    path.parent.mkdir(parents=True, exist_ok=True)
     previous = path.read_text() if path.exists() else None
     path.write_text(text)
     # round trip: the preset composes to the trial's experiment (machine keys aside)
@@ -758,9 +765,12 @@ def cmd_tune(args) -> int:
 
 
 def register(subparsers) -> None:
+    import argparse
+
     p = subparsers.add_parser(
         "tune", help="hyper-parameter sweep (Ray Tune: ASHA, random/Optuna) over bfn train",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("args", nargs="*",
                    help="space=NAME num_samples=N [max_concurrent= metric= mode= scheduler= "

@@ -167,7 +167,9 @@ def train_fn_per_worker(config: dict) -> dict | None:
             metrics = {**{k: v for k, v in last.items() if k.startswith("val/")}, **metrics}
         if step % cfg.trainer.checkpoint_every == 0 or last_step:
             _report_and_checkpoint(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics)
-        elif metrics:
+        elif step % cfg.trainer.log_every == 0 or step % cfg.trainer.val_every == 0:
+            # report is a barrier: every rank reports on the same steps. (Deciding by `metrics`
+            # deadlocked: on a val step that is no log step only rank 0 has metrics.)
             ray.train.report({**metrics, "step": step})
         if metrics:
             window_start = time.perf_counter()

@@ -163,7 +163,6 @@ def test_bfn_tune_fails_before_any_trial(bad, monkeypatch, capsys):
     monkeypatch.setitem(MATCHING, "bad", ("smoke",))
     monkeypatch.setattr(T, "start_ray", _no_trials)
     monkeypatch.setattr(T, "run_tune", _no_trials)
-    monkeypatch.setattr(T, "preflight", _no_trials, raising=False)
     assert cli.main(["tune", "experiment=smoke", "space=bad", "num_samples=2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bfn: error: space: invalid search space") and list(bad)[0] in err
@@ -241,3 +240,13 @@ def test_space_modules_document_their_values():
     for family in architecture.FAMILIES:
         assert architecture.family_of(architecture.FAMILIES[family]["presets"][0]) == family
     assert inspect.getdoc(tune_spaces)
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_every_space_converts_for_optuna(name):
+    """search=optuna: OptunaSearch must understand every domain (Tune converts it this way)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    converted = OptunaSearch.convert_search_space(get_space(name))
+    sampled = {k: v for k, v in get_space(name).items() if isinstance(v, tune.search.sample.Domain)}
+    assert len(converted) == len(sampled)

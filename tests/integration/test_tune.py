@@ -1,0 +1,180 @@
+"""`bfn tune` and `bfn scaling` end to end on CPU, on the session's local Ray (4 logical CPUs).
+
+* A 4-trial ASHA sweep of the smoke preset (1 Train worker per trial, 2 trials at a time:
+  2 x (0.5 driver + 1 worker) CPUs, 1 CPU left for Ray Data), reporting and validating every
+  2 steps, max_t 8, grace 4, reduction 2 (rungs at steps 4 and 8). The space is a learning-rate
+  grid whose last two points (1e-7, 1e-8) leave the network at its initialisation: when they
+  reach step 4, at least one of the first two trials (3e-3, 1e-3) has recorded a clearly better
+  value there, so ASHA stops both. Grace 4 rather than 2 and no EMA (decay 0, so the validated
+  weights are the trained ones) because two steps do not yet separate a good learning rate
+  from none beyond the noise of a 200-example validation NLL; four do. Then: the MLflow
+  parent/child runs, the summary artifacts, the exported best preset re-trained with
+  `bfn train experiment=best_...`, and `resume=true` on the finished sweep.
+* A tiny real scaling grid: 3 widths x 2 step counts of the tiny MNIST U-Net, trained 2 at a
+  time through Tune, read back from MLflow, fitted, plotted. Six Train runs take 3-8 minutes on
+  a shared 2-core machine, so it only runs with BFN_TEST_SCALING_GRID=1.
+
+The `ray_local` fixture's 4 CPUs suffice, so no second Ray runtime is started. Every Ray call
+runs under an explicit pytest timeout (a starved Ray hangs instead of failing).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import data as data_lib
+
+pytestmark = pytest.mark.slow
+
+LRS = [3e-3, 1e-3, 1e-7, 1e-8]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("tune_shards") / "mnist"
+    data_lib.prepare("mnist", str(out), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def machine(tmp_path_factory, shards) -> list[str]:
+    """Overrides that keep everything (runs, Ray storage, MLflow) in a temporary folder."""
+    root = tmp_path_factory.mktemp("tune")
+    return [f"data.uri={shards}", f"paths.runs_dir={root / 'runs'}",
+            f"run.storage_path={root / 'ray'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            f"tracking.artifact_location={root / 'artifacts'}", "tracking.experiment=tune-test"]  # fmt: skip
+
+
+SMOKE_1W = ["experiment=smoke", "trainer=cpu_1", "trainer.cpus_per_worker=1", "trainer.max_steps=8",
+            "trainer.log_every=2", "trainer.val_every=2", "trainer.checkpoint_every=8",
+            "eval.num_samples=0", "eval.val_batches=2", "data.val_batch_size=100",
+            "optim.ema_decay=0.0"]  # fmt: skip
+
+
+@pytest.fixture
+def lr_grid(monkeypatch):
+    from ray import tune
+
+    import tune_spaces
+
+    monkeypatch.setitem(tune_spaces.SPACES, "lr_grid", lambda: {"optim.lr": tune.grid_search(LRS)})
+
+
+@pytest.mark.timeout(540)
+def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import cli
+    from pipeline import tune as T
+    from pipeline.config import load
+
+    export_dir = tmp_path / "presets"
+    args = [*SMOKE_1W, *machine, "space=lr_grid", "num_samples=1", "max_concurrent=2",
+            "grace_period=4", "reduction_factor=2", "driver_cpus=0.5", "sweep=asha-test",
+            f"export_dir={export_dir}"]  # fmt: skip
+    started = time.perf_counter()
+    result = T.sweep(args)
+    wall = time.perf_counter() - started
+    rows = {r["config"]["optim.lr"]: r for r in result["rows"]}
+    stopped = [r for r in result["rows"] if r["status"] == "stopped"]
+    with capsys.disabled():
+        print(f"\nsweep wall {wall:.0f} s; stopped early (lr, step): "
+              f"{[(r['config']['optim.lr'], r['step']) for r in stopped]}")  # fmt: skip
+
+    assert result["max_concurrent"] == 2
+    assert sorted(rows) == sorted(LRS) and not [r for r in result["rows"] if r["status"] == "error"]
+    assert stopped, "ASHA stopped no trial"
+    for lr in (1e-7, 1e-8):
+        assert rows[lr]["status"] == "stopped" and 4 <= rows[lr]["step"] < 8, rows[lr]
+    assert all(r["step"] == 8 for r in result["rows"] if r["status"] == "completed")
+    best = result["best"]
+    assert best["status"] == "completed" and best["config"]["optim.lr"] in (3e-3, 1e-3)
+
+    # MLflow: one parent (the sweep) and one child per trial, stopped ones closed as KILLED
+    cfg = load([*SMOKE_1W, *machine])
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["bfn.role"] == "sweep"
+    assert parent.data.tags["bfn.trials_stopped_early"] == str(len(stopped))
+    exp_id = parent.info.experiment_id
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    by_trial = {c.data.tags["bfn.trial_id"]: c for c in children}
+    for row in result["rows"]:
+        child = by_trial[row["trial_id"]]
+        assert child.info.run_name == f"asha-test-{row['trial_id']}"
+        assert float(child.data.params["optim.lr"]) == row["config"]["optim.lr"]
+        assert "val/nll_bits_per_dim" in child.data.metrics
+        if row["status"] == "stopped":
+            assert child.info.status == "KILLED" and "bfn.stopped_early" in child.data.tags
+        else:
+            assert child.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/summary.csv", "sweep/summary.md", "sweep/val_nll_bits_per_dim_vs_params.png",
+            "sweep/best_asha_test.yaml"} <= artifacts  # fmt: skip
+    summary = Path(result["files"]["csv"]).read_text().splitlines()
+    assert summary[0].startswith("trial_id,status,step,val/nll_bits_per_dim,optim.lr") and len(summary) == 5
+
+    # the exported preset re-trains with `bfn train experiment=best_asha_test`
+    preset = export_dir / "experiment" / "best_asha_test.yaml"
+    assert result["export"] == str(preset) and preset.read_text().startswith("# @package _global_")
+    assert result["command"].startswith(f"bfn train hydra.searchpath=[file://{export_dir}] "
+                                        "experiment=best_asha_test")  # fmt: skip
+    retrain = [f"hydra.searchpath=[file://{export_dir}]", "experiment=best_asha_test", *machine,
+               "trainer.max_steps=2", "trainer.checkpoint_every=2"]  # fmt: skip
+    again = load(retrain)
+    assert again.optim.lr == best["config"]["optim.lr"] and again.run.name == "best_asha_test"
+    assert (again.trainer.num_workers, again.optim.ema_decay, again.net.name) == (1, 0.0, "mnist_unet_tiny")
+    capsys.readouterr()
+    assert cli.main(["train", *retrain]) == 0
+    assert "run 'best_asha_test' finished at step 2" in capsys.readouterr().out
+
+    # the same sweep again: refused without resume=true; with it, Tune restores the finished
+    # experiment (nothing to rerun) and no new child runs appear
+    assert cli.main(["tune", *args]) == 2
+    assert "resume=true" in capsys.readouterr().err
+    resumed = T.sweep([*args, "resume=true"])
+    assert sorted(r["trial_id"] for r in resumed["rows"]) == sorted(by_trial)
+    assert resumed["parent_run_id"] == result["parent_run_id"]
+    assert len(client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 4
+
+
+@pytest.mark.skipif(not os.environ.get("BFN_TEST_SCALING_GRID"),
+                    reason="6 Train runs: 3-8 min on 2 shared cores; set BFN_TEST_SCALING_GRID=1")
+@pytest.mark.timeout(600)
+def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import scaling as S
+    from pipeline.config import load
+
+    base = ["experiment=smoke", "trainer=cpu_1", "trainer.cpus_per_worker=1", "trainer.log_every=2",
+            "trainer.val_every=100", "trainer.checkpoint_every=100", "eval.num_samples=0", *machine]  # fmt: skip
+    plan = S.make_plan("tiny", base, widths=[8, 16, 24], depths=[1], steps=[3, 6])
+    S.write_plan(plan, tmp_path / "plan.json")
+    started = time.perf_counter()
+    results = S.run_plan(plan, concurrent=2)
+    wall = time.perf_counter() - started
+    assert len(results) == 6 and all(r["run_id"] for r in results), results
+    cfg = load(base)
+    fit = S.fit_grid(cfg.tracking.uri, cfg.tracking.experiment, "tiny", budget=1e12, n_boot=40,
+                     out_dir=tmp_path / "fit", artifact_location=cfg.tracking.artifact_location)  # fmt: skip
+    print(f"\nscaling grid: 6 runs in {wall:.0f} s; alpha={fit['ND']['params']['alpha']:.3g} "
+          f"beta={fit['ND']['params']['beta']:.3g} gamma={fit['C']['params']['gamma']:.3g}")
+    print(Path(fit["files"]["markdown"]).read_text())
+    assert Path(fit["files"]["plot"]).stat().st_size > 10_000
+    runs = S.read_runs(cfg.tracking.uri, cfg.tracking.experiment, "tiny")
+    assert len(runs) == 6 and len({r["N"] for r in runs}) == 3 and len({r["D"] for r in runs}) == 2
+    client = MlflowClient(cfg.tracking.uri)
+    tags = client.get_run(runs[0]["run_id"]).data.tags
+    assert {"scaling.N", "scaling.D", "scaling.C", "scaling.nll"} <= set(tags)
+    assert float(tags["scaling.C"]) == 6 * float(tags["scaling.N"]) * float(tags["scaling.D"])
+    assert client.get_run(fit["mlflow_run_id"]).data.tags[S.ROLE_TAG] == "fit"
+    # a second `run` finds every point done and trains nothing
+    started = time.perf_counter()
+    assert [r["nll"] for r in S.run_plan(plan, concurrent=2)] == [r["nll"] for r in results]
+    assert time.perf_counter() - started < 30

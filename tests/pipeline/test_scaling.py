@@ -1,0 +1,163 @@
+"""Scaling-law fits (pipeline/scaling.py) on synthetic runs logged to a real MLflow sqlite store.
+
+Runs are generated from a known L(N, D) = E + A/N^alpha + B/D^beta with 0.5% multiplicative
+noise; `fit_grid` must read them back by tag, recover alpha and beta inside its bootstrap CIs,
+write the plot and tables, log them to MLflow, and refuse too few runs or a NaN NLL. Also: the
+plan of a real preset (N, D, C per grid point) without training. No Ray runtime.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline import scaling as S
+
+TRUE = {"E": 1.2, "A": 30.0, "alpha": 0.35, "B": 200.0, "beta": 0.3}
+
+
+def truth(n, d):
+    return TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+
+
+def log_runs(uri: str, name: str, points: list[tuple[float, float, float]], experiment="scaling"):
+    """Grid runs as `bfn scaling run` leaves them: tags scaling.N/D/C/nll, role run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    for i, (n, d, nll) in enumerate(points):
+        tags = {S.GRID_TAG: name, S.ROLE_TAG: "run", S.ENTRY_TAG: f"p{i}",
+                "scaling.N": str(int(n)), "scaling.D": str(int(d)), "scaling.C": repr(float(6.0 * n * d)),
+                "scaling.C_measured": repr(float(2.4 * n * d)), "scaling.nll": repr(float(nll)),
+                "scaling.nll_metric": "val/nll_bits_per_dim"}  # fmt: skip
+        run = client.create_run(exp_id, run_name=f"{name}-p{i}", tags=tags)
+        client.log_metric(run.info.run_id, "val/nll_bits_per_dim", float(nll), step=10)
+        client.set_terminated(run.info.run_id)
+    return client
+
+
+def synthetic(seed=0, noise=0.005):
+    rng = np.random.default_rng(seed)
+    ns = np.geomspace(1e4, 3e6, 5)
+    ds = np.geomspace(1e6, 3e9, 5)
+    return [(n, d, truth(n, d) * math.exp(rng.normal(0, noise))) for n in ns for d in ds]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (a new one costs ~5 s of schema migrations); every test
+    logs its own grid name."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    log_runs(uri, "synthetic", synthetic())
+    return uri, root
+
+
+def test_fit_recovers_exponents_within_ci(store, tmp_path):
+    uri, root = store
+    result = S.fit_grid(uri, "scaling", "synthetic", budget=1e18, n_boot=60, seed=1,
+                        out_dir=tmp_path / "out", artifact_location=str(root / "art"))  # fmt: skip
+    nd = result["ND"]
+    assert nd["n_runs"] == 25 and nd["n_boot"] >= 55
+    for key in ("alpha", "beta", "E"):
+        low, high = nd["ci"][key]
+        assert low <= TRUE[key] <= high, (key, nd["params"][key], (low, high))
+        assert abs(nd["params"][key] - TRUE[key]) < 0.1 * TRUE[key] + 0.02, (key, nd["params"][key])
+    assert nd["ci"]["alpha"][1] - nd["ci"]["alpha"][0] < 0.2  # informative, not a huge interval
+    # L(C): a positive exponent; the compute-optimal split of the budget under the true law
+    assert 0 < result["C"]["params"]["gamma"] < 1
+    pred = result["prediction"]
+    want = S.compute_optimal(TRUE, 1e18)
+    assert pred["N_opt_ci"][0] <= want["N_opt"] <= pred["N_opt_ci"][1]
+    assert math.isclose(6 * pred["N_opt"] * pred["D_opt"], 1e18, rel_tol=1e-9)
+    # files and the MLflow fit run
+    for key in ("plot", "csv", "markdown", "runs", "json"):
+        assert (tmp_path / "out").joinpath(result["files"][key]).exists(), key
+    assert result["files"]["plot"].endswith(".png")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags[S.ROLE_TAG] == "fit" and run.info.status == "FINISHED"
+    assert abs(run.data.metrics["fit/ND/alpha"] - nd["params"]["alpha"]) < 1e-9
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "scaling")}
+    assert {"scaling/scaling_fit.png", "scaling/fit.csv", "scaling/fit.md"} <= names
+    # the fit run is not read back as a grid run
+    assert len(S.read_runs(uri, "scaling", "synthetic")) == 25
+
+
+def test_compute_optimal_is_the_minimum_along_the_budget():
+    budget = 1e17
+    opt = S.compute_optimal(TRUE, budget)
+    f = S.law("ND", TRUE)
+    for factor in (0.5, 0.8, 1.25, 2.0):
+        n = opt["N_opt"] * factor
+        assert f(n, budget / (6 * n)) > opt["L_opt"]
+
+
+def test_rejects_too_few_runs(store, tmp_path, capsys):
+    uri, _ = store
+    log_runs(uri, "small", synthetic()[:5])
+    with pytest.raises(S.ScalingError, match=r"too few runs.*5 found, 5 free parameters need at least 6"):
+        S.fit_grid(uri, "scaling", "small", out_dir=tmp_path / "o", log_to_mlflow=False)
+    from pipeline import cli
+
+    # through the CLI: one line, exit status 2
+    code = cli.main(["scaling", "fit", "--name", "small", f"tracking.uri={uri}",
+                     "tracking.experiment=scaling", f"paths.runs_dir={tmp_path}"])  # fmt: skip
+    assert code == 2
+    assert "bfn: error: scaling: too few runs" in capsys.readouterr().err
+
+
+def test_rejects_one_size_only(store, tmp_path):
+    uri, _ = store
+    log_runs(uri, "flat", [p for seed in (0, 1) for p in synthetic(seed) if p[0] == 1e4])
+    with pytest.raises(S.ScalingError, match="all runs share one N"):
+        S.fit_grid(uri, "scaling", "flat", out_dir=tmp_path / "o", log_to_mlflow=False)
+
+
+def test_rejects_nan_nll(store, tmp_path):
+    uri, _ = store
+    points = synthetic()
+    points[3] = (points[3][0], points[3][1], float("nan"))
+    log_runs(uri, "nan", points)
+    with pytest.raises(S.ScalingError, match=r"non-finite .*final NLL: nan-p3 \(nll=nan\)"):
+        S.fit_grid(uri, "scaling", "nan", out_dir=tmp_path / "o", log_to_mlflow=False)
+
+
+def test_missing_grid_is_explained(store):
+    uri, _ = store
+    with pytest.raises(S.ScalingError, match="no runs tagged bfn.scaling=absent"):
+        S.read_runs(uri, "scaling", "absent")
+
+
+def test_plan_measures_n_d_c(tmp_path):
+    plan = S.make_plan("tiny", ["experiment=smoke", "trainer=cpu_1", "eval.num_samples=0"],
+                       widths=[8, 16, 24], depths=[1], steps=[4, 8])  # fmt: skip
+    entries = plan["entries"]
+    assert [e["id"] for e in entries][:2] == ["w8-d1-s4-f0.02", "w8-d1-s8-f0.02"]
+    assert len(entries) == 6 and plan["metric"] == "val/nll_bits_per_dim"
+    ns = sorted({e["N"] for e in entries})
+    assert len(ns) == 3 and ns[0] < ns[1] < ns[2]
+    for e in entries:
+        assert e["D"] == e["steps"] * 16 * 784  # steps x batch x dims
+        assert e["C"] == 6.0 * e["N"] * e["D"]
+        assert 0 < e["C_measured"] < e["C"]  # the U-Net uses most weights at reduced resolution
+        assert any(o.startswith("++net.kwargs.model_channels=") for o in e["overrides"])
+    from bfn.networks import count_parameters
+    from pipeline.build import build_model
+    from pipeline.config import load
+
+    cfg = load(["experiment=smoke", *entries[2]["overrides"]])
+    assert count_parameters(build_model(cfg).net, non_embedding=True) == entries[2]["N"]
+    out = S.write_plan(plan, tmp_path / "plan.json")
+    assert out.exists() and "| w16-d1-s4-f0.02 |" in out.with_suffix(".md").read_text()
+
+
+def test_plan_rejects_a_width_the_net_cannot_take():
+    with pytest.raises(S.ScalingError, match="w12-d1"):
+        S.make_plan("bad", ["experiment=smoke"], widths=[12], depths=[1])
