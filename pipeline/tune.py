@@ -19,7 +19,8 @@ exactly as `bfn train` does. Order of work:
    id>``, opens its MLflow run as a CHILD of the sweep's parent run (tag ``mlflow.parentRunId``)
    and runs ``pipeline.train.fit`` with a ``TuneReportCallback`` that forwards the reports that
    carry the metric; ASHA (time_attr ``step``, the reported optimiser step) stops bad trials;
-4. at the end: child runs of stopped trials are closed as KILLED (tag ``bfn.stopped_early``); the
+4. at the end: child runs that Tune's kills left open are closed (stopped trials as KILLED, tag
+   ``bfn.stopped_early``; trials that reached max_t as FINISHED); the
    parent run gets ``sweep/summary.csv``, ``sweep/summary.md`` and ``sweep/<metric>_vs_params.png``;
    the best trial's config is written as an override-only experiment preset
    (``pipeline/conf/experiment/best_<sweep>.yaml``, or ``<export_dir>/experiment/...`` used with
@@ -554,8 +555,8 @@ def pick_best(rows: list[dict], mode: str) -> dict | None:
 
 
 def close_children(cfg, sweep_name: str, rows: list[dict]) -> None:
-    """Attach MLflow run ids; close the runs of trials that Tune stopped (their workers were
-    killed before they could) as KILLED, tagged bfn.stopped_early."""
+    """Attach MLflow run ids and close the runs Tune's kills left RUNNING: stopped trials as
+    KILLED (tagged bfn.stopped_early), trials that reached max_t as FINISHED, errors as FAILED."""
     for row in rows:
         row["mlflow_run_id"] = None
     if not cfg.tracking.enabled:
@@ -579,8 +580,12 @@ def close_children(cfg, sweep_name: str, rows: list[dict]) -> None:
         if row["status"] == "stopped":
             client.set_tag(run.info.run_id, "bfn.stopped_early", f"step {row['step']}")
         if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id,
-                                  "FAILED" if row["status"] == "error" else "KILLED")  # fmt: skip
+            # Tune stops a trial at its last report too (ASHA at max_t), before fit() can close
+            # the run: its metrics are already logged (they are sent before each report)
+            status = {"error": "FAILED", "stopped": "KILLED", "completed": "FINISHED"}[row["status"]]
+            if status == "FINISHED":
+                client.set_tag(run.info.run_id, "bfn.final_step", str(row["step"]))
+            client.set_terminated(run.info.run_id, status)
 
 
 def _fmt(value: Any) -> str:

@@ -162,9 +162,13 @@ def ray_session_dir() -> Path:
 
 def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train worker actors of the connected runtime (state API)."""
+    import ray._private.worker
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    # the address of *this* runtime: without it the state API looks for "the" local Ray and fails
+    # with "Found multiple active Ray instances" when other runtimes share the machine
+    address = f"http://{ray._private.worker.get_dashboard_url()}"
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                          raise_on_missing_output=False)  # fmt: skip
     return sorted(int(a.pid) for a in actors if a.pid and alive(int(a.pid)))
 
