@@ -504,6 +504,31 @@ def read_runs(uri: str, experiment: str, name: str, *, data_axis: str = "seen") 
     return sorted(out, key=lambda r: (r["N"], r["D"]))
 
 
+def reliability_warnings(nd: dict, c: dict, runs: list[dict], prediction: dict | None) -> list[str]:
+    """What a reader must know before trusting the fit: too few residual degrees of freedom,
+    exponents the runs do not determine, a compute-optimal point far outside the grid."""
+    out = []
+    for fit in (nd, c):
+        law_name = "L(N,D)" if fit["kind"] == "ND" else "L(C)"
+        dof = fit["n_runs"] - len(PARAMS[fit["kind"]])
+        if dof < 3:
+            out.append(f"{law_name}: {fit['n_runs']} runs for {len(PARAMS[fit['kind']])} parameters leave "
+                       f"{dof} residual degree(s) of freedom; the estimates are barely constrained")  # fmt: skip
+        for key in ("alpha", "beta", "gamma"):
+            if key not in fit["ci"]:
+                continue
+            low, high = fit["ci"][key]
+            if not (math.isfinite(low) and math.isfinite(high) and low > 0 and high / low <= 10):
+                out.append(f"{law_name}: {key} is not determined by these runs (95% CI [{low:.3g}, {high:.3g}])")
+    if prediction and math.isfinite(prediction["N_opt"]):
+        for key, axis in (("N_opt", "N"), ("D_opt", "D")):
+            lo, hi = min(r[axis] for r in runs), max(r[axis] for r in runs)
+            if not lo / 10 <= prediction[key] <= hi * 10:
+                out.append(f"the compute-optimal {axis} = {prediction[key]:.3g} lies more than 10x outside the "
+                           f"grid's {axis} range [{lo:.3g}, {hi:.3g}]: an extrapolation, not a measurement")
+    return out
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -533,6 +558,10 @@ def write_tables(nd: dict, c: dict, runs: list[dict], prediction: dict | None, o
                   f"{prediction['N_opt_ci'][1]:.3g}], D = {prediction['D_opt']:.3g} "
                   f"[{prediction['D_opt_ci'][0]:.3g}, {prediction['D_opt_ci'][1]:.3g}], predicted "
                   f"L = {prediction['L_opt']:.4g}; L(C) predicts {prediction['L_C']:.4g}.")  # fmt: skip
+    warnings = reliability_warnings(nd, c, runs, prediction)
+    if warnings:
+        md.append("")
+        md += [f"WARNING: {w}" for w in warnings]
     md_path = out / "fit.md"
     md_path.write_text("\n".join(md) + "\n")
     runs_path = out / "runs.csv"
@@ -545,7 +574,8 @@ def write_tables(nd: dict, c: dict, runs: list[dict], prediction: dict | None, o
     json_path = out / "fit.json"
     json_path.write_text(json.dumps({"ND": {k: v for k, v in nd.items() if k != "boot"},
                                      "C": {k: v for k, v in c.items() if k != "boot"},
-                                     "prediction": prediction}, indent=1, default=float))  # fmt: skip
+                                     "prediction": prediction, "warnings": warnings},
+                                    indent=1, default=float))  # fmt: skip
     return {"csv": csv_path, "markdown": md_path, "runs": runs_path, "json": json_path}
 
 

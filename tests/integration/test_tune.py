@@ -4,10 +4,13 @@
   2 x (0.5 driver + 1 worker) CPUs, 1 CPU left for Ray Data), reporting and validating every
   2 steps, max_t 8, grace 4, reduction 2 (rungs at steps 4 and 8). The space is a learning-rate
   grid whose last two points (1e-7, 1e-8) leave the network at its initialisation: when they
-  reach step 4, at least one of the first two trials (3e-3, 1e-3) has recorded a clearly better
+  reach step 4, at least one of the first two trials (6e-3, 3e-3) has recorded a clearly better
   value there, so ASHA stops both. Grace 4 rather than 2 and no EMA (decay 0, so the validated
   weights are the trained ones) because two steps do not yet separate a good learning rate
-  from none beyond the noise of a 200-example validation NLL; four do. Then: the MLflow
+  from none beyond the noise of a 200-example validation NLL; four do. Measured outside Ray
+  (3 seeds, the same data and validation): at step 4, 6e-3 and 3e-3 reach 1.6-3.5 bits/dim and
+  an untrained network 4.9-7.4 (the initialisation alone moves it by 2.5). 1e-3 (2.5-5.3) is not
+  separable from an untrained network at step 4, which made an earlier version of this grid flaky. Then: the MLflow
   parent/child runs, the summary artifacts, the exported best preset re-trained with
   `bfn train experiment=best_...`, and `resume=true` on the finished sweep.
 * A tiny real scaling grid: 3 widths x 2 step counts of the tiny MNIST U-Net, trained 2 at a
@@ -30,7 +33,7 @@ from pipeline import data as data_lib
 
 pytestmark = pytest.mark.slow
 
-LRS = [3e-3, 1e-3, 1e-7, 1e-8]
+LRS = [6e-3, 3e-3, 1e-7, 1e-8]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
         assert rows[lr]["status"] == "stopped" and 4 <= rows[lr]["step"] < 8, rows[lr]
     assert all(r["step"] == 8 for r in result["rows"] if r["status"] == "completed")
     best = result["best"]
-    assert best["status"] == "completed" and best["config"]["optim.lr"] in (3e-3, 1e-3)
+    assert best["status"] == "completed" and best["config"]["optim.lr"] in (6e-3, 3e-3)
 
     # MLflow: one parent (the sweep) and one child per trial, stopped ones closed as KILLED
     cfg = load([*SMOKE_1W, *machine])

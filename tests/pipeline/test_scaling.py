@@ -8,7 +8,9 @@ plan of a real preset (N, D, C per grid point) without training. No Ray runtime.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +90,27 @@ def test_fit_recovers_exponents_within_ci(store, tmp_path):
     assert {"scaling/scaling_fit.png", "scaling/fit.csv", "scaling/fit.md"} <= names
     # the fit run is not read back as a grid run
     assert len(S.read_runs(uri, "scaling", "synthetic")) == 25
+    # a well-determined fit: no warning but that the optimum for 1e18 FLOPs (D = 3.2e10) lies
+    # beyond 10x the grid's largest D
+    warnings = json.loads(Path(result["files"]["json"]).read_text())["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("the compute-optimal D = "), warnings
+
+
+def test_an_underdetermined_fit_says_so(store, tmp_path):
+    """Six noisy runs (the tiny CPU grid's size) for five parameters: the table still comes out,
+    with warnings about the degrees of freedom, the exponents and the extrapolated optimum."""
+    uri, root = store
+    rng = np.random.default_rng(3)
+    points = [(n, d, truth(n, d) * math.exp(rng.normal(0, 0.2))) for n in (1e4, 2e4, 4e4) for d in (1e6, 2e6)]
+    log_runs(uri, "tiny", points)
+    result = S.fit_grid(uri, "scaling", "tiny", budget=1e22, n_boot=20, out_dir=tmp_path / "out",
+                        artifact_location=str(root / "art"))  # fmt: skip
+    warnings = json.loads(Path(result["files"]["json"]).read_text())["warnings"]
+    text = " | ".join(warnings)
+    assert "L(N,D): 6 runs for 5 parameters leave 1 residual degree(s) of freedom" in text
+    assert "lies more than 10x outside the grid's" in text, text
+    md = Path(result["files"]["markdown"]).read_text()
+    assert all(f"WARNING: {w}" in md for w in warnings)
 
 
 def test_compute_optimal_is_the_minimum_along_the_budget():
