@@ -46,6 +46,20 @@ def _batches(dataset, batch_size: int, device, data_name: str, epoch: int):
         epoch += 1
 
 
+def _read_checkpoint(checkpoint, device) -> dict:
+    """The checkpoint's state, read weights-only. A remote (S3) checkpoint is downloaded into a
+    folder of this process's own: ``Checkpoint.as_directory`` shares one temporary folder per
+    checkpoint between the workers of a node, and a rank reading while another was still
+    downloading into it saw a truncated optimizer.pt (seen once in CI, resuming over S3)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpointing.read(checkpoint.path, map_location=device)
+    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
+        checkpoint.to_directory(folder)
+        return checkpointing.read(folder, map_location=device)
+
+
 def _seed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(seed * 1_000_003 + rank * 7919 + step)
 
@@ -77,8 +91,7 @@ def train_fn_per_worker(config: dict) -> dict | None:
     step, epoch = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = checkpointing.read(folder, map_location=device)
+        state = _read_checkpoint(checkpoint, device)
         raw.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
