@@ -1182,15 +1182,15 @@ def _table_dict(tab: pa.Table | pa.RecordBatch) -> dict[str, Any]:
 
 
 def _subset_threshold(
-    fs: pafs.FileSystem, paths: list[str], name: str, n: int, fraction: float, seed: int
+    tables: Iterable[pa.Table], name: str, n: int, fraction: float, seed: int
 ) -> int | None:
-    """The largest row key kept for ``fraction`` (None = keep everything)."""
+    """The largest row key kept for ``fraction`` (None = keep everything, without reading)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if fraction >= 1.0:
         return None
     k = max(1, int(round(fraction * n)))
-    keys = np.concatenate([_row_keys(name, _table_dict(_read_table(fs, p)), seed) for p in paths])
+    keys = np.concatenate([_row_keys(name, _table_dict(t), seed) for t in tables])
     return int(np.partition(keys, k - 1)[k - 1])
 
 
@@ -1345,16 +1345,19 @@ def ray_dataset(
     import ray.data
 
     fs, paths, man = _split_paths(uri, split, name)
+    split_bytes = sum(int(s.get("bytes", 0)) for s in man["splits"][split]["shards"])
+    small = materialize and split_bytes <= SMALL_SPLIT_BYTES
+    # a small split is read once, here; otherwise the subset cut-off reads it shard by shard
+    tables = [_read_table(fs, p) for p in paths] if small else (_read_table(fs, p) for p in paths)
     threshold = _subset_threshold(
-        fs, paths, name, num_rows(uri, split), fraction, seed if seed is not None else 0
+        tables, name, num_rows(uri, split), fraction, seed if seed is not None else 0
     )
     keyed = seed is not None and name == "mnist"  # only MNIST's preprocessing is random
     annotate = {"name": name, "seed": seed if seed is not None else 0, "threshold": threshold, "add_key": keyed}
-    split_bytes = sum(int(s.get("bytes", 0)) for s in man["splits"][split]["shards"])
-    if materialize and split_bytes <= SMALL_SPLIT_BYTES:
-        # read on this process and put the rows in the object store: the same rows as the
-        # streaming read below, without its read tasks (~10-25 s per call on 2 cores, measured)
-        table = _ray_annotate(pa.concat_tables([_read_table(fs, p) for p in paths]), **annotate)
+    if small:
+        # put the rows in the object store from this process: the same rows as the streaming
+        # read below, without its read tasks (~10-25 s per call on 2 cores, measured)
+        table = _ray_annotate(pa.concat_tables(tables), **annotate)
         step = max(1, -(-table.num_rows // SMALL_SPLIT_BLOCKS))
         ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
     else:
@@ -1403,7 +1406,7 @@ def iter_batches(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     fs, paths, _ = _split_paths(uri, split, name)
-    threshold = _subset_threshold(fs, paths, name, num_rows(uri, split), fraction, seed)
+    threshold = _subset_threshold((_read_table(fs, p) for p in paths), name, num_rows(uri, split), fraction, seed)
     cols = [_data_column(name), _aux_column(name)]
 
     def raw_chunks() -> Iterator[dict[str, np.ndarray]]:
