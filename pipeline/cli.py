@@ -19,7 +19,7 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from pipeline.config import load
-    from pipeline.train import fit, print_summary
+    from pipeline.training.driver import fit, print_summary
 
     cfg = load(args.overrides)
     print_summary(cfg, fit(cfg))
@@ -27,7 +27,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.evaluate import evaluate
 
     evaluate(args.checkpoint, args.overrides, split=args.split, num_steps=args.steps,
              repeats=args.repeats, max_batches=args.max_batches, use_ema=not args.raw_weights)  # fmt: skip
@@ -35,7 +35,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from pipeline.evaluate import sample
+    from pipeline.evaluation.evaluate import sample
 
     path = sample(args.checkpoint, num=args.num, num_steps=args.steps, seed=args.seed,
                   out=args.out, use_ema=not args.raw_weights)  # fmt: skip
@@ -66,7 +66,7 @@ def cmd_data_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pipeline.bench import main as bench_main
+    from pipeline.evaluation.bench import main as bench_main
 
     return bench_main(args)
 
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.set_defaults(func=cmd_bench)
 
-    for module in ("pipeline.tune", "pipeline.scaling", "pipeline.submit", "pipeline.localstack"):
+    for module in ("pipeline.sweeps.tune", "pipeline.sweeps.scaling", "pipeline.cluster.submit",
+                   "pipeline.cluster.devstack"):  # fmt: skip
         try:
             importlib.import_module(module).register(sub)
         except ModuleNotFoundError as error:
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import set_env_defaults
 
     set_env_defaults()  # before anything imports ray.data: it reads its switches at import time
-    from pipeline.checkpointing import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
+    from pipeline.training.checkpointing import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -51,3 +51,25 @@ def test_ruff_is_clean():
     result = subprocess.run([exe, "check", "bfn", "pipeline", "tune_spaces", "tests"], cwd=REPO,
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def _pipeline_imports() -> dict[str, set[str]]:
+    """Dotted pipeline modules each pipeline file imports (absolute imports only)."""
+    found = {}
+    for path in (REPO / "pipeline").rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("pipeline"):
+                names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+        found[str(path.relative_to(REPO))] = names
+    return found
+
+
+def test_nothing_outside_the_cli_imports_the_cluster_tools():
+    """Submission and the dev stack are operations tools: workers never load them."""
+    for path, names in _pipeline_imports().items():
+        if path.startswith("pipeline/cluster/") or path == "pipeline/cli.py":
+            continue
+        assert not any(n.startswith("pipeline.cluster") for n in names), f"{path} imports the cluster tools"

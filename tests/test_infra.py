@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import localstack, submit
+from pipeline.cluster import devstack as localstack
+from pipeline.cluster import submit
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -488,7 +489,7 @@ def test_cli_unreachable_exit_code_and_message(no_token_env):
     address = f"http://127.0.0.1:{_closed_port()}"
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.submit", "submit", "train", "experiment=smoke"]
+        [sys.executable, "-m", "pipeline.cluster.submit", "submit", "train", "experiment=smoke"]
         + ["--address", address, "--connect-timeout", "2"],
         cwd=REPO,
         capture_output=True,

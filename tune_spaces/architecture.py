@@ -3,7 +3,7 @@ depth and dropout, through ``net.name`` and ``net.kwargs.<constructor argument>`
 
 ``FAMILIES`` names, per family, its presets, which constructor arguments are the width and the
 depth, and the arguments pinned so that every width of the space builds (GroupNorm groups and
-attention heads must divide the width). ``pipeline.scaling`` uses the same table to scale a
+attention heads must divide the width). ``pipeline.sweeps.scaling`` uses the same table to scale a
 preset in width and depth.
 """
 

@@ -1,6 +1,6 @@
 """The cluster-use layer end to end, on this machine only (everything on 127.0.0.1).
 
-One local stack for the module (`pipeline.localstack.up`: a token-auth Ray head, an MLflow server
+One local stack for the module (`pipeline.cluster.devstack.up`: a token-auth Ray head, an MLflow server
 with S3 artifacts, moto S3), then:
 
 * a probe job (a few lines of MLflow logging, no training) proves the wiring without the trainer:
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import localstack, submit
+from pipeline.cluster import devstack as localstack
+from pipeline.cluster import submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -108,7 +109,7 @@ def _bfn_command() -> list[str]:
         probe = subprocess.run([str(bfn), "submit", "--help"], capture_output=True, timeout=120)
         if probe.returncode == 0:
             return [str(bfn)]
-    return [sys.executable, "-m", "pipeline.submit"]
+    return [sys.executable, "-m", "pipeline.cluster.submit"]
 
 
 def _find_run(stack: dict, run_name: str, since_ms: int) -> dict:
@@ -348,7 +349,7 @@ def test_probe_run_in_mlflow_ui(stack, probe_run):
 
 
 def test_jobs_cli_list_and_logs(stack, probe_run):
-    base = [sys.executable, "-m", "pipeline.submit", "jobs"]
+    base = [sys.executable, "-m", "pipeline.cluster.submit", "jobs"]
     env = _client_env(stack)
     address = ["--address", stack["urls"]["ray_dashboard"]]
     listing = subprocess.run(

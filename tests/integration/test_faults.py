@@ -84,7 +84,7 @@ def overrides(tmp_path: Path, shards: str, name: str, *extra: str) -> list[str]:
 
 def fit_with_watchdog(cfg):
     """fit(cfg) in this process; a fit that outlives FIT_TIMEOUT_S fails the test."""
-    from pipeline.train import fit
+    from pipeline.training.driver import fit
 
     timer = threading.Timer(FIT_TIMEOUT_S, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()

@@ -40,7 +40,7 @@ def metric_steps(cfg, run_id: str, key: str) -> list[int]:
 def test_train_checkpoint_resume_and_mlflow(ray_local, mnist_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import fit
+    from pipeline.training.driver import fit
 
     cfg = smoke(tmp_path, mnist_shards, "resume")
     first = fit(cfg)
@@ -68,7 +68,7 @@ def test_train_checkpoint_resume_and_mlflow(ray_local, mnist_shards, tmp_path):
 def test_train_and_resume_over_s3(ray_local, tmp_path):
     import boto3
 
-    from pipeline.train import fit
+    from pipeline.training.driver import fit
 
     with moto_s3() as endpoint, aws_env(endpoint):
         create_bucket(endpoint, "bfn")

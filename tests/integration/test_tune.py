@@ -72,8 +72,8 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
     from mlflow.tracking import MlflowClient
 
     from pipeline import cli
-    from pipeline import tune as T
     from pipeline.config import load
+    from pipeline.sweeps import tune as T
 
     export_dir = tmp_path / "presets"
     args = [*SMOKE_1W, *machine, "space=lr_grid", "num_samples=1", "max_concurrent=2",
@@ -152,8 +152,8 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
 def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline import scaling as S
     from pipeline.config import load
+    from pipeline.sweeps import scaling as S
 
     base = ["experiment=smoke", "trainer=cpu_1", "trainer.cpus_per_worker=1", "trainer.log_every=2",
             "trainer.val_every=100", "trainer.checkpoint_every=100", "eval.num_samples=0", *machine]  # fmt: skip

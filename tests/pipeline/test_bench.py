@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.bench import bench_step
+from pipeline.evaluation.bench import bench_step
 
 
 def test_bench_step_measures_both_sides(capsys):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bfn.networks import count_parameters
-from pipeline.build import build_model, build_optimizer
 from pipeline.config import CONF_DIR, ConfigError, compose, load
+from pipeline.training.build import build_model, build_optimizer
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("best_"))
 PAPER = {  # preset: (network parameters in millions, data shape)
@@ -45,7 +45,7 @@ def test_paper_schedules():
 
 def test_small_preset_runs_a_real_step_on_cpu():
     from bfn import EMA
-    from pipeline.steps import train_step
+    from pipeline.training.steps import train_step
 
     cfg = load(["experiment=smoke"])
     model = build_model(cfg)

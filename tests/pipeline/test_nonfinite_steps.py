@@ -1,4 +1,4 @@
-"""Non-finite losses and gradients at the unit level (`pipeline.steps.train_step`, no Ray).
+"""Non-finite losses and gradients at the unit level (`pipeline.training.steps.train_step`, no Ray).
 
 A step whose loss or gradient norm is not finite is skipped: no parameter, optimiser or EMA state
 changes, and the next clean step trains normally. The run-level rule (stop after
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from bfn import EMA
-from pipeline.build import build_model, build_optimizer
 from pipeline.config import load
-from pipeline.steps import train_step
+from pipeline.training.build import build_model, build_optimizer
+from pipeline.training.steps import train_step
 
 
 def setup(*overrides: str):

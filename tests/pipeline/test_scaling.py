@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import scaling as S
+from pipeline.sweeps import scaling as S
 
 TRUE = {"E": 1.2, "A": 30.0, "alpha": 0.35, "B": 200.0, "beta": 0.3}
 
@@ -172,8 +172,8 @@ def test_plan_measures_n_d_c(tmp_path):
         assert 0 < e["C_measured"] < e["C"]  # the U-Net uses most weights at reduced resolution
         assert any(o.startswith("++net.kwargs.model_channels=") for o in e["overrides"])
     from bfn.networks import count_parameters
-    from pipeline.build import build_model
     from pipeline.config import load
+    from pipeline.training.build import build_model
 
     cfg = load(["experiment=smoke", *entries[2]["overrides"]])
     assert count_parameters(build_model(cfg).net, non_embedding=True) == entries[2]["N"]

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 
 from bfn import EMA
-from pipeline import checkpointing
-from pipeline.build import build_model, build_optimizer
 from pipeline.config import ConfigError, compose, load
+from pipeline.training import checkpointing
+from pipeline.training.build import build_model, build_optimizer
 from tests.conftest import REPO
 from tests.faults import write_malicious_pt
 from tests.servers import free_port
@@ -122,7 +122,7 @@ def test_no_secret_reaches_mlflow_params_tags_or_store(tmp_path, monkeypatch):
     side) logs the resolved config and tags to a sqlite store; nothing secret is in it."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import start_tracking
+    from pipeline.training.driver import start_tracking
 
     env = {"AWS_SECRET_ACCESS_KEY": SECRET + "-aws", "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
            "AWS_SESSION_TOKEN": SECRET + "-session", "MLFLOW_TRACKING_TOKEN": SECRET + "-mlflow",
@@ -142,7 +142,7 @@ def test_no_secret_reaches_mlflow_params_tags_or_store(tmp_path, monkeypatch):
 
 
 def test_printed_summary_masks_credentials_in_the_tracking_uri(capsys):
-    from pipeline.train import print_summary
+    from pipeline.training.driver import print_summary
 
     cfg = load(["experiment=smoke", "tracking=mlflow_server", f"tracking.uri=http://bfn:{SECRET}@127.0.0.1:5000"])
     print_summary(cfg, {"step": 6, "mlflow_run_id": "0" * 32, "checkpoint": "/x"})
@@ -181,7 +181,7 @@ def test_config_errors_do_not_echo_credentials():
 def test_embedded_ray_dashboard_binds_loopback(monkeypatch):
     import ray
 
-    from pipeline import train
+    from pipeline.training import driver as train
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -194,7 +194,7 @@ def test_embedded_ray_dashboard_binds_loopback(monkeypatch):
 def test_local_stack_binds_every_server_to_loopback(tmp_path, monkeypatch):
     """`bfn stack up` command lines, captured instead of started: moto, MLflow and the Ray head's
     dashboard all get 127.0.0.1."""
-    from pipeline import localstack
+    from pipeline.cluster import devstack as localstack
 
     launched: list[list[str]] = []
 

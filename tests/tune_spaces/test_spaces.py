@@ -14,8 +14,8 @@ import pytest
 from ray import tune
 
 import tune_spaces
-from pipeline import tune as T
 from pipeline.config import Config, ConfigError, compose, flatten, load
+from pipeline.sweeps import tune as T
 from tune_spaces import MATCHING, SPACES, get_space
 from tune_spaces.common import apply_to_dict, check_space, hydra_value, support, to_overrides
 

@@ -37,9 +37,9 @@ def _time_interleaved(fns: dict, steps: int, warmup: int = 3) -> dict[str, float
 
 
 def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[str, float]:
-    from pipeline.build import build_model, build_optimizer
     from pipeline.config import load
-    from pipeline.steps import train_step
+    from pipeline.training.build import build_model, build_optimizer
+    from pipeline.training.steps import train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[
 
 def _fit_throughput(overrides: list[str], root: Path) -> dict[str, float]:
     from pipeline.config import load
-    from pipeline.train import fit
+    from pipeline.training.driver import fit
 
     cfg = load([
         "experiment=mnist_local", "tracking=none", f"run.storage_path={root / 'ray'}",
@@ -91,9 +91,9 @@ def _fit_throughput(overrides: list[str], root: Path) -> dict[str, float]:
 def _plain_throughput(uri: str, steps: int, batch_size: int = 32, threads: int = 2) -> float:
     """The same step in one process with the plain pyarrow reader (no Ray)."""
     from pipeline import data as data_lib
-    from pipeline.build import build_model, build_optimizer
     from pipeline.config import load
-    from pipeline.steps import train_step
+    from pipeline.training.build import build_model, build_optimizer
+    from pipeline.training.steps import train_step
 
     torch.set_num_threads(threads)
     cfg = load(["experiment=mnist_local"])
@@ -128,7 +128,7 @@ def _data_throughput(uri: str, seconds: float = 10.0) -> float:
 
 def bench_pipeline(steps: int = 60) -> dict[str, float]:
     from pipeline.config import load
-    from pipeline.train import init_ray
+    from pipeline.training.driver import init_ray
 
     cfg = load(["experiment=mnist_local", f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"])
     uri = cfg.data.uri

@@ -92,7 +92,7 @@ def measure(cfg, train_rows: int | None = None) -> dict[str, Any]:
     import torch
 
     from bfn.networks import count_parameters
-    from pipeline.build import build_model
+    from pipeline.training.build import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
@@ -113,7 +113,7 @@ def make_plan(name: str, overrides: Sequence[str], *, widths: Sequence[int] | No
     """The grid (width x depth x steps x fraction) over a base config, with N, D, C per point."""
     from pipeline import data as data_lib
     from pipeline.config import Config, load
-    from pipeline.tune import pin_paths
+    from pipeline.sweeps.tune import pin_paths
     from tune_spaces.architecture import FAMILIES, family_of
     from tune_spaces.common import apply_to_dict, to_overrides
 
@@ -248,7 +248,7 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
     if concurrent > 1 and len(todo) > 1:
         results = _run_with_tune(plan, todo, configs, concurrent)
     else:
-        from pipeline.train import fit
+        from pipeline.training.driver import fit
 
         for entry in todo:
             overrides, cfg = configs[entry["id"]]
@@ -277,7 +277,7 @@ def _run_with_tune(plan: dict, todo: list[dict], configs: dict, concurrent: int)
     """The grid points as Tune trials (a grid over entry ids, FIFO, no early stopping)."""
     from ray import tune
 
-    from pipeline import tune as sweeps
+    from pipeline.sweeps import tune as sweeps
 
     first_cfg = configs[todo[0]["id"]][1]
     opts = sweeps.SweepOptions(space="scaling", driver_cpus=0.5)
@@ -295,7 +295,7 @@ def _run_with_tune(plan: dict, todo: list[dict], configs: dict, concurrent: int)
                 "parent_run_id": None, "metric": plan["metric"], "entries": entries}  # fmt: skip
     from ray.tune.search import BasicVariantGenerator
 
-    from pipeline.train import storage
+    from pipeline.training.driver import storage
 
     storage_path, storage_fs = storage(first_cfg)
     name = f"scaling-{plan['name']}-{time.strftime('%Y%m%d-%H%M%S')}"

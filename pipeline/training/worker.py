@@ -21,10 +21,11 @@ import torch
 
 from bfn import EMA
 from bfn.networks import count_parameters
-from pipeline import checkpointing, figures, steps
-from pipeline.build import build_model, build_optimizer, lr_at
 from pipeline.config import Config
+from pipeline.evaluation import figures
 from pipeline.tracking import MLflowTracker, NullTracker
+from pipeline.training import checkpointing, steps
+from pipeline.training.build import build_model, build_optimizer, lr_at
 
 
 class BadStepsError(RuntimeError):

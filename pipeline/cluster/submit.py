@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("train", "tune", "scaling", "eval")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Never shipped to the cluster (gitignored paths are skipped by Ray as well).
@@ -656,8 +656,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``python -m pipeline.submit submit ...`` (same as ``bfn submit``)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.submit")
+    """Standalone entry: ``python -m pipeline.cluster.submit submit ...`` (same as ``bfn submit``)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cluster.submit")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,6 +1,6 @@
 """`bfn eval` and `bfn sample`: a checkpoint's NLL on a split, and samples, without Ray.
 
-Checkpoints are read weights-only (pipeline.checkpointing); the model is rebuilt from the
+Checkpoints are read weights-only (pipeline.training.checkpointing); the model is rebuilt from the
 config stored beside the weights, so a checkpoint evaluates the network it was trained with.
 """
 
@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from bfn import NLLEstimate
-from pipeline import checkpointing, figures
 from pipeline import data as data_lib
-from pipeline.build import build_model
 from pipeline.config import Config, ConfigError, absolutize
+from pipeline.evaluation import figures
+from pipeline.training import checkpointing
+from pipeline.training.build import build_model
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:

@@ -134,8 +134,8 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from bfn.networks import count_parameters
-    from pipeline.build import build_model
-    from pipeline.worker import train_fn_per_worker
+    from pipeline.training.build import build_model
+    from pipeline.training.worker import train_fn_per_worker
 
     manifest = preflight(cfg)
     import torch

@@ -17,7 +17,7 @@ exactly as `bfn train` does. Order of work:
    the requested concurrency; ``max_concurrent`` is capped by ``ray.cluster_resources()``;
 3. each trial composes ``base overrides + sampled values (++key=value) + run.name=<sweep>-<trial
    id>``, opens its MLflow run as a CHILD of the sweep's parent run (tag ``mlflow.parentRunId``)
-   and runs ``pipeline.train.fit`` with a ``TuneReportCallback`` that forwards the reports that
+   and runs ``pipeline.training.driver.fit`` with a ``TuneReportCallback`` that forwards the reports that
    carry the metric; ASHA (time_attr ``step``, the reported optimiser step) stops bad trials;
 4. at the end: child runs that Tune's kills left open are closed (stopped trials as KILLED, tag
    ``bfn.stopped_early``; trials that reached max_t as FINISHED); the
@@ -172,8 +172,8 @@ def check_sweep_space(cfg, space: dict) -> None:
     build on the meta device. Raises ConfigError naming the space problem."""
     import torch
 
-    from pipeline.build import build_model
     from pipeline.config import Config
+    from pipeline.training.build import build_model
     from tune_spaces.common import apply_to_dict, check_space, corner_samples
 
     extra, allowed = net_constraints(cfg, space)
@@ -220,7 +220,7 @@ def start_ray(cfg, opts: SweepOptions, wanted: int) -> dict:
     """Start (or join) Ray with room for ``wanted`` concurrent trials; return its resources."""
     import ray
 
-    from pipeline.train import init_ray
+    from pipeline.training.driver import init_ray
 
     if not ray.is_initialized() and not cfg.run.ray_address:
         per = trial_resources(cfg, opts)
@@ -266,7 +266,7 @@ def run_trial(config: dict, settings: dict) -> None:
     from ray import tune
 
     from pipeline.tracking import MLflowTracker
-    from pipeline.train import fit
+    from pipeline.training.driver import fit
 
     set_env_defaults()
     trial_id = tune.get_context().get_trial_id()
@@ -390,7 +390,7 @@ def sweep(args: list[str]) -> dict:
     set_env_defaults()
     opts, overrides = parse_args(args)
     started = time.perf_counter()
-    from pipeline.train import preflight, storage
+    from pipeline.training.driver import preflight, storage
     from tune_spaces import get_space
     from tune_spaces.common import describe, is_grid
 

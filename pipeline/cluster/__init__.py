@@ -1,0 +1,1 @@
+"""Operations: job submission to a Ray cluster and the local dev stack. Never imported by workers."""

@@ -1,0 +1,1 @@
+"""Evaluation: `bfn eval`/`bfn sample`, figures, benchmarks."""

@@ -1,0 +1,1 @@
+"""Sweeps: `bfn tune` (Ray Tune) and `bfn scaling` (scaling-law grids and fits)."""
