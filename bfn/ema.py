@@ -20,11 +20,17 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, apply: torch.Tensor | None = None) -> None:
+        """One EMA step. ``apply``: a 0-d bool tensor; when false the step changes nothing, decided
+        on the device (a skipped optimiser step must not move the average)."""
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         # lerp(ema, theta, 1 - decay) = ema + (1 - decay)(theta - ema), one fused kernel per dtype
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        if apply is None:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        else:
+            weight = apply.to(ema_params[0].dtype) * (1.0 - self.decay)
+            torch._foreach_lerp_(ema_params, params, [weight] * len(params))
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_buffer.copy_(buffer)
 

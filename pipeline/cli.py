@@ -29,8 +29,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from pipeline.evaluation.evaluate import evaluate
 
-    evaluate(args.checkpoint, args.overrides, split=args.split, num_steps=args.steps,
-             repeats=args.repeats, max_batches=args.max_batches, use_ema=not args.raw_weights)  # fmt: skip
+    evaluate(args.checkpoint, args.overrides, split=args.split, num_steps=args.steps, repeats=args.repeats,
+             max_batches=args.max_batches, use_ema=not args.raw_weights, target_se=args.target_se)  # fmt: skip
     return 0
 
 
@@ -83,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="NLL of a checkpoint (n-step loss + reconstruction)")
     p.add_argument("checkpoint", help="checkpoint folder (local)")
     p.add_argument("--split", default="test")
-    p.add_argument("--steps", type=int, default=None, help="n of the n-step loss (default: eval.nll_steps)")
-    p.add_argument("--repeats", type=int, default=None, help="repeats (default: eval.nll_repeats)")
+    p.add_argument("--steps", default=None,
+                   help="n of the n-step loss; 0 or inf: continuous time (default: eval.nll_steps)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="passes over the split (default: eval.nll_repeats); the cap with --target-se")
+    p.add_argument("--target-se", type=float, default=None,
+                   help="repeat passes until the NLL's standard error (in eval.unit) is at most this")
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     _overrides(p)
@@ -126,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """One line per event from bfn; the libraries' chatter (Ray, MLflow, alembic) only with -v."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="[bfn] %(levelname)s %(message)s" if verbose else "[bfn] %(message)s",
+                        force=True)  # fmt: skip
+    for name in ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import set_env_defaults
 
@@ -136,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="[%(name)s] %(levelname)s %(message)s")  # fmt: skip
+    configure_logging(args.verbose)
     try:
         return args.func(args) or 0
     except (ConfigError, DataError, CheckpointError) as error:

@@ -6,6 +6,7 @@ config stored beside the weights, so a checkpoint evaluates the network it was t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from pipeline.config import Config, ConfigError, absolutize
 from pipeline.evaluation import figures
 from pipeline.training import checkpointing
 from pipeline.training.build import build_model
+
+log = logging.getLogger(__name__)
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
@@ -53,42 +56,74 @@ def load_model(checkpoint: str | Path, overrides: list[str] = (), *, use_ema: bo
     return model.eval(), cfg
 
 
+def parse_steps(text: str | int | None) -> int | None:
+    """``--steps``: a positive n, or 0 / ``inf`` for continuous time (n = infinity)."""
+    if text is None or isinstance(text, int):
+        return text
+    if text.strip().lower() in ("inf", "infinity", "∞"):
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--steps: must be a whole number or inf (got {text!r})") from None
+
+
+def _one_pass(model, cfg: Config, split: str, repeat: int, max_batches: int, num_steps: int,
+              total_rows: int, started: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-example (bound loss, reconstruction) over one pass of ``split``."""
+    loss, recon = [], []
+    batches = data_lib.iter_batches(cfg.data.uri, split, cfg.data.name, num_bins=cfg.data.num_bins,
+                                    batch_size=cfg.data.val_batch_size, seed=repeat)  # fmt: skip
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        x = torch.from_numpy(batch["x"])
+        x = x.long() if cfg.flow.kind == "discrete" else x.float()
+        loss.append(model.bound_loss(x, num_steps))
+        recon.append(model.reconstruction_loss(x))
+        if i % 10 == 0:
+            done = sum(len(v) for v in loss)
+            log.info("eval pass %d: %d/%d examples (%.0f s)", repeat + 1, done, total_rows,
+                     time.perf_counter() - started)  # fmt: skip
+    return torch.cat(loss), torch.cat(recon)
+
+
 @torch.no_grad()
-def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=None,
-             max_batches=0, use_ema=True) -> NLLEstimate:  # fmt: skip
-    """NLL = n-step loss + reconstruction over ``repeats`` passes of ``split``."""
+def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=None, max_batches=0,
+             use_ema=True, target_se: float | None = None) -> NLLEstimate:  # fmt: skip
+    """NLL bound = n-step loss (n = 0: continuous-time loss) + reconstruction, over ``repeats``
+    passes of ``split``. With ``target_se`` (in ``eval.unit``), passes continue until the standard
+    error of the total is at most ``target_se`` (at least 2 passes, at most ``repeats``)."""
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
-    num_steps = num_steps if num_steps is not None else cfg.eval.nll_steps
+    num_steps = parse_steps(num_steps) if num_steps is not None else cfg.eval.nll_steps
     repeats = repeats if repeats is not None else cfg.eval.nll_repeats
-    if num_steps < 1 or repeats < 1:
-        raise ConfigError(f"--steps and --repeats must be >= 1 (got {num_steps}, {repeats})")
+    if num_steps < 0 or repeats < 1:
+        raise ConfigError(f"--steps must be >= 0 (0 = inf) and --repeats >= 1 (got {num_steps}, {repeats})")
+    if target_se is not None and not (math.isfinite(target_se) and target_se > 0):
+        raise ConfigError(f"--target-se: must be a positive number (got {target_se})")
     data_lib.verify(cfg.data.uri, splits=[split])
     total_rows = data_lib.num_rows(cfg.data.uri, split)
     torch.manual_seed(cfg.trainer.seed)
     losses, recons, started = [], [], time.perf_counter()
     for repeat in range(repeats):
-        loss, recon = [], []
-        batches = data_lib.iter_batches(cfg.data.uri, split, cfg.data.name, num_bins=cfg.data.num_bins,
-                                        batch_size=cfg.data.val_batch_size, seed=repeat)  # fmt: skip
-        for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
-            x = torch.from_numpy(batch["x"])
-            x = x.long() if cfg.flow.kind == "discrete" else x.float()
-            loss.append(model.n_step_loss(x, num_steps))
-            recon.append(model.reconstruction_loss(x))
-            done = sum(len(v) for v in loss)
-            if i % 10 == 0:
-                print(f"[bfn] eval repeat {repeat + 1}/{repeats}: {done}/{total_rows} examples "
-                      f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
-        losses.append(torch.cat(loss))
-        recons.append(torch.cat(recon))
-    estimate = NLLEstimate.from_terms(torch.stack(losses), torch.stack(recons), model.num_dims)
-    print(f"[bfn] {Path(checkpoint).name} on {split}, n = {num_steps}:")
+        loss, recon = _one_pass(model, cfg, split, repeat, max_batches, num_steps, total_rows, started)
+        losses.append(loss)
+        recons.append(recon)
+        estimate = NLLEstimate.from_terms(torch.stack(losses), torch.stack(recons), model.num_dims)
+        se = estimate.in_unit(cfg.eval.unit)["total_se"]
+        if target_se is not None and repeat >= 1 and se <= target_se:
+            log.info("target standard error %.4g %s reached after %d passes", target_se, cfg.eval.unit, repeat + 1)
+            break
+    else:
+        if target_se is not None:
+            log.warning("target standard error %.4g %s not reached in %d passes (%.4g)", target_se,
+                        cfg.eval.unit, repeats, se)  # fmt: skip
+    n = "inf (continuous time)" if num_steps == 0 else str(num_steps)
+    print(f"{Path(checkpoint).name} on {split}, n = {n}:")
     for unit in dict.fromkeys(("nats/dim", "bits/dim", cfg.eval.unit)):
         print(f"  {estimate.summary(unit)}")
-    if num_steps and repeats == 1:
-        print(f"  (one repeat: the standard error is over examples; ln 2 = {math.log(2):.6f})")
+    if estimate.num_repeats == 1:
+        print("  (one pass: the standard error is over examples)")
     return estimate
 
 

@@ -153,3 +153,18 @@ def persist(checkpoint, checkpoint_dir_name: str):
         if size != path.stat().st_size:
             raise OSError(f"checkpoint upload of {target}: {size} bytes stored, {path.stat().st_size} written")
     return ray.train.Checkpoint(destination, filesystem)
+
+
+def read_for_resume(checkpoint, map_location) -> dict[str, Any]:
+    """The state of a Ray Train checkpoint, read weights-only. A remote (S3) checkpoint is
+    downloaded into a folder of this process's own: ``Checkpoint.as_directory`` shares one folder
+    per checkpoint between the workers of a node, so a rank could read a half-downloaded file."""
+    import tempfile
+
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return read(checkpoint.path, map_location=map_location)
+    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
+        checkpoint.to_directory(folder)
+        return read(folder, map_location=map_location)

@@ -6,6 +6,7 @@ before Ray starts, so a mistake costs seconds, not a cluster allocation.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pipeline import data as data_lib
 from pipeline.config import Config, flatten, set_env_defaults
 from pipeline.tracking import MASK, SECRET_VALUE, MLflowTracker, git_sha
 
+log = logging.getLogger(__name__)
 
 def preflight(cfg: Config) -> dict:
     """Check the prepared shards (manifest, files, checksums, schema, value ranges) of train and val."""
@@ -116,14 +118,35 @@ def start_tracking(cfg: Config, num_parameters: int, manifest: dict) -> str | No
               f"{SECRET_VALUE.sub(MASK, str(error))}); training continues without tracking",
               file=sys.stderr)  # fmt: skip
         return None
-    public = {k: v for k, v in cfg.raw.items() if k != "_runtime"}
-    tracker.log_params(flatten(public))
+    tracker.log_params(flatten(cfg.raw))
+    describe_run(tracker, manifest)
     tracker.set_tags({
         "git_sha": git_sha(), "dataset": cfg.data.name, "num_parameters": num_parameters,
         "net": cfg.net.name, "flow.kind": cfg.flow.kind,
-        "dataset.train_rows": manifest["splits"]["train"],
+        "dataset.train_rows": manifest["splits"]["train"]["rows"],
+        "nll_n": "inf" if cfg.eval.nll_steps == 0 else cfg.eval.nll_steps,
     })  # fmt: skip
     return tracker.run_id
+
+
+def describe_run(tracker: MLflowTracker, manifest: dict) -> None:
+    """What the MLflow UI shows about the run: a model-training experiment (not the GenAI
+    "evaluation runs" view), the run's source and commit, and the data manifest as an artifact."""
+    import json
+    import tempfile
+
+    sha = git_sha()
+    try:
+        experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+        tracker.client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    except Exception as error:  # tracking must never stop training
+        log.warning("MLflow: could not mark the experiment as model training (%s)", type(error).__name__)
+    tracker.set_tags({"mlflow.source.type": "LOCAL", "mlflow.source.name": "bfn train",
+                      **({"mlflow.source.git.commit": sha} if sha != "unknown" else {})})  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bfn-manifest-") as folder:
+        path = Path(folder) / "manifest.json"
+        path.write_text(json.dumps(manifest, indent=2))
+        tracker.log_artifact(path, "data")
 
 
 def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
@@ -153,7 +176,11 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
     run_id = start_tracking(cfg, num_parameters, manifest)
     run_dir = local_run_dir(cfg)
     storage_path, storage_filesystem = storage(cfg)
-    loop_config = {**cfg.raw, "_runtime": {"mlflow_run_id": run_id, "local_run_dir": run_dir}}
+    import logging
+
+    runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir,
+               "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}  # fmt: skip
+    loop_config = {"config": cfg.raw, "runtime": runtime}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,

@@ -6,7 +6,6 @@ Shapes: x is a batch (B, *data_shape) in the model's data space (long ids or flo
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +15,11 @@ from bfn import BFN, EMA, NLLEstimate
 
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
-    skipped: bool  # non-finite loss or gradient: no parameter update
+    """Device tensors (0-d): reading them waits for the GPU, so the loop reads them only at log steps."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor  # bool: non-finite loss or gradient, no parameter/optimiser/EMA update
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -32,9 +33,12 @@ def train_step(model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_cl
                lr: float, amp: bool = False) -> StepResult:  # fmt: skip
     """Continuous-time loss -> backward -> clip -> AdamW -> EMA.
 
-    ``model`` may be the DDP wrapper of ``raw``. The step is skipped when the (all-reduced)
-    gradient norm is not finite, a decision every rank takes identically; a non-finite loss on one
-    rank poisons the shared gradients, so it is caught the same way.
+    ``model`` may be the DDP wrapper of ``raw``. The step is skipped when the loss or the
+    (all-reduced) gradient norm is not finite, a decision every rank takes identically; a
+    non-finite loss on one rank poisons the shared gradients, so it is caught the same way. With a
+    fused optimiser (CUDA) the skip is decided on the device, as mixed-precision scalers do
+    (``found_inf``); a foreach optimiser (CPU) cannot skip on the device, and there reading the
+    flag costs no device sync.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -43,38 +47,42 @@ def train_step(model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_cl
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm).item()
-    loss_value = loss.item()
-    if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, grad_norm, skipped=True)
-    optimizer.step()
-    ema.update(raw)
-    return StepResult(loss_value, grad_norm, skipped=False)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
+    loss = loss.detach()
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~finite).float()  # fused AdamW skips the update (and its step count)
+        optimizer.step()
+        del optimizer.found_inf
+        ema.update(raw, apply=finite)
+    elif finite.item():
+        optimizer.step()
+        ema.update(raw)
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm.detach(), ~finite)
 
 
 @torch.no_grad()
 def validate(model: BFN, batches, *, nll_steps: int, nll_repeats: int,
              max_batches: int = 0) -> dict[str, float | NLLEstimate]:  # fmt: skip
-    """Continuous-time loss and (when nll_steps > 0) the NLL estimate over validation batches.
+    """Continuous-time loss and the NLL bound over validation batches.
 
-    Returns {"loss": nats/dim, "nll": NLLEstimate or None, "examples": count}.
+    The NLL is the n-step loss + reconstruction, or with ``nll_steps`` = 0 (n = infinity) the
+    continuous-time loss + reconstruction, each over ``nll_repeats`` independent draws.
+    Returns {"loss": nats/dim, "nll": NLLEstimate, "examples": count}.
     """
     model.eval()
-    cts, n_step, recon, examples = [], [], [], 0
+    cts, bound, recon, examples = [], [], [], 0
     for i, x in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         cts.append(model.continuous_time_loss(x).mean(-1))
-        if nll_steps:
-            n_step.append(torch.stack([model.n_step_loss(x, nll_steps) for _ in range(nll_repeats)]))
-            recon.append(torch.stack([model.reconstruction_loss(x) for _ in range(nll_repeats)]))
+        bound.append(torch.stack([model.bound_loss(x, nll_steps) for _ in range(nll_repeats)]))
+        recon.append(torch.stack([model.reconstruction_loss(x) for _ in range(nll_repeats)]))
         examples += x.shape[0]
     if not examples:
         raise ValueError("validation split yielded no batches")
-    nll = None
-    if nll_steps:
-        nll = NLLEstimate.from_terms(torch.cat(n_step, 1), torch.cat(recon, 1), model.num_dims)
+    nll = NLLEstimate.from_terms(torch.cat(bound, 1), torch.cat(recon, 1), model.num_dims)
     return {"loss": torch.cat(cts).mean().item(), "nll": nll, "examples": examples}
 
 
@@ -89,3 +97,20 @@ def nll_metrics(nll: NLLEstimate, unit: str, prefix: str = "val/") -> dict[str, 
         out[f"{prefix}nstep_loss_{key}"] = values["loss"]
         out[f"{prefix}reconstruction_{key}"] = values["reconstruction"]
     return out
+
+
+def validation_table(step: int, result: dict, nll_steps: int, unit: str) -> str:
+    """A few lines a person reads at a glance: the loss and the NLL bound in each unit."""
+    nll: NLLEstimate = result["nll"]
+    n = "inf" if nll_steps == 0 else str(nll_steps)
+    units = list(dict.fromkeys(("nats/dim", "bits/dim", unit)))
+    rows = [f"validation at step {step} (EMA weights, {result['examples']} examples, n = {n}, "
+            f"{nll.num_repeats} repeat{'s' if nll.num_repeats > 1 else ''})",
+            "  " + f"{'':<18}" + "".join(f"{u:>22}" for u in units)]  # fmt: skip
+    for label, key in (("NLL bound", "total"), (f"L^{n} loss", "loss"), ("reconstruction", "reconstruction")):
+        cells = []
+        for u in units:
+            v = nll.in_unit(u)
+            cells.append(f"{v[key]:>12.4f} ± {v[key + '_se']:<7.4f}")
+        rows.append("  " + f"{label:<18}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(rows)

@@ -1,9 +1,12 @@
 """The per-worker training function that Ray Train runs on every worker.
 
-train_fn_per_worker(config): typed config -> build model/EMA/optimiser -> resume from
-ray.train.get_checkpoint() -> loop over the worker's shard of the train dataset -> every k steps
-report metrics (all ranks: report is a barrier), validate on the EMA weights, render samples and
-checkpoint (rank 0 writes; rank 0 logs to MLflow).
+train_fn_per_worker({"config": ..., "runtime": ...}): build model/EMA/optimiser, resume from
+ray.train.get_checkpoint(), then step over the worker's shard. When to log, validate, checkpoint and
+report is decided by ``Cadence`` (identical on every rank: ``report`` is a barrier); rank 0 logs to
+MLflow, validates on the EMA weights and writes checkpoints.
+
+The step itself never waits on the device: losses, gradient norms and the skip decision stay on the
+device and are read once per log interval (``Window``).
 
 Resume semantics: model, EMA, optimiser, step, epoch and rank 0's RNG come back exactly; the data
 stream restarts at a fresh pass over the shard (Ray Data cannot seek into a stream), so at most one
@@ -12,9 +15,11 @@ partial epoch is seen in a different order. Other ranks reseed from (seed, rank,
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,10 +31,22 @@ from pipeline.evaluation import figures
 from pipeline.tracking import MLflowTracker, NullTracker
 from pipeline.training import checkpointing, steps
 from pipeline.training.build import build_model, build_optimizer, lr_at
+from pipeline.training.cadence import Cadence
+
+log = logging.getLogger(__name__)
 
 
 class BadStepsError(RuntimeError):
-    """Too many consecutive non-finite steps; a diagnostic checkpoint was reported."""
+    """Too many consecutive non-finite steps; a diagnostic checkpoint was written aside."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Values of this launch that the driver passes beside the config (never inside it)."""
+
+    mlflow_run_id: str | None = None
+    local_run_dir: str | None = None
+    verbose: bool = False
 
 
 def to_model_space(x: torch.Tensor, data_name: str) -> torch.Tensor:
@@ -47,157 +64,244 @@ def _batches(dataset, batch_size: int, device, data_name: str, epoch: int):
         epoch += 1
 
 
-def _read_checkpoint(checkpoint, device) -> dict:
-    """The checkpoint's state, read weights-only. A remote (S3) checkpoint is downloaded into a
-    folder of this process's own: ``Checkpoint.as_directory`` shares one temporary folder per
-    checkpoint between the workers of a node, and a rank reading while another was still
-    downloading into it saw a truncated optimizer.pt (seen once in CI, resuming over S3)."""
-    import pyarrow.fs
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return checkpointing.read(checkpoint.path, map_location=device)
-    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
-        checkpoint.to_directory(folder)
-        return checkpointing.read(folder, map_location=device)
-
-
 def _seed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(seed * 1_000_003 + rank * 7919 + step)
 
 
-def _all_mean(value: float, world_size: int) -> float:
-    if world_size == 1 or not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.item() / world_size
+def _all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Mean over ranks of a float64 CPU tensor (a no-op on one worker)."""
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+        values = values / world_size
+    return values
 
 
-def train_fn_per_worker(config: dict) -> dict | None:
-    import ray.data
+@dataclass
+class Window:
+    """Training statistics kept on the device between two log steps (float64: the sums match a
+    host-side accumulation of the per-step floats exactly)."""
+
+    device: torch.device
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_sum, self.good, self.skipped = zero.clone(), zero.clone(), zero.clone()
+        self.bad_run, self.worst_run = zero.clone(), zero.clone()  # the run is carried across windows
+        self.grad_norm = zero.clone()
+
+    def add(self, result: steps.StepResult) -> None:
+        bad = result.skipped.to(torch.float64)
+        self.loss_sum += torch.where(result.skipped, 0.0, result.loss.to(torch.float64))
+        self.good += 1 - bad
+        self.skipped += bad
+        self.bad_run = (self.bad_run + 1) * bad
+        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+        self.grad_norm = result.grad_norm.to(torch.float64)
+
+    def read(self, world: int) -> dict[str, float]:
+        """Host values of the window (the loop's one device sync), mean loss over ranks; resets."""
+        values = torch.stack([self.loss_sum, self.good, self.skipped, self.worst_run, self.grad_norm]).cpu()
+        loss_sum, good, skipped, worst_run, grad_norm = values.tolist()
+        loss = _all_mean(torch.tensor([loss_sum / max(good, 1.0)], dtype=torch.float64), world).item()
+        stats = {"loss": loss, "good": good, "skipped": skipped, "worst_run": worst_run,
+                 "grad_norm": grad_norm, "seconds": time.perf_counter() - self.started}  # fmt: skip
+        self.loss_sum.zero_(), self.good.zero_(), self.skipped.zero_()
+        self.worst_run.copy_(self.bad_run)
+        self.started = time.perf_counter()
+        return stats
+
+
+@dataclass
+class Progress:
+    """What the loop has logged so far: curves for the figure, the summary returned to the driver."""
+
+    max_steps: int
+    history: dict = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
+    throughput: list = field(default_factory=list)  # samples/s per log window (the benchmark reads it)
+    last: dict = field(default_factory=dict)
+    skipped_total: int = 0
+    loop_started: float = field(default_factory=time.perf_counter)
+    first_step: int = 0
+
+    def eta(self, step: int) -> str:
+        done = step - self.first_step
+        if done <= 0:
+            return "?"
+        seconds = (time.perf_counter() - self.loop_started) / done * (self.max_steps - step)
+        return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 3600:.0f} h"
+
+
+def _build(cfg: Config, device, rank: int, world: int):
+    """Model, DDP wrapper, EMA, optimiser and (step, epoch), resumed from Ray's checkpoint."""
     import ray.train
     import ray.train.torch
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = Config.from_dict(config)
-    runtime = config.get("_runtime", {})
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-
+    torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every launch (and rank)
     raw = build_model(cfg).to(device)
+    raw.check_values = False  # batches are checked where they enter (_checked), not in the step
     ema = EMA(raw, cfg.optim.ema_decay)
     optimizer = build_optimizer(cfg, raw)
     step, epoch = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        state = _read_checkpoint(checkpoint, device)
+        state = checkpointing.read_for_resume(checkpoint, device)
         raw.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch = state["train_state"]["step"], state["train_state"]["epoch"] + 1
         if rank == 0:
             checkpointing.set_rng_state(state["rng"])
-            print(f"[bfn] resumed from step {step} ({checkpoint.path})", flush=True)
+            log.info("resumed from step %d (%s)", step, state.get("path", checkpoint.path))
     if not (checkpoint and rank == 0):
         _seed(cfg.trainer.seed, rank, step)
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
     if cfg.trainer.compile:
         model = torch.compile(model)
+    return raw, model, ema, optimizer, step, epoch
+
+
+def _configure_logging(rank: int, verbose: bool) -> None:
+    """Rank 0 prints one progress line per log interval; Ray's own reports only with -v."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="[bfn] %(message)s", force=True)
+    for name in ("ray", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def train_fn_per_worker(loop_config: dict) -> dict | None:
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    cfg, runtime = Config.from_dict(loop_config["config"]), Runtime(**loop_config["runtime"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _configure_logging(rank, runtime.verbose)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    raw, model, ema, optimizer, step, epoch = _build(cfg, device, rank, world)
 
     tracker = NullTracker()
-    if rank == 0 and cfg.tracking.enabled and runtime.get("mlflow_run_id"):
-        tracker = MLflowTracker(cfg.tracking.uri, runtime["mlflow_run_id"])
-    run_dir = Path(runtime.get("local_run_dir") or tempfile.mkdtemp(prefix="bfn-run-"))
+    if rank == 0 and cfg.tracking.enabled and runtime.mlflow_run_id:
+        tracker = MLflowTracker(cfg.tracking.uri, runtime.mlflow_run_id)
+    run_dir = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
     per_worker = cfg.data.batch_size // world
     train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.data.name, epoch)
-    history: dict[str, list] = {"train/loss": [], "val/loss": []}
-    throughput: list[float] = []  # samples/s of each logging window (the benchmark reads it)
-    last: dict[str, float] = {}
-    bad_in_a_row = skipped_total = 0
-    window_loss, window_steps = 0.0, 0
+    cadence, progress = Cadence.from_config(cfg.trainer), Progress(cfg.trainer.max_steps, first_step=step)
     model.train()
     if rank == 0 and step == 0:  # the untrained model's numbers: the baseline every curve starts at
         baseline = _validate_and_sample(cfg, ema.model, 0, run_dir, tracker, device, samples=False)
         tracker.log_metrics(baseline, 0)
-        history["val/loss"].append((0, baseline["val/loss"]))
-    window_start = time.perf_counter()  # throughput windows include data waits, not val/ckpt
-    loop_start = window_start
+        progress.history["val/loss"].append((0, baseline["val/loss"]))
+    window = Window(device)  # throughput windows include data waits, not validation/checkpoints
+    progress.loop_started = window.started
 
     while step < cfg.trainer.max_steps:
         epoch, x = next(train_iter)
         result = steps.train_step(model, raw, x, optimizer, ema, grad_clip=cfg.optim.grad_clip,
                                   lr=lr_at(cfg, step), amp=cfg.trainer.amp)  # fmt: skip
+        window.add(result)
         step += 1
-        if result.skipped:
-            bad_in_a_row += 1
-            skipped_total += 1
-            if bad_in_a_row >= cfg.trainer.max_bad_steps:
-                _report_and_checkpoint(cfg, rank, raw, ema, optimizer, step, epoch, config,
-                                       {"train/skipped_steps": skipped_total, "diagnostic": 1})  # fmt: skip
-                tracker.finish("FAILED")
-                raise BadStepsError(
-                    f"{bad_in_a_row} consecutive non-finite steps at step {step} (last loss "
-                    f"{result.loss}, grad norm {result.grad_norm}); a diagnostic checkpoint was "
-                    f"saved. Lower optim.lr, check the data, or raise trainer.max_bad_steps."
-                )
-        else:
-            bad_in_a_row = 0
-            window_loss += result.loss
-            window_steps += 1
-        last_step = step == cfg.trainer.max_steps
+        actions = cadence.actions(step)
         metrics: dict[str, float] = {}
-        if step % cfg.trainer.log_every == 0 or last_step:
-            elapsed = time.perf_counter() - window_start
-            loss = _all_mean(window_loss / max(window_steps, 1), world)
-            metrics.update({
-                "train/loss": loss, "lr": lr_at(cfg, step - 1), "epoch": epoch,
-                "train/samples_per_s": window_steps * cfg.data.batch_size / max(elapsed, 1e-9),
-                "train/grad_norm": result.grad_norm, "train/skipped_steps": skipped_total,
-            })  # fmt: skip
-            history["train/loss"].append((step, loss))
-            throughput.append(metrics["train/samples_per_s"])
-            window_loss, window_steps = 0.0, 0
-            # a time budget ends the run at a log step; every rank must agree, so all-reduce
-            budget = cfg.trainer.max_minutes * 60
-            out_of_time = budget > 0 and time.perf_counter() - loop_start > budget
-            if _all_mean(float(out_of_time), world) > 0 and not last_step:
-                last_step = True
-                if rank == 0:
-                    print(f"[bfn] time budget of {cfg.trainer.max_minutes} min reached at step "
-                          f"{step}", flush=True)  # fmt: skip
-            if rank == 0:
-                print(f"[bfn] step {step}/{cfg.trainer.max_steps} epoch {epoch} loss {loss:.4f} "
-                      f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)  # fmt: skip
-        if rank == 0 and (step % cfg.trainer.val_every == 0 or last_step):
+        if actions.log:
+            metrics, stop = _log_window(cfg, window, progress, step, epoch, rank, world)
+            if stop == "bad_steps":
+                _abort_bad_steps(cfg, runtime, rank, raw, ema, optimizer, step, epoch, metrics, tracker)
+            if stop == "time" and not actions.last:
+                actions = cadence.actions(step, stop=True)
+        if rank == 0 and actions.validate:
             metrics.update(_validate_and_sample(cfg, ema.model, step, run_dir, tracker, device))
-            history["val/loss"].append((step, metrics["val/loss"]))
-        if metrics:
-            tracker.log_metrics(metrics, step)
-            last.update(metrics)
-            # every report carries the latest validation metrics too, so a Tune scheduler that
-            # watches a val/ metric finds it in each result
-            metrics = {**{k: v for k, v in last.items() if k.startswith("val/")}, **metrics}
-        if step % cfg.trainer.checkpoint_every == 0 or last_step:
-            _report_and_checkpoint(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics)
-        elif step % cfg.trainer.log_every == 0 or step % cfg.trainer.val_every == 0:
-            # report is a barrier: every rank reports on the same steps. (Deciding by `metrics`
-            # deadlocked: on a val step that is no log step only rank 0 has metrics.)
-            ray.train.report({**metrics, "step": step})
-        if metrics:
-            window_start = time.perf_counter()
-        if last_step:
+            progress.history["val/loss"].append((step, metrics["val/loss"]))
+        if actions.report:
+            _report(cfg, rank, raw, ema, optimizer, step, epoch, loop_config["config"], metrics, tracker,
+                    progress, checkpoint=actions.checkpoint)  # fmt: skip
+            window.started = time.perf_counter()
+        if actions.last:
             break
+    return _finish(cfg, rank, raw, step, run_dir, tracker, progress)
 
+
+def _log_window(cfg: Config, window: Window, progress: Progress, step: int, epoch: int, rank: int,
+                world: int) -> tuple[dict[str, float], str | None]:  # fmt: skip
+    """The window's train metrics and one progress line; whether to stop ("bad_steps" or "time").
+
+    Every rank takes the same decision: gradients are all-reduced, so non-finite steps are the same
+    everywhere, and the time budget is all-reduced."""
+    stats = window.read(world)
+    progress.skipped_total += int(stats["skipped"])
+    metrics = {
+        "train/loss": stats["loss"], "lr": lr_at(cfg, step - 1), "epoch": epoch,
+        "train/samples_per_s": stats["good"] * cfg.data.batch_size / max(stats["seconds"], 1e-9),
+        "train/grad_norm": stats["grad_norm"], "train/skipped_steps": progress.skipped_total,
+    }  # fmt: skip
+    progress.history["train/loss"].append((step, stats["loss"]))
+    progress.throughput.append(metrics["train/samples_per_s"])
+    if rank == 0:
+        log.info("step %d/%d | loss %.4f | %.1f samples/s | epoch %d | ETA %s", step, cfg.trainer.max_steps,
+                 stats["loss"], metrics["train/samples_per_s"], epoch, progress.eta(step))  # fmt: skip
+    if stats["worst_run"] >= cfg.trainer.max_bad_steps:
+        metrics["train/bad_run"] = stats["worst_run"]
+        return metrics, "bad_steps"
+    budget = cfg.trainer.max_minutes * 60
+    out_of_time = budget > 0 and time.perf_counter() - progress.loop_started > budget
+    if _all_mean(torch.tensor([float(out_of_time)], dtype=torch.float64), world).item() > 0:
+        if rank == 0:
+            log.info("time budget of %s min reached at step %d", cfg.trainer.max_minutes, step)
+        return metrics, "time"
+    return metrics, None
+
+
+def _abort_bad_steps(cfg, runtime: Runtime, rank, raw, ema, optimizer, step, epoch, metrics, tracker) -> None:
+    """Stop the run. Rank 0 keeps the blown-up state as a diagnostic outside Ray's checkpoint
+    history, so a rerun never resumes from it."""
+    message = (f"{int(metrics['train/bad_run'])} consecutive non-finite steps at step {step} (grad norm "
+               f"{metrics['train/grad_norm']}).")
+    if rank == 0:
+        root = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
+        folder = root / "diagnostic" / f"step_{step:08d}"
+        checkpointing.save(folder, model=raw, ema=ema, optimizer=optimizer,
+                           train_state={"step": step, "epoch": epoch, "diagnostic": True}, config=cfg.raw)  # fmt: skip
+        tracker.log_metrics(metrics, step)
+        tracker.set_tags({"bfn.diagnostic_checkpoint": str(folder)})
+        tracker.finish("FAILED")
+        message += f" The weights are kept for inspection at {folder} (never resumed from)."
+    raise BadStepsError(f"{message} Lower optim.lr, check the data, or raise trainer.max_bad_steps.")
+
+
+def _report(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics, tracker, progress, *,
+            checkpoint: bool) -> None:  # fmt: skip
+    """Every rank reports on the same steps (a barrier); rank 0 logs and attaches the checkpoint."""
+    import ray.train
+
+    if metrics:
+        tracker.log_metrics(metrics, step)
+        progress.last.update(metrics)
+        # every report carries the latest validation metrics, so a Tune scheduler watching a val/
+        # metric finds it in each result
+        metrics = {**{k: v for k, v in progress.last.items() if k.startswith("val/")}, **metrics}
+    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
+        saved = None
+        if checkpoint and rank == 0:
+            train_state = {"step": step, "epoch": epoch, "run_name": cfg.run.name}
+            checkpointing.save(folder, model=raw, ema=ema, optimizer=optimizer, train_state=train_state,
+                               config=config)  # fmt: skip
+            saved = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({**metrics, "step": step}, checkpoint=saved,
+                         checkpoint_upload_fn=checkpointing.persist)  # fmt: skip
+
+
+def _finish(cfg: Config, rank: int, raw, step: int, run_dir: Path, tracker, progress: Progress) -> dict | None:
     if rank != 0:
         return None
-    curves = figures.save_curves(history, run_dir / "curves.png", f"{cfg.run.name}")
+    curves = figures.save_curves(progress.history, run_dir / "curves.png", f"{cfg.run.name}")
     tracker.log_artifact(curves, "figures")
     tracker.set_tags({"bfn.final_step": step})
     tracker.finish()
-    return {**last, "step": step, "run_dir": str(run_dir), "skipped_steps": skipped_total,
-            "tracking_lost_points": tracker.lost_points, "samples_per_s_windows": throughput,
+    return {**progress.last, "step": step, "run_dir": str(run_dir), "skipped_steps": progress.skipped_total,
+            "tracking_lost_points": tracker.lost_points, "samples_per_s_windows": progress.throughput,
             "num_parameters": count_parameters(raw.net)}  # fmt: skip
 
 
@@ -213,30 +317,13 @@ def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, track
     result = steps.validate(ema_model, batches, nll_steps=cfg.eval.nll_steps,
                             nll_repeats=cfg.eval.nll_repeats, max_batches=cfg.eval.val_batches)  # fmt: skip
     metrics = {"val/loss": result["loss"], "val/loss_bits_per_dim": result["loss"] / math.log(2)}
-    if result["nll"] is not None:
-        metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
-        print(f"[bfn] step {step} val: {result['nll'].summary(cfg.eval.unit)}", flush=True)
+    metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
+    log.info("%s", steps.validation_table(step, result, cfg.eval.nll_steps, cfg.eval.unit))
     if cfg.eval.num_samples and samples:
         generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed)
-        samples = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
-        path = figures.save_samples(samples, cfg.data.name, run_dir / "samples" / f"step_{step:08d}")
+        drawn = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
+        path = figures.save_samples(drawn, cfg.data.name, run_dir / "samples" / f"step_{step:08d}")
         tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
     metrics["val/seconds"] = time.perf_counter() - started
     return metrics
-
-
-def _report_and_checkpoint(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics) -> None:
-    """All ranks report; rank 0 attaches a checkpoint folder."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
-        checkpoint = None
-        if rank == 0:
-            train_state = {"step": step, "epoch": epoch, "run_name": cfg.run.name}
-            public = {k: v for k, v in config.items() if k != "_runtime"}
-            checkpointing.save(folder, model=raw, ema=ema, optimizer=optimizer,
-                               train_state=train_state, config=public)  # fmt: skip
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint,
-                         checkpoint_upload_fn=checkpointing.persist)  # fmt: skip

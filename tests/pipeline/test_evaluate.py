@@ -56,6 +56,8 @@ def test_cli_eval_sample_and_errors(checkpoint, tmp_path):
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
     ok = bfn("eval", str(checkpoint), "--steps", "5", "--max-batches", "1")
+    bad = bfn("eval", str(checkpoint), "--steps", "many")
+    assert bad.returncode == 2 and "--steps" in bad.stderr
     assert ok.returncode == 0, ok.stderr
     assert "NLL" in ok.stdout
     missing = bfn("eval", str(tmp_path / "nope"))
@@ -73,3 +75,22 @@ def test_checkpoint_round_trip_is_exact(checkpoint):
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key])
     assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 3
+
+
+def test_eval_in_continuous_time_is_l_inf_plus_reconstruction(checkpoint, capsys):
+    """--steps 0 / inf: n = infinity, the bound the reference reports for text8."""
+    from pipeline.evaluation.evaluate import parse_steps
+
+    assert parse_steps("inf") == 0 and parse_steps("0") == 0 and parse_steps("784") == 784
+    estimate = evaluate(checkpoint, num_steps="inf", repeats=2)
+    assert estimate.num_repeats == 2 and estimate.total == pytest.approx(estimate.loss + estimate.reconstruction)
+    assert "n = inf" in capsys.readouterr().out
+
+
+def test_eval_repeats_until_the_target_standard_error(checkpoint, caplog):
+    loose = evaluate(checkpoint, num_steps=5, repeats=6, target_se=1e9)
+    assert loose.num_repeats == 2  # at least two passes give a standard error over passes
+    tight = evaluate(checkpoint, num_steps=5, repeats=3, target_se=1e-12)
+    assert tight.num_repeats == 3 and "not reached" in caplog.text
+    with pytest.raises(Exception, match="--target-se"):
+        evaluate(checkpoint, num_steps=5, target_se=-1.0)

@@ -93,4 +93,21 @@ def test_a_huge_learning_rate_makes_every_later_step_non_finite(lr):
     cfg, model, optimizer, ema = setup(f"optim.lr={lr}")
     results = [train_step(model, model, batch(), optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=lr)
                for _ in range(4)]  # fmt: skip
-    assert [r.skipped for r in results] == [False, True, True, True]
+    assert [bool(r.skipped) for r in results] == [False, True, True, True]
+
+
+def test_a_fused_optimiser_skips_on_the_device_and_changes_nothing():
+    """The CUDA path (fused AdamW): the skip is the optimiser's found_inf, not a host branch. Fused
+    AdamW runs on the CPU too, so the device-side decision is tested here."""
+    cfg, model, _, ema = setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    train_step(model, model, batch(), optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=1e-3)  # moments exist
+    hook = next(model.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = snapshot(model, optimizer, ema)
+    result = train_step(model, model, batch(), optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=1e-3)
+    hook.remove()
+    assert bool(result.skipped) and result.skipped.device == result.loss.device
+    assert_unchanged(before, model, optimizer, ema)
+    clean = train_step(model, model, batch(), optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=1e-3)
+    assert not bool(clean.skipped)
+    assert optimizer.state[next(model.parameters())]["step"].item() == 2  # the skipped step did not count

@@ -1,0 +1,34 @@
+"""The loop's cadence: which steps log, validate, checkpoint and report (every rank alike)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.training.cadence import Cadence
+
+
+def test_smoke_cadence_step_by_step():
+    cadence = Cadence(max_steps=6, log_every=2, val_every=3, checkpoint_every=3)
+    table = {s: cadence.actions(s) for s in range(1, 7)}
+    assert [s for s, a in table.items() if a.log] == [2, 4, 6]
+    assert [s for s, a in table.items() if a.validate] == [3, 6]
+    assert [s for s, a in table.items() if a.checkpoint] == [3, 6]
+    assert [s for s, a in table.items() if a.report] == [2, 3, 4, 6]  # a validation-only step reports too
+    assert [s for s, a in table.items() if a.last] == [6]
+
+
+def test_stop_makes_the_step_the_last_one_with_everything():
+    actions = Cadence(max_steps=100, log_every=10, val_every=50, checkpoint_every=50).actions(20, stop=True)
+    assert actions.last and actions.log and actions.validate and actions.checkpoint and actions.report
+
+
+@given(st.integers(1, 50), st.integers(1, 20), st.integers(1, 20), st.integers(1, 20), st.integers(1, 60))
+def test_every_action_is_reported_and_the_last_step_does_everything(max_steps, log, val, ckpt, step):
+    actions = Cadence(max_steps, log, val, ckpt).actions(step)
+    # report is the barrier: anything rank 0 does alone (validate) or all do (log, checkpoint) reports
+    assert actions.report == (actions.log or actions.validate or actions.checkpoint)
+    if step >= max_steps:
+        assert actions.last and actions.log and actions.validate and actions.checkpoint
+    else:
+        assert actions.log == (step % log == 0) and actions.validate == (step % val == 0)
