@@ -54,14 +54,17 @@ def build_model(config: Config) -> BFN:
 
 
 def build_optimizer(config: Config, model: BFN) -> torch.optim.Optimizer:
-    """AdamW; networks that define ``optim_groups`` (the transformer) decay Linear weights only."""
+    """AdamW; networks that define ``optim_groups`` (the transformer) decay Linear weights only.
+    Build it after the model is on its device."""
     o = config.optim
     net = model.net
     if hasattr(net, "optim_groups"):
         groups = net.optim_groups(o.weight_decay)
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # fused on CUDA: one kernel per step, and it can skip a non-finite step on the device (found_inf)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
 def lr_at(config: Config, step: int) -> float:

@@ -166,6 +166,10 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
     with torch.device("meta"):
         num_parameters = count_parameters(build_model(cfg).net)
     init_ray(cfg)
+    import ray.data
+
+    # blocks reach the workers in a fixed order, so a seeded launch sees the same batches
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     seed = cfg.trainer.seed
     datasets = {
         "train": data_lib.ray_dataset(cfg.data.uri, "train", cfg.data.name, num_bins=cfg.data.num_bins,

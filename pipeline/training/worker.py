@@ -54,11 +54,13 @@ def to_model_space(x: torch.Tensor, data_name: str) -> torch.Tensor:
     return x.long() if data_name in ("mnist", "text8") else x.float()
 
 
-def _batches(dataset, batch_size: int, device, data_name: str, epoch: int):
-    """Endless (epoch, x) over a Ray dataset (iterator), one pass per epoch."""
+def _batches(dataset, batch_size: int, device, data_name: str, epoch: int, seed: int):
+    """Endless (epoch, x) over a Ray dataset (iterator), one pass per epoch; the local shuffle is
+    seeded per (seed, epoch) so a launch is reproducible."""
     while True:
         for batch in dataset.iter_torch_batches(batch_size=batch_size, drop_last=True,
                                                 local_shuffle_buffer_size=4 * batch_size,
+                                                local_shuffle_seed=seed * 1_000_003 + epoch,
                                                 device=device):  # fmt: skip
             yield epoch, to_model_space(batch["x"], data_name)
         epoch += 1
@@ -188,7 +190,8 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
         tracker = MLflowTracker(cfg.tracking.uri, runtime.mlflow_run_id)
     run_dir = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
     per_worker = cfg.data.batch_size // world
-    train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.data.name, epoch)
+    train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.data.name, epoch,
+                          seed=cfg.trainer.seed * 7919 + rank)  # fmt: skip
     cadence, progress = Cadence.from_config(cfg.trainer), Progress(cfg.trainer.max_steps, first_step=step)
     model.train()
     if rank == 0 and step == 0:  # the untrained model's numbers: the baseline every curve starts at
