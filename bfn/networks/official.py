@@ -670,9 +670,10 @@ def config_overrides(config: Mapping) -> dict[str, Any]:
         if not 0 < min_variance < 1:
             raise OfficialConfigError(f"{f}.min_variance={min_variance}: must lie in (0, 1)")
         data_bins = _int("data.num_bins", data.get("num_bins", 256), 2)
+        noise_prediction = _bool("model.loss.parameters.noise_pred", loss["noise_pred"])
         out.update({"flow.kind": "continuous", "flow.num_classes": 0, "flow.beta_1": None,
                     "flow.sigma_1": math.sqrt(min_variance), "data.num_bins": data_bins,
-                    "flow.noise_prediction": _bool("model.loss.parameters.noise_pred", loss["noise_pred"])})  # fmt: skip
+                    "flow.noise_prediction": noise_prediction})  # fmt: skip
         if head_name == "DiscretizedNormalFactory":
             bins = _int("model.distribution_factory.parameters.num_bins", head["num_bins"], 2)
             out.update({"flow.head": "discretized_normal", "flow.num_bins": bins,

@@ -262,7 +262,7 @@ def test_errors_are_value_errors():
 def _edit(config: dict, section: str, **parameters) -> dict:
     config = copy.deepcopy(config)
     node = config["model"][section] if section in config["model"] else config[section]
-    (node["parameters"] if "parameters" in node else node).update(parameters)
+    node.get("parameters", node).update(parameters)
     return config
 
 
