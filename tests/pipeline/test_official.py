@@ -159,3 +159,15 @@ def test_hydra_overrides_start_with_the_matching_experiment():
     overrides = hydra_overrides(config_overrides(small_config("gpt")))
     assert overrides[0] == "experiment=text8"
     assert any(o.startswith("++net.kwargs={") for o in overrides)
+
+
+def test_every_converted_network_option_survives_hydra_composition():
+    """net.kwargs of the option fixtures (nested dicts, nulls, floats, strings) compose unchanged."""
+    from bfn.networks.official import network_spec
+    from pipeline.official import _hydra_value
+    from tests.bfn.official_fixtures import option_configs
+
+    for name, config in option_configs().items():
+        _, kwargs = network_spec(config)
+        composed = compose(["experiment=mnist_binary", f"++net.kwargs={_hydra_value(kwargs)}"])
+        assert composed["net"]["kwargs"] == kwargs, name
