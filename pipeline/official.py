@@ -122,7 +122,10 @@ def import_official(
     config = project_config(mapped, [f"run.name={name}", *overrides])
     cfg = Config.from_dict(config)
 
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except ValueError as error:  # a network option the project network refuses
+        raise ConfigError(f"{yaml_path}: net.kwargs: {error}") from None
     try:
         weights = official.convert_state_dict(official_config, state, model.net)
     except official.OfficialConfigError as error:

@@ -355,7 +355,7 @@ class ImageInputFeatures(nn.Module):
         if isinstance(time_frequency, bool) or not isinstance(time_frequency, int | float):
             raise ValueError(f"time_frequency must be a number, got {time_frequency!r}")
         self.time_frequency = float(time_frequency)
-        self.num_bands = check_int("num_bands", num_bands)
+        self.num_bands = check_int("num_bands", num_bands, minimum=0)
         if positions not in self.POSITIONS:
             raise ValueError(f"positions must be one of {self.POSITIONS}, got {positions!r}")
         self.positions_kind = positions
@@ -384,7 +384,7 @@ class ImageInputFeatures(nn.Module):
         parts = [x]
         if self.time:
             t_feat = (t * 2 - 1).to(x.dtype).view(b, 1)  # (B, 1)
-            if self.time_frequency > 0:
+            if self.time_frequency > 0 and self.num_bands:
                 t_feat = torch.cat([t_feat, self._time_code(t_feat).to(x.dtype)], dim=-1)
             parts.append(t_feat.view(b, 1, 1, -1).expand(b, height, width, t_feat.shape[-1]))
         if self.positions_kind != "none":

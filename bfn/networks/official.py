@@ -318,7 +318,7 @@ def _image_features(adapter: dict) -> dict[str, Any]:
     if add_pos:
         total += pos_height
     features = dict(
-        time=add_mask, time_frequency=float(mask_res) if mask_res > 0 else 0.0, num_bands=bands,
+        time=add_mask, time_frequency=float(mask_res) if add_mask and mask_res > 0 else 0.0, num_bands=bands,
         positions=("learned" if learn else "fourier") if add_pos else "none",
         position_dim=pos_dim, position_init_scale=init_scale,
         out_features=output_height if output_height != total else None,
