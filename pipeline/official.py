@@ -92,7 +92,7 @@ def import_official(
     """Convert an official checkpoint + its YAML config into a project checkpoint folder.
 
     ``overrides``: further Hydra overrides of the project config (e.g. ``run.name=...``,
-    ``data.uri=...``). Returns ``out_dir``.
+    ``data.uri=...``). ``out_dir`` must not exist or be empty. Returns ``out_dir``.
     """
     import torch
     import yaml
@@ -102,6 +102,9 @@ def import_official(
     from pipeline.build import build_model, build_optimizer
 
     checkpoint_path, yaml_path = Path(checkpoint_path), Path(official_yaml_path)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise checkpointing.CheckpointError(f"{out_dir} exists and is not an empty folder: not overwritten")
     state = checkpointing.load_tensors(checkpoint_path)  # weights-only: no pickled code runs
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise checkpointing.CheckpointError(

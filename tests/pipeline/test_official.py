@@ -171,3 +171,11 @@ def test_every_converted_network_option_survives_hydra_composition():
         _, kwargs = network_spec(config)
         composed = compose(["experiment=mnist_binary", f"++net.kwargs={_hydra_value(kwargs)}"])
         assert composed["net"]["kwargs"] == kwargs, name
+
+
+def test_an_existing_folder_is_not_overwritten(imported, tmp_path):
+    ckpt, cfg = write_official(tmp_path, "unet")
+    before = (imported["unet"] / "ema.pt").read_bytes()
+    with pytest.raises(checkpointing.CheckpointError, match="not an empty folder"):
+        import_official(ckpt, cfg, imported["unet"])
+    assert (imported["unet"] / "ema.pt").read_bytes() == before
