@@ -252,15 +252,21 @@ def cos_sin_embedding(timesteps: Tensor, dim: int, max_period: float = 10_000.0)
     return emb
 
 
-def sin_cos_embedding(timesteps: Tensor, dim: int, max_timescale: float = 10_000.0) -> Tensor:
+def sin_cos_embedding(
+    timesteps: Tensor, dim: int, max_timescale: float = 10_000.0, method: str = "exp"
+) -> Tensor:
     """VDM embedding: (B,) -> (B, dim) = [sin(t f_i), cos(t f_i)], ``dim`` even.
 
     Frequencies are log-spaced from 1 down to 1/max_timescale, both ends included:
-    f_i = max_timescale^(-i/(half-1)).
+    f_i = max_timescale^(-i/(half-1)), computed as exp(...) or (``method="logspace"``) with
+    torch.logspace like the reference, which differs by a few float32 ulps.
     """
     half = dim // 2
-    steps = torch.arange(half, dtype=torch.float32, device=timesteps.device) / max(half - 1, 1)
-    freqs = torch.exp(-math.log(max_timescale) * steps)  # (half,)
+    if method == "logspace":
+        freqs = torch.logspace(0.0, -math.log10(max_timescale), half, device=timesteps.device)
+    else:
+        steps = torch.arange(half, dtype=torch.float32, device=timesteps.device) / max(half - 1, 1)
+        freqs = torch.exp(-math.log(max_timescale) * steps)  # (half,)
     args = timesteps.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
@@ -303,3 +309,111 @@ class SpatialSelfAttention(nn.Module):
         out = self.proj_out(out.transpose(1, 2).reshape(b, h * w, c))  # (B, T, C)
         out = out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last memory
         return x + out
+
+
+# ----------------------------------------------------------------------------- image input features
+
+
+class ImageInputFeatures(nn.Module):
+    """Per-pixel input features of an image net, as the reference's image input adapter builds them.
+
+    (B, H, W, C) values and t (B,) -> (B, H, W, num_features), the concatenation of
+
+    * the C values;
+    * if ``time``: 2t - 1, followed (if ``time_frequency`` > 0) by 2 * ``num_bands`` sinusoids of
+      t * time_frequency (a transformer position code with base 10000: sin in even columns, cos in
+      odd ones);
+    * ``positions``: ``"none"``; ``"fourier"``, fixed features of the pixel coordinates u, v in
+      [-1, 1]: sin and cos of pi * u * f and pi * v * f for ``num_bands`` frequencies f per axis,
+      linearly spaced from 1 to half the axis length, then u and v (4 * num_bands + 2 features);
+      or ``"learned"``, ``position_dim`` learned values per pixel (``positions``, (1, H*W, dim));
+
+    then, if ``out_features`` is set, a per-pixel Linear (``projection``) to that many features.
+    With the defaults (values and 2t - 1) the module has no parameters or persistent buffers.
+    """
+
+    POSITIONS = ("none", "fourier", "learned")
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_shape: Sequence[int],
+        *,
+        time: bool = True,
+        time_frequency: float = 0.0,
+        num_bands: int = 64,
+        positions: str = "none",
+        position_dim: int = 32,
+        position_init_scale: float = 0.02,
+        out_features: int | None = None,
+    ):
+        super().__init__()
+        self.in_channels = check_int("in_channels", in_channels)
+        height, width = check_int_tuple("image_shape", image_shape)
+        self.image_shape = (height, width)
+        self.time = bool(time)
+        if isinstance(time_frequency, bool) or not isinstance(time_frequency, int | float):
+            raise ValueError(f"time_frequency must be a number, got {time_frequency!r}")
+        self.time_frequency = float(time_frequency)
+        self.num_bands = check_int("num_bands", num_bands, minimum=0)
+        if positions not in self.POSITIONS:
+            raise ValueError(f"positions must be one of {self.POSITIONS}, got {positions!r}")
+        self.positions_kind = positions
+        num_features = in_channels
+        if self.time:
+            num_features += 1 + (2 * self.num_bands if self.time_frequency > 0 else 0)
+        if positions == "fourier":
+            code = fourier_position_features(height, width, self.num_bands)
+            self.register_buffer("positions", code, persistent=False)  # (H*W, 4 * bands + 2)
+            num_features += code.shape[-1]
+        elif positions == "learned":
+            check_int("position_dim", position_dim)
+            init = position_init_scale * torch.randn(1, height * width, position_dim)
+            self.positions = nn.Parameter(init)
+            num_features += position_dim
+        self.projection = None
+        if out_features is not None:
+            check_int("out_features", out_features)
+            self.projection = nn.Linear(num_features, out_features)
+            num_features = out_features
+        self.num_features = num_features
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """x: (B, H, W, C); t: (B,) float -> (B, H, W, num_features)."""
+        b, height, width, _ = x.shape
+        parts = [x]
+        if self.time:
+            t_feat = (t * 2 - 1).to(x.dtype).view(b, 1)  # (B, 1)
+            if self.time_frequency > 0 and self.num_bands:
+                t_feat = torch.cat([t_feat, self._time_code(t_feat).to(x.dtype)], dim=-1)
+            parts.append(t_feat.view(b, 1, 1, -1).expand(b, height, width, t_feat.shape[-1]))
+        if self.positions_kind != "none":
+            code = self.positions.reshape(height, width, -1).to(x.dtype)
+            parts.append(code.expand(b, height, width, code.shape[-1]))
+        features = torch.cat(parts, dim=-1) if len(parts) > 1 else x
+        return features if self.projection is None else self.projection(features)
+
+    def _time_code(self, t_feat: Tensor) -> Tensor:
+        """(B, 1) 2t - 1 -> (B, 2 * num_bands): sin/cos of t * time_frequency / 10000^(i / dim)."""
+        dim = 2 * self.num_bands
+        pos = ((t_feat.float() + 1) / 2) * self.time_frequency  # (B, 1): t * time_frequency
+        even = torch.arange(0, dim, 2, dtype=torch.float32, device=t_feat.device) / dim
+        odd = torch.arange(1, dim, 2, dtype=torch.float32, device=t_feat.device) / dim
+        code = torch.empty(t_feat.shape[0], dim, device=t_feat.device)
+        code[:, 0::2] = torch.sin(pos / torch.pow(10000, even))
+        code[:, 1::2] = torch.cos(pos / torch.pow(10000, odd))
+        return code
+
+
+def fourier_position_features(height: int, width: int, num_bands: int) -> Tensor:
+    """Fixed pixel-coordinate features (H*W, 4 * num_bands + 2), rows in raster order (h, w):
+    [sin(pi u f_j), sin(pi v g_j), cos(pi u f_j), cos(pi v g_j), u, v] with u, v in [-1, 1] the
+    row and column coordinates and f_j, g_j linearly spaced from 1 to height/2, width/2."""
+    u = torch.linspace(-1.0, 1.0, steps=height)
+    v = torch.linspace(-1.0, 1.0, steps=width)
+    coords = torch.stack(torch.meshgrid(u, v, indexing="ij"), dim=-1).reshape(-1, 2)  # (HW, 2)
+    bands = torch.stack(
+        (torch.linspace(1.0, height / 2, steps=num_bands), torch.linspace(1.0, width / 2, steps=num_bands))
+    )  # (2, bands)
+    angles = math.pi * (coords[:, :, None] * bands[None]).reshape(coords.shape[0], -1)
+    return torch.cat([angles.sin(), angles.cos(), coords], dim=-1)

@@ -40,20 +40,33 @@ def sinusoidal_positions(seq_len: int, dim: int, base: float = 1000.0) -> Tensor
 
 
 class TextInputAdapter(nn.Module):
-    """theta (B,L,K), t (B,) or (B,L) -> token embeddings (B,L,d)."""
+    """theta (B,L,K), t (B,) or (B,L) -> token embeddings (B,L,d).
 
-    def __init__(self, num_classes: int, seq_len: int, width: int, bias: bool):
+    Positions are the fixed sinusoidal code, or with ``learn_positions`` a learned
+    (seq_len, d) table (``position_embedding``, initialised N(0, 0.02)).
+    """
+
+    def __init__(
+        self, num_classes: int, seq_len: int, width: int, bias: bool, learn_positions: bool = False
+    ):
         super().__init__()
         self.seq_len = seq_len
         self.token_proj = nn.Linear(num_classes, width, bias=bias)
         self.time_proj = nn.Linear(1, width, bias=bias)
-        self.register_buffer("positions", sinusoidal_positions(seq_len, width), persistent=False)
+        if learn_positions:
+            self.position_embedding = nn.Embedding(seq_len, width)
+            nn.init.normal_(self.position_embedding.weight, mean=0.0, std=0.02)
+        else:
+            self.position_embedding = None
+            self.register_buffer("positions", sinusoidal_positions(seq_len, width), persistent=False)
 
     def forward(self, theta: Tensor, t: Tensor) -> Tensor:
         b, length, _ = theta.shape
         t = t.to(theta.dtype).reshape(b, -1)  # (B, 1) or (B, L)
         tokens = self.token_proj(2 * theta - 1)  # (B, L, d)
         times = self.time_proj((2 * t - 1)[..., None])  # (B, 1 or L, d)
+        if self.position_embedding is not None:
+            return tokens + self.position_embedding.weight[:length].to(tokens.dtype) + times
         return tokens + self.positions[:length].to(tokens.dtype) + times
 
 
@@ -119,6 +132,11 @@ class TextTransformer(nn.Module):
         bias: biases in every Linear and LayerNorm.
         skip: concatenate the input embedding with the final features before lm_head.
         is_causal: causal attention (the reference BFN uses False; skip is then disabled).
+        adapter_bias: biases in the input token and time projections (None: ``bias``; the
+            reference has them whatever ``bias`` says).
+        learn_positions: a learned position table instead of the fixed sinusoidal code.
+        output_projection: if set, lm_head emits this many values per token and a further
+            Linear (``output_proj``, the reference's output adapter) maps them to the K logits.
     """
 
     def __init__(
@@ -133,6 +151,9 @@ class TextTransformer(nn.Module):
         bias: bool = True,
         skip: bool = True,
         is_causal: bool = False,
+        adapter_bias: bool | None = None,
+        learn_positions: bool = False,
+        output_projection: int | None = None,
     ):
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes, minimum=2)
@@ -145,13 +166,21 @@ class TextTransformer(nn.Module):
         self.is_causal = bool(is_causal)
         self.skip = bool(skip) and not self.is_causal
 
-        self.input_adapter = TextInputAdapter(num_classes, seq_len, n_embd, bias)
+        adapter_bias = bias if adapter_bias is None else adapter_bias
+        self.input_adapter = TextInputAdapter(
+            num_classes, seq_len, n_embd, bool(adapter_bias), learn_positions=bool(learn_positions)
+        )
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(n_embd, n_head, dropout, bias, self.is_causal) for _ in range(n_layer)
         )
         self.ln_f = nn.LayerNorm(n_embd, eps=1e-5, bias=bias)
-        self.lm_head = nn.Linear(2 * n_embd if self.skip else n_embd, num_classes, bias=bias)
+        head_out = num_classes
+        self.output_proj = None
+        if output_projection is not None:
+            head_out = check_int("output_projection", output_projection)
+            self.output_proj = nn.Linear(head_out, num_classes)
+        self.lm_head = nn.Linear(2 * n_embd if self.skip else n_embd, head_out, bias=bias)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -175,6 +204,8 @@ class TextTransformer(nn.Module):
         x = self.ln_f(x)
         if self.skip:
             x = torch.cat([x, x_in], dim=-1)  # (B, L, 2d)
+        if self.output_proj is not None:
+            return self.output_proj(self.lm_head(x))
         return self.lm_head(x)
 
     def embedding_parameters(self) -> list[nn.Parameter]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .layers import (
     Dropout,
     GroupNorm32,
+    ImageInputFeatures,
     SpatialSelfAttention,
     check_divides,
     check_dropout,
@@ -42,14 +43,23 @@ TIME_SCALE = 4000.0  # the reference feeds t * 4000 to the sinusoidal embedding
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, + time projection, GN-SiLU-dropout-zero conv, plus a (1x1 conv) skip."""
+    """GN-SiLU-conv, + time projection, GN-SiLU-dropout-zero conv, plus a (1x1 conv) skip.
 
-    def __init__(self, ch_in: int, ch_out: int, emb_dim: int, dropout: float, groups: int):
+    ``scale_shift=True`` (improved-diffusion's use_scale_shift_norm): the time projection gives a
+    scale and a shift applied after the second GroupNorm, GN(h) * (1 + scale) + shift, instead of
+    being added before it.
+    """
+
+    def __init__(
+        self, ch_in: int, ch_out: int, emb_dim: int, dropout: float, groups: int,
+        scale_shift: bool = False,
+    ):  # fmt: skip
         super().__init__()
+        self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(
             GroupNorm32(groups, ch_in), nn.SiLU(), nn.Conv2d(ch_in, ch_out, 3, padding=1)
         )
-        self.emb_proj = nn.Linear(emb_dim, ch_out)
+        self.emb_proj = nn.Linear(emb_dim, 2 * ch_out if scale_shift else ch_out)
         self.out_layers = nn.Sequential(
             GroupNorm32(groups, ch_out),
             nn.SiLU(),
@@ -61,6 +71,10 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, act_emb: Tensor) -> Tensor:
         """x: (B, ch_in, H, W); act_emb: SiLU(time embedding), (B, emb_dim)."""
         h = self.in_layers(x)  # a fresh conv output, so the in-place adds are safe
+        if self.scale_shift:
+            scale, shift = self.emb_proj(act_emb)[:, :, None, None].to(h.dtype).chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            return self.out_layers[1:](h).add_(self.skip(x))
         h += self.emb_proj(act_emb)[:, :, None, None].to(h.dtype)
         return self.out_layers(h).add_(self.skip(x))
 
@@ -110,10 +124,18 @@ class UNet(nn.Module):
         attention_resolutions: down-sampling factors (1, 2, 4, ...) that get attention blocks.
         dropout: dropout inside every ResBlock.
         num_heads: attention heads (must divide the width where attention is used).
+        num_heads_upsample: attention heads on the way up (None: num_heads).
         norm_groups: GroupNorm groups (must divide model_channels).
         skip: concatenate the projected input with the final features before the output Linear.
         channels_last: keep activations NHWC in memory (channels_last), which makes the CPU
             convolutions faster; False keeps them NCHW-contiguous.
+        input_features: keyword arguments of ``ImageInputFeatures`` (per-pixel features of the
+            input); None = the values and 2t - 1.
+        project_input: pass the input features through a per-pixel Linear to model_channels
+            before the first conv (the skip then carries the projection); False feeds the
+            features to the first conv and the skip directly.
+        scale_shift_norm: ResBlocks apply the time embedding as a scale and shift after their
+            second GroupNorm (improved-diffusion's use_scale_shift_norm).
     """
 
     def __init__(
@@ -132,6 +154,10 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         skip: bool = True,
         channels_last: bool = True,
+        input_features: dict | None = None,
+        project_input: bool = True,
+        scale_shift_norm: bool = False,
+        num_heads_upsample: int | None = None,
     ):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels)
@@ -147,6 +173,8 @@ class UNet(nn.Module):
         )
         dropout = check_dropout("dropout", dropout)
         check_int("num_heads", num_heads)
+        num_heads_upsample = num_heads if num_heads_upsample is None else num_heads_upsample
+        check_int("num_heads_upsample", num_heads_upsample)
         check_int("norm_groups", norm_groups)
         check_divides("norm_groups", norm_groups, "model_channels", model_channels)
         if image_size % 2 ** (len(channel_mult) - 1):
@@ -154,22 +182,34 @@ class UNet(nn.Module):
                 f"image_size={image_size} must be divisible by 2^(len(channel_mult)-1)"
                 f" = {2 ** (len(channel_mult) - 1)}"
             )
-        for width in (model_channels * mult for mult in channel_mult):  # where attention may be
+        widths = [model_channels * mult for mult in channel_mult]
+        attention_levels = [w for i, w in enumerate(widths) if 2**i in attention_resolutions]
+        for width in [widths[-1], *attention_levels]:  # where attention is
             check_divides("num_heads", num_heads, "model_channels*channel_mult", width)
+        for width in attention_levels:
+            check_divides("num_heads_upsample", num_heads_upsample, "model_channels*channel_mult", width)
         self.skip = bool(skip)
         self.channels_last = bool(channels_last)
+        self.project_input = bool(project_input)
 
         emb_dim = 4 * model_channels
-        blocks = dict(emb_dim=emb_dim, dropout=dropout, groups=norm_groups)
+        blocks = dict(emb_dim=emb_dim, dropout=dropout, groups=norm_groups,
+                      scale_shift=bool(scale_shift_norm))  # fmt: skip
         attn = dict(num_heads=num_heads, norm_groups=norm_groups, qkv_layout="head_qkv")
+        attn_up = dict(attn, num_heads=num_heads_upsample)
 
-        self.input_proj = nn.Linear(in_channels + 1, model_channels)
+        self.input_features = ImageInputFeatures(
+            in_channels, (image_size, image_size), **(input_features or {})
+        )
+        num_features = self.input_features.num_features
+        self.input_proj = nn.Linear(num_features, model_channels) if self.project_input else None
+        input_width = model_channels if self.project_input else num_features
         self.time_mlp = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
 
         # Down path: every stage's output is kept for a skip connection.
-        self.down = nn.ModuleList([Stage(nn.Conv2d(model_channels, model_channels, 3, padding=1))])
+        self.down = nn.ModuleList([Stage(nn.Conv2d(input_width, model_channels, 3, padding=1))])
         skip_widths, ch, factor = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -195,7 +235,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_widths.pop(), model_channels * mult, **blocks)]
                 ch = model_channels * mult
                 if factor in attention_resolutions:
-                    layers.append(SpatialSelfAttention(ch, **attn))
+                    layers.append(SpatialSelfAttention(ch, **attn_up))
                 if level > 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     factor //= 2
@@ -206,7 +246,7 @@ class UNet(nn.Module):
             nn.SiLU(),
             zero_init_(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
-        head_in = out_channels + (model_channels if self.skip else 0)
+        head_in = out_channels + (input_width if self.skip else 0)
         self.head = nn.Linear(head_in, in_channels * out_height)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -214,9 +254,11 @@ class UNet(nn.Module):
         b, height, width, c = self._check_input(x)
         t = per_sample_time(t, b).float()  # float32: t * 4000 needs the precision
 
-        # Per-pixel features [x, 2t-1] and their projection, channel-last: (B, H, W, mc).
-        t_feat = (2 * t - 1).to(x.dtype).view(b, 1, 1, 1).expand(b, height, width, 1)
-        x_proj = self.input_proj(torch.cat([x, t_feat], dim=-1))
+        # Per-pixel features ([x, 2t-1] by default) and their projection, channel-last:
+        # (B, H, W, mc), or the features themselves without project_input.
+        x_proj = self.input_features(x, t)
+        if self.input_proj is not None:
+            x_proj = self.input_proj(x_proj)
 
         emb = self.time_mlp(cos_sin_embedding(t * TIME_SCALE, self.model_channels))
         act_emb = F.silu(emb)  # every ResBlock starts its time projection with SiLU

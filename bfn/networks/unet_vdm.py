@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .layers import (
     Dropout,
     GroupNorm32,
+    ImageInputFeatures,
     SpatialSelfAttention,
     check_divides,
     check_dropout,
@@ -99,6 +100,12 @@ class UNetVDM(nn.Module):
         fourier_exponents: n of the 2*pi*2^n Fourier features of the input; () disables them.
         channels_last: keep activations NHWC in memory (channels_last), which makes the CPU
             convolutions faster; False keeps them NCHW-contiguous.
+        input_features: keyword arguments of ``ImageInputFeatures``: per-pixel features built
+            from the input (e.g. 2t - 1, position codes) that replace it everywhere (Fourier
+            features, conv_in, the skip into the head). None (default): the input alone.
+        time_frequencies: how the time embedding's frequencies are computed: "exp"
+            (exp(-ln(1e4) i / (half - 1))) or "logspace" (torch.logspace, as the reference
+            does; the two differ by a few float32 ulps).
     """
 
     def __init__(
@@ -115,6 +122,8 @@ class UNetVDM(nn.Module):
         norm_groups: int = 32,
         fourier_exponents: tuple[float, ...] = (5.0, 6.0),
         channels_last: bool = True,
+        input_features: dict | None = None,
+        time_frequencies: str = "exp",
     ):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels)
@@ -130,13 +139,23 @@ class UNetVDM(nn.Module):
         if embedding_dim % 2:
             raise ValueError(f"embedding_dim must be even, got {embedding_dim}")
         self.channels_last = bool(channels_last)
+        if time_frequencies not in ("exp", "logspace"):
+            raise ValueError(f"time_frequencies must be 'exp' or 'logspace', got {time_frequencies!r}")
+        self.time_frequencies = time_frequencies
+        self.input_features = None
+        num_features = in_channels
+        if input_features is not None:
+            self.input_features = ImageInputFeatures(
+                in_channels, (image_size, image_size), **input_features
+            )
+            num_features = self.input_features.num_features
 
         cond_dim = 4 * embedding_dim
         block = dict(cond_dim=cond_dim, dropout=dropout, groups=norm_groups)
         attn = dict(num_heads=n_attention_heads, norm_groups=norm_groups, qkv_layout="qkv_head")
 
         self.fourier = FourierFeatures(tuple(float(n) for n in fourier_exponents))
-        conv_in_channels = in_channels * (1 + self.fourier.num_features)
+        conv_in_channels = num_features * (1 + self.fourier.num_features)
         self.time_mlp = nn.Sequential(
             nn.Linear(embedding_dim, cond_dim),
             nn.SiLU(),
@@ -161,16 +180,22 @@ class UNetVDM(nn.Module):
         self.conv_out = nn.Sequential(
             GroupNorm32(norm_groups, d), nn.SiLU(), zero_init_(nn.Conv2d(d, d, 3, padding=1))
         )
-        self.head = nn.Linear(in_channels + d, in_channels * out_height)
+        self.head = nn.Linear(num_features + d, in_channels * out_height)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """x: (B, H, W, C) float (the input mean mu); t: (B,) in [0, 1] -> (B, H, W, C, h)."""
         b, height, width, c = self._check_input(x)
         t = per_sample_time(t, b).float()
-        cond = self.time_mlp(sin_cos_embedding((t + 0.001) * 1000.0, self.embedding_dim))
+        cond = self.time_mlp(
+            sin_cos_embedding((t + 0.001) * 1000.0, self.embedding_dim, method=self.time_frequencies)
+        )
+        if self.input_features is not None:
+            x = self.input_features(x, t)  # (B, H, W, F): replaces the input below
 
         x_nchw = x.permute(0, 3, 1, 2)  # (B, C, H, W)
-        feats = torch.cat([x_nchw, self.fourier(x_nchw)], dim=1)  # (B, C*(1+2F), H, W)
+        feats = x_nchw
+        if self.fourier.freqs:  # fourier_exponents=() turns them off
+            feats = torch.cat([x_nchw, self.fourier(x_nchw)], dim=1)  # (B, C*(1+2F), H, W)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         feats = feats.contiguous(memory_format=layout)
         h = self.conv_in(feats)  # (B, d, H, W)

@@ -1,0 +1,181 @@
+"""Importing an official BFN checkpoint (pipeline.official.import_official); fast, no Ray.
+
+The small official networks of tests/data/ref_nets are saved as the official code saves a
+checkpoint (the whole BFN's state dict: ``net.`` keys) next to an official YAML config, imported,
+and loaded back the way ``bfn eval`` / ``bfn sample`` load a checkpoint (evaluate.load_model):
+the network must still reproduce the official outputs. Broken, crafted and mismatched files are
+refused with errors naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from pipeline import checkpointing
+from pipeline.build import build_optimizer
+from pipeline.config import Config, ConfigError, compose
+from pipeline.evaluate import load_model
+from pipeline.official import hydra_overrides, import_official
+from tests.bfn.official_fixtures import (
+    SMALL,
+    project_output,
+    relative_error,
+    small_config,
+    small_io,
+    small_state,
+)
+from tests.faults import write_malicious_pt
+
+DATA = {"gpt": "text8", "unet": "mnist", "vdm": "cifar10"}
+
+
+def write_official(folder, name, state=None):
+    """(checkpoint path, YAML path) of the small fixture ``name``, as the official code writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt, cfg = folder / f"{name}_ema.pt", folder / f"{name}.yaml"
+    torch.save(small_state(name) if state is None else state, ckpt)
+    cfg.write_text(yaml.safe_dump(small_config(name)))
+    return ckpt, cfg
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("official")
+    out = {}
+    for name in SMALL:
+        ckpt, cfg = write_official(root / "src", name)
+        out[name] = import_official(ckpt, cfg, root / f"{name}_ckpt")
+    return out
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_imported_checkpoint_loads_like_eval_and_reproduces_the_official_outputs(imported, name):
+    folder = imported[name]
+    net_inputs, t, outputs = small_io(name)
+    for use_ema in (True, False):
+        model, cfg = load_model(folder, use_ema=use_ema)
+        assert cfg.data.name == DATA[name]
+        assert relative_error(project_output(model.net, net_inputs, t, outputs), outputs) <= 1e-5
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_imported_folder_is_a_complete_project_checkpoint(imported, name):
+    state = checkpointing.read(imported[name])  # what a resume reads
+    assert state["train_state"]["step"] == 0
+    assert state["train_state"]["imported_from"]["checkpoint"].endswith(f"{name}_ema.pt")
+    assert state["model"].keys() == state["ema"].keys()
+    assert all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+    cfg = Config.from_dict(state["config"])  # a full, valid project config
+    model, _ = load_model(imported[name])
+    optimizer = build_optimizer(cfg, model)
+    optimizer.load_state_dict(state["optimizer"])  # fresh AdamW of the config
+    assert optimizer.param_groups[0]["lr"] == cfg.optim.lr and not state["optimizer"]["state"]
+    assert cfg.optim.lr == float(small_config(name)["optimizer"]["lr"])  # PyYAML: '1e-4' is a str
+
+
+def test_config_is_composed_from_the_hydra_tree(imported):
+    stored = json.loads((imported["vdm"] / "config.json").read_text())
+    assert stored["flow"]["sigma_1"] == pytest.approx(1e-3)
+    assert stored["flow"]["head"] == "discretized_normal" and stored["data"]["num_bins"] == 256
+    assert stored["eval"]["unit"] == "bits/dim"  # from the cifar10_discretized_256 experiment
+    source = json.loads((imported["vdm"] / "train_state.json").read_text())["imported_from"]
+    recomposed = compose([*source["hydra_overrides"], f"run.name={stored['run']['name']}"])
+    assert recomposed == stored
+
+
+def test_bfn_sample_accepts_the_imported_folder(imported, tmp_path):
+    from pipeline.evaluate import sample
+
+    path = sample(imported["unet"], num=2, num_steps=2, out=tmp_path / "samples")
+    assert path.exists()
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    ckpt, cfg = write_official(tmp_path, "unet")
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(checkpointing.CheckpointError, match=f"refusing to load {ckpt}"):
+        import_official(ckpt, cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickled_payload_is_refused_and_never_runs(tmp_path):
+    ckpt, cfg = write_official(tmp_path, "unet")
+    decoy_marker = tmp_path / "decoy-ran"
+    decoy = write_malicious_pt(tmp_path / "decoy.pt", decoy_marker)
+    torch.load(decoy, weights_only=False)  # the payload does run code when unpickled unsafely
+    assert decoy_marker.exists()
+    marker = tmp_path / "pwned"
+    write_malicious_pt(ckpt, marker)
+    with pytest.raises(checkpointing.CheckpointError, match=rf"refusing to load {ckpt}.*weights-only"):
+        import_official(ckpt, cfg, tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_state_dict_payload_is_refused(tmp_path):
+    ckpt, cfg = write_official(tmp_path, "unet", state={"step": 3})
+    with pytest.raises(checkpointing.CheckpointError, match=str(ckpt)):
+        import_official(ckpt, cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda s: s.pop("net.middle_block.1.qkv.weight"), "missing key 'middle_block.1.qkv.weight'"),
+        (lambda s: s.update({"net.extra.weight": torch.zeros(2)}), "unknown key 'extra.weight'"),
+        (lambda s: s.update({"net.out.2.weight": torch.zeros(32, 32, 1, 1)}),
+         r"shape mismatch for key 'out\.2\.weight'"),
+    ],
+)  # fmt: skip
+def test_key_problems_are_named(tmp_path, edit, named):
+    state = small_state("unet")
+    edit(state)
+    ckpt, cfg = write_official(tmp_path, "unet", state=state)
+    with pytest.raises(checkpointing.CheckpointError, match=named) as info:
+        import_official(ckpt, cfg, tmp_path / "out")
+    assert str(ckpt) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_problems_name_the_file_and_key(tmp_path):
+    ckpt, cfg = write_official(tmp_path, "unet")
+    config = small_config("unet")
+    config["model"]["bayesian_flow"]["parameters"]["discretize"] = True
+    cfg.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=rf"{cfg}.*discretize"):
+        import_official(ckpt, cfg, tmp_path / "out")
+    cfg.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match=str(cfg)):
+        import_official(ckpt, cfg, tmp_path / "out")
+
+
+def test_hydra_overrides_start_with_the_matching_experiment():
+    from bfn.networks.official import config_overrides
+
+    overrides = hydra_overrides(config_overrides(small_config("gpt")))
+    assert overrides[0] == "experiment=text8"
+    assert any(o.startswith("++net.kwargs={") for o in overrides)
+
+
+def test_every_converted_network_option_survives_hydra_composition():
+    """net.kwargs of the option fixtures (nested dicts, nulls, floats, strings) compose unchanged."""
+    from bfn.networks.official import network_spec
+    from pipeline.official import _hydra_value
+    from tests.bfn.official_fixtures import option_configs
+
+    for name, config in option_configs().items():
+        _, kwargs = network_spec(config)
+        composed = compose(["experiment=mnist_binary", f"++net.kwargs={_hydra_value(kwargs)}"])
+        assert composed["net"]["kwargs"] == kwargs, name
+
+
+def test_an_existing_folder_is_not_overwritten(imported, tmp_path):
+    ckpt, cfg = write_official(tmp_path, "unet")
+    before = (imported["unet"] / "ema.pt").read_bytes()
+    with pytest.raises(checkpointing.CheckpointError, match="not an empty folder"):
+        import_official(ckpt, cfg, imported["unet"])
+    assert (imported["unet"] / "ema.pt").read_bytes() == before
