@@ -65,6 +65,16 @@ def cmd_data_verify(args) -> int:
     return 0
 
 
+def cmd_import_official(args) -> int:
+    from pipeline.training.official import import_official
+
+    folder = import_official(args.checkpoint, args.config, args.out, overrides=args.overrides)
+    print(f"imported {args.checkpoint} -> {folder}\n"
+          f"  evaluate:  bfn eval {folder}\n  sample:    bfn sample {folder}\n"
+          f"  fine-tune: bfn train experiment=... run.name=NEW run.init_from={folder}")  # fmt: skip
+    return 0
+
+
 def cmd_bench(args) -> int:
     from pipeline.evaluation.bench import main as bench_main
 
@@ -114,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("verify", help="check a prepared dataset's manifest, shards and checksums")
     q.add_argument("uri")
     q.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("import-official", help="convert an official BFN checkpoint into a project checkpoint")
+    p.add_argument("checkpoint", help="the official checkpoint (e.g. ema.pt: the BFN module's state dict)")
+    p.add_argument("--config", required=True, help="the official YAML the checkpoint was trained with")
+    p.add_argument("--out", required=True, help="new (empty) folder for the project checkpoint")
+    _overrides(p)
+    p.set_defaults(func=cmd_import_official)
 
     p = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
     p.add_argument("which", nargs="?", default="all", choices=["all", "step", "pipeline"])

@@ -1,4 +1,4 @@
-"""Importing an official BFN checkpoint (pipeline.official.import_official); fast, no Ray.
+"""Importing an official BFN checkpoint (pipeline.training.official.import_official); fast, no Ray.
 
 The small official networks of tests/data/ref_nets are saved as the official code saves a
 checkpoint (the whole BFN's state dict: ``net.`` keys) next to an official YAML config, imported,
@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpointing
-from pipeline.build import build_optimizer
 from pipeline.config import Config, ConfigError, compose
-from pipeline.evaluate import load_model
-from pipeline.official import hydra_overrides, import_official
+from pipeline.evaluation.evaluate import load_model
+from pipeline.training import checkpointing
+from pipeline.training.build import build_optimizer
+from pipeline.training.official import hydra_overrides, import_official
 from tests.bfn.official_fixtures import (
     SMALL,
     project_output,
@@ -88,7 +88,7 @@ def test_config_is_composed_from_the_hydra_tree(imported):
 
 
 def test_bfn_sample_accepts_the_imported_folder(imported, tmp_path):
-    from pipeline.evaluate import sample
+    from pipeline.evaluation.evaluate import sample
 
     path = sample(imported["unet"], num=2, num_steps=2, out=tmp_path / "samples")
     assert path.exists()
@@ -164,7 +164,7 @@ def test_hydra_overrides_start_with_the_matching_experiment():
 def test_every_converted_network_option_survives_hydra_composition():
     """net.kwargs of the option fixtures (nested dicts, nulls, floats, strings) compose unchanged."""
     from bfn.networks.official import network_spec
-    from pipeline.official import _hydra_value
+    from pipeline.training.official import _hydra_value
     from tests.bfn.official_fixtures import option_configs
 
     for name, config in option_configs().items():

@@ -3,7 +3,7 @@
 ``import_official(checkpoint, official_yaml, out_dir)`` reads an official checkpoint (e.g. the
 released ``mnist_ema.pt``: the whole BFN module's state dict, network keys prefixed ``net.``)
 weights-only, reads the official YAML config it was trained with, converts both
-(``bfn.networks.official``) and writes a checkpoint folder with ``pipeline.checkpointing.save``:
+(``bfn.networks.official``) and writes a checkpoint folder with ``pipeline.training.checkpointing.save``:
 the weights go to both the model and the EMA, the optimiser state is fresh (AdamW from the
 config), and config.json is a full project config composed from the Hydra tree, so
 ``bfn eval`` / ``bfn sample`` (and ``bfn train`` resuming from it) accept the folder.
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpointing
 from pipeline.config import Config, ConfigError, compose
+from pipeline.training import checkpointing
 
 __all__ = ["experiment_for", "hydra_overrides", "import_official", "project_config"]
 
@@ -99,7 +99,7 @@ def import_official(
 
     from bfn import EMA
     from bfn.networks import official
-    from pipeline.build import build_model, build_optimizer
+    from pipeline.training.build import build_model, build_optimizer
 
     checkpoint_path, yaml_path = Path(checkpoint_path), Path(official_yaml_path)
     out_dir = Path(out_dir)
