@@ -398,12 +398,11 @@ def test_checkpoint_upload_faults_on_s3(ray_local, shards, tmp_path):
 @pytest.fixture(scope="module")
 def blown_up_run(ray_local, shards, tmp_path_factory):
     """A run whose first update (optim.lr=1e30) makes every later loss NaN: it must stop after
-    trainer.max_bad_steps consecutive skipped steps, with a diagnostic checkpoint.
+    trainer.max_bad_steps consecutive skipped steps, keeping the blown-up weights as a diagnostic
+    outside Ray's checkpoint history.
 
-    log_every=2, val_every=3: step 3 validates without logging. Only rank 0 validates, and the
-    worker loop used to decide whether to report (a barrier) by "has metrics", so rank 0 waited in
-    report while rank 1 trained on: a deadlock (found with py-spy). The run reaching step 4 is the
-    regression test."""
+    log_every=2, val_every=3: step 3 validates without logging, so only rank 0 has metrics there;
+    every rank must still report on that step (report is a barrier), or the run deadlocks."""
     from ray.train import TrainingFailedError
 
     tmp_path = tmp_path_factory.mktemp("nan")
@@ -415,29 +414,45 @@ def blown_up_run(ray_local, shards, tmp_path_factory):
     return tmp_path, cfg, info.value
 
 
-def test_non_finite_steps_stop_the_run_with_a_diagnostic_checkpoint(blown_up_run):
+def test_non_finite_steps_stop_the_run_with_a_diagnostic_kept_aside(blown_up_run):
     from mlflow.tracking import MlflowClient
 
     tmp_path, cfg, error = blown_up_run
     assert "BadStepsError" in str(error) and "3 consecutive non-finite steps at step 4" in str(error)
-    checkpoints = complete_checkpoints(tmp_path / "ray" / "blowup")
-    assert [s for s, _ in checkpoints] == [4]  # the diagnostic checkpoint, at the failing step
+    assert complete_checkpoints(tmp_path / "ray" / "blowup") == []  # nothing a rerun could resume from
+    diagnostic = tmp_path / "ray" / "blowup" / "outputs" / "diagnostic" / "step_00000004"
+    assert (diagnostic / "model.pt").is_file() and str(diagnostic) in str(error)
     client = MlflowClient(cfg.tracking.uri)
     (run_id,) = run_ids(cfg.tracking.uri)
     skipped = {m.step: m.value for m in client.get_metric_history(run_id, "train/skipped_steps")}
-    # counted at each log step (every 2nd); step 4 ends the run before it is logged (its count, 3,
-    # goes with the diagnostic checkpoint's report and the error message)
-    assert skipped == {2: 1}
+    assert skipped == {2: 1, 4: 3}  # decided and logged at log steps: the loop reads the device there
     assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [0, 3]  # step 3 validated
     assert client.get_run(run_id).info.status == "FAILED"
 
 
-def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume(blown_up_run):
+@pytest.fixture(scope="module")
+def rerun_after_blowup(blown_up_run, shards):
+    """The same run name again with the default (sane) learning rate: it must train from scratch,
+    not from the blown-up weights."""
+    tmp_path, _, _ = blown_up_run
+    again = load(overrides(tmp_path, shards, "blowup", "trainer=cpu_1", "trainer.max_steps=4",
+                           "trainer.checkpoint_every=4", "trainer.max_failures=0"))  # fmt: skip
+    return tmp_path, again, fit_with_watchdog(again)
+
+
+def test_a_rerun_with_a_sane_lr_trains_instead_of_resuming_the_diagnostic(rerun_after_blowup):
+    import math
+
+    _, _, summary = rerun_after_blowup
+    assert summary["step"] == 4 and math.isfinite(summary["train/loss"]) and summary["skipped_steps"] == 0
+
+
+def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume(rerun_after_blowup):
     """Resume reads the latest checkpoint weights-only: a model.pt that would run code when
     unpickled stops the run with CheckpointError, and the code never runs."""
     from ray.train import TrainingFailedError
 
-    tmp_path, cfg, _ = blown_up_run
+    tmp_path, cfg, _ = rerun_after_blowup
     (_, folder), = complete_checkpoints(tmp_path / "ray" / "blowup")
     marker = tmp_path / "pwned"
     write_malicious_pt(folder / "model.pt", marker)

@@ -32,3 +32,25 @@ def test_every_action_is_reported_and_the_last_step_does_everything(max_steps, l
         assert actions.last and actions.log and actions.validate and actions.checkpoint
     else:
         assert actions.log == (step % log == 0) and actions.validate == (step % val == 0)
+
+
+def test_the_window_reads_device_statistics_once_per_log_interval():
+    """Skipped steps leave the mean loss, count towards the run of bad steps (carried across
+    windows) and the window's skip count; nothing is read until read()."""
+    import torch
+
+    from pipeline.training.steps import StepResult
+    from pipeline.training.worker import Window
+
+    def result(loss: float, skipped: bool) -> StepResult:
+        return StepResult(torch.tensor(loss), torch.tensor(2.0), torch.tensor(skipped))
+
+    window = Window(torch.device("cpu"))
+    for loss, skipped in [(1.0, False), (float("nan"), True), (3.0, False), (float("inf"), True)]:
+        window.add(result(loss, skipped))
+    stats = window.read(world=1)
+    assert stats["loss"] == 2.0 and stats["good"] == 2 and stats["skipped"] == 2 and stats["worst_run"] == 1
+    window.add(result(float("nan"), True))  # the run that ended the last window goes on: 2 in a row
+    window.add(result(float("nan"), True))
+    stats = window.read(world=1)
+    assert stats["worst_run"] == 3 and stats["skipped"] == 2 and stats["good"] == 0 and stats["loss"] == 0.0
