@@ -141,7 +141,9 @@ def _build(cfg: Config, device, rank: int, world: int):
 
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every launch (and rank)
     raw = build_model(cfg).to(device)
-    raw.check_values = False  # batches are checked where they enter (_checked), not in the step
+    # values are checked where data enters (every shard before Ray starts, driver.preflight) and the
+    # data layer can only produce valid ones, so the step does not read batches back to the host
+    raw.check_values = False
     ema = EMA(raw, cfg.optim.ema_decay)
     optimizer = build_optimizer(cfg, raw)
     step, epoch = 0, 0
@@ -158,9 +160,33 @@ def _build(cfg: Config, device, rank: int, world: int):
     if not (checkpoint and rank == 0):
         _seed(cfg.trainer.seed, rank, step)
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
-    if cfg.trainer.compile:
-        model = torch.compile(model)
-    return raw, model, ema, optimizer, step, epoch
+    return raw, CompiledStep(model, cfg.trainer.compile, rank), ema, optimizer, step, epoch
+
+
+class CompiledStep:
+    """The training step, with ``torch.compile`` on the network when asked. Compilation happens at
+    the first call: its cost is logged as warm-up, and a failure falls back to eager with a warning
+    (a genuine error in the step then raises again, uncompiled)."""
+
+    def __init__(self, model, compile_model: bool, rank: int) -> None:
+        self.eager, self.rank = model, rank
+        self.model = torch.compile(model) if compile_model else model
+        self.pending = compile_model
+
+    def __call__(self, raw, x, optimizer, ema, **kwargs) -> steps.StepResult:
+        if not self.pending:
+            return steps.train_step(self.model, raw, x, optimizer, ema, **kwargs)
+        self.pending, started = False, time.perf_counter()
+        try:
+            result = steps.train_step(self.model, raw, x, optimizer, ema, **kwargs)
+        except Exception as error:  # noqa: BLE001 (any compiler failure: train uncompiled)
+            log.warning("torch.compile failed (%s: %s); training continues without it (trainer.compile=false "
+                        "skips the attempt)", type(error).__name__, str(error).splitlines()[0][:200])  # fmt: skip
+            self.model = self.eager
+            return steps.train_step(self.model, raw, x, optimizer, ema, **kwargs)
+        if self.rank == 0:
+            log.info("torch.compile warm-up: the first step took %.1f s", time.perf_counter() - started)
+        return result
 
 
 def _configure_logging(rank: int, verbose: bool) -> None:
@@ -183,7 +209,7 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    raw, model, ema, optimizer, step, epoch = _build(cfg, device, rank, world)
+    raw, step_fn, ema, optimizer, step, epoch = _build(cfg, device, rank, world)
 
     tracker = NullTracker()
     if rank == 0 and cfg.tracking.enabled and runtime.mlflow_run_id:
@@ -193,7 +219,7 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.data.name, epoch,
                           seed=cfg.trainer.seed * 7919 + rank)  # fmt: skip
     cadence, progress = Cadence.from_config(cfg.trainer), Progress(cfg.trainer.max_steps, first_step=step)
-    model.train()
+    raw.train()
     if rank == 0 and step == 0:  # the untrained model's numbers: the baseline every curve starts at
         baseline = _validate_and_sample(cfg, ema.model, 0, run_dir, tracker, device, samples=False)
         tracker.log_metrics(baseline, 0)
@@ -203,8 +229,8 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
 
     while step < cfg.trainer.max_steps:
         epoch, x = next(train_iter)
-        result = steps.train_step(model, raw, x, optimizer, ema, grad_clip=cfg.optim.grad_clip,
-                                  lr=lr_at(cfg, step), amp=cfg.trainer.amp)  # fmt: skip
+        result = step_fn(raw, x, optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=lr_at(cfg, step),
+                         amp=cfg.trainer.amp)  # fmt: skip
         window.add(result)
         step += 1
         actions = cadence.actions(step)
