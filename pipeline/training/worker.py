@@ -189,12 +189,20 @@ class CompiledStep:
         return result
 
 
+def _quiet_ray(record: logging.LogRecord) -> bool:
+    """Drop Ray's INFO chatter (some Ray Train loggers are named by file path, not "ray...")."""
+    return record.levelno >= logging.WARNING or not (
+        record.name.startswith("ray") or "/site-packages/ray/" in record.name
+    )
+
+
 def _configure_logging(rank: int, verbose: bool) -> None:
     """Rank 0 prints one progress line per log interval; Ray's own reports only with -v."""
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="[bfn] %(message)s", force=True)
-    for name in ("ray", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_ray)
 
 
 def train_fn_per_worker(loop_config: dict) -> dict | None:
