@@ -261,14 +261,15 @@ def _download_default(name: str, folder: Path, progress: bool) -> tuple[Path, di
             return folder, {"kind": "url", "location": url, **_download_mnist(url, folder, progress)}
         return _download_archive(name, url, folder, progress)
     except DataError as exc:
-        where = "cached copy in $BFN_DATA_CACHE" if os.environ.get("BFN_DATA_CACHE") else "no cache ($BFN_DATA_CACHE)"
+        cache = os.environ.get("BFN_DATA_CACHE")
+        cached = f"a verified copy in $BFN_DATA_CACHE ({folder}): none; then " if cache else ""
         offline = {
             "mnist": "the folder holding the four IDX .gz files",
             "cifar10": f"{CIFAR10_TARBALL} or its extracted cifar-10-batches-py/ folder",
             "text8": f"{TEXT8_ZIP} or the extracted text8 file",
         }[name]
         raise DataError(
-            f"{name}: could not get the canonical files. Tried: {where} ({folder}), then {url}: {exc}. "
+            f"{name}: could not get the canonical files. Tried: {cached}{url}: {exc}. "
             f"Offline, download them elsewhere and pass --source with {offline}; "
             f"or --source bundled for the small bundled data (data/raw/{name})"
         ) from exc
