@@ -50,9 +50,14 @@ def cmd_data_prepare(args) -> int:
     out = args.out
     if out is None:
         out = str(Path(compose([])["paths"]["data_dir"]) / args.dataset)
-    manifest = data.prepare(args.dataset, out, source=args.source, seq_len=args.seq_len)
+    source = args.source
+    if source is None:  # the bundled MNIST is complete; CIFAR-10 and text8 are downloaded in full
+        source = None if args.dataset == "mnist" else "download"
+    elif source == "bundled":
+        source = None
+    manifest = data.prepare(args.dataset, out, source=source, seq_len=args.seq_len)
     rows = {split: info["rows"] for split, info in manifest["splits"].items()}
-    print(f"[bfn] prepared {args.dataset} at {out}: {rows}")
+    print(f"prepared {args.dataset} at {out}: {rows} rows ({manifest['source']['description']})")
     return 0
 
 
@@ -60,8 +65,8 @@ def cmd_data_verify(args) -> int:
     from pipeline import data
 
     manifest = data.verify(args.uri)
-    print(f"[bfn] {args.uri}: {manifest['dataset']} OK "
-          f"({ {s: i['rows'] for s, i in manifest['splits'].items()} })")  # fmt: skip
+    rows = {split: info["rows"] for split, info in manifest["splits"].items()}
+    print(f"{args.uri}: {manifest['dataset']} OK ({rows} rows, {manifest['verified']['shards']} shards checked)")
     return 0
 
 
@@ -118,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("prepare", help="raw data -> Parquet shards + manifest")
     q.add_argument("dataset", choices=["mnist", "cifar10", "text8"])
     q.add_argument("--out", default=None, help="folder or s3://bucket/prefix (default: data/shards/NAME)")
-    q.add_argument("--source", default=None, help="folder or URL of the canonical files (default: bundled)")
+    q.add_argument("--source", default=None, metavar="FILE|FOLDER|URL|bundled|download",
+                   help="an archive (cifar-10-python.tar.gz, text8.zip), a folder holding the files, a URL, "
+                        "'bundled' (data/raw) or 'download' (the canonical file, sha256-checked); default: "
+                        "bundled for mnist (complete), download for cifar10 and text8")  # fmt: skip
     q.add_argument("--seq-len", type=int, default=256, help="text8 window length")
     q.set_defaults(func=cmd_data_prepare)
     q = data_sub.add_parser("verify", help="check a prepared dataset's manifest, shards and checksums")

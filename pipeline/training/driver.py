@@ -25,36 +25,8 @@ def preflight(cfg: Config) -> dict:
             f"data.uri {cfg.data.uri} holds {manifest.get('dataset')!r}, but data.name is "
             f"{cfg.data.name!r}"
         )
-    check_values(cfg.data.uri, manifest, ["train", "val"])
+    data_lib.check_values(cfg.data.uri, manifest, ["train", "val"])
     return manifest
-
-
-VALUE_RANGES = {"mnist": ("label", 9), "cifar10": ("label", 9), "text8": ("ids", 26)}  # column, max
-
-
-def check_values(uri: str, manifest: dict, splits: list[str]) -> None:
-    """Every stored label / text8 id in range, shard by shard. verify() checks sizes, checksums and
-    schemas but not values; a bad value would otherwise fail inside a Ray Data task after the
-    workers started, without the shard's name. Reads one column per shard."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    column, high = VALUE_RANGES[manifest["dataset"]]
-    filesystem, root = data_lib._resolve(uri)
-    for split in splits:
-        for shard in manifest["splits"][split]["shards"]:
-            with filesystem.open_input_file(data_lib._join(root, shard["path"])) as f:
-                array = pq.read_table(f, columns=[column]).column(column).combine_chunks()
-            if column == "ids":  # fixed_size_binary: one byte per id
-                width = array.type.byte_width
-                values = np.frombuffer(array.buffers()[1], np.uint8, len(array) * width, array.offset * width)
-            else:
-                values = array.to_numpy(zero_copy_only=False)
-            if values.size and (values.min() < 0 or values.max() > high):
-                raise data_lib.DataError(
-                    f"shard {uri.rstrip('/')}/{shard['path']} (split {split!r}): column {column!r} has values "
-                    f"outside 0..{high} (min {values.min()}, max {values.max()})"
-                )
 
 
 def init_ray(cfg: Config) -> None:

@@ -1,23 +1,20 @@
-"""Tests of the data layer (pipeline/data.py): prepare -> verify -> read, preprocessing, errors.
+"""Tests of the data layer (pipeline/data/): prepare -> verify -> read, preprocessing, errors.
 
-Fast tests use small generated sources (IDX files, a fake CIFAR-10 tarball, a text8 zip) plus the
-vendored CIFAR-10 subset and text8 prefix; two tests prepare the real vendored MNIST (about 3 s
-each). The ``slow`` tests use the session ``ray_local`` runtime and a moto S3 server.
+Fast tests use small generated IDX files plus the bundled CIFAR-10 subset and text8 prefix; one
+test prepares the real bundled MNIST (about 3 s). The ``slow`` tests use the session ``ray_local``
+runtime and a moto S3 server. Sources and downloads: test_data_sources.py; the manifest schema:
+test_data_manifest.py; seeds, binarisation and text8 windows: test_data_transforms.py.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
-import pickle
 import re
 import shutil
 import struct
-import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import data as D
+from pipeline.data import sources
 
 try:  # `python -m pytest` from the repo root puts it on sys.path; plain `pytest` puts tests/
     from tests.servers import aws_env, create_bucket, moto_s3
@@ -123,10 +121,11 @@ def test_small_mnist_round_trip(small_mnist):
     assert D.verify(out, ["val"], check_checksums=False)["verified"]["splits"] == {"val": 3}
     man = D.read_manifest(out)
     assert man["dataset"] == "mnist" and man["format_version"] == D.FORMAT_VERSION
-    assert man["schema"] == [
-        {"name": "image", "type": "fixed_size_binary[784]"},
-        {"name": "label", "type": "int64"},
-    ]
+    for split in ("train", "val", "test"):
+        assert man["splits"][split]["schema"] == [
+            {"name": "image", "type": "fixed_size_binary[784]"},
+            {"name": "label", "type": "int64"},
+        ]
     assert man["shape"] == [28, 28]
     assert len(man["splits"]["train"]["shards"]) == 5  # 297 rows, 64 per shard
     assert all(len(s["sha256"]) == 64 for s in man["splits"]["train"]["shards"])
@@ -143,11 +142,11 @@ def test_small_mnist_round_trip(small_mnist):
     mat, lab = read_raw(out, "test", "mnist")
     np.testing.assert_array_equal(mat, arrays["t10k"][0])
     np.testing.assert_array_equal(lab, arrays["t10k"][1])
-    # the plain reader yields every row, binarised
+    # the plain reader yields every row, binarised and model-ready
     batches = list(D.iter_batches(out, "train", "mnist", batch_size=50))
     assert [len(b["x"]) for b in batches] == [50] * 5 + [47]
     xb = np.concatenate([b["x"] for b in batches])
-    assert xb.dtype == np.uint8 and xb.shape == (297, 28, 28, 1)
+    assert xb.dtype == np.int64 and xb.shape == (297, 28, 28, 1)
     assert set(np.unique(xb)) <= {0, 1}
     flat = xb.reshape(297, -1)
     src = x[tr]
@@ -165,7 +164,7 @@ def test_real_mnist_vendored():
         train_x, train_y = read_raw(out, "train", "mnist")
         val_x, val_y = read_raw(out, "val", "mnist")
         test_x, test_y = read_raw(out, "test", "mnist")
-    src = D._load_mnist(RAW / "mnist")
+    src = sources.load("mnist", RAW / "mnist")
     assert list(test_y[:10]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     np.testing.assert_array_equal(test_x, src["test_x"])
     _, val_idx = D.reference_split(60000)
@@ -202,160 +201,36 @@ def test_cifar10_vendored_round_trip(tmp_path):
     )
 
 
-def _fake_cifar_tarball(path: Path, n_per_batch: int = 20, n_test: int = 10) -> dict:
-    """A cifar-10-python.tar.gz look-alike (planar CHW rows, pickled dicts with bytes keys)."""
-    rng = np.random.default_rng(1)
-    arrays = {}
-    with tarfile.open(path, "w:gz") as tar:
-        for name, n in [(f"data_batch_{i}", n_per_batch) for i in range(1, 6)] + [
-            ("test_batch", n_test)
-        ]:
-            chw = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-            labels = rng.integers(0, 10, size=n).tolist()
-            blob = pickle.dumps(
-                {
-                    b"batch_label": name.encode(),
-                    b"labels": labels,
-                    b"data": chw.reshape(n, 3072),
-                    b"filenames": [],
-                },
-                protocol=2,
-            )
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-            arrays[name] = (chw, np.asarray(labels))
-    return arrays
-
-
-def test_cifar10_tarball_source_reference_split(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    arrays = _fake_cifar_tarball(src / "cifar-10-python.tar.gz")
-    out = str(tmp_path / "c")
-    man = D.prepare("cifar10", out, source=str(src), progress=False)
-    assert D.verify(out)["verified"]["splits"] == {"train": 99, "val": 1, "test": 10}
-    assert man["split_rule"]["seed"] == 2147483647 and man["source"]["exact"] is False
-    chw = np.concatenate([arrays[f"data_batch_{i}"][0] for i in range(1, 6)])
-    labels = np.concatenate([arrays[f"data_batch_{i}"][1] for i in range(1, 6)])
-    hwc = chw.transpose(0, 2, 3, 1).reshape(100, -1)
-    tr, va = D.reference_split(100)
-    mat, lab = read_raw(out, "train", "cifar10")
-    np.testing.assert_array_equal(mat, hwc[tr])
-    np.testing.assert_array_equal(lab, labels[tr])
-    mat, _ = read_raw(out, "test", "cifar10")
-    np.testing.assert_array_equal(
-        mat, arrays["test_batch"][0].transpose(0, 2, 3, 1).reshape(10, -1)
-    )
-
-
-def test_cifar10_pickle_with_code_is_refused(tmp_path):
-    src = tmp_path / "src"
-    (src / "cifar-10-batches-py").mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        (src / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(os.system))
-    with pytest.raises(D.DataError, match="refusing"):
-        D.prepare("cifar10", str(tmp_path / "o"), source=str(src), progress=False)
-
-
 def test_text8_vendored_round_trip(tmp_path):
     out = str(tmp_path / "t")
     man = D.prepare("text8", out, progress=False)
-    assert D.verify(out)["verified"]["splits"] == {"train": 351, "val": 19, "test": 19}
-    assert man["schema"][0] == {"name": "ids", "type": "fixed_size_binary[256]"}
-    assert man["split_rule"]["dropped_tail_chars"] == {"train": 144, "val": 136, "test": 136}
+    assert D.verify(out)["verified"]["splits"] == {"train": 350, "val": 19, "test": 19}
+    assert man["splits"]["train"]["schema"][0] == {"name": "ids", "type": "fixed_size_binary[512]"}
+    assert man["splits"]["test"]["schema"][0] == {"name": "ids", "type": "fixed_size_binary[256]"}
+    assert {s: (v["row_chars"], v["row_stride"], v["chars"]) for s, v in man["splits"].items()} == {
+        "train": (512, 256, 90_000), "val": (256, 256, 5_000), "test": (256, 256, 5_000)}  # fmt: skip
+    assert man["split_rule"]["dropped_tail_chars"] == {"val": 136, "test": 136}
+    assert man["split_rule"]["train_unused_start_positions"] == 90_000 - 256 - 350 * 256
     text = (RAW / "text8" / "text8_first100k.txt").read_text()
-    for split, start in (("train", 0), ("val", 90_000), ("test", 95_000)):
+    # training rows: 512 chars starting every 256, each overlapping the next by half
+    ids, offsets = read_raw(out, "train", "text8")
+    assert offsets.tolist() == list(range(0, 256 * 350, 256))
+    for k in (0, 1, 349):
+        assert D.text8_decode(ids[k]) == text[256 * k : 256 * k + 512]
+    for split, start in (("val", 90_000), ("test", 95_000)):
         ids, offsets = read_raw(out, split, "text8")
         assert offsets.tolist() == list(range(0, 256 * len(ids), 256))
         decoded = "".join(D.text8_decode(r) for r in ids)
         assert decoded == text[start : start + len(decoded)]
-    batches = list(D.iter_batches(out, "train", "text8", batch_size=100))
-    x = np.concatenate([b["x"] for b in batches])
-    assert x.dtype == np.int64 and x.shape == (351, 256) and x.min() >= 0 and x.max() <= 26
-    assert D.text8_decode(x[0, :10]) == " anarchism"
-    # another window length
-    out2 = str(tmp_path / "t2")
+    # model-ready: each training row cropped to 256 chars at an offset in [0, 256)
+    x = _iter_rows(out, "train", "text8", batch_size=100)
+    assert x.dtype == np.int64 and x.shape == (350, 256) and x.min() >= 0 and x.max() <= 26
+    starts = [text.find(D.text8_decode(row), 256 * k) - 256 * k for k, row in enumerate(x)]
+    assert all(0 <= o < 256 for o in starts) and len(set(starts)) > 100
+    assert D.text8_decode(_iter_rows(out, "test", "text8", batch_size=8)[0]) == text[95_000:95_256]
+    out2 = str(tmp_path / "t2")  # another window length
     D.prepare("text8", out2, seq_len=1000, progress=False)
-    assert D.verify(out2)["verified"]["splits"] == {"train": 90, "val": 5, "test": 5}
-
-
-def test_text8_zip_source_and_bad_chars(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    text = ("the quick brown fox jumps over the lazy dog " * 50).encode()
-    with zipfile.ZipFile(src / "text8.zip", "w") as zf:
-        zf.writestr("text8", text)
-    out = str(tmp_path / "t")
-    man = D.prepare("text8", out, source=str(src), seq_len=32, progress=False)
-    assert man["source"]["exact"] is False
-    ids, _ = read_raw(out, "train", "text8")
-    assert "".join(D.text8_decode(r) for r in ids) == text.decode()[: 32 * len(ids)]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "text8").write_bytes(b"hello World")
-    with pytest.raises(D.DataError, match=r"'W' at offset 6"):
-        D.prepare("text8", str(tmp_path / "o"), source=str(bad), progress=False)
-
-
-# ------------------------------------------------------------------------------------------------
-# downloads
-# ------------------------------------------------------------------------------------------------
-
-
-def test_download_checks_checksums(tmp_path):
-    payload = tmp_path / "blob.bin"
-    payload.write_bytes(b"bayesian flow" * 1000)
-    url = payload.as_uri()
-    good = hashlib.sha256(payload.read_bytes()).hexdigest()
-    path = D.download(url, tmp_path / "dl", sha256=good, progress=False)
-    assert path.read_bytes() == payload.read_bytes()
-    with pytest.raises(D.DataError, match="checksum mismatch.*blob.bin.*expected md5 0{32}"):
-        D.download(url, tmp_path / "dl2", md5="0" * 32, progress=False)
-    assert not (tmp_path / "dl2" / "blob.bin").exists()
-    with pytest.raises(D.DataError, match="download of .* failed"):
-        D.download((tmp_path / "nope.bin").as_uri(), tmp_path / "dl3", sha256=good, progress=False)
-
-
-def test_prepare_mnist_from_file_url_verifies_content(tmp_path, monkeypatch, capsys):
-    """The vendored .gz files are re-compressed (not the LeCun .gz md5), but their IDX content is
-    canonical, so a download of them is accepted (about 3 s); BFN_DATA_CACHE keeps it."""
-    monkeypatch.setenv("BFN_DATA_CACHE", str(tmp_path / "cache"))
-    out = str(tmp_path / "m")
-    url = (RAW / "mnist").as_uri() + "/"
-    man = D.prepare("mnist", out, source=url, progress=False)
-    assert man["source"]["kind"] == "url" and man["source"]["exact"] is True
-    assert man["source"]["location"] == url
-    assert D.num_rows(out, "val") == 600
-    assert len(list((tmp_path / "cache" / "mnist").glob("*.gz"))) == 4
-    D._download_source("mnist", url, tmp_path / "cache" / "mnist", progress=True)
-    assert capsys.readouterr().out.count("using cached") == 4
-
-
-def test_prepare_from_url_with_wrong_checksum(tmp_path):
-    write_idx_folder(tmp_path / "fake_mnist", 20, 5)
-    with pytest.raises(D.DataError, match=r"checksum mismatch for file://.*train-images-idx3"):
-        D.prepare(
-            "mnist",
-            str(tmp_path / "o"),
-            source=(tmp_path / "fake_mnist").as_uri() + "/",
-            progress=False,
-        )
-    _fake_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
-    with pytest.raises(D.DataError, match="expected md5 c58f30108f718f92721af3b95e74349a"):
-        D.prepare(
-            "cifar10",
-            str(tmp_path / "o"),
-            source=(tmp_path / "cifar-10-python.tar.gz").as_uri(),
-            progress=False,
-        )
-    with zipfile.ZipFile(tmp_path / "text8.zip", "w") as zf:
-        zf.writestr("text8", "not the real text")
-    with pytest.raises(D.DataError, match="checksum mismatch.*text8.zip"):
-        D.prepare(
-            "text8", str(tmp_path / "o"), source=(tmp_path / "text8.zip").as_uri(), progress=False
-        )
-    assert not (tmp_path / "o" / "manifest.json").exists()
+    assert D.verify(out2)["verified"]["splits"] == {"train": 89, "val": 5, "test": 5}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,13 +307,11 @@ def test_verify_schema_mismatch_in_shard(prepared_copy):
 
 
 def test_verify_schema_mismatch_in_manifest(prepared_copy):
-    _edit_manifest(prepared_copy, lambda m: m["schema"][0].update(type="fixed_size_binary[785]"))
-    with pytest.raises(
-        D.DataError,
-        match="column 'image' is fixed_size_binary.785., mnist expects "
-        r"fixed_size_binary\[784\]",
-    ):
+    _edit_manifest(prepared_copy, lambda m: m["splits"]["val"]["schema"][0].update(type="fixed_size_binary[785]"))
+    with pytest.raises(D.DataError, match=r"schema of split 'val': column 'image' is fixed_size_binary.785., "
+                                          r"mnist expects fixed_size_binary\[784\]"):  # fmt: skip
         D.verify(prepared_copy)
+    D.verify(prepared_copy, ["train", "test"])
 
 
 def test_unknown_dataset(prepared_copy):
@@ -448,7 +321,7 @@ def test_unknown_dataset(prepared_copy):
     with pytest.raises(D.DataError, match="unknown dataset 'svhn'"):
         D.prepare("svhn", "/nonexistent/never-written", progress=False)
     with pytest.raises(D.DataError, match="unknown dataset 'svhn'"):
-        D.preprocess("svhn", {}, rng=np.random.default_rng(0))
+        D.preprocess("svhn", {})
 
 
 def test_empty_and_unknown_split(prepared_copy):
@@ -474,40 +347,31 @@ def test_reprepare_removes_stale_shards(prepared_copy, small_mnist, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_preprocess_mnist_binarisation():
-    rng = np.random.default_rng(0)
-    img = np.tile(np.array([0, 255, 128, 51], np.uint8), 196)[None].repeat(2000, axis=0)
-    out = D.preprocess("mnist", {"image": img}, rng=rng)["x"]
-    assert out.dtype == np.uint8 and out.shape == (2000, 28, 28, 1)
-    flat = out.reshape(2000, 784)
-    assert not flat[:, 0::4].any() and flat[:, 1::4].all()
-    assert abs(flat[:, 2::4].mean() - 128 / 255) < 0.01
-    assert abs(flat[:, 3::4].mean() - 51 / 255) < 0.01
-    again = D.preprocess("mnist", {"image": img}, rng=rng)["x"]
-    assert not np.array_equal(out, again)  # a new draw on every call
-    same = D.preprocess("mnist", {"image": img}, rng=np.random.default_rng(0))["x"]
-    np.testing.assert_array_equal(out, same)
+def test_preprocess_keeps_mnist_grey_levels():
+    """The Ray side is deterministic: MNIST stays grey levels; to_model binarises on the device."""
+    img = np.tile(np.array([0, 255, 128, 51], np.uint8), 196)[None].repeat(3, axis=0)
+    out = D.preprocess("mnist", {"image": img, "label": np.array([0, 1, 9])})["x"]
+    assert out.dtype == np.uint8 and out.shape == (3, 28, 28, 1)
+    np.testing.assert_array_equal(out.reshape(3, 784), img)
 
 
-def test_plain_reader_binarisation_is_keyed_per_row(small_mnist):
-    out, _ = small_mnist
+def test_plain_reader_binarisation_is_seeded(small_mnist):
+    """iter_batches draws from reader_generator(seed, epoch): the same arguments give the same
+    binarisation, another seed or epoch another one; grey 0 and 255 are exact."""
+    out, arrays = small_mnist
     a = _iter_rows(out, "train", "mnist", batch_size=64, seed=1)
-    b = _iter_rows(out, "train", "mnist", batch_size=5, seed=1)  # batching does not matter
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, _iter_rows(out, "train", "mnist", batch_size=64, seed=1, epoch=1))
-    assert not np.array_equal(a, _iter_rows(out, "train", "mnist", batch_size=64, seed=2))
-    # Bernoulli(p/255): exact at 0 and 255, right mean elsewhere
-    img = np.tile(np.array([0, 255, 128, 51], np.uint8), 196)[None].repeat(4000, axis=0)
-    keys = np.arange(4000, dtype=np.uint64) * np.uint64(0x9E3779B1)
-    x = D._binarize_keyed(img, keys, np.zeros(4000, np.int64))
-    assert not x[:, 0::4].any() and x[:, 1::4].all()
-    assert abs(x[:, 2::4].mean() - 128 / 255) < 0.005 and abs(x[:, 3::4].mean() - 51 / 255) < 0.005
-    x1 = D._binarize_keyed(img, keys, np.ones(4000, np.int64))
-    assert abs((x1[:, 2::4] == x[:, 2::4]).mean() - 0.5) < 0.01  # epochs are independent
+    np.testing.assert_array_equal(a, _iter_rows(out, "train", "mnist", batch_size=64, seed=1))
+    for other in ({"seed": 1, "epoch": 1}, {"seed": 2}):
+        b = _iter_rows(out, "train", "mnist", batch_size=64, **other)
+        assert abs((a != b).mean() - 1 / 3) < 0.02  # independent draws: E[2p(1-p)] = 1/3 for uniform grey
+    grey = arrays["train"][0][D.reference_split(300)[0]]
+    flat = a.reshape(len(a), -1)
+    assert not flat[grey == 0].any() and flat[grey == 255].all()
+    middle = (grey > 0) & (grey < 255)
+    assert abs(flat[middle].mean() - (grey[middle] / 255).mean()) < 0.01
 
 
 def test_preprocess_accepts_every_column_representation():
-    rng = np.random.default_rng(0)
     mat = np.arange(3 * 3072, dtype=np.int64).reshape(3, 3072) % 256
     forms = [
         mat.astype(np.uint8),
@@ -519,7 +383,7 @@ def test_preprocess_accepts_every_column_representation():
             [r.astype(np.uint8).tobytes() for r in np.concatenate([mat, mat])], pa.binary(3072)
         ).slice(3, 3),
     ]
-    outs = [D.preprocess("cifar10", {"image": f}, rng=rng)["x"] for f in forms]
+    outs = [D.preprocess("cifar10", {"image": f})["x"] for f in forms]
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
 
@@ -527,7 +391,7 @@ def test_preprocess_accepts_every_column_representation():
 def test_preprocess_cifar_bin_centres():
     p = np.arange(256, dtype=np.uint8)
     img = np.tile(p, 12)[None]  # one image whose 3072 values cycle 0..255
-    x = D.preprocess("cifar10", {"image": img}, rng=np.random.default_rng(0))["x"]
+    x = D.preprocess("cifar10", {"image": img})["x"]
     assert x.dtype == np.float32 and x.shape == (1, 32, 32, 3)
     np.testing.assert_array_equal(x.reshape(-1)[:256], ((2 * p.astype(np.float64) + 1) / 256 - 1))
     for k in (2, 16, 256):
@@ -535,31 +399,27 @@ def test_preprocess_cifar_bin_centres():
         x32 = (p.astype(np.float32) / np.float32(255)) * 2 - 1
         idx = np.clip(np.floor((x32 / 2 + 0.5) * k), 0, k - 1)
         want = (2 * idx + 1) / k - 1
-        got = D.preprocess("cifar10", {"image": img}, num_bins=k, rng=None)["x"].reshape(-1)[:256]
+        got = D.preprocess("cifar10", {"image": img}, num_bins=k)["x"].reshape(-1)[:256]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
         assert len(np.unique(got)) == k
 
 
 def test_preprocess_text8_and_value_errors():
     ids = np.array([[0, 1, 26, 5]], np.uint8)
-    x = D.preprocess("text8", {"ids": ids, "offset": np.array([0])}, rng=None)["x"]
-    assert x.dtype == np.int64 and x.tolist() == [[0, 1, 26, 5]]
+    x = D.preprocess("text8", {"ids": ids, "offset": np.array([0])})["x"]
+    assert x.dtype == np.uint8 and x.tolist() == [[0, 1, 26, 5]]
     with pytest.raises(D.DataError, match="column 'ids' has id 27"):
-        D.preprocess("text8", {"ids": np.array([[0, 27]], np.uint8)}, rng=None)
+        D.preprocess("text8", {"ids": np.array([[0, 27]], np.uint8)})
     with pytest.raises(D.DataError, match="column 'ids' has values outside 0..255"):
-        D.preprocess("text8", {"ids": np.array([[0, 300]])}, rng=None)
+        D.preprocess("text8", {"ids": np.array([[0, 300]])})
     with pytest.raises(D.DataError, match="column 'label' has values outside 0..9"):
-        D.preprocess(
-            "mnist",
-            {"image": np.zeros((2, 784), np.uint8), "label": np.array([1, 10])},
-            rng=np.random.default_rng(0),
-        )
+        D.preprocess("mnist", {"image": np.zeros((2, 784), np.uint8), "label": np.array([1, 10])})
     with pytest.raises(D.DataError, match="column 'image' rows have 100 values, expected 784"):
-        D.preprocess("mnist", {"image": np.zeros((2, 100), np.uint8)}, rng=np.random.default_rng(0))
+        D.preprocess("mnist", {"image": np.zeros((2, 100), np.uint8)})
     with pytest.raises(D.DataError, match="batch has no column 'image'"):
-        D.preprocess("cifar10", {"pixels": np.zeros((1, 3072), np.uint8)}, rng=None)
+        D.preprocess("cifar10", {"pixels": np.zeros((1, 3072), np.uint8)})
     with pytest.raises(D.DataError, match="column 'image' holds non-bytes"):
-        D.preprocess("mnist", {"image": np.array([None], dtype=object)}, rng=None)
+        D.preprocess("mnist", {"image": np.array([None], dtype=object)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -572,31 +432,32 @@ def _iter_rows(uri, split, name, **kw):
 
 
 def test_fraction_is_exact_nested_and_layout_independent(tmp_path):
+    """(text8 val rows pass to_model unchanged, so rows can be compared as sets.)"""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    D.prepare("text8", a, seq_len=64, progress=False)
-    D.prepare("text8", b, seq_len=64, rows_per_shard=100, progress=False)  # other sharding
-    n = D.num_rows(a, "train")
-    half = _iter_rows(a, "train", "text8", batch_size=128, fraction=0.5, seed=3)
-    quarter = _iter_rows(a, "train", "text8", batch_size=128, fraction=0.25, seed=3)
+    D.prepare("text8", a, seq_len=16, progress=False)
+    D.prepare("text8", b, seq_len=16, rows_per_shard=100, progress=False)  # other sharding
+    n = D.num_rows(a, "val")
+    half = _iter_rows(a, "val", "text8", batch_size=128, fraction=0.5, seed=3)
+    quarter = _iter_rows(a, "val", "text8", batch_size=128, fraction=0.25, seed=3)
     assert len(half) == round(0.5 * n) and len(quarter) == round(0.25 * n)
     as_set = lambda m: {r.tobytes() for r in m}  # noqa: E731
     assert as_set(quarter) < as_set(half)
-    assert as_set(_iter_rows(b, "train", "text8", batch_size=7, fraction=0.5, seed=3)) == as_set(
+    assert as_set(_iter_rows(b, "val", "text8", batch_size=7, fraction=0.5, seed=3)) == as_set(
         half
     )
-    other = _iter_rows(a, "train", "text8", batch_size=128, fraction=0.5, seed=4)
+    other = _iter_rows(a, "val", "text8", batch_size=128, fraction=0.5, seed=4)
     assert as_set(other) != as_set(half)
     with pytest.raises(ValueError, match="fraction"):
-        next(D.iter_batches(a, "train", "text8", batch_size=8, fraction=0.0))
+        next(D.iter_batches(a, "val", "text8", batch_size=8, fraction=0.0))
 
 
 def test_shuffle_is_a_seeded_permutation(tmp_path):
     out = str(tmp_path / "t")
-    D.prepare("text8", out, seq_len=64, progress=False)
-    plain = _iter_rows(out, "train", "text8", batch_size=100)
-    s1 = _iter_rows(out, "train", "text8", batch_size=100, shuffle=True, seed=1)
-    s1b = _iter_rows(out, "train", "text8", batch_size=33, shuffle=True, seed=1)
-    s2 = _iter_rows(out, "train", "text8", batch_size=100, shuffle=True, seed=2)
+    D.prepare("text8", out, seq_len=16, progress=False)
+    plain = _iter_rows(out, "val", "text8", batch_size=100)
+    s1 = _iter_rows(out, "val", "text8", batch_size=100, shuffle=True, seed=1)
+    s1b = _iter_rows(out, "val", "text8", batch_size=33, shuffle=True, seed=1)
+    s2 = _iter_rows(out, "val", "text8", batch_size=100, shuffle=True, seed=2)
     np.testing.assert_array_equal(s1, s1b)
     assert not np.array_equal(s1, plain) and not np.array_equal(s1, s2)
     assert rows_digest(s1) == rows_digest(plain) == rows_digest(s2)
@@ -612,34 +473,47 @@ def _ray_rows(ds) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_ray_dataset_mnist_epochs_and_reproducibility(ray_local, small_mnist):
-    out, arrays = small_mnist
+def test_ray_dataset_mnist_grey_levels_then_seeded_binarisation(ray_local, small_mnist):
+    """Ray yields the stored grey levels on every pass; the worker's to_model binarises each batch
+    with the generator of (seed, rank, step): the same step gives the same draw, another step not."""
+    import torch
+
+    out, _ = small_mnist
     ds = D.ray_dataset(out, "train", "mnist", seed=7)
-    e1, e2 = _ray_rows(ds), _ray_rows(ds)  # every pass re-runs the map: two epochs
+    e1, e2 = _ray_rows(ds), _ray_rows(ds)
     assert e1.shape == (297, 28, 28, 1) and e1.dtype == np.uint8
-    assert set(np.unique(e1)) <= {0, 1}
-    assert rows_digest(e1.reshape(297, -1)) != rows_digest(e2.reshape(297, -1))  # new draws
-    # reproducible from the seed alone: the plain reader with epoch=k gives pass k's draws (a
-    # fresh ray_dataset(seed=7) would too; row order may differ under Ray: compare multisets)
-    digest = lambda x: rows_digest(x.reshape(len(x), -1))  # noqa: E731
-    assert digest(_iter_rows(out, "train", "mnist", batch_size=64, seed=7)) == digest(e1)
-    assert digest(_iter_rows(out, "train", "mnist", batch_size=64, seed=7, epoch=1)) == digest(e2)
-    src = arrays["train"][0][D.reference_split(300)[0]]
-    assert 0 < e1.sum() <= (src > 0).sum()
+    stored, _ = read_raw(out, "train", "mnist")
+    assert rows_digest(e1.reshape(297, -1)) == rows_digest(e2.reshape(297, -1)) == rows_digest(stored)
+    (grey,) = [b["x"] for b in ds.iter_torch_batches(batch_size=297)]
+    assert grey.dtype == torch.uint8
+    x, again, step4 = (D.to_model(grey, "mnist", seq_len=0, generator=D.batch_generator(7, 0, step, "cpu"))
+                       for step in (3, 3, 4))  # fmt: skip
+    assert x.dtype == torch.int64 and x.shape == (297, 28, 28, 1) and set(x.unique().tolist()) <= {0, 1}
+    assert torch.equal(x, again) and not torch.equal(x, step4)
+    assert not x[grey == 0].any() and x[grey == 255].all()
 
 
 @pytest.mark.slow
 def test_ray_dataset_fraction_matches_plain_reader(ray_local, tmp_path):
-    """A streaming (not materialized) read of a 30 % subset: exactly the plain reader's rows."""
+    """A streaming (not materialized) read of a 30 % subset: the plain reader's rows exactly (val);
+    training rows come uncropped (2*seq_len chars) and hold the plain reader's crops."""
     out = str(tmp_path / "t")
     D.prepare("text8", out, seq_len=64, progress=False)
-    n = D.num_rows(out, "train")
-    sub = _ray_rows(D.ray_dataset(out, "train", "text8", fraction=0.3, seed=5, materialize=False))
-    plain = _iter_rows(out, "train", "text8", batch_size=64, fraction=0.3, seed=5)
-    assert sub.dtype == np.int64 and sub.shape == (round(0.3 * n), 64) == plain.shape
-    assert rows_digest(sub.astype(np.uint8)) == rows_digest(plain.astype(np.uint8))
+    n = D.num_rows(out, "val")
+    sub = _ray_rows(D.ray_dataset(out, "val", "text8", fraction=0.3, seed=5, materialize=False))
+    plain = _iter_rows(out, "val", "text8", batch_size=64, fraction=0.3, seed=5)
+    assert sub.dtype == np.uint8 and plain.dtype == np.int64
+    assert sub.shape == (round(0.3 * n), 64) == plain.shape
+    assert rows_digest(sub) == rows_digest(plain.astype(np.uint8))
+    train = _ray_rows(D.ray_dataset(out, "train", "text8", fraction=0.3, seed=5, materialize=False, seq_len=64))
+    assert train.shape == (round(0.3 * D.num_rows(out, "train")), 128)
     ids, _ = read_raw(out, "train", "text8")
-    assert {r.tobytes() for r in sub.astype(np.uint8)} <= {r.tobytes() for r in ids}
+    assert {r.tobytes() for r in train} <= {r.tobytes() for r in ids}
+    joined = b"\xff".join(r.tobytes() for r in train)
+    crops = _iter_rows(out, "train", "text8", batch_size=64, fraction=0.3, seed=5)
+    assert all(c.astype(np.uint8).tobytes() in joined for c in crops)
+    with pytest.raises(D.DataError, match="prepared with seq_len 64, not 256"):
+        D.ray_dataset(out, "train", "text8", seq_len=256)
 
 
 @pytest.mark.slow
