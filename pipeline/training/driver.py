@@ -143,11 +143,12 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
     # blocks reach the workers in a fixed order, so a seeded launch sees the same batches
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     seed = cfg.trainer.seed
+    seq_len = cfg.data.seq_len if cfg.data.name == "text8" else None
     datasets = {
         "train": data_lib.ray_dataset(cfg.data.uri, "train", cfg.data.name, num_bins=cfg.data.num_bins,
-                                      fraction=cfg.data.fraction, seed=seed),
+                                      fraction=cfg.data.fraction, seed=seed, seq_len=seq_len),
         "val": data_lib.ray_dataset(cfg.data.uri, "val", cfg.data.name, num_bins=cfg.data.num_bins,
-                                    seed=seed + 1),
+                                    seed=seed + 1, seq_len=seq_len),
     }  # fmt: skip
     run_id = start_tracking(cfg, num_parameters, manifest)
     run_dir = local_run_dir(cfg)

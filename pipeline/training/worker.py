@@ -26,6 +26,7 @@ import torch
 
 from bfn import EMA
 from bfn.networks import count_parameters
+from pipeline import data as data_lib
 from pipeline.config import Config
 from pipeline.evaluation import figures
 from pipeline.tracking import MLflowTracker, NullTracker
@@ -49,21 +50,23 @@ class Runtime:
     verbose: bool = False
 
 
-def to_model_space(x: torch.Tensor, data_name: str) -> torch.Tensor:
-    """Ray batch column -> model data: long ids (mnist, text8) or float32 in [-1, 1] (cifar10)."""
-    return x.long() if data_name in ("mnist", "text8") else x.float()
-
-
-def _batches(dataset, batch_size: int, device, data_name: str, epoch: int, seed: int):
-    """Endless (epoch, x) over a Ray dataset (iterator), one pass per epoch; the local shuffle is
-    seeded per (seed, epoch) so a launch is reproducible."""
+def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
+    """Endless (epoch, stored batch) over a Ray dataset (iterator), one pass per epoch; the local
+    shuffle is seeded per (seed, epoch) so a launch is reproducible."""
     while True:
         for batch in dataset.iter_torch_batches(batch_size=batch_size, drop_last=True,
                                                 local_shuffle_buffer_size=4 * batch_size,
                                                 local_shuffle_seed=seed * 1_000_003 + epoch,
                                                 device=device):  # fmt: skip
-            yield epoch, to_model_space(batch["x"], data_name)
+            yield epoch, batch["x"]
         epoch += 1
+
+
+def _model_batch(cfg: Config, x: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """Stored batch -> model data: the seeded draws (MNIST binarisation, text8 window offsets) of
+    (trainer.seed, rank, step), so a resumed run draws what it would have drawn."""
+    generator = data_lib.batch_generator(cfg.trainer.seed, rank, step, x.device)
+    return data_lib.to_model(x, cfg.data.name, seq_len=cfg.data.seq_len, generator=generator)
 
 
 def _seed(seed: int, rank: int, step: int) -> None:
@@ -224,7 +227,7 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
         tracker = MLflowTracker(cfg.tracking.uri, runtime.mlflow_run_id)
     run_dir = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
     per_worker = cfg.data.batch_size // world
-    train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, cfg.data.name, epoch,
+    train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, epoch,
                           seed=cfg.trainer.seed * 7919 + rank)  # fmt: skip
     cadence, progress = Cadence.from_config(cfg.trainer), Progress(cfg.trainer.max_steps, first_step=step)
     raw.train()
@@ -236,7 +239,8 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     progress.loop_started = window.started
 
     while step < cfg.trainer.max_steps:
-        epoch, x = next(train_iter)
+        epoch, stored = next(train_iter)
+        x = _model_batch(cfg, stored, rank, step)
         result = step_fn(raw, x, optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=lr_at(cfg, step),
                          amp=cfg.trainer.amp)  # fmt: skip
         window.add(result)
@@ -348,8 +352,9 @@ def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, track
     import ray.train
 
     val = ray.train.get_dataset_shard("val")
-    batches = (to_model_space(b["x"], cfg.data.name) for b in val.iter_torch_batches(
-        batch_size=cfg.data.val_batch_size, device=device))  # fmt: skip
+    generator = data_lib.batch_generator(cfg.trainer.seed, 0, data_lib.VALIDATION_STEP, device)
+    batches = (data_lib.to_model(b["x"], cfg.data.name, seq_len=cfg.data.seq_len, generator=generator)
+               for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device))  # fmt: skip
     started = time.perf_counter()
     result = steps.validate(ema_model, batches, nll_steps=cfg.eval.nll_steps,
                             nll_repeats=cfg.eval.nll_repeats, max_batches=cfg.eval.val_batches)  # fmt: skip
