@@ -258,13 +258,19 @@ def test_discrete_sde1_step_is_the_papers_bayesian_update(K, beta_1, a, b, seed)
     torch.testing.assert_close(torch.softmax(out, -1), expected, rtol=1e-6, atol=1e-6)
 
 
-def fine_reference(solver, state, prediction_at, s, t, *, stochastic, num_substeps=400):
-    """Many first-order steps, each with the prediction at its midpoint: an independent quadrature."""
-    grid = [s + (t - s) * k / num_substeps for k in range(num_substeps + 1)]
-    for u, v in zip(grid[:-1], grid[1:], strict=True):
-        noise = torch.zeros_like(state) if stochastic else None
-        state = solver.step(state, prediction_at(u, v), u, v, noise=noise)
-    return state
+def fine_reference(solver, state, prediction_at, s, t, *, stochastic, num_substeps=200):
+    """An independent quadrature: first-order substeps, each with the prediction at its midpoint
+    (error O(1/M^2)), Richardson-extrapolated from M and 2M substeps (error O(1/M^4))."""
+
+    def composite(m):
+        grid = [s + (t - s) * k / m for k in range(m + 1)]
+        out = state
+        for u, v in zip(grid[:-1], grid[1:], strict=True):
+            noise = torch.zeros_like(out) if stochastic else None
+            out = solver.step(out, prediction_at(u, v), u, v, noise=noise)
+        return out
+
+    return (4 * composite(2 * num_substeps) - composite(num_substeps)) / 3
 
 
 @FAST
@@ -285,7 +291,7 @@ def test_continuous_second_order_steps_are_exact_for_predictions_linear_in_lambd
     out = solver.step(mean, predict(s), s, t, previous=(r, predict(r)), noise=noise)
     midpoint = lambda u, v: offset + slope * (lam(u) + lam(v)) / 2  # noqa: E731
     expected = fine_reference(solver, mean, midpoint, s, t, stochastic=stochastic)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
 
 
 @FAST
@@ -304,7 +310,7 @@ def test_discrete_second_order_steps_are_exact_for_predictions_linear_in_t(
     out = solver.step(logits, offset + slope * s, s, t, previous=(r, offset + slope * r), noise=noise)
     midpoint = lambda u, v: offset + slope * (u + v) / 2  # noqa: E731
     expected = fine_reference(solver, logits, midpoint, s, t, stochastic=stochastic)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
 
 
 @FAST
