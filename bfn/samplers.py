@@ -84,7 +84,7 @@ def sample(
     return_sample: bool = False,
     t_start: float | None = None,
 ) -> Tensor:
-    """Draw (num_samples, *data_shape) from ``model`` with ``nfe`` network calls. Used for sampling.
+    """Draw (num_samples, *data_shape) from ``model`` with ``nfe`` network calls (after training).
 
     Args:
         model: the BFN (network, flow and head).
@@ -109,8 +109,16 @@ def sample(
     )
 
 
-def paper(model: BFN, num_samples: int, nfe: int, *, generator=None, device=None,
-          return_sample: bool = False, t_start: float | None = None) -> Tensor:
+def paper(
+    model: BFN,
+    num_samples: int,
+    nfe: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    return_sample: bool = False,
+    t_start: float | None = None,
+) -> Tensor:
     """The paper's sampler (Algorithms 3, 6, 9): nfe - 1 Bayesian updates, then p_O at t = 1.
 
     Draws in the official order (per step: x ~ p_O, then y ~ p_S), so it reproduces the
@@ -164,9 +172,18 @@ def solver_times(nfe: int, t_start: float) -> list[float]:
     return [t_start + (1.0 - t_start) * j / nfe for j in range(nfe + 1)]
 
 
-def _solve(model: BFN, num_samples: int, nfe: int, *, order: int, stochastic: bool,
-           generator=None, device=None, return_sample: bool = False,
-           t_start: float | None = None) -> Tensor:
+def _solve(
+    model: BFN,
+    num_samples: int,
+    nfe: int,
+    *,
+    order: int,
+    stochastic: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    return_sample: bool = False,
+    t_start: float | None = None,
+) -> Tensor:
     """Run a BFN-Solver: nfe - 1 solver steps on ``solver_times``, then the last prediction."""
     device = device or _model_device(model)
     solver = make_solver(model.flow)
