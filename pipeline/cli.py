@@ -141,8 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_official)
 
     p = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
-    p.add_argument("which", nargs="?", default="all", choices=["all", "step", "pipeline"])
+    p.add_argument("which", nargs="?", default="all", choices=["all", "step", "pipeline", "device"],
+                   help="device: the paper networks' step and sampler on --device (beside --official)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--device", default="cuda", help="device mode: cuda or cpu")
+    p.add_argument("--networks", default="text8:416,text8:64,cifar10:32,cifar10:128,mnist:512",
+                   help="device mode: NAME[:BATCH],... of text8, cifar10, mnist")
+    p.add_argument("--official", default=None, help="device mode: a checkout of the official BFN code")
+    p.add_argument("--warmup", type=int, default=4, help="device mode: untimed steps first")
+    p.add_argument("--sample-steps", type=int, default=100, help="device mode: sampler steps")
+    p.add_argument("--peak-tflops", type=float, default=989.4, help="device mode: peak for MFU (H200 bf16)")
+    _overrides(p)
     p.set_defaults(func=cmd_bench)
 
     for module in ("pipeline.sweeps.tune", "pipeline.sweeps.scaling", "pipeline.cluster.submit",

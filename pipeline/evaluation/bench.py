@@ -162,6 +162,10 @@ def bench_pipeline(steps: int = 60) -> dict[str, float]:
 
 
 def main(args) -> int:
+    if args.which == "device":
+        from pipeline.evaluation.bench_device import main as device_main
+
+        return device_main(args)
     if args.which in ("all", "step"):
         bench_step(args.steps)
     if args.which in ("all", "pipeline"):
