@@ -82,29 +82,11 @@ def project_config(overrides: Mapping[str, Any], extra: Sequence[str] = ()) -> d
     return config
 
 
-def import_official(
-    checkpoint_path: str | Path,
-    official_yaml_path: str | Path,
-    out_dir: str | Path,
-    *,
-    overrides: Sequence[str] = (),
-) -> Path:
-    """Convert an official checkpoint + its YAML config into a project checkpoint folder.
-
-    ``overrides``: further Hydra overrides of the project config (e.g. ``run.name=...``,
-    ``data.uri=...``). ``out_dir`` must not exist or be empty. Returns ``out_dir``.
-    """
+def _read_official(checkpoint_path: Path, yaml_path: Path) -> tuple[Mapping, dict]:
+    """The official state dict (weights-only) and its YAML; errors name the file."""
     import torch
     import yaml
 
-    from bfn import EMA
-    from bfn.networks import official
-    from pipeline.training.build import build_model, build_optimizer
-
-    checkpoint_path, yaml_path = Path(checkpoint_path), Path(official_yaml_path)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise checkpointing.CheckpointError(f"{out_dir} exists and is not an empty folder: not overwritten")
     state = checkpointing.load_tensors(checkpoint_path)  # weights-only: no pickled code runs
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise checkpointing.CheckpointError(
@@ -112,18 +94,17 @@ def import_official(
             f" {type(state).__name__}"
         )
     try:
-        official_config = yaml.safe_load(yaml_path.read_text())
+        return state, yaml.safe_load(yaml_path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"official config not found: {yaml_path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{yaml_path}: not readable YAML ({str(error).splitlines()[0]})") from None
-    try:
-        mapped = official.config_overrides(official_config)
-    except official.OfficialConfigError as error:
-        raise ConfigError(f"{yaml_path}: {error}") from None
-    name = "official-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in yaml_path.stem)
-    config = project_config(mapped, [f"run.name={name}", *overrides])
-    cfg = Config.from_dict(config)
+
+
+def _converted_model(cfg: Config, official_config: dict, state: Mapping, checkpoint_path: Path, yaml_path: Path):
+    """The project BFN of ``cfg`` carrying the official weights."""
+    from bfn.networks import official
+    from pipeline.training.build import build_model
 
     try:
         model = build_model(cfg)
@@ -136,18 +117,42 @@ def import_official(
     except official.OfficialCheckpointError as error:
         raise checkpointing.CheckpointError(f"{checkpoint_path}: {error}") from None
     model.net.load_state_dict(weights)
-    model.eval()
+    return model.eval()
+
+
+def import_official(
+    checkpoint_path: str | Path,
+    official_yaml_path: str | Path,
+    out_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """Convert an official checkpoint + its YAML config into a project checkpoint folder.
+
+    ``overrides``: further Hydra overrides of the project config (e.g. ``run.name=...``,
+    ``data.uri=...``). ``out_dir`` must not exist or be empty. Returns ``out_dir``.
+    """
+    from bfn import EMA
+    from bfn.networks import official
+    from pipeline.training.build import build_optimizer
+
+    checkpoint_path, yaml_path, out_dir = Path(checkpoint_path), Path(official_yaml_path), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise checkpointing.CheckpointError(f"{out_dir} exists and is not an empty folder: not overwritten")
+    state, official_config = _read_official(checkpoint_path, yaml_path)
+    try:
+        mapped = official.config_overrides(official_config)
+    except official.OfficialConfigError as error:
+        raise ConfigError(f"{yaml_path}: {error}") from None
+    name = "official-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in yaml_path.stem)
+    config = project_config(mapped, [f"run.name={name}", *overrides])
+    cfg = Config.from_dict(config)
+    model = _converted_model(cfg, official_config, state, checkpoint_path, yaml_path)
     ema = EMA(model, cfg.optim.ema_decay)  # a copy: the official (EMA) weights in both
-    optimizer = build_optimizer(cfg, model)
     train_state = {
-        "step": 0,
-        "epoch": 0,
-        "run_name": cfg.run.name,
-        "imported_from": {
-            "checkpoint": str(checkpoint_path.resolve()),
-            "official_config": str(yaml_path.resolve()),
-            "hydra_overrides": hydra_overrides(mapped),
-        },
-    }
-    return checkpointing.save(out_dir, model=model, ema=ema, optimizer=optimizer,
+        "step": 0, "epoch": 0, "run_name": cfg.run.name,
+        "imported_from": {"checkpoint": str(checkpoint_path.resolve()), "official_config": str(yaml_path.resolve()),
+                          "hydra_overrides": hydra_overrides(mapped)},
+    }  # fmt: skip
+    return checkpointing.save(out_dir, model=model, ema=ema, optimizer=build_optimizer(cfg, model),
                               train_state=train_state, config=config)  # fmt: skip
