@@ -316,12 +316,18 @@ def cmd_fit(args) -> int:
 
 
 def _guard(fn):
+    """One masked line and exit status 2 for a refused plan or fit, or an MLflow failure."""
+
     def wrapped(args) -> int:
+        from mlflow.exceptions import MlflowException
+
         try:
             return fn(args)
         except ScalingError as error:
             print(f"bfn: error: scaling: {store.masked(str(error))}", file=sys.stderr)
-            return 2
+        except MlflowException as error:
+            print(f"bfn: error: scaling: MLflow: {store.masked(error)}", file=sys.stderr)
+        return 2
 
     return wrapped
 

@@ -317,7 +317,17 @@ def sweep(args: list[str]) -> dict:
 
 # --------------------------------------------------------------------------------------- CLI
 def cmd_tune(args) -> int:
-    sweep(list(args.args))
+    import sys
+
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.sweeps.store import masked
+
+    try:
+        sweep(list(args.args))
+    except MlflowException as error:  # its text may hold the tracking URI's credentials
+        print(f"bfn: error: MLflow: {masked(error)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -216,3 +216,14 @@ def test_plan_ranks_by_an_nll_bound_when_eval_skips_the_n_step_nll():
 def test_plan_rejects_a_width_the_net_cannot_take():
     with pytest.raises(S.ScalingError, match="w12-d1"):
         S.make_plan("bad", ["experiment=smoke"], widths=[12], depths=[1])
+
+
+def test_an_mlflow_failure_is_one_masked_line(tmp_path, capsys):
+    """The tracking server is down: one line, exit status 2, the URI's credentials masked."""
+    from pipeline import cli
+
+    code = cli.main(["scaling", "fit", "--name", "g", "tracking.uri=http://user:sekret@127.0.0.1:9/",
+                     f"paths.runs_dir={tmp_path}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("bfn: error: scaling: MLflow:"), err
+    assert "sekret" not in err and "***" in err

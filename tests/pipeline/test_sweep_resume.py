@@ -1,6 +1,7 @@
 """`bfn tune resume=true` unpickles the sweep's Tune state: the state is checked first against the
 sha256 recorded in the sweep's MLflow parent run (pipeline/sweeps/tune_state.py), and a planted
-pickle is refused before anything loads it. Real MLflow sqlite store, real files; no Ray runtime.
+pickle is refused before anything loads it; MLflow errors on the way are masked. Real MLflow
+sqlite store, real files; no Ray runtime.
 """
 
 from __future__ import annotations
@@ -102,3 +103,17 @@ def test_an_unreadable_mlflow_error_is_masked(tmp_path):
     with pytest.raises(ConfigError, match="resume: cannot read the sweep's recorded sha256") as info:
         tune_state.verify(cfg, "s3", str(folder))
     assert "sekret" not in str(info.value)
+
+
+def test_an_unreachable_mlflow_is_a_masked_warning(caplog):
+    """The sweep's parent run and a trial's run cannot be created: the sweep goes on untracked, and
+    the warnings do not carry the URI's credentials (MLflow's own error text does)."""
+    import logging
+
+    cfg = load(["experiment=smoke", "tracking.uri=http://user:sekret@127.0.0.1:9/", "tracking.experiment=x"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.sweeps.store"):
+        assert store.start_parent(cfg, "s", {"tune.space": "lr"}, "note", resume=False) is None
+        assert store.open_run(cfg, "s-trial", {store.ROLE_TAG: "trial"}) is None
+    ours = [r.getMessage() for r in caplog.records if r.name == "pipeline.sweeps.store"]
+    assert len(ours) == 2 and all("127.0.0.1:9" in m and "***" in m for m in ours), ours
+    assert "sekret" not in caplog.text
