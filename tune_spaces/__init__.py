@@ -3,8 +3,10 @@
 
 ``SPACES[name]()`` returns ``{dotted_key: tune domain}``; ``get_space("a+b")`` merges spaces.
 ``MATCHING[name]`` lists the experiment presets a space is meant for (the tests check that every
-key exists in those presets' composed configs). Validation and application live in ``common``.
-This package imports only ``ray.tune``.
+key exists in those presets' composed configs). Spaces are chosen by name on the command line, as
+Hydra groups are (``bfn tune space=schedule_mnist+optim``). Reading domains and applying a sampled
+point live in ``common``; checking a space against a config is ``pipeline.sweeps.spaces``'s job
+(the config's own validation decides what is legal). This package imports only ``ray.tune``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import architecture, optim, schedule
-from .common import apply_to_dict, check_space, corner_samples, to_overrides
+from .common import apply_to_dict, corner_samples, to_overrides
 
 SPACES: dict[str, Callable[[], dict]] = {
     "schedule_mnist": schedule.mnist,
@@ -56,5 +58,4 @@ def get_space(name: str) -> dict:
     return space
 
 
-__all__ = ["MATCHING", "SPACES", "apply_to_dict", "check_space", "corner_samples", "get_space",
-           "to_overrides"]  # fmt: skip
+__all__ = ["MATCHING", "SPACES", "apply_to_dict", "corner_samples", "get_space", "to_overrides"]

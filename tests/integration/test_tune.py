@@ -10,9 +10,10 @@
   from none beyond the noise of a 200-example validation NLL; four do. Measured outside Ray
   (3 seeds, the same data and validation): at step 4, 6e-3 and 3e-3 reach 1.6-3.5 bits/dim and
   an untrained network 4.9-7.4 (the initialisation alone moves it by 2.5). 1e-3 (2.5-5.3) is not
-  separable from an untrained network at step 4, which made an earlier version of this grid flaky. Then: the MLflow
-  parent/child runs, the summary artifacts, the exported best preset re-trained with
-  `bfn train experiment=best_...`, and `resume=true` on the finished sweep.
+  separable from an untrained network at step 4. Then: the MLflow parent/child runs, the summary
+  artifacts, the exported best preset re-trained with `bfn train experiment=best_...`, a planted
+  `tuner.pkl` refused by `resume=true` before Tune loads it, and `resume=true` on the finished sweep.
+* The orphan placement-group reaper (the one use of Ray's private API) on this Ray version.
 * A tiny real scaling grid: 3 widths x 2 step counts of the tiny MNIST U-Net, trained 2 at a
   time through Tune, read back from MLflow, fitted, plotted. Six Train runs take 3-8 minutes on
   a shared 2-core machine, so it only runs with BFN_TEST_SCALING_GRID=1.
@@ -24,6 +25,7 @@ runs under an explicit pytest timeout (a starved Ray hangs instead of failing).
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -58,6 +60,16 @@ SMOKE_1W = ["experiment=smoke", "trainer=cpu_1", "trainer.cpus_per_worker=1", "t
             "optim.ema_decay=0.0"]  # fmt: skip
 
 
+class Plant:
+    """A pickle that writes a marker file when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
 @pytest.fixture
 def lr_grid(monkeypatch):
     from ray import tune
@@ -65,6 +77,36 @@ def lr_grid(monkeypatch):
     import tune_spaces
 
     monkeypatch.setitem(tune_spaces.SPACES, "lr_grid", lambda: {"optim.lr": tune.grid_search(LRS)})
+
+
+@pytest.mark.timeout(120)
+def test_orphan_placement_groups_are_reaped(ray_local):
+    """A group whose creator actor died is removed (what a stopped trial's Train controller leaves
+    behind); a group the driver created is left alone."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from pipeline.sweeps.placement_groups import reap_orphan_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self) -> str:
+            group = placement_group([{"CPU": 0.01}])
+            ray.get(group.ready(), timeout=30)
+            return group.id.hex()
+
+    ours = placement_group([{"CPU": 0.01}])
+    ray.get(ours.ready(), timeout=30)
+    creator = Creator.remote()
+    orphan = ray.get(creator.make.remote(), timeout=60)
+    ray.kill(creator)
+    deadline = time.monotonic() + 60
+    while placement_group_table()[orphan]["state"] != "REMOVED" and time.monotonic() < deadline:
+        reap_orphan_placement_groups()  # the GCS marks the creator dead shortly after the kill
+        time.sleep(0.5)
+    assert placement_group_table()[orphan]["state"] == "REMOVED"
+    assert placement_group_table(ours)["state"] == "CREATED"
+    remove_placement_group(ours)
 
 
 @pytest.mark.timeout(540)
@@ -102,7 +144,9 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
     client = MlflowClient(cfg.tracking.uri)
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["bfn.role"] == "sweep"
-    assert parent.data.tags["bfn.trials_stopped_early"] == str(len(stopped))
+    assert parent.data.metrics["sweep/trials_stopped_early"] == len(stopped)
+    assert parent.data.metrics["sweep/trials"] == 4
+    assert len(parent.data.tags["bfn.tune_state_sha256"]) == 64  # what resume=true checks
     exp_id = parent.info.experiment_id
     children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4
@@ -140,6 +184,14 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
     # experiment (nothing to rerun) and no new child runs appear
     assert cli.main(["tune", *args]) == 2
     assert "resume=true" in capsys.readouterr().err
+    # ... unless someone replaced the pickled Tune state: refused before anything loads it
+    state = Path(result["path"]) / "tuner.pkl"
+    original, marker = state.read_bytes(), tmp_path / "planted-pickle-ran"
+    state.write_bytes(pickle.dumps(Plant(marker)))
+    assert cli.main(["tune", *args, "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "resume: the Tune state at" in err and "tuner.pkl" in err and not marker.exists()
+    state.write_bytes(original)
     resumed = T.sweep([*args, "resume=true"])
     assert sorted(r["trial_id"] for r in resumed["rows"]) == sorted(by_trial)
     assert resumed["parent_run_id"] == result["parent_run_id"]
@@ -154,6 +206,7 @@ def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
 
     from pipeline.config import load
     from pipeline.sweeps import scaling as S
+    from pipeline.sweeps import store
 
     base = ["experiment=smoke", "trainer=cpu_1", "trainer.cpus_per_worker=1", "trainer.log_every=2",
             "trainer.val_every=100", "trainer.checkpoint_every=100", "eval.num_samples=0", *machine]  # fmt: skip
@@ -170,13 +223,13 @@ def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
           f"beta={fit['ND']['params']['beta']:.3g} gamma={fit['C']['params']['gamma']:.3g}")
     print(Path(fit["files"]["markdown"]).read_text())
     assert Path(fit["files"]["plot"]).stat().st_size > 10_000
-    runs = S.read_runs(cfg.tracking.uri, cfg.tracking.experiment, "tiny")
+    runs = store.read_grid(cfg.tracking.uri, cfg.tracking.experiment, "tiny")
     assert len(runs) == 6 and len({r["N"] for r in runs}) == 3 and len({r["D"] for r in runs}) == 2
     client = MlflowClient(cfg.tracking.uri)
-    tags = client.get_run(runs[0]["run_id"]).data.tags
-    assert {"scaling.N", "scaling.D", "scaling.C", "scaling.nll"} <= set(tags)
-    assert float(tags["scaling.C"]) == 6 * float(tags["scaling.N"]) * float(tags["scaling.D"])
-    assert client.get_run(fit["mlflow_run_id"]).data.tags[S.ROLE_TAG] == "fit"
+    data = client.get_run(runs[0]["run_id"]).data
+    assert {"scaling.N", "scaling.D", "scaling.C"} <= set(data.params) and store.FINAL_NLL in data.metrics
+    assert float(data.params["scaling.C"]) == 6 * float(data.params["scaling.N"]) * float(data.params["scaling.D"])
+    assert client.get_run(fit["mlflow_run_id"]).data.tags[store.GRID_ROLE_TAG] == "fit"
     # a second `run` finds every point done and trains nothing
     started = time.perf_counter()
     assert [r["nll"] for r in S.run_plan(plan, concurrent=2)] == [r["nll"] for r in results]

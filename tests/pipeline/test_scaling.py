@@ -1,7 +1,8 @@
-"""Scaling-law fits (pipeline/scaling.py) on synthetic runs logged to a real MLflow sqlite store.
+"""Scaling-law fits (pipeline/sweeps) on synthetic runs logged to a real MLflow sqlite store.
 
 Runs are generated from a known L(N, D) = E + A/N^alpha + B/D^beta with 0.5% multiplicative
-noise; `fit_grid` must read them back by tag, recover alpha and beta inside its bootstrap CIs,
+noise and logged as `bfn scaling run` leaves them (N, D, C as params, the final NLL as a metric);
+`fit_grid` must read them back, recover alpha and beta inside its bootstrap CIs,
 write the plot and tables, log them to MLflow, and refuse too few runs or a NaN NLL. Also: the
 plan of a real preset (N, D, C per grid point) without training. No Ray runtime.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.sweeps import scaling as S
+from pipeline.sweeps import store
 
 TRUE = {"E": 1.2, "A": 30.0, "alpha": 0.35, "B": 200.0, "beta": 0.3}
 
@@ -25,20 +27,23 @@ def truth(n, d):
 
 
 def log_runs(uri: str, name: str, points: list[tuple[float, float, float]], experiment="scaling"):
-    """Grid runs as `bfn scaling run` leaves them: tags scaling.N/D/C/nll, role run."""
+    """Grid runs as `bfn scaling run` leaves them (store.grid_tags/grid_params, then
+    store.finalize_point), with a validation curve whose last value is the final NLL."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     exp_id = found.experiment_id if found else client.create_experiment(experiment)
     for i, (n, d, nll) in enumerate(points):
-        tags = {S.GRID_TAG: name, S.ROLE_TAG: "run", S.ENTRY_TAG: f"p{i}",
-                "scaling.N": str(int(n)), "scaling.D": str(int(d)), "scaling.C": repr(float(6.0 * n * d)),
-                "scaling.C_measured": repr(float(2.4 * n * d)), "scaling.nll": repr(float(nll)),
-                "scaling.nll_metric": "val/nll_bits_per_dim"}  # fmt: skip
-        run = client.create_run(exp_id, run_name=f"{name}-p{i}", tags=tags)
-        client.log_metric(run.info.run_id, "val/nll_bits_per_dim", float(nll), step=10)
+        entry = {"N": int(n), "D": int(d), "C": 6.0 * int(n) * int(d), "C_measured": 2.4 * n * d}
+        run = client.create_run(exp_id, run_name=f"{name}-p{i}", tags=store.grid_tags(name, f"p{i}"))
+        params = [Param(k, str(v)) for k, v in store.grid_params(entry, "val/nll_bits_per_dim").items()]
+        curve = [Metric("val/nll_bits_per_dim", value, 0, step) for value, step in ((2 * nll, 5), (nll, 10))]
+        client.log_batch(run.info.run_id, metrics=curve, params=params)
         client.set_terminated(run.info.run_id)
+        final = store.finalize_point(uri, run.info.run_id, "val/nll_bits_per_dim", {})
+        assert final == nll or (math.isnan(final) and math.isnan(nll))
     return client
 
 
@@ -50,7 +55,7 @@ def synthetic(seed=0, noise=0.005):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def grid_store(tmp_path_factory):
     """One sqlite store for the module (a new one costs ~5 s of schema migrations); every test
     logs its own grid name."""
     root = tmp_path_factory.mktemp("mlflow")
@@ -59,8 +64,8 @@ def store(tmp_path_factory):
     return uri, root
 
 
-def test_fit_recovers_exponents_within_ci(store, tmp_path):
-    uri, root = store
+def test_fit_recovers_exponents_within_ci(grid_store, tmp_path):
+    uri, root = grid_store
     result = S.fit_grid(uri, "scaling", "synthetic", budget=1e18, n_boot=60, seed=1,
                         out_dir=tmp_path / "out", artifact_location=str(root / "art"))  # fmt: skip
     nd = result["ND"]
@@ -84,22 +89,22 @@ def test_fit_recovers_exponents_within_ci(store, tmp_path):
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(result["mlflow_run_id"])
-    assert run.data.tags[S.ROLE_TAG] == "fit" and run.info.status == "FINISHED"
+    assert run.data.tags[store.GRID_ROLE_TAG] == "fit" and run.info.status == "FINISHED"
     assert abs(run.data.metrics["fit/ND/alpha"] - nd["params"]["alpha"]) < 1e-9
     names = {a.path for a in client.list_artifacts(run.info.run_id, "scaling")}
     assert {"scaling/scaling_fit.png", "scaling/fit.csv", "scaling/fit.md"} <= names
     # the fit run is not read back as a grid run
-    assert len(S.read_runs(uri, "scaling", "synthetic")) == 25
+    assert len(store.read_grid(uri, "scaling", "synthetic")) == 25
     # a well-determined fit: no warning but that the optimum for 1e18 FLOPs (D = 3.2e10) lies
     # beyond 10x the grid's largest D
     warnings = json.loads(Path(result["files"]["json"]).read_text())["warnings"]
     assert len(warnings) == 1 and warnings[0].startswith("the compute-optimal D = "), warnings
 
 
-def test_an_underdetermined_fit_says_so(store, tmp_path):
+def test_an_underdetermined_fit_says_so(grid_store, tmp_path):
     """Six noisy runs (the tiny CPU grid's size) for five parameters: the table still comes out,
     with warnings about the degrees of freedom, the exponents and the extrapolated optimum."""
-    uri, root = store
+    uri, root = grid_store
     rng = np.random.default_rng(3)
     points = [(n, d, truth(n, d) * math.exp(rng.normal(0, 0.2))) for n in (1e4, 2e4, 4e4) for d in (1e6, 2e6)]
     log_runs(uri, "tiny", points)
@@ -122,8 +127,8 @@ def test_compute_optimal_is_the_minimum_along_the_budget():
         assert f(n, budget / (6 * n)) > opt["L_opt"]
 
 
-def test_rejects_too_few_runs(store, tmp_path, capsys):
-    uri, _ = store
+def test_rejects_too_few_runs(grid_store, tmp_path, capsys):
+    uri, _ = grid_store
     log_runs(uri, "small", synthetic()[:5])
     with pytest.raises(S.ScalingError, match=r"too few runs.*5 found, 5 free parameters need at least 6"):
         S.fit_grid(uri, "scaling", "small", out_dir=tmp_path / "o", log_to_mlflow=False)
@@ -136,26 +141,41 @@ def test_rejects_too_few_runs(store, tmp_path, capsys):
     assert "bfn: error: scaling: too few runs" in capsys.readouterr().err
 
 
-def test_rejects_one_size_only(store, tmp_path):
-    uri, _ = store
+def test_rejects_one_size_only(grid_store, tmp_path):
+    uri, _ = grid_store
     log_runs(uri, "flat", [p for seed in (0, 1) for p in synthetic(seed) if p[0] == 1e4])
     with pytest.raises(S.ScalingError, match="all runs share one N"):
         S.fit_grid(uri, "scaling", "flat", out_dir=tmp_path / "o", log_to_mlflow=False)
 
 
-def test_rejects_nan_nll(store, tmp_path):
-    uri, _ = store
+def test_rejects_nan_nll(grid_store, tmp_path):
+    uri, _ = grid_store
     points = synthetic()
     points[3] = (points[3][0], points[3][1], float("nan"))
     log_runs(uri, "nan", points)
     with pytest.raises(S.ScalingError, match=r"non-finite .*final NLL: nan-p3 \(nll=nan\)"):
         S.fit_grid(uri, "scaling", "nan", out_dir=tmp_path / "o", log_to_mlflow=False)
+    # `bfn scaling run` retrains exactly that point: the others count as done
+    done = store.finished_points(uri, "scaling", "nan")
+    assert len(done) == 24 and "p3" not in done
 
 
-def test_missing_grid_is_explained(store):
-    uri, _ = store
+def test_grid_numbers_are_params_and_the_result_a_metric(grid_store):
+    uri, _ = grid_store
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(store.read_grid(uri, "scaling", "synthetic")[0]["run_id"])
+    assert {"scaling.N", "scaling.D", "scaling.C", "scaling.C_measured"} <= set(run.data.params)
+    assert float(run.data.params["scaling.C"]) == 6 * float(run.data.params["scaling.N"]) * float(
+        run.data.params["scaling.D"])
+    assert store.FINAL_NLL in run.data.metrics
+    assert not [k for k in run.data.tags if k.startswith("scaling.")]
+
+
+def test_missing_grid_is_explained(grid_store):
+    uri, _ = grid_store
     with pytest.raises(S.ScalingError, match="no runs tagged bfn.scaling=absent"):
-        S.read_runs(uri, "scaling", "absent")
+        store.read_grid(uri, "scaling", "absent")
 
 
 def test_plan_measures_n_d_c(tmp_path):
@@ -181,6 +201,29 @@ def test_plan_measures_n_d_c(tmp_path):
     assert out.exists() and "| w16-d1-s4-f0.02 |" in out.with_suffix(".md").read_text()
 
 
+def test_plan_ranks_by_an_nll_bound_when_eval_skips_the_n_step_nll():
+    """text8 validates with eval.nll_steps = 0: the grid still ranks by val/nll_bits_per_dim (the
+    continuous-time NLL, L-infinity + reconstruction), never by L-infinity alone (val/loss)."""
+    overrides = ["experiment=text8", "net=text8_transformer_tiny", "trainer=cpu_1"]
+    from pipeline.config import load
+
+    assert load(overrides).eval.nll_steps == 0
+    plan = S.make_plan("t8", overrides, widths=[32], depths=[2], steps=[4])
+    assert plan["metric"] == "val/nll_bits_per_dim"
+    assert store.grid_params(plan["entries"][0], plan["metric"])["scaling.nll_metric"] == "val/nll_bits_per_dim"
+
+
 def test_plan_rejects_a_width_the_net_cannot_take():
     with pytest.raises(S.ScalingError, match="w12-d1"):
         S.make_plan("bad", ["experiment=smoke"], widths=[12], depths=[1])
+
+
+def test_an_mlflow_failure_is_one_masked_line(tmp_path, capsys):
+    """The tracking server is down: one line, exit status 2, the URI's credentials masked."""
+    from pipeline import cli
+
+    code = cli.main(["scaling", "fit", "--name", "g", "tracking.uri=http://user:sekret@127.0.0.1:9/",
+                     f"paths.runs_dir={tmp_path}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("bfn: error: scaling: MLflow:"), err
+    assert "sekret" not in err and "***" in err

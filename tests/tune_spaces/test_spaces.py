@@ -1,6 +1,8 @@
-"""Search spaces (tune_spaces): keys exist in the presets they are meant for, every space samples
-into a config that composes and validates like `bfn train`, bad spaces fail before any trial, and
-the best-trial preset export reproduces a config. No Ray runtime: these are fast tests."""
+"""Search spaces (tune_spaces) and their checks (pipeline.sweeps.spaces): keys exist in the presets
+they are meant for, every space samples into a config that composes and validates like `bfn train`,
+bad spaces fail before any trial with the config's own validation message, a search over the
+accuracy schedule refuses a loss that grows with the schedule, and the best-trial preset export
+reproduces a config. No Ray runtime: these are fast tests."""
 
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from ray import tune
 
 import tune_spaces
 from pipeline.config import Config, ConfigError, compose, flatten, load
+from pipeline.sweeps import runner, spaces
 from pipeline.sweeps import tune as T
+from pipeline.sweeps.export import export_preset
 from tune_spaces import MATCHING, SPACES, get_space
-from tune_spaces.common import apply_to_dict, check_space, hydra_value, support, to_overrides
+from tune_spaces.common import apply_to_dict, hydra_value, support, to_overrides
 
 PKG = Path(tune_spaces.__file__).resolve().parent
 
@@ -63,20 +67,17 @@ def test_space_keys_exist_in_matching_presets(name, composed):
     for preset in MATCHING[name]:
         raw, cfg = composed[preset]
         flat = flatten(raw)
-        extra, allowed = T.net_constraints(cfg, space)
+        extra, _ = spaces.net_constraints(cfg, space)
         for key in space:
             if key.startswith("net.kwargs."):
                 assert key in extra, f"{name}: {key} is not a constructor argument for {preset}"
             else:
                 assert key in flat, f"{name}: {key} missing from experiment={preset}"
-        check_space(space, raw, extra_keys=extra, allowed_values=allowed)
-        T.check_sweep_space(cfg, space)  # every corner composes, validates and builds (meta)
+        spaces.check_space(cfg, space)  # every value validates; every corner validates and builds (meta)
 
 
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_every_space_samples_into_a_valid_config(name, composed):
-    from tune_spaces.common import flatten as tflatten
-
     space = get_space(name)
     preset = MATCHING[name][0]
     raw, _ = composed[preset]
@@ -85,7 +86,7 @@ def test_every_space_samples_into_a_valid_config(name, composed):
         sample = {k: (v.sample() if isinstance(v, tune.search.sample.Domain) else v)
                   for k, v in space.items()}  # fmt: skip
         cfg = load([f"experiment={preset}", *to_overrides(sample)])  # what a trial does
-        flat = tflatten(cfg.raw)
+        flat = flatten(cfg.raw)
         for key, value in sample.items():
             assert flat[key] == value, (key, flat[key], value)
         # composing the overrides == setting the values on the composed dict
@@ -93,12 +94,12 @@ def test_every_space_samples_into_a_valid_config(name, composed):
 
 
 def test_grid_and_constant_entries_are_checked(composed):
-    raw, cfg = composed["smoke"]
-    check_space({"optim.lr": tune.grid_search([1e-3, 3e-3]), "optim.warmup_steps": 0}, raw)
-    with pytest.raises(ValueError, match="empty grid"):
-        check_space({"optim.lr": tune.grid_search([])}, raw)
-    with pytest.raises(ValueError, match="optim.lr: value -0.001"):
-        check_space({"optim.lr": tune.grid_search([1e-3, -1e-3])}, raw)
+    _, cfg = composed["smoke"]
+    spaces.check_space(cfg, {"optim.lr": tune.grid_search([1e-3, 3e-3]), "optim.warmup_steps": 0})
+    with pytest.raises(ConfigError, match="empty grid"):
+        spaces.check_space(cfg, {"optim.lr": tune.grid_search([])})
+    with pytest.raises(ConfigError, match=re.escape("optim.lr = -0.001 fails the config's validation")):
+        spaces.check_space(cfg, {"optim.lr": tune.grid_search([1e-3, -1e-3])})
 
 
 @pytest.mark.parametrize(
@@ -111,37 +112,60 @@ def test_grid_and_constant_entries_are_checked(composed):
         ({"optim.lr": tune.loguniform(1e-3, 1e-3)}, "optim.lr: empty range"),
         ({"optim.warmup_steps": tune.randint(5, 5)}, "optim.warmup_steps: empty range"),
         ({"optim.ema_decay": tune.choice([])}, "optim.ema_decay: empty choice"),
-        ({"flow.sigma_1": tune.uniform(-0.1, 0.1)}, "flow.sigma_1: range"),
-        ({"flow.sigma_1": tune.choice([1e-3, -1e-3])}, "flow.sigma_1: value -0.001"),
-        ({"flow.sigma_1": tune.uniform(1e-3, 2.0)}, "flow.sigma_1: range"),
-        ({"flow.beta_1": tune.uniform(0.0, 9.0)}, "flow.beta_1: range"),
-        ({"optim.lr": tune.uniform(-1e-3, 1e-3)}, "optim.lr: range"),
-        ({"optim.ema_decay": tune.choice([0.9, 1.0])}, "optim.ema_decay: value 1.0"),
-        ({"net.kwargs.dropout": tune.uniform(0.0, 1.5)}, "net.kwargs.dropout: range"),
+        ({"flow.sigma_1": tune.uniform(-0.1, 0.1)}, "flow.sigma_1 = -0.1 fails"),
+        ({"flow.sigma_1": tune.choice([1e-3, -1e-3])}, "flow.sigma_1 = -0.001 fails"),
+        ({"flow.sigma_1": tune.uniform(1e-3, 2.0)}, "flow.sigma_1: must be < 1 (got 2.0)"),
+        ({"flow.beta_1": tune.uniform(0.0, 9.0)}, "flow.beta_1: must be > 0 (got 0.0)"),
+        ({"optim.lr": tune.uniform(-1e-3, 1e-3)}, "optim.lr = -0.001 fails"),
+        ({"optim.ema_decay": tune.choice([0.9, 1.0])}, "optim.ema_decay = 1.0 fails"),
+        ({"net.kwargs.dropout": tune.uniform(0.0, 1.5)}, "dropout must be a float in [0, 1), got 1.5"),
         ({"net.name": tune.choice(["text8_transformer_tiny"])}, "net.name: 'text8_transformer_tiny'"),
         ({}, "empty"),
     ],
 )
 def test_bad_spaces_are_rejected(space, message, composed):
     preset = "cifar10_discretized_256" if any("sigma_1" in k for k in space) else "smoke"
-    raw, cfg = composed[preset]
-    extra, allowed = T.net_constraints(cfg, space)
-    with pytest.raises(ValueError, match=re.escape(message)):
-        check_space(space, raw, extra_keys=extra, allowed_values=allowed)
+    _, cfg = composed[preset]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        spaces.check_space(cfg, space)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("optim.lr", 2.0), ("optim.lr", 0.0), ("optim.ema_decay", 0.0), ("optim.ema_decay", 1.0),
+     ("optim.warmup_steps", -1), ("data.fraction", 1.0), ("data.fraction", 1.5), ("data.batch_size", 7),
+     ("trainer.max_steps", 0), ("flow.beta_1", 1e-9)],
+)  # fmt: skip
+def test_a_space_accepts_exactly_what_the_config_accepts(key, value, composed):
+    """One source of truth: a space value is legal iff `bfn train` would accept it in the config."""
+    raw, cfg = composed["smoke"]  # 2 workers: an odd batch size is refused by the config
+    try:
+        Config.from_dict(apply_to_dict({key: value}, raw))
+        config_error = None
+    except ConfigError as error:
+        config_error = str(error)
+    if config_error is None:
+        spaces.check_space(cfg, {key: tune.choice([value])})
+    else:
+        with pytest.raises(ConfigError, match=re.escape(config_error)):
+            spaces.check_space(cfg, {key: tune.choice([value])})
 
 
 def test_problems_are_all_named_at_once(composed):
-    raw, _ = composed["smoke"]
-    with pytest.raises(ValueError) as info:
-        check_space({"optim.nope": tune.choice([1]), "optim.lr": tune.uniform(1.0, 0.1)}, raw)
+    _, cfg = composed["smoke"]
+    with pytest.raises(ConfigError) as info:
+        spaces.check_space(cfg, {"optim.nope": tune.choice([1]), "optim.lr": tune.uniform(1.0, 0.1)})
     assert "optim.nope" in str(info.value) and "optim.lr" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        spaces.check_space(cfg, {"optim.lr": tune.choice([-1.0]), "optim.ema_decay": tune.choice([1.0])})
+    assert "optim.lr = -1.0" in str(info.value) and "optim.ema_decay = 1.0" in str(info.value)
 
 
 def test_dry_run_catches_points_that_do_not_build(composed):
-    """Keys and ranges fine, but a width the preset's GroupNorm cannot divide."""
+    """Keys and values fine, but a width the preset's GroupNorm cannot divide."""
     _, cfg = composed["mnist_local"]  # mnist_unet_small: norm_groups 32
     with pytest.raises(ConfigError, match="model_channels"):
-        T.check_sweep_space(cfg, {"net.kwargs.model_channels": tune.choice([32, 48])})
+        spaces.check_space(cfg, {"net.kwargs.model_channels": tune.choice([32, 48])})
 
 
 def _no_trials(*_args, **_kwargs):
@@ -161,8 +185,8 @@ def test_bfn_tune_fails_before_any_trial(bad, monkeypatch, capsys):
 
     monkeypatch.setitem(SPACES, "bad", lambda: bad)
     monkeypatch.setitem(MATCHING, "bad", ("smoke",))
-    monkeypatch.setattr(T, "start_ray", _no_trials)
-    monkeypatch.setattr(T, "run_tune", _no_trials)
+    monkeypatch.setattr(runner, "start_ray", _no_trials)
+    monkeypatch.setattr(runner, "run_tune", _no_trials)
     assert cli.main(["tune", "experiment=smoke", "space=bad", "num_samples=2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bfn: error: space: invalid search space") and list(bad)[0] in err
@@ -177,10 +201,40 @@ def test_cli_rejects_bad_sweep_options(capsys):
                       (["space=lr", "search=grid"], "search: must be random or optuna"),
                       (["space=lr", "resume=maybe"], "resume: must be bool"),
                       (["space=lr", "metric=loss"], "metric: must be a reported"),
-                      (["experiment=text8", "space=lr"], "metric: val/nll_bits_per_dim needs eval.nll_steps"),
+                      (["space=lr", "trust_storage=perhaps"], "trust_storage: must be bool"),
                       ([], "space: required")):  # fmt: skip
         assert cli.main(["tune", "experiment=smoke", *args]) == 2, args
         assert key in capsys.readouterr().err, (args, key)
+
+
+@pytest.mark.parametrize(
+    ("args", "searched"),
+    [(["experiment=smoke", "space=schedule_mnist", "metric=val/loss"], "flow.beta_1"),
+     (["experiment=smoke", "space=optim_short+schedule_mnist", "metric=train/loss"], "flow.beta_1"),
+     (["experiment=cifar10_discretized_256", "space=schedule_continuous", "metric=val/loss_bits_per_dim"],
+      "flow.sigma_1")],
+)  # fmt: skip
+def test_a_schedule_search_refuses_the_loss_as_objective(args, searched, monkeypatch, capsys):
+    """L-infinity grows with beta_1 / sigma_1 itself: ranked by it, the search would pick the smallest."""
+    from pipeline import cli
+
+    monkeypatch.setattr(runner, "start_ray", _no_trials)
+    monkeypatch.setattr(runner, "run_tune", _no_trials)
+    assert cli.main(["tune", *args, "num_samples=2"]) == 2
+    err = capsys.readouterr().err
+    metric = [a for a in args if a.startswith("metric=")][0].split("=")[1]
+    assert f"metric: {metric} cannot rank a search over {searched}" in err
+    assert "pick the smallest value" in err and "metric=val/nll_bits_per_dim" in err
+
+
+def test_nll_objectives_pass_the_guard():
+    schedule = get_space("schedule_text8")
+    spaces.check_objective("val/nll_bits_per_dim", schedule)  # the default, also when eval.nll_steps is 0
+    spaces.check_objective("val/nll_bits_per_char", schedule)
+    spaces.check_objective("val/loss", get_space("lr"))  # the loss is fine where the schedule is fixed
+    assert T.SweepOptions(space="lr").metric == "val/nll_bits_per_dim"
+    with pytest.raises(ConfigError, match="cannot rank"):
+        spaces.check_objective("val/nll_bits_per_dim_se", schedule)
 
 
 def test_parse_args_splits_sweep_keys_from_hydra_overrides():
@@ -195,11 +249,11 @@ def test_parse_args_splits_sweep_keys_from_hydra_overrides():
 
 def test_concurrency_from_cluster_resources():
     per = {"CPU": 2.0, "GPU": 0.0}
-    assert T.fitting_trials({"CPU": 4.0}, per, data_cpus=1) == 1
-    assert T.fitting_trials({"CPU": 5.0}, per, data_cpus=1) == 2
-    assert T.fitting_trials({"CPU": 2.0}, per, data_cpus=1) == 0
-    assert T.fitting_trials({"CPU": 4.0}, {"CPU": 1.5, "GPU": 0.0}, data_cpus=1) == 2
-    assert T.fitting_trials({"CPU": 64.0, "GPU": 2.0}, {"CPU": 9.0, "GPU": 1.0}, data_cpus=1) == 2
+    assert runner.fitting_trials({"CPU": 4.0}, per, data_cpus=1) == 1
+    assert runner.fitting_trials({"CPU": 5.0}, per, data_cpus=1) == 2
+    assert runner.fitting_trials({"CPU": 2.0}, per, data_cpus=1) == 0
+    assert runner.fitting_trials({"CPU": 4.0}, {"CPU": 1.5, "GPU": 0.0}, data_cpus=1) == 2
+    assert runner.fitting_trials({"CPU": 64.0, "GPU": 2.0}, {"CPU": 9.0, "GPU": 1.0}, data_cpus=1) == 2
 
 
 def test_hydra_values():
@@ -215,7 +269,7 @@ def test_exported_preset_reproduces_the_trial(tmp_path):
     overrides = ["experiment=smoke", "trainer=cpu_1", "trainer.max_steps=8", "++optim.lr=0.0031",
                  "++net.kwargs.model_channels=32", "++net.kwargs.norm_groups=8",
                  "++flow.beta_1=4.5", "run.name=whatever"]  # fmt: skip
-    path, command = T.export_preset(overrides, "smoke-lr", str(tmp_path))
+    path, command = export_preset(overrides, "smoke-lr", str(tmp_path))
     text = Path(path).read_text()
     assert path == str(tmp_path / "experiment" / "best_smoke_lr.yaml")
     assert text.startswith("# @package _global_")

@@ -1,0 +1,234 @@
+"""Scaling-law fits, pure: numpy and scipy only (no MLflow, no Ray), so they are unit-testable.
+
+L(N, D) = E + A / N^alpha + B / D^beta and L(C) = E + A / C^gamma, fitted by
+``scipy.optimize.least_squares`` on log L (a Huber loss with delta 1e-3 on log residuals, as in
+Hoffmann et al. 2022, from a grid of starting points; N, D and C are centred in log space for
+conditioning), with 95% percentile bootstrap intervals over runs (resampled with replacement and
+refitted). The compute-optimal split of a budget C = 6ND follows from L(N, D):
+N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = C / (6 N_opt), G = (alpha A / (beta B))^(1/(alpha+beta)).
+
+A run is a dict {"N", "D", "C", "C_measured", "nll", "name"}; reading them from MLflow is
+``pipeline.sweeps.store``'s job, drawing them ``pipeline.sweeps.reports``'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+HUBER_DELTA = 1e-3
+PARAMS = {"ND": ("E", "A", "alpha", "B", "beta"), "C": ("E", "A", "gamma")}
+
+
+class ScalingError(ValueError):
+    """A scaling plan or fit cannot go on; the message says why."""
+
+
+def _logsumexp(*terms):
+    stacked = np.stack(np.broadcast_arrays(*terms))
+    top = stacked.max(axis=0)
+    return top + np.log(np.exp(stacked - top).sum(axis=0))
+
+
+def _predict(kind: str, theta, x: tuple) -> np.ndarray:
+    """log L at centred log inputs ``x`` = (log N, log D) or (log C,)."""
+    if kind == "ND":
+        e, a, alpha, b, beta = theta
+        return _logsumexp(e, a - alpha * x[0], b - beta * x[1])
+    e, a, gamma = theta
+    return _logsumexp(e, a - gamma * x[0])
+
+
+def _terms(theta, x: tuple) -> tuple[np.ndarray, list[np.ndarray]]:
+    """log L and d log L / d theta (softmax weights of the logsumexp terms)."""
+    if len(theta) == 5:
+        e, a, alpha, b, beta = theta
+        logs = [np.full_like(x[0], e), a - alpha * x[0], b - beta * x[1]]
+    else:
+        e, a, gamma = theta
+        logs = [np.full_like(x[0], e), a - gamma * x[0]]
+    total = _logsumexp(*logs)
+    w = [np.exp(t - total) for t in logs]
+    jac = [w[0], w[1], -w[1] * x[0]]
+    if len(theta) == 5:
+        jac += [w[2], -w[2] * x[1]]
+    return total, jac
+
+
+def _fit_once(kind: str, x: tuple, log_l: np.ndarray, starts: list[np.ndarray]):
+    from scipy.optimize import least_squares
+
+    residual = lambda th: _terms(th, x)[0] - log_l  # noqa: E731
+    jacobian = lambda th: np.stack(_terms(th, x)[1], axis=1)  # noqa: E731
+    # log E, log A, exponent (, log B, exponent): exponents in [0, 4]
+    bounds = ([-30, -30, 0, -30, 0], [10, 30, 4, 30, 4])
+    if kind == "C":
+        bounds = (bounds[0][:3], bounds[1][:3])
+    best = None
+    for start in starts:
+        start = np.clip(start, np.array(bounds[0]) + 1e-6, np.array(bounds[1]) - 1e-6)
+        try:  # plain least squares first (fast), then the Huber loss from there
+            out = least_squares(residual, start, jac=jacobian, bounds=bounds, max_nfev=2000)
+            out = least_squares(residual, out.x, jac=jacobian, bounds=bounds, loss="huber",
+                                f_scale=HUBER_DELTA, max_nfev=2000)  # fmt: skip
+        except (ValueError, FloatingPointError):
+            continue
+        if best is None or out.cost < best.cost:
+            best = out
+    return best
+
+
+def _starts(kind: str, log_l: np.ndarray) -> list[np.ndarray]:
+    low, spread = float(np.exp(log_l).min()), float(np.ptp(np.exp(log_l))) + 1e-3
+    es = [math.log(0.5 * low), math.log(0.9 * low)]
+    amps = [math.log(spread)]
+    exps = [0.1, 0.4, 1.0]
+    axes = (es, amps, exps, amps, exps) if kind == "ND" else (es, amps, exps)
+    return [np.array(s, dtype=float) for s in itertools.product(*axes)]
+
+
+def _to_natural(kind: str, theta: np.ndarray, centre: tuple) -> dict[str, float]:
+    """Parameters in the runs' own units (undo the log centring)."""
+    if kind == "ND":
+        e, a, alpha, b, beta = theta
+        return {"E": math.exp(e), "A": math.exp(a + alpha * centre[0]), "alpha": alpha,
+                "B": math.exp(b + beta * centre[1]), "beta": beta}  # fmt: skip
+    e, a, gamma = theta
+    return {"E": math.exp(e), "A": math.exp(a + gamma * centre[0]), "gamma": gamma}
+
+
+def compute_optimal(p: dict[str, float], budget: float) -> dict[str, float]:
+    """N_opt, D_opt and the predicted loss for a budget C = 6 N D under L(N, D)."""
+    alpha, beta, a, b = (float(p[k]) for k in ("alpha", "beta", "A", "B"))
+    nan = {"N_opt": float("nan"), "D_opt": float("nan"), "L_opt": float("nan")}
+    if alpha <= 0 or beta <= 0:
+        return nan
+    with np.errstate(all="ignore"):  # degenerate bootstrap fits may overflow: reported as nan
+        g = np.float64(alpha * a / (beta * b)) ** (1.0 / (alpha + beta))
+        n_opt = float(g * np.float64(budget / 6.0) ** (beta / (alpha + beta)))
+        d_opt = budget / (6.0 * n_opt) if n_opt else float("inf")
+        loss = float(p["E"] + a / np.float64(n_opt) ** alpha + b / np.float64(d_opt) ** beta)
+    out = {"N_opt": n_opt, "D_opt": d_opt, "L_opt": loss}
+    return out if all(math.isfinite(v) and v > 0 for v in out.values()) else nan
+
+
+def check_runs(runs: list[dict], kind: str = "ND") -> None:
+    """Reject non-finite or non-positive values and too few (or too uniform) runs."""
+    bad = [r for r in runs if not (math.isfinite(r["nll"]) and r["nll"] > 0)]
+    if bad:
+        names = ", ".join(f"{r.get('name') or r.get('run_id')} (nll={r['nll']})" for r in bad[:8])
+        raise ScalingError(f"{len(bad)} run(s) have a non-finite or non-positive final NLL: {names}. "
+                           f"Rerun them (`bfn scaling run PLAN --force`) or delete them from MLflow")  # fmt: skip
+    for key in ("N", "D", "C"):
+        odd = [r for r in runs if not (math.isfinite(r[key]) and r[key] > 0)]
+        if odd:
+            raise ScalingError(f"{len(odd)} run(s) have a non-positive or missing {key} "
+                               f"(e.g. {odd[0].get('name')})")  # fmt: skip
+    need = len(PARAMS[kind]) + 1
+    if len(runs) < need:
+        what = "L(N, D) = E + A/N^alpha + B/D^beta" if kind == "ND" else "L(C) = E + A/C^gamma"
+        raise ScalingError(f"too few runs to fit {what}: {len(runs)} found, {len(PARAMS[kind])} "
+                           f"free parameters need at least {need}")  # fmt: skip
+    if kind == "ND":
+        for key in ("N", "D"):
+            if len({r[key] for r in runs}) < 2:
+                raise ScalingError(f"all runs share one {key} = {runs[0][key]:g}; the grid must vary "
+                                   f"{key} to fit its exponent")  # fmt: skip
+
+
+def _bootstrap(kind: str, x: tuple, log_l: np.ndarray, best_theta, centre: tuple, n_boot: int,
+               seed: int) -> list[dict[str, float]]:  # fmt: skip
+    """Refits on runs resampled with replacement (resamples too degenerate to fit are drawn again)."""
+    rng = np.random.default_rng(seed)
+    boot: list[dict[str, float]] = []
+    n = len(log_l)
+    attempts = 0
+    while len(boot) < n_boot and attempts < 20 * n_boot:
+        attempts += 1
+        idx = rng.integers(0, n, size=n)
+        if len(set(idx.tolist())) < 3:
+            continue
+        if kind == "ND" and (len(set(x[0][idx])) < 2 or len(set(x[1][idx])) < 2):
+            continue
+        # the full-data optimum as the only start: resampled data move it little
+        out = _fit_once(kind, tuple(v[idx] for v in x), log_l[idx], [best_theta])
+        if out is not None:
+            boot.append(_to_natural(kind, out.x, centre))
+    return boot
+
+
+def fit_law(runs: list[dict], kind: str = "ND", *, n_boot: int = 200, seed: int = 0,
+            compute_key: str = "C") -> dict:  # fmt: skip
+    """Fit L(N, D) (kind "ND") or L(C) (kind "C") to runs [{"N", "D", "C", "nll"}, ...];
+    returns {"params", "ci" (95% bootstrap), "boot" (natural-unit samples), "n_runs", ...}."""
+    check_runs(runs, kind)
+    log_l = np.log([r["nll"] for r in runs])
+    if kind == "ND":
+        raw = (np.log([r["N"] for r in runs]), np.log([r["D"] for r in runs]))
+    else:
+        raw = (np.log([r[compute_key] for r in runs]),)
+    centre = tuple(float(v.mean()) for v in raw)
+    x = tuple(v - c for v, c in zip(raw, centre, strict=True))
+    best = _fit_once(kind, x, log_l, _starts(kind, log_l))
+    if best is None:
+        raise ScalingError(f"the {kind} fit did not converge")
+    boot = _bootstrap(kind, x, log_l, best.x, centre, n_boot, seed)
+    ci = {}
+    for key in PARAMS[kind]:
+        values = np.array([b[key] for b in boot]) if boot else np.array([np.nan])
+        ci[key] = (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
+    residuals = _predict(kind, best.x, x) - log_l
+    return {"kind": kind, "params": _to_natural(kind, best.x, centre), "ci": ci, "boot": boot,
+            "n_runs": len(runs), "n_boot": len(boot), "rmse_log": float(np.sqrt(np.mean(residuals**2))),
+            "centre": centre, "theta": best.x.tolist(), "compute_key": compute_key}  # fmt: skip
+
+
+def law(kind: str, p: dict[str, float]):
+    """The fitted law as a function of (N, D) or C, in natural units."""
+    if kind == "ND":
+        return lambda n, d: p["E"] + p["A"] / np.power(n, p["alpha"]) + p["B"] / np.power(d, p["beta"])
+    return lambda c: p["E"] + p["A"] / np.power(c, p["gamma"])
+
+
+def predict_budget(nd: dict, c: dict, budget: float) -> dict:
+    """The compute-optimal N, D and loss for ``budget`` FLOPs, with bootstrap intervals, and what
+    L(C) predicts for the same budget."""
+    if not (math.isfinite(budget) and budget > 0):
+        raise ScalingError(f"--budget must be a positive number of FLOPs (got {budget})")
+    point = compute_optimal(nd["params"], budget)
+    boots = [compute_optimal(b, budget) for b in nd["boot"]] or [point]
+    ci = {k: (float(np.nanpercentile([b[k] for b in boots], 2.5)),
+              float(np.nanpercentile([b[k] for b in boots], 97.5))) for k in point}  # fmt: skip
+    return {"budget": budget, **point, "N_opt_ci": ci["N_opt"], "D_opt_ci": ci["D_opt"],
+            "L_opt_ci": ci["L_opt"], "L_C": float(law("C", c["params"])(budget))}  # fmt: skip
+
+
+def law_name(fit: dict) -> str:
+    return "L(N,D)" if fit["kind"] == "ND" else "L(C)"
+
+
+def reliability_warnings(nd: dict, c: dict, runs: list[dict], prediction: dict | None) -> list[str]:
+    """What a reader must know before trusting the fit: too few residual degrees of freedom,
+    exponents the runs do not determine, a compute-optimal point far outside the grid."""
+    out = []
+    for fit in (nd, c):
+        name, free = law_name(fit), len(PARAMS[fit["kind"]])
+        dof = fit["n_runs"] - free
+        if dof < 3:
+            out.append(f"{name}: {fit['n_runs']} runs for {free} parameters leave "
+                       f"{dof} residual degree(s) of freedom; the estimates are barely constrained")  # fmt: skip
+        for key in ("alpha", "beta", "gamma"):
+            if key not in fit["ci"]:
+                continue
+            low, high = fit["ci"][key]
+            if not (math.isfinite(low) and math.isfinite(high) and low > 0 and high / low <= 10):
+                out.append(f"{name}: {key} is not determined by these runs (95% CI [{low:.3g}, {high:.3g}])")
+    if prediction and math.isfinite(prediction["N_opt"]):
+        for key, axis in (("N_opt", "N"), ("D_opt", "D")):
+            lo, hi = min(r[axis] for r in runs), max(r[axis] for r in runs)
+            if not lo / 10 <= prediction[key] <= hi * 10:
+                out.append(f"the compute-optimal {axis} = {prediction[key]:.3g} lies more than 10x outside the "
+                           f"grid's {axis} range [{lo:.3g}, {hi:.3g}]: an extrapolation, not a measurement")
+    return out

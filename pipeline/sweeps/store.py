@@ -1,0 +1,253 @@
+"""The one module that reads and writes MLflow for sweeps and scaling grids.
+
+Identities are tags (which sweep or grid a run belongs to, its trial or grid point); numbers are
+params (what a run was given: N, D, C, width, ...) and metrics (what it measured: the final NLL,
+trial counts, fit parameters). Errors printed from here are masked
+(``pipeline.tracking.mask_secrets``): an MLflow error message may carry the tracking URI with
+its credentials.
+
+Sweeps: a parent run ``sweep-<name>`` (role ``sweep``) and one child per trial (role ``trial``,
+``mlflow.parentRunId``). Scaling: one run per grid point (role ``run``) and one per fit
+(role ``fit``), all tagged ``bfn.scaling=<grid>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "bfn.sweep", "bfn.trial_id", "bfn.role"
+GRID_TAG, GRID_ROLE_TAG, ENTRY_TAG = "bfn.scaling", "bfn.scaling_role", "bfn.scaling_entry"
+STATE_TAGS = {"digest": "bfn.tune_state_sha256", "files": "bfn.tune_state_files", "top": "bfn.tune_state_top"}
+FINAL_NLL = "scaling/nll"
+GRID_NUMBERS = ("N", "N_total", "D", "D_unique", "C", "C_measured", "width", "depth", "steps", "fraction")
+
+
+def masked(error: BaseException | str) -> str:
+    """An error's text with credentials (``user:pass@`` in URIs, access keys) replaced by ***."""
+    from pipeline.tracking import mask_secrets
+
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    return mask_secrets({"error": text})["error"]
+
+
+def _client(uri: str):
+    """A client with the tracker's short HTTP retries (MLflow's own default waits minutes)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import HTTP_DEFAULTS
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _search(uri: str, experiment: str, query: str, max_results: int = 50_000) -> list:
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], query, max_results=max_results,
+                              order_by=["attributes.start_time DESC"])  # fmt: skip
+
+
+def open_run(cfg, run_name: str, tags: dict, params: dict | None = None, *, required: bool = False):
+    """Create (or reopen, by name) the run a training will log to, with its tags and params.
+    ``fit()`` reopens it by name, so the tags stay on the run it logs to. Unless ``required``, a
+    failure is a warning: tracking never stops training."""
+    from pipeline.tracking import MLflowTracker
+
+    try:
+        tracker = MLflowTracker.start(cfg.tracking.uri, cfg.tracking.experiment, run_name,
+                                      artifact_location=cfg.tracking.artifact_location, tags=tags)  # fmt: skip
+    except Exception as error:
+        if required:
+            raise
+        log.warning("MLflow run %s not created (%s); the trial trains untracked", run_name, masked(error))
+        return None
+    if params:
+        tracker.log_params(params)
+    return tracker
+
+
+# ---------------------------------------------------------------------------------- sweeps
+def start_parent(cfg, sweep_name: str, params: dict, note: str, *, resume: bool):
+    """The sweep's parent run (reopened on resume; params are logged once, at the start)."""
+    from pipeline.tracking import git_sha
+
+    if not cfg.tracking.enabled:
+        return None
+    tags = {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep"}
+    try:
+        parent = open_run(cfg, f"sweep-{sweep_name}", tags, None, required=True)
+    except Exception as error:
+        log.warning("MLflow unavailable (%s); the sweep runs untracked", masked(error))
+        return None
+    if not resume:
+        parent.log_params(params)
+    parent.set_tags({"git_sha": git_sha(), "mlflow.note.content": note})
+    return parent
+
+
+def find_parent(cfg, sweep_name: str) -> str | None:
+    """The run id of the sweep's parent run, or None."""
+    query = f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`{ROLE_TAG}` = 'sweep'"
+    runs = _search(cfg.tracking.uri, cfg.tracking.experiment, query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def finish_parent(parent, rows: list[dict], best: dict | None, files: dict, export: str | None,
+                  metric: str, wall: float) -> None:  # fmt: skip
+    """Summary artifacts, trial counts as metrics, the best trial as tags; close the run."""
+    for path in files.values():
+        parent.log_artifact(path, "sweep")
+    counts = {"sweep/trials": len(rows), "sweep/trials_stopped_early": sum(r["status"] == "stopped" for r in rows),
+              "sweep/trials_errored": sum(r["status"] == "error" for r in rows), "sweep/wall_s": round(wall, 1)}
+    if best is not None:
+        counts[f"best/{metric}"] = best["metric"]
+        parent.set_tags({"bfn.best_trial": best["trial_id"], "bfn.best_run_id": best.get("mlflow_run_id"),
+                         "bfn.best_preset": export})  # fmt: skip
+        if export:
+            parent.log_artifact(export, "sweep")
+    parent.log_metrics(counts, step=0)
+    parent.finish()
+
+
+def close_trial_runs(cfg, sweep_name: str, rows: list[dict]) -> None:
+    """Attach MLflow run ids to ``rows`` and close the runs Tune's kills left RUNNING: stopped
+    trials as KILLED (tagged bfn.stopped_early), trials that reached max_t as FINISHED, errors
+    as FAILED. Tune stops a trial at its last report too (ASHA at max_t), before fit() can close
+    the run; its metrics are already logged (they are sent before each report)."""
+    for row in rows:
+        row["mlflow_run_id"] = None
+    if not cfg.tracking.enabled:
+        return
+    client = _client(cfg.tracking.uri)
+    query = f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`{ROLE_TAG}` = 'trial'"
+    by_trial = {r.data.tags.get(TRIAL_TAG): r for r in _search(cfg.tracking.uri, cfg.tracking.experiment, query)}
+    for row in rows:
+        run = by_trial.get(row["trial_id"])
+        if run is None:
+            continue
+        run_id = row["mlflow_run_id"] = run.info.run_id
+        client.set_tag(run_id, "bfn.trial_status", row["status"])
+        if row["status"] == "stopped":
+            client.set_tag(run_id, "bfn.stopped_early", f"step {row['step']}")
+        if run.info.status == "RUNNING":
+            status = {"error": "FAILED", "stopped": "KILLED", "completed": "FINISHED"}[row["status"]]
+            if status == "FINISHED":
+                client.set_tag(run_id, "bfn.final_step", str(row["step"]))
+            client.set_terminated(run_id, status)
+
+
+def record_state(uri: str, run_id: str, record: dict) -> None:
+    """Write the Tune state's hashes (``tune_state``) onto the parent run, as tags (they change
+    as the sweep goes; params cannot)."""
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, tags=[RunTag(tag, str(record[key])) for key, tag in STATE_TAGS.items()])
+
+
+def recorded_state(uri: str, run_id: str) -> dict | None:
+    tags = _client(uri).get_run(run_id).data.tags
+    if STATE_TAGS["digest"] not in tags:
+        return None
+    return {key: tags.get(tag) for key, tag in STATE_TAGS.items()}
+
+
+# ---------------------------------------------------------------------------------- scaling
+def grid_params(entry: dict, metric: str) -> dict[str, Any]:
+    """A grid point's numbers as MLflow params (None, e.g. D_unique of unprepared data, left out)."""
+    params = {f"scaling.{k}": entry[k] for k in GRID_NUMBERS if entry.get(k) is not None}
+    return {**params, "scaling.nll_metric": metric}
+
+
+def grid_tags(grid: str, entry_id: str) -> dict[str, str]:
+    return {GRID_TAG: grid, GRID_ROLE_TAG: "run", ENTRY_TAG: entry_id}
+
+
+def grid_runs(uri: str, experiment: str, grid: str, role: str = "run") -> list:
+    query = f"tags.`{GRID_TAG}` = '{grid}' and tags.`{GRID_ROLE_TAG}` = '{role}'"
+    return _search(uri, experiment, query)
+
+
+def finished_points(uri: str, experiment: str, grid: str) -> dict[str, str]:
+    """{grid point id: run id} of the points that finished with a finite final NLL."""
+    done = {}
+    for run in grid_runs(uri, experiment, grid):
+        nll = run.data.metrics.get(FINAL_NLL)
+        if run.info.status == "FINISHED" and nll is not None and math.isfinite(nll):
+            done.setdefault(run.data.tags.get(ENTRY_TAG), run.info.run_id)
+    return done
+
+
+def finalize_point(uri: str, run_id: str, metric: str, params: dict) -> float:
+    """Record a trained grid point's final validation NLL (the last value of ``metric``) as the
+    metric ``scaling/nll`` (NaN when it never validated), and its params when a run made by an
+    older plan lacks them."""
+    from pipeline.tracking import MLflowTracker
+
+    client = _client(uri)
+    logged = client.get_run(run_id).data.params if params else {}
+    missing = {k: v for k, v in params.items() if k not in logged}
+    if missing:
+        MLflowTracker(uri, run_id).log_params(missing)
+    history = client.get_metric_history(run_id, metric)
+    value = max(history, key=lambda m: (m.step, m.timestamp)).value if history else float("nan")
+    client.log_metric(run_id, FINAL_NLL, float(value))
+    return float(value)
+
+
+def _param(run, key: str) -> float:
+    try:
+        return float(run.data.params[key])
+    except (KeyError, ValueError):
+        return float("nan")
+
+
+def read_grid(uri: str, experiment: str, grid: str, *, data_axis: str = "seen") -> list[dict]:
+    """The grid's runs: [{"run_id", "name", "status", "N", "D", "C", "C_measured", "nll", "metric"}]
+    sorted by (N, D). ``data_axis="unique"``: D is the distinct training data (D_unique)."""
+    from pipeline.sweeps.fit import ScalingError
+
+    runs = grid_runs(uri, experiment, grid)
+    if not runs:
+        raise ScalingError(f"no runs tagged {GRID_TAG}={grid} in experiment {experiment!r} at "
+                           f"{masked(uri)}; run `bfn scaling run` first")  # fmt: skip
+    out = []
+    for run in runs:
+        d_key = "scaling.D_unique" if data_axis == "unique" else "scaling.D"
+        out.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+                    "N": _param(run, "scaling.N"), "D": _param(run, d_key), "C": _param(run, "scaling.C"),
+                    "C_measured": _param(run, "scaling.C_measured"),
+                    "nll": float(run.data.metrics.get(FINAL_NLL, float("nan"))),
+                    "metric": run.data.params.get("scaling.nll_metric", "")})  # fmt: skip
+    return sorted(out, key=lambda r: (r["N"], r["D"]))
+
+
+def log_fit(uri: str, experiment: str, grid: str, nd: dict, c: dict, prediction: dict | None,
+            files: dict, artifact_location: str | None) -> str:  # fmt: skip
+    """The fit as its own run (role ``fit``): parameters and intervals as metrics, tables and plot
+    as artifacts. Returns its run id."""
+    from pipeline.tracking import MLflowTracker
+
+    tracker = MLflowTracker.start(uri, experiment, f"scaling-fit-{grid}", artifact_location=artifact_location,
+                                  tags={GRID_TAG: grid, GRID_ROLE_TAG: "fit"})  # fmt: skip
+    metrics = {f"fit/ND/{k}": v for k, v in nd["params"].items()}
+    metrics.update({f"fit/C/{k}": v for k, v in c["params"].items()})
+    for fit in (nd, c):
+        for key, (low, high) in fit["ci"].items():
+            metrics[f"fit/{fit['kind']}/{key}_ci_low"] = low
+            metrics[f"fit/{fit['kind']}/{key}_ci_high"] = high
+    if prediction:
+        metrics.update({f"optimal/{k}": v for k, v in prediction.items() if isinstance(v, float)})
+    metrics.update({"fit/n_runs": nd["n_runs"], "fit/n_boot": nd["n_boot"]})
+    tracker.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(v)}, step=0)
+    for path in files.values():
+        tracker.log_artifact(path, "scaling")
+    tracker.finish()
+    return tracker.run_id

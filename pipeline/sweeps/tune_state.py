@@ -1,0 +1,118 @@
+"""The integrity of a sweep's Tune state, which `Tuner.restore` unpickles.
+
+`bfn tune resume=true` hands the sweep's storage folder to ``Tuner.restore``, which unpickles
+``tuner.pkl``, ``trainable.pkl``, the searcher and callback states and the trials' pickled
+errors, and decodes pickles embedded in ``experiment_state-*.json``: whoever can write that
+folder can run code in the driver. So the driver records the sha256 of every such file in the
+sweep's MLflow parent run whenever Tune saves its state (and once more when the sweep ends),
+and a resume first checks the folder against that record and refuses on any difference. The
+record lives in MLflow, a separate system from the storage; the storage must still be trusted
+not to be changed between a check and the restore that follows it (seconds).
+
+Pure apart from the filesystem: pyarrow and hashlib. The MLflow side is ``store``'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+
+from pipeline.config import ConfigError
+
+
+def _filesystem(path: str, filesystem=None):
+    """(pyarrow filesystem, path on it) of a local folder or URI, or of a path on ``filesystem``."""
+    from pyarrow import fs
+
+    if filesystem is not None:
+        return filesystem, path
+    if "://" in path:
+        return fs.FileSystem.from_uri(path)
+    return fs.LocalFileSystem(), path
+
+
+def _is_restore_file(relative: str) -> bool:
+    """What restore reads: the experiment folder's .pkl/.json files and pickles at any depth."""
+    return relative.endswith(".pkl") or ("/" not in relative and relative.endswith(".json"))
+
+
+def state_files(path: str, filesystem=None) -> dict[str, str]:
+    """{path relative to the experiment folder: sha256} of the files a restore unpickles."""
+    from pyarrow import fs
+
+    filesystem, root = _filesystem(path, filesystem)
+    root = root.rstrip("/")
+    infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
+    out = {}
+    for info in infos:
+        relative = posixpath.relpath(info.path, root)
+        if info.type != fs.FileType.File or not _is_restore_file(relative):
+            continue
+        digest = hashlib.sha256()
+        with filesystem.open_input_stream(info.path) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        out[relative] = digest.hexdigest()
+    return dict(sorted(out.items()))
+
+
+def digest(files: dict[str, str]) -> str:
+    """One sha256 over every (path, sha256) pair: the value recorded and compared."""
+    lines = "".join(f"{name}\t{sha}\n" for name, sha in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def top_level(files: dict[str, str]) -> str:
+    """The experiment folder's own files with short hashes (JSON, a few hundred characters): kept
+    beside the digest so that a refusal can name the file that changed."""
+    return json.dumps({k: v[:16] for k, v in files.items() if "/" not in k}, sort_keys=True)
+
+
+def check(files: dict[str, str], recorded: dict | None, where: str) -> None:
+    """Raise ConfigError unless ``files`` match the ``recorded`` {"digest", "files", "top"}."""
+    why = ("Tune restores this state with pickle, which runs any code it holds, so resume=true "
+           "only restores the state this sweep itself last saved")  # fmt: skip
+    if recorded is None or not recorded.get("digest"):
+        raise ConfigError(f"resume: no sha256 of the Tune state at {where} is recorded in the sweep's MLflow "
+                          f"run (tracking off, MLflow unreachable while it ran, or a sweep from an older "
+                          f"version). {why}. If you trust that folder, pass trust_storage=true")  # fmt: skip
+    if digest(files) == recorded["digest"]:
+        return
+    changed = _differences(files, recorded)
+    raise ConfigError(f"resume: the Tune state at {where} differs from the sha256 recorded in the sweep's "
+                      f"MLflow run ({changed}). {why}. Start a new sweep (sweep=<new name>), or, if you "
+                      f"changed those files yourself and trust them, pass trust_storage=true")  # fmt: skip
+
+
+def _differences(files: dict[str, str], recorded: dict) -> str:
+    try:
+        top = json.loads(recorded.get("top") or "{}")
+    except ValueError:
+        top = {}
+    now = json.loads(top_level(files))
+    names = sorted(k for k in set(top) | set(now) if top.get(k) != now.get(k))
+    if names:
+        return "changed, added or removed: " + ", ".join(names)
+    return (f"a file in a trial folder: {recorded.get('files')} files recorded, {len(files)} now")
+
+
+def record_of(files: dict[str, str]) -> dict:
+    """What is written to the parent run (``store.record_state``)."""
+    return {"digest": digest(files), "files": len(files), "top": top_level(files)}
+
+
+def verify(cfg, sweep_name: str, path: str, filesystem=None) -> None:
+    """Before ``Tuner.restore``: the sweep's Tune state at ``path`` must match the sha256 recorded
+    in its MLflow parent run. Raises ConfigError otherwise; reads the files, unpickles nothing."""
+    from pipeline.sweeps import store
+
+    recorded = None
+    if cfg.tracking.enabled:
+        try:
+            run_id = store.find_parent(cfg, sweep_name)
+            recorded = store.recorded_state(cfg.tracking.uri, run_id) if run_id else None
+        except Exception as error:
+            raise ConfigError(f"resume: cannot read the sweep's recorded sha256 from MLflow "
+                              f"({store.masked(error)})") from None  # fmt: skip
+    check(state_files(path, filesystem), recorded, path)
