@@ -206,6 +206,7 @@ def _configure_logging(rank: int, verbose: bool) -> None:
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_ray)
+        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's loggers with handlers of their own
 
 
 def train_fn_per_worker(loop_config: dict) -> dict | None:
