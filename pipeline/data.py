@@ -1373,7 +1373,7 @@ def ray_dataset(
         _ray_preprocess,
         batch_format="pyarrow",
         batch_size=RAY_MAP_BATCH_SIZE,
-        fn_kwargs={"name": name, "num_bins": int(num_bins), "seed": seed, "counter": counter},
+        fn_kwargs={"name": name, "num_bins": num_bins, "seed": seed, "counter": counter},
         udf_modifying_row_count=False,
     )
 

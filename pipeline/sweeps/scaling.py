@@ -158,9 +158,9 @@ def make_plan(name: str, overrides: Sequence[str], *, widths: Sequence[int] | No
 
 
 def _preset_kwargs(net_name: str) -> dict:
-    from bfn.networks import PRESETS
+    from pipeline.config import net_presets
 
-    return PRESETS[net_name]["kwargs"]
+    return net_presets()[net_name]["kwargs"]
 
 
 def plan_table(plan: dict) -> str:

@@ -146,24 +146,18 @@ def net_constraints(cfg, space: dict) -> tuple[set[str], dict[str, list[str]]]:
     """(extra keys, allowed values) for check_space: the constructor arguments of the networks
     the space can select (net.kwargs.<arg>, data-dependent ones left out) and the presets of the
     config's network kind (net.name)."""
-    import inspect
-
-    from bfn.networks import DATA_KEYS, PRESETS
+    from bfn.networks import DATA_KEYS, NETWORKS, constructor_args
+    from pipeline.config import net_presets
     from tune_spaces.common import support
 
-    kind = PRESETS[cfg.net.name]["kind"]
-    names = [cfg.net.name]
+    presets = net_presets()
+    archs = [cfg.net.arch]
     if "net.name" in space:
         info = support(space["net.name"])
         if info["kind"] == "values":
-            names = [n for n in info["values"] if n in PRESETS] or names
-    arg_sets = []
-    for name in names:
-        cls = PRESETS[name]["cls"]
-        params = inspect.signature(cls.__init__).parameters
-        arg_sets.append({p for p in params if p != "self"} - DATA_KEYS)
-    args = set.intersection(*arg_sets)
-    allowed = {"net.name": sorted(n for n, p in PRESETS.items() if p["kind"] == kind)}
+            archs = [presets[n]["arch"] for n in info["values"] if n in presets] or archs
+    args = set.intersection(*(set(constructor_args(arch)) - DATA_KEYS for arch in archs))
+    allowed = {"net.name": sorted(n for n, p in presets.items() if NETWORKS[p["arch"]].kind == cfg.net.kind)}
     return {f"net.kwargs.{a}" for a in args}, allowed
 
 
