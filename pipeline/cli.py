@@ -169,8 +169,10 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="[bfn] %(levelname)s %(message)s" if verbose else "[bfn] %(message)s",
                         force=True)  # fmt: skip
-    for name in ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "matplotlib"):
+    for name in ("ray", "mlflow", "alembic", "botocore", "filelock", "matplotlib"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # urllib3 warns on every retry of a request whose failure bfn reports itself, in one line
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

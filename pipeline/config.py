@@ -1,21 +1,47 @@
-"""Config: compose the Hydra tree (pipeline/conf), validate it, and hand Ray a plain dict.
+"""Config: compose the Hydra tree (pipeline/conf), validate it once against one typed schema, and
+hand Ray a plain dict.
 
 ``compose(overrides)`` returns the resolved config as a plain dict with absolute paths;
-``Config.from_dict`` turns it into typed, validated sections. Every check raises ``ConfigError``
-naming the dotted key and the allowed values, before Ray or any worker starts.
+``Config.from_dict`` turns it into the typed sections below and validates them. The dataclasses are
+the schema: every key of the YAML tree is a field, and every check raises ``ConfigError`` naming
+the dotted key, before Ray or any worker starts. Network sizes live in ``conf/net/*.yaml``
+(architecture + constructor arguments); ``bfn.networks.NETWORKS`` only maps architectures to classes.
+
+A key the chosen setup does not use is ``null`` in the YAML (``flow.sigma_1`` of a discrete flow,
+``data.seq_len`` of images, ...). Setting it is an error that says which choice makes it unused, and
+leaving null a key the setup needs is an error too: no value is ever silently ignored.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+import re
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 UNITS = ("nats/dim", "bits/dim", "nats/image", "bits/char")
-HEADS = ("bernoulli", "categorical", "discretized_normal", "delta")
+HEADS = {"discrete": ("bernoulli", "categorical"), "continuous": ("discretized_normal", "delta")}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What a dataset fixes: the flow its data need, its classes, the network kind, its shape."""
+
+    flow_kind: str
+    num_classes: int | None
+    network_kind: str
+    shape: tuple[int, ...] | None  # None: (data.seq_len,)
+
+
+DATASETS = {
+    "mnist": Dataset("discrete", 2, "image", (28, 28, 1)),
+    "cifar10": Dataset("continuous", None, "image", (32, 32, 3)),
+    "text8": Dataset("discrete", 27, "text", None),
+}
 
 
 class ConfigError(ValueError):
@@ -29,34 +55,42 @@ def _fail(key: str, message: str, value: Any) -> None:
     raise ConfigError(f"{key}: {message} (got {shown!r})")
 
 
+# ------------------------------------------------------------------------------------ compose
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> dict:
     """Compose pipeline/conf/<config_name>.yaml with Hydra overrides; resolved, paths absolute."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"config: {error}".replace("\n", " ")) from None
+    net = resolved.get("net")
+    if isinstance(net, dict) and choices.get("net") and net.get("name") != choices["net"]:
+        _fail("net.name", f"names the network preset the config was composed from (net={choices['net']}); "
+              "choose a network with the group, net=<preset>", net.get("name"))  # fmt: skip
     return absolutize(resolved)
 
 
 def absolutize(config: dict) -> dict:
     """Make the local paths absolute: Ray Train workers chdir to their own folder."""
     def local(path: str | None) -> str | None:
-        if path is None or "://" in str(path):
+        if not path or "://" in str(path):  # empty: left for validation to name
             return path
         return str(Path(path).expanduser().resolve())
 
     for section, key in (("paths", "root"), ("paths", "data_dir"), ("paths", "runs_dir"),
-                         ("data", "uri"), ("run", "storage_path"),
+                         ("data", "uri"), ("run", "storage_path"), ("run", "init_from"),
                          ("tracking", "artifact_location")):  # fmt: skip
-        if section in config and config[section].get(key) is not None:
+        if isinstance(config.get(section), dict) and config[section].get(key) is not None:
             config[section][key] = local(config[section][key])
     uri = config.get("tracking", {}).get("uri")
     if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -64,7 +98,14 @@ def absolutize(config: dict) -> dict:
     return config
 
 
-# ----------------------------------------------------------------------------------- sections
+def net_presets() -> dict[str, dict]:
+    """conf/net/<name>.yaml -> {"name", "arch", "kwargs"}: what ``net=<name>`` composes."""
+    import yaml
+
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CONF_DIR / "net").glob("*.yaml"))}
+
+
+# ------------------------------------------------------------------------------- value checks
 def _number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:  # fmt: skip
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -77,103 +118,157 @@ def _number(key: str, value: Any, *, low: float | None = None, high: float | Non
         _fail(key, f"must be {'<' if high_open else '<='} {high}", value)
 
 
+def _flag(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(key, "must be true or false", value)
+
+
+def _choice(key: str, value: Any, options) -> None:
+    if not isinstance(value, str) or value not in options:
+        _fail(key, f"must be one of {', '.join(options)}", value)
+
+
+def _text(key: str, value: Any, *, local: bool = False) -> None:
+    if not isinstance(value, str) or not value:
+        _fail(key, "must be a non-empty string", value)
+    if local and "://" in value:
+        _fail(key, "must be a local folder", value)
+
+
+def _uri(key: str, value: Any) -> None:
+    _text(key, value)
+    if "://" in value and not value.startswith(("s3://", "gs://")):
+        _fail(key, "must be a local folder or an s3:// or gs:// URI", value)
+
+
+def _applies(key: str, value: Any, used: bool, choice: str, reason: str) -> bool:
+    """Null where the setup does not use ``key``, set where it does; ``choice`` is the config value
+    that decides, ``reason`` says why. Returns ``used`` (whether to check the value itself)."""
+    if not used and value is not None:
+        _fail(key, f"is not used with {choice} ({reason}); leave it null", value)
+    if used and value is None:
+        _fail(key, f"is required with {choice} ({reason})", value)
+    return used
+
+
+# ----------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class PathsConfig:
+    root: str  # project folder (BFN_ROOT)
+    data_dir: str  # where `bfn data prepare` writes shards by default
+    runs_dir: str  # local folder for Ray results, MLflow's sqlite store, outputs (BFN_RUNS_DIR)
+
+    def validate(self, config: Config) -> None:
+        _text("paths.root", self.root, local=True)
+        _uri("paths.data_dir", self.data_dir)
+        _text("paths.runs_dir", self.runs_dir, local=True)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str
     uri: str
-    num_bins: int
-    seq_len: int
+    num_bins: int | None  # cifar10 only
+    seq_len: int | None  # text8 only
     fraction: float
-    batch_size: int
+    batch_size: int  # global: all workers together
     val_batch_size: int
 
     def validate(self, config: Config) -> None:
-        if self.name not in ("mnist", "cifar10", "text8"):
-            _fail("data.name", "must be one of mnist, cifar10, text8", self.name)
+        _choice("data.name", self.name, DATASETS)
+        _uri("data.uri", self.uri)
+        choice = f"data.name={self.name}"
+        if _applies("data.num_bins", self.num_bins, self.name == "cifar10", choice, "only cifar10 is quantised"):
+            _number("data.num_bins", self.num_bins, low=2, high=256, integer=True)
+        if _applies("data.seq_len", self.seq_len, self.name == "text8", choice, "only text8 is cut into windows"):
+            _number("data.seq_len", self.seq_len, low=1, integer=True)
         _number("data.fraction", self.fraction, low=0, high=1, low_open=True)
         _number("data.batch_size", self.batch_size, low=1, integer=True)
         _number("data.val_batch_size", self.val_batch_size, low=1, integer=True)
-        if self.name == "cifar10":
-            _number("data.num_bins", self.num_bins, low=2, high=256, integer=True)
-        if self.name == "text8":
-            _number("data.seq_len", self.seq_len, low=1, integer=True)
         workers = config.trainer.num_workers
         if self.batch_size % workers:
-            _fail("data.batch_size", f"must be divisible by trainer.num_workers={workers}",
+            _fail("data.batch_size", f"is the global batch: must be divisible by trainer.num_workers={workers}",
                   self.batch_size)  # fmt: skip
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        return {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}.get(self.name, (self.seq_len,))
+        return DATASETS[self.name].shape or (self.seq_len,)
 
 
 @dataclass(frozen=True)
 class FlowConfig:
-    kind: str
-    num_classes: int
-    beta_1: float | None
-    sigma_1: float | None
-    head: str
-    num_bins: int
-    noise_prediction: bool
-    receiver: str
-    num_mc_samples: int
-    reconstruction_bins: int
-    reconstruction_std_scale: float
+    kind: str  # discrete | continuous
+    head: str  # output distribution: bernoulli, categorical | discretized_normal, delta
+    num_classes: int | None  # discrete
+    beta_1: float | None  # discrete
+    sigma_1: float | None  # continuous
+    noise_prediction: bool | None  # continuous
+    receiver: str | None  # discrete
+    num_mc_samples: int | None  # every head but delta (its n-step loss is closed-form)
+    reconstruction_std_scale: float | None  # delta
 
     def validate(self, config: Config) -> None:
-        data = config.data
-        if self.head not in HEADS:
-            _fail("flow.head", f"must be one of {', '.join(HEADS)}", self.head)
-        if self.receiver not in ("reference", "paper"):
-            _fail("flow.receiver", "must be reference or paper", self.receiver)
-        _number("flow.num_mc_samples", self.num_mc_samples, low=1, integer=True)
-        if self.kind == "discrete":
-            _number("flow.beta_1", self.beta_1, low=0, low_open=True)
-            expected = {"mnist": 2, "text8": 27}.get(data.name)
-            if expected is None:
-                _fail("flow.kind", f"discrete flows need discrete data, data.name is {data.name}",
-                      self.kind)  # fmt: skip
-            if self.num_classes != expected:
-                _fail("flow.num_classes", f"must be {expected} for data.name={data.name}",
+        data = DATASETS[config.data.name]
+        _choice("flow.kind", self.kind, HEADS)
+        if self.kind != data.flow_kind:
+            _fail("flow.kind", f"data.name={config.data.name} needs a {data.flow_kind} flow", self.kind)
+        if self.head not in HEADS[self.kind]:
+            _fail("flow.head", f"{self.kind} flows take {' or '.join(HEADS[self.kind])}", self.head)
+        discrete, delta = self.kind == "discrete", self.head == "delta"
+        kind, head = f"flow.kind={self.kind}", f"flow.head={self.head}"
+        if _applies("flow.num_classes", self.num_classes, discrete, kind, "classes of discrete data"):
+            if self.num_classes != data.num_classes:
+                _fail("flow.num_classes", f"must be {data.num_classes} for data.name={config.data.name}",
                       self.num_classes)  # fmt: skip
-            if self.head not in ("bernoulli", "categorical") or (
-                self.head == "bernoulli" and self.num_classes != 2
-            ):
-                _fail("flow.head", f"{self.num_classes}-class data need "
-                      f"{'bernoulli or categorical' if self.num_classes == 2 else 'categorical'}",
-                      self.head)  # fmt: skip
-        elif self.kind == "continuous":
+            if self.head == "bernoulli" and self.num_classes != 2:
+                _fail("flow.head", f"{self.num_classes}-class data need categorical", self.head)
+        if _applies("flow.beta_1", self.beta_1, discrete, kind, "discrete schedule; continuous uses flow.sigma_1"):
+            _number("flow.beta_1", self.beta_1, low=0, low_open=True)
+        if _applies("flow.sigma_1", self.sigma_1, not discrete, kind, "continuous schedule; discrete uses flow.beta_1"):
             _number("flow.sigma_1", self.sigma_1, low=0, high=1, low_open=True, high_open=True)
-            if data.name != "cifar10":
-                _fail("flow.kind", f"continuous flows need image data (cifar10), data.name is "
-                      f"{data.name}", self.kind)  # fmt: skip
-            if self.head not in ("discretized_normal", "delta"):
-                _fail("flow.head", "continuous data need discretized_normal or delta", self.head)
-            _number("flow.num_bins", self.num_bins, low=2, integer=True)
-            if self.head == "discretized_normal" and self.num_bins != data.num_bins:
-                _fail("flow.num_bins", f"must equal data.num_bins={data.num_bins}", self.num_bins)
-            _number("flow.reconstruction_bins", self.reconstruction_bins, low=2, integer=True)
-            _number("flow.reconstruction_std_scale", self.reconstruction_std_scale, low=0,
-                    low_open=True)  # fmt: skip
-        else:
-            _fail("flow.kind", "must be discrete or continuous", self.kind)
+        if _applies("flow.noise_prediction", self.noise_prediction, not discrete, kind, "continuous outputs only"):
+            _flag("flow.noise_prediction", self.noise_prediction)
+        if _applies("flow.receiver", self.receiver, discrete, kind, "the n-step receiver of discrete data"):
+            _choice("flow.receiver", self.receiver, ("reference", "paper"))
+        if _applies("flow.num_mc_samples", self.num_mc_samples, not delta, head,
+                    "sender draws of the n-step loss; the delta output's is closed-form"):  # fmt: skip
+            _number("flow.num_mc_samples", self.num_mc_samples, low=1, integer=True)
+        if _applies("flow.reconstruction_std_scale", self.reconstruction_std_scale, delta, head,
+                    "width of the delta output's reconstruction; other heads score the data directly"):  # fmt: skip
+            _number("flow.reconstruction_std_scale", self.reconstruction_std_scale, low=0, low_open=True)
 
 
 @dataclass(frozen=True)
 class NetConfig:
-    name: str
-    kwargs: dict
+    name: str  # the conf/net preset these arguments were composed from (a label)
+    arch: str  # key of bfn.networks.NETWORKS
+    kwargs: dict  # constructor arguments except the data-dependent ones
+
+    @property
+    def kind(self) -> str:
+        from bfn.networks import NETWORKS
+
+        return NETWORKS[self.arch].kind
 
     def validate(self, config: Config) -> None:
-        from bfn.networks import PRESETS
+        from bfn.networks import NETWORKS, constructor_args
 
-        if self.name not in PRESETS:
-            _fail("net.name", f"must be one of {', '.join(sorted(PRESETS))}", self.name)
-        kind = PRESETS[self.name]["kind"]
-        if (kind == "text") != (config.data.name == "text8"):
-            _fail("net.name", f"a {kind} network does not fit data.name={config.data.name}",
-                  self.name)  # fmt: skip
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            _fail("net.name", "must be a preset name (letters, digits, '-', '_', '.')", self.name)
+        _choice("net.arch", self.arch, NETWORKS)
+        network, need = NETWORKS[self.arch], DATASETS[config.data.name].network_kind
+        if network.kind != need:
+            _fail("net.arch", f"takes {network.kind} data; data.name={config.data.name} needs a network for "
+                  f"{need} data (net=<preset>)", self.arch)  # fmt: skip
+        if not isinstance(self.kwargs, dict):
+            _fail("net.kwargs", "must be a mapping of constructor arguments", self.kwargs)
+        takes = [a for a in constructor_args(self.arch) if a not in network.data_keys]
+        for key, value in self.kwargs.items():
+            if key in network.data_keys:
+                _fail(f"net.kwargs.{key}", "is set from the data and flow groups; remove it", value)
+            if key not in takes:
+                _fail(f"net.kwargs.{key}", f"is not an argument of {network.cls.__name__}; it takes "
+                      f"{', '.join(takes)}", value)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -188,7 +283,7 @@ class OptimConfig:
 
     def validate(self, config: Config) -> None:
         _number("optim.lr", self.lr, low=0, low_open=True)
-        if len(self.betas) != 2:
+        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
             _fail("optim.betas", "must be two numbers", self.betas)
         for i, beta in enumerate(self.betas):
             _number(f"optim.betas[{i}]", beta, low=0, high=1, high_open=True)
@@ -201,10 +296,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    num_workers: int
+    num_workers: int  # processes (one GPU each when use_gpu)
     use_gpu: bool
     cpus_per_worker: float
-    amp: bool
+    amp: bool  # bf16 autocast (GPU only)
     max_steps: int
     log_every: int
     val_every: int
@@ -226,27 +321,30 @@ class TrainerConfig:
         _number("trainer.max_minutes", self.max_minutes, low=0)
         _number("trainer.seed", self.seed, low=0, integer=True)
         for key in ("use_gpu", "amp", "compile"):
-            if not isinstance(getattr(self, key), bool):
-                _fail(f"trainer.{key}", "must be true or false", getattr(self, key))
+            _flag(f"trainer.{key}", getattr(self, key))
+        if self.amp and not self.use_gpu:
+            _fail("trainer.amp", "bf16 autocast runs on GPUs only and trainer.use_gpu is false; set it to false",
+                  self.amp)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str
     storage_path: str
-    ray_address: str | None
+    ray_address: str | None  # null: an embedded local Ray sized by ray_num_cpus
     ray_num_cpus: int | None
+    init_from: str | None = None  # a checkpoint whose weights start a new run
 
     def validate(self, config: Config) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
             _fail("run.name", "must be non-empty letters, digits, '-', '_' or '.'", self.name)
-        if not self.storage_path or (
-            "://" in self.storage_path and not self.storage_path.startswith(("s3://", "gs://"))
-        ):
-            _fail("run.storage_path", "must be a local folder or an s3:// or gs:// URI",
-                  self.storage_path)  # fmt: skip
+        _uri("run.storage_path", self.storage_path)
+        if self.ray_address is not None:
+            _text("run.ray_address", self.ray_address)
         if self.ray_num_cpus is not None:
             _number("run.ray_num_cpus", self.ray_num_cpus, low=1, integer=True)
+        if self.init_from is not None:
+            _uri("run.init_from", self.init_from)
 
 
 @dataclass(frozen=True)
@@ -257,6 +355,8 @@ class TrackingConfig:
     experiment: str
 
     def validate(self, config: Config) -> None:
+        _flag("tracking.enabled", self.enabled)
+        _text("tracking.experiment", self.experiment)
         if self.enabled and not self.uri:
             _fail("tracking.uri", "must be set when tracking.enabled is true", self.uri)
         schemes = ("sqlite:///", "http://", "https://", "file:", "databricks", "postgresql")
@@ -266,30 +366,46 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    val_batches: int
-    nll_steps: int
-    nll_repeats: int
-    num_samples: int
+    unit: str  # benchmark unit of reported NLLs
+    nll_steps: int  # n of the n-step NLL (validation and `bfn eval`); 0: continuous time, n = inf
+    nll_repeats: int  # `bfn eval`: passes over the test split
+    target_se: float | None  # `bfn eval`: repeat until the standard error in `unit` is at most this
+    text8_stride: int | None  # text8: validation/test windows start every text8_stride characters
+    val_batches: int  # batches per validation (0: the whole split)
+    val_repeats: int  # passes over them at each validation
+    num_samples: int  # samples rendered at each validation
     sample_steps: int
-    unit: str
 
     def validate(self, config: Config) -> None:
-        for key in ("val_batches", "nll_steps", "num_samples"):
+        name, text = config.data.name, config.data.name == "text8"
+        _choice("eval.unit", self.unit, UNITS)
+        if (self.unit == "bits/char" and not text) or (self.unit == "nats/image" and text):
+            _fail("eval.unit", f"does not fit data.name={name} (bits/char is for text8, nats/image for images; "
+                  f"eval={name} sets the reference's)", self.unit)  # fmt: skip
+        _number("eval.nll_steps", self.nll_steps, low=0, integer=True)
+        if self.target_se is not None:
+            _number("eval.target_se", self.target_se, low=0, low_open=True)
+        if _applies("eval.text8_stride", self.text8_stride, text, f"data.name={name}",
+                    "window stride of text8's evaluation; eval=text8 sets 1, every offset"):  # fmt: skip
+            _number("eval.text8_stride", self.text8_stride, low=1, integer=True)
+        for key in ("val_batches", "num_samples"):
             _number(f"eval.{key}", getattr(self, key), low=0, integer=True)
-        for key in ("nll_repeats", "sample_steps"):
+        for key in ("nll_repeats", "val_repeats", "sample_steps"):
             _number(f"eval.{key}", getattr(self, key), low=1, integer=True)
-        if self.unit not in UNITS:
-            _fail("eval.unit", f"must be one of {', '.join(UNITS)}", self.unit)
 
 
+# validation order: later sections' checks read the earlier ones (data -> flow -> net ...)
 SECTIONS = {
-    "data": DataConfig, "flow": FlowConfig, "net": NetConfig, "optim": OptimConfig,
-    "trainer": TrainerConfig, "run": RunConfig, "tracking": TrackingConfig, "eval": EvalConfig,
+    "trainer": TrainerConfig, "paths": PathsConfig, "data": DataConfig, "flow": FlowConfig,
+    "net": NetConfig, "optim": OptimConfig, "run": RunConfig, "tracking": TrackingConfig,
+    "eval": EvalConfig,
 }  # fmt: skip
+# The training driver still hands its runtime values to the workers inside the loop config.
 
 
 @dataclass(frozen=True)
 class Config:
+    paths: PathsConfig
     data: DataConfig
     flow: FlowConfig
     net: NetConfig
@@ -303,24 +419,34 @@ class Config:
     @classmethod
     def from_dict(cls, config: dict) -> Config:
         """Typed, validated view of a composed config. Unknown or missing keys are errors."""
-        sections = {}
-        for name, section_cls in SECTIONS.items():
-            values = config.get(name)
-            if not isinstance(values, dict):
-                _fail(name, "section is missing", values)
-            names = {f.name for f in fields(section_cls)}
-            for key in values:
-                if key not in names:
-                    _fail(f"{name}.{key}", f"unknown key; {name} takes {', '.join(sorted(names))}",
-                          values[key])  # fmt: skip
-            for key in names - set(values):
-                _fail(f"{name}.{key}", "is missing", None)
-            sections[name] = section_cls(**values)
+        if not isinstance(config, dict):
+            _fail("config", "must be a mapping of sections", type(config).__name__)
+        for key in config:
+            if key not in SECTIONS:
+                _fail(str(key), f"unknown top-level key; the config has {', '.join(SECTIONS)}", config[key])
+        sections = {name: _section(name, section_cls, config.get(name)) for name, section_cls in SECTIONS.items()}
         parsed = cls(**sections, raw=config)
-        # trainer first: other sections' checks use its worker count
-        for name in ("trainer", *(n for n in SECTIONS if n != "trainer")):
+        for name in SECTIONS:
             getattr(parsed, name).validate(parsed)
         return parsed
+
+    @property
+    def batch_size_per_worker(self) -> int:
+        """Each worker's batch: data.batch_size is global, split evenly over trainer.num_workers."""
+        return self.data.batch_size // self.trainer.num_workers
+
+
+def _section(name: str, section_cls: type, values: Any):
+    if not isinstance(values, dict):
+        _fail(name, "section is missing", values)
+    known = {f.name: f for f in fields(section_cls)}
+    for key in values:
+        if key not in known:
+            _fail(f"{name}.{key}", f"unknown key; {name} takes {', '.join(known)}", values[key])
+    for key, field in known.items():
+        if key not in values and field.default is MISSING:
+            _fail(f"{name}.{key}", "is missing", None)
+    return section_cls(**values)
 
 
 def load(overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -119,8 +119,10 @@ def hydra_value(value: Any) -> str:
 
 def to_overrides(sample: Mapping[str, Any]) -> list[str]:
     """{"optim.lr": 0.001, "net.kwargs.model_channels": 32} ->
-    ["++optim.lr=0.001", "++net.kwargs.model_channels=32"] (``++``: add or override)."""
-    return [f"++{key}={hydra_value(value)}" for key, value in sample.items()]
+    ["++optim.lr=0.001", "++net.kwargs.model_channels=32"] (``++``: add or override).
+    ``net.name`` picks a network preset, a Hydra group: ``net=<preset>``, ahead of the kwargs."""
+    group = [f"net={sample['net.name']}"] if "net.name" in sample else []
+    return group + [f"++{key}={hydra_value(value)}" for key, value in sample.items() if key != "net.name"]
 
 
 def apply_to_dict(sample: Mapping[str, Any], config: Mapping) -> dict:

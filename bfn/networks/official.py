@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 NET_CLASSES = ("GPT", "UNetModel", "UNetVDM")
+ARCH_OF_CLASS = {"GPT": "text_transformer", "UNetModel": "unet", "UNetVDM": "unet_vdm"}
+# the pipeline's network preset (conf/net) of each architecture's paper size, a label for net.name
 PRESET_OF_CLASS = {"GPT": "text8_transformer", "UNetModel": "mnist_unet", "UNetVDM": "cifar_unet_vdm"}
 
 
@@ -228,11 +230,11 @@ def _ints(key: str, value: Any) -> tuple[int, ...]:
 
 
 def network_spec(config: Mapping) -> tuple[str, dict[str, Any]]:
-    """(preset name, complete constructor kwargs) of the project network equivalent to the
-    official config's ``model.net`` with its adapters. ``build_network(name, **kwargs)`` of
+    """(architecture, complete constructor kwargs) of the project network equivalent to the
+    official config's ``model.net`` with its adapters. ``build_network(arch, **kwargs)`` of
     ``bfn.networks`` builds it."""
     spec = _spec(model_section(config))
-    return spec["preset"], dict(spec["kwargs"])
+    return spec["arch"], dict(spec["kwargs"])
 
 
 def _spec(model: Mapping) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def _gpt_spec(model: Mapping) -> dict[str, Any]:
     extra = {}
     if not learn:  # a persistent buffer in the official adapter, a computed one here
         extra["input_adapter.pos_embedding"] = ((seq_len, n_embd), lambda: sinusoidal_positions(seq_len, n_embd))
-    return dict(cls="GPT", preset=PRESET_OF_CLASS["GPT"], kwargs=kwargs, extra=extra)
+    return dict(cls="GPT", arch=ARCH_OF_CLASS["GPT"], preset=PRESET_OF_CLASS["GPT"], kwargs=kwargs, extra=extra)
 
 
 def _image_features(adapter: dict) -> dict[str, Any]:
@@ -391,7 +393,8 @@ def _image_spec(model: Mapping, net_name: str) -> dict[str, Any]:
         extra[key] = ((hw, 4 * bands + 2), value)
     elif not feats["add_pos"]:  # a learned but unused parameter there
         extra[key] = ((1, hw, feats["pos_dim"]), None)
-    return dict(cls=net_name, preset=PRESET_OF_CLASS[net_name], kwargs={**common, **kwargs}, extra=extra)
+    return dict(cls=net_name, arch=ARCH_OF_CLASS[net_name], preset=PRESET_OF_CLASS[net_name],
+                kwargs={**common, **kwargs}, extra=extra)  # fmt: skip
 
 
 def _unet_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
@@ -455,14 +458,14 @@ def _vdm_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
 
 def build_network(config: Mapping, device: torch.device | str | None = None) -> nn.Module:
     """The project network equivalent to the official config, freshly initialised."""
-    from . import build_network as build_preset
+    from . import build_network as build_arch
 
-    preset, kwargs = network_spec(config)
+    arch, kwargs = network_spec(config)
     try:
         if device is None:
-            return build_preset(preset, **kwargs)
+            return build_arch(arch, **kwargs)
         with torch.device(device):
-            return build_preset(preset, **kwargs)
+            return build_arch(arch, **kwargs)
     except ValueError as error:  # a value the project network refuses
         raise OfficialConfigError(f"model.net: {error}") from None
 
@@ -656,7 +659,8 @@ def config_overrides(config: Mapping) -> dict[str, Any]:
         k = _int(f"{f}.n_classes", flow["n_classes"], 2)
         sqrt_beta = float(_number(f"{f}.max_sqrt_beta", flow["max_sqrt_beta"]))
         out.update({"flow.kind": "discrete", "flow.num_classes": k, "flow.beta_1": sqrt_beta**2,
-                    "flow.sigma_1": None, "flow.num_bins": k, "flow.noise_prediction": False,
+                    "flow.receiver": "reference", "flow.num_mc_samples": 10, "flow.sigma_1": None,
+                    "flow.noise_prediction": None, "flow.reconstruction_std_scale": None, "data.num_bins": None,
                     "flow.head": "bernoulli" if head_name == "BernoulliFactory" else "categorical"})  # fmt: skip
         if head_name == "BernoulliFactory" and k != 2:
             raise OfficialConfigError(f"model.distribution_factory: Bernoulli needs n_classes=2, got {k}")
@@ -671,23 +675,28 @@ def config_overrides(config: Mapping) -> dict[str, Any]:
             raise OfficialConfigError(f"{f}.min_variance={min_variance}: must lie in (0, 1)")
         data_bins = _int("data.num_bins", data.get("num_bins", 256), 2)
         noise_prediction = _bool("model.loss.parameters.noise_pred", loss["noise_pred"])
-        out.update({"flow.kind": "continuous", "flow.num_classes": 0, "flow.beta_1": None,
-                    "flow.sigma_1": math.sqrt(min_variance), "data.num_bins": data_bins,
+        out.update({"flow.kind": "continuous", "flow.num_classes": None, "flow.beta_1": None,
+                    "flow.receiver": None, "flow.sigma_1": math.sqrt(min_variance), "data.num_bins": data_bins,
                     "flow.noise_prediction": noise_prediction})  # fmt: skip
         if head_name == "DiscretizedNormalFactory":
             bins = _int("model.distribution_factory.parameters.num_bins", head["num_bins"], 2)
-            out.update({"flow.head": "discretized_normal", "flow.num_bins": bins,
-                        "flow.reconstruction_bins": bins, "flow.reconstruction_std_scale": 1.0})  # fmt: skip
+            if bins != data_bins:  # the project's head and reconstruction use the data's bins
+                raise OfficialConfigError(f"model.distribution_factory.parameters.num_bins={bins}: the project "
+                                          f"needs it equal to data.num_bins={data_bins}")  # fmt: skip
+            out.update({"flow.head": "discretized_normal", "flow.num_mc_samples": 10,
+                        "flow.reconstruction_std_scale": None})  # fmt: skip
         else:
             # the official reconstruction term of a point estimate: N(x_hat, sigma_1) on 256 bins,
             # or on 16 bins with 0.7 sigma_1 when min_variance == 1e-3 (hard-coded there)
             sixteen = min_variance == 1e-3
-            out.update({"flow.head": "delta", "flow.num_bins": data_bins,
-                        "flow.reconstruction_bins": 16 if sixteen else 256,
+            if (16 if sixteen else 256) != data_bins:
+                raise OfficialConfigError(f"data.num_bins={data_bins}: the official delta reconstruction "
+                                          f"uses {16 if sixteen else 256} bins here; the project needs them "
+                                          "equal")  # fmt: skip
+            out.update({"flow.head": "delta", "flow.num_mc_samples": None,
                         "flow.reconstruction_std_scale": 0.7 if sixteen else 1.0})  # fmt: skip
-    out.update({"flow.receiver": "reference", "flow.num_mc_samples": 10})
 
-    preset, kwargs = network_spec(config)
+    arch, kwargs = network_spec(config)
     spec_cls = _spec(model)["cls"]
     if (spec_cls == "GPT") != (name == "text8"):
         raise OfficialConfigError(f"model.net.class_name={spec_cls}: does not fit data.dataset={dataset}")
@@ -716,7 +725,10 @@ def config_overrides(config: Mapping) -> dict[str, Any]:
                 f"model.output_adapter.parameters.output_height={kwargs['out_height']}: the"
                 f" {out['flow.head']} output needs {expected_height}"
             )
-    out.update({"net.name": preset, "net.kwargs": kwargs})
+    from . import NETWORKS
+
+    out.update({"net.name": PRESET_OF_CLASS[spec_cls], "net.arch": arch,
+                "net.kwargs": {k: v for k, v in kwargs.items() if k not in NETWORKS[arch].data_keys}})  # fmt: skip
     out.update(_optimizer_overrides(config))
     return out
 

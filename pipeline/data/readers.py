@@ -143,7 +143,7 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
         if materialize:
             ds = ds.materialize()
     return ds.map_batches(_ray_preprocess, batch_format="pyarrow", batch_size=RAY_MAP_BATCH_SIZE,
-                          fn_kwargs={"name": name, "num_bins": int(num_bins)},
+                          fn_kwargs={"name": name, "num_bins": num_bins},
                           udf_modifying_row_count=False)  # fmt: skip
 
 

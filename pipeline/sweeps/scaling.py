@@ -95,14 +95,13 @@ def measure(cfg, train_rows: int | None = None) -> dict[str, Any]:
 
 def _axes(cfg, widths, depths, steps, fractions) -> tuple[str, dict, list]:
     """(family, its FAMILIES entry, the grid's axes) with the config's own values as defaults."""
-    from bfn.networks import PRESETS
     from tune_spaces.architecture import FAMILIES, family_of
 
     family = family_of(cfg.net.name)
     if family is None:
         raise ScalingError(f"net.name={cfg.net.name} has no width/depth family; one of {', '.join(FAMILIES)}")
     info = FAMILIES[family]
-    depth = cfg.net.kwargs.get(info["depth"]) or PRESETS[cfg.net.name]["kwargs"][info["depth"]]
+    depth = cfg.net.kwargs[info["depth"]]
     return family, info, [list(widths or info["widths"]), list(depths or [depth]),
                           list(steps or [cfg.trainer.max_steps]), list(fractions or [cfg.data.fraction])]
 
@@ -284,7 +283,7 @@ def cmd_plan(args) -> int:
     plan = make_plan(args.name, args.overrides, widths=_ints(args.widths), depths=_ints(args.depths),
                      steps=_ints(args.steps), fractions=_floats(args.fractions))  # fmt: skip
     cfg = load(args.overrides)
-    out = Path(args.out or Path(cfg.raw["paths"]["runs_dir"]) / "scaling" / args.name / "plan.json")
+    out = Path(args.out or Path(cfg.paths.runs_dir) / "scaling" / args.name / "plan.json")
     write_plan(plan, out)
     print(plan_table(plan))
     print(f"{len(plan['entries'])} grid points written to {out}\ntrain them: bfn scaling run {out} "
@@ -308,7 +307,7 @@ def cmd_fit(args) -> int:
         raise ScalingError("tracking.enabled=false: the runs are read from MLflow")
     result = fit_grid(cfg.tracking.uri, cfg.tracking.experiment, args.name, budget=args.budget,
                       n_boot=args.bootstrap, seed=args.seed, data_axis=args.data_axis, compute=args.compute,
-                      out_dir=args.out or Path(cfg.raw["paths"]["runs_dir"]) / "scaling" / args.name,
+                      out_dir=args.out or Path(cfg.paths.runs_dir) / "scaling" / args.name,
                       artifact_location=cfg.tracking.artifact_location)  # fmt: skip
     print(Path(result["files"]["markdown"]).read_text())
     print(f"plot: {result['files']['plot']}\nMLflow run: {result['mlflow_run_id']}", flush=True)

@@ -17,7 +17,6 @@ And ``check_objective``: the metric a search ranks trials by.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -32,20 +31,19 @@ def net_constraints(cfg: Config, space: Mapping) -> tuple[set[str], dict[str, li
     """(extra keys, allowed values) for ``key_problems``: the constructor arguments of the
     networks the space can select (``net.kwargs.<arg>``, data-dependent ones left out) and the
     presets of the config's network kind (``net.name``)."""
-    from bfn.networks import DATA_KEYS, PRESETS
+    from bfn.networks import DATA_KEYS, NETWORKS, constructor_args
+    from pipeline.config import net_presets
     from tune_spaces.common import support
 
-    kind = PRESETS[cfg.net.name]["kind"]
-    names = [cfg.net.name]
+    presets = net_presets()
+    archs = [cfg.net.arch]
     if "net.name" in space:
         info = support(space["net.name"])
         if info["kind"] == "values":
-            names = [n for n in info["values"] if n in PRESETS] or names
-    arg_sets = []
-    for name in names:
-        params = inspect.signature(PRESETS[name]["cls"].__init__).parameters
-        arg_sets.append({p for p in params if p != "self"} - DATA_KEYS)
-    allowed = {"net.name": sorted(n for n, p in PRESETS.items() if p["kind"] == kind)}
+            archs = [presets[n]["arch"] for n in info["values"] if n in presets] or archs
+    arg_sets = [set(constructor_args(arch)) - DATA_KEYS for arch in archs]
+    kind = NETWORKS[cfg.net.arch].kind
+    allowed = {"net.name": sorted(n for n, p in presets.items() if NETWORKS[p["arch"]].kind == kind)}
     return {f"net.kwargs.{a}" for a in set.intersection(*arg_sets)}, allowed
 
 
@@ -96,12 +94,22 @@ def key_problems(space: Mapping[str, Any], config: Mapping, *, extra_keys: Itera
     return problems
 
 
-def _validate_point(cfg: Config, sample: Mapping[str, Any], build: bool) -> None:
-    """The trial's config for ``sample`` (the base config with the sampled values set), validated
-    as `bfn train` validates; built on the meta device when ``build``."""
+def trial_dict(raw: Mapping, sample: Mapping[str, Any]) -> dict:
+    """The config a trial composes (base overrides + ``to_overrides(sample)``), built on the resolved
+    base config: ``net.name`` is a Hydra group that brings its architecture and arguments."""
+    from pipeline.config import net_presets
     from tune_spaces.common import apply_to_dict
 
-    candidate = Config.from_dict(apply_to_dict(sample, cfg.raw))
+    base = dict(raw)
+    if "net.name" in sample:
+        base["net"] = dict(net_presets()[sample["net.name"]])
+    return apply_to_dict({k: v for k, v in sample.items() if k != "net.name"}, base)
+
+
+def _validate_point(cfg: Config, sample: Mapping[str, Any], build: bool) -> None:
+    """The trial's config for ``sample``, validated as `bfn train` validates; built on the meta
+    device when ``build``."""
+    candidate = Config.from_dict(trial_dict(cfg.raw, sample))
     if build:
         import torch
 

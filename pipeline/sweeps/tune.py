@@ -276,7 +276,7 @@ def report(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Lo
     except Exception as error:  # the sweep's results still get written
         log.warning("could not close the trials' MLflow runs (%s)", store.masked(error))
     best = pick_best(rows, opts.mode)
-    out_dir = Path(cfg.raw["paths"]["runs_dir"]) / "sweeps" / where.name
+    out_dir = Path(cfg.paths.runs_dir) / "sweeps" / where.name
     out_dir.mkdir(parents=True, exist_ok=True)
     files = reports.write_summary(rows, space, opts.metric, out_dir, best, opts.mode)
     files["plot"] = reports.plot_sweep(rows, space, opts.metric, out_dir / f"{_safe(opts.metric)}_vs_params.png",

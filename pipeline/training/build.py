@@ -25,7 +25,7 @@ def build_flow_and_head(config: Config):
         return flow, head
     flow = ContinuousFlow(f.sigma_1)
     if f.head == "discretized_normal":
-        head = DiscretizedNormalHead(f.num_bins, sigma_1=f.sigma_1, noise_prediction=f.noise_prediction)
+        head = DiscretizedNormalHead(config.data.num_bins, sigma_1=f.sigma_1, noise_prediction=f.noise_prediction)
     else:
         head = DeltaHead(sigma_1=f.sigma_1, noise_prediction=f.noise_prediction)
     return flow, head
@@ -42,15 +42,13 @@ def build_model(config: Config) -> BFN:
         "num_classes": config.flow.num_classes,
         "seq_len": data_shape[0],
     }
-    net = build_network(config.net.name, **{**data_kwargs, **config.net.kwargs})
-    return BFN(
-        net, flow, head,
-        data_shape=data_shape,
-        receiver=config.flow.receiver,
-        num_mc_samples=config.flow.num_mc_samples,
-        reconstruction_bins=config.flow.reconstruction_bins,
-        reconstruction_std=(config.flow.sigma_1 or 0) * config.flow.reconstruction_std_scale or None,
-    )  # fmt: skip
+    net = build_network(config.net.arch, **{**data_kwargs, **config.net.kwargs})
+    f = config.flow
+    options = {"receiver": f.receiver, "num_mc_samples": f.num_mc_samples}  # null where the flow/head has none
+    if f.head == "delta":  # scored as a discretised Gaussian on the data's bins (paper Sec. 7.2)
+        options.update(reconstruction_bins=config.data.num_bins,
+                       reconstruction_std=f.sigma_1 * f.reconstruction_std_scale)
+    return BFN(net, flow, head, data_shape=data_shape, **{k: v for k, v in options.items() if v is not None})
 
 
 def build_optimizer(config: Config, model: BFN) -> torch.optim.Optimizer:

@@ -73,7 +73,7 @@ def storage(cfg: Config):
 def local_run_dir(cfg: Config) -> str | None:
     """Where rank 0 writes sample grids and curves (also logged to MLflow)."""
     if "://" in cfg.run.storage_path:
-        return str(Path(cfg.raw["paths"]["runs_dir"]) / "outputs" / cfg.run.name)
+        return str(Path(cfg.paths.runs_dir) / "outputs" / cfg.run.name)
     return str(Path(cfg.run.storage_path) / cfg.run.name / "outputs")
 
 

@@ -35,8 +35,8 @@ def experiment_for(overrides: Mapping[str, Any]) -> str:
     if name == "text8":
         return "text8"
     if head == "delta":
-        return "cifar10_continuous"
-    return "cifar10_discretized_16" if overrides.get("flow.num_bins") == 16 else "cifar10_discretized_256"
+        return "cifar10_continuous_16" if overrides.get("data.num_bins") == 16 else "cifar10_continuous"
+    return "cifar10_discretized_16" if overrides.get("data.num_bins") == 16 else "cifar10_discretized_256"
 
 
 def _hydra_value(value: Any) -> str:
@@ -63,8 +63,10 @@ def _hydra_value(value: Any) -> str:
 def hydra_overrides(overrides: Mapping[str, Any]) -> list[str]:
     """The mapped official config as Hydra overrides (``experiment=...`` first): what
     ``bfn train`` / ``pipeline.config.compose`` take to build the same config."""
-    out = [f"experiment={experiment_for(overrides)}"]
+    out = [f"experiment={experiment_for(overrides)}", f"net={overrides['net.name']}"]
     for key, value in overrides.items():
+        if key == "net.name":  # a group choice, above
+            continue
         # net.kwargs replaces the preset's kwargs dict ('++' merges into the existing node)
         out.append(f"{'++' if isinstance(value, Mapping) else ''}{key}={_hydra_value(value)}")
     return out

@@ -358,7 +358,7 @@ def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, track
                for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device))  # fmt: skip
     started = time.perf_counter()
     result = steps.validate(ema_model, batches, nll_steps=cfg.eval.nll_steps,
-                            nll_repeats=cfg.eval.nll_repeats, max_batches=cfg.eval.val_batches)  # fmt: skip
+                            nll_repeats=cfg.eval.val_repeats, max_batches=cfg.eval.val_batches)  # fmt: skip
     metrics = {"val/loss": result["loss"], "val/loss_bits_per_dim": result["loss"] / math.log(2)}
     metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
     log.info("%s", steps.validation_table(step, result, cfg.eval.nll_steps, cfg.eval.unit))

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from bfn.networks import (
     DATA_KEYS,
-    PRESETS,
+    NETWORKS,
     TextTransformer,
     UNet,
     UNetVDM,
     build_network,
+    constructor_args,
     count_parameters,
 )
 from bfn.networks.layers import (
@@ -28,14 +29,37 @@ from bfn.networks.layers import (
 )
 from bfn.networks.transformer import sinusoidal_positions
 
+# Networks the tests build: (architecture, constructor arguments); the class defaults are the paper's.
+SIZES = {
+    "mnist_unet": ("unet", {}),
+    "cifar_unet_vdm": ("unet_vdm", {}),
+    "text8_transformer": ("text_transformer", {}),
+    "mnist_unet_small": ("unet", dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, num_heads=4)),
+    "mnist_unet_tiny": ("unet", dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2,
+                                     norm_groups=8)),
+    "cifar_unet_vdm_tiny": ("unet_vdm", dict(embedding_dim=16, n_blocks=1, norm_groups=8)),
+    "text8_transformer_small": ("text_transformer", dict(n_layer=4, n_head=4, n_embd=128)),
+    "text8_transformer_tiny": ("text_transformer", dict(n_layer=2, n_head=2, n_embd=32)),
+}  # fmt: skip
+DATA = {  # data-dependent arguments: MNIST, CIFAR-10, text8
+    "unet": dict(in_channels=1, out_height=1, image_size=28),
+    "unet_vdm": dict(in_channels=3, out_height=2, image_size=32),
+    "text_transformer": dict(num_classes=27, seq_len=256),
+}
 TINY = ["mnist_unet_tiny", "cifar_unet_vdm_tiny", "text8_transformer_tiny"]
 
 
+def build(name: str, **overrides):
+    arch, kwargs = SIZES[name]
+    return build_network(arch, **{**DATA[arch], **kwargs, **overrides})
+
+
 def make_batch(name: str, batch: int = 2, **data):
-    """Inputs (net_inputs, t) and the expected output shape for a preset."""
-    kwargs = {**PRESETS[name]["kwargs"], **data}
+    """Inputs (net_inputs, t) and the expected output shape for a named test network."""
+    arch = SIZES[name][0]
+    kwargs = {**DATA[arch], **data}
     t = torch.rand(batch)
-    if PRESETS[name]["kind"] == "text":
+    if NETWORKS[arch].kind == "text":
         length, k = 16, kwargs["num_classes"]
         theta = torch.softmax(torch.randn(batch, length, k), dim=-1)
         return theta, t, (batch, length, k)
@@ -66,14 +90,14 @@ def perturb_(net: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
 )
 def test_parameter_counts_match_the_paper(name, expected, rel):
     with torch.device("meta"):
-        net = build_network(name)
+        net = build(name)
     assert count_parameters(net) == pytest.approx(expected, rel=rel)
 
 
 def test_non_embedding_count_excludes_only_the_text_input_embedding():
     with torch.device("meta"):
-        text = build_network("text8_transformer_small")
-        unet = build_network("mnist_unet_small")
+        text = build("text8_transformer_small")
+        unet = build("mnist_unet_small")
     k, d = 27, 128
     embedding = (k * d + d) + (d + d)  # token and time projections; positions are a buffer
     assert count_parameters(text) - count_parameters(text, non_embedding=True) == embedding
@@ -85,7 +109,7 @@ def test_non_embedding_count_excludes_only_the_text_input_embedding():
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_presets_output_shape_and_dtype(name):
-    net = build_network(name)
+    net = build(name)
     x, t, shape = make_batch(name)
     out = net(x, t)
     assert out.shape == shape
@@ -94,7 +118,7 @@ def test_tiny_presets_output_shape_and_dtype(name):
 
 
 def test_cifar_continuous_output_height_one():
-    net = build_network("cifar_unet_vdm_tiny", out_height=1)
+    net = build("cifar_unet_vdm_tiny", out_height=1)
     x, t, shape = make_batch("cifar_unet_vdm_tiny", out_height=1)
     assert net(x, t).shape == shape == (2, 32, 32, 3, 1)
 
@@ -102,7 +126,7 @@ def test_cifar_continuous_output_height_one():
 @pytest.mark.parametrize("name", TINY)
 def test_gradients_reach_every_parameter(name):
     torch.manual_seed(0)
-    net = perturb_(build_network(name))
+    net = perturb_(build(name))
     x, t, _ = make_batch(name)
     net(x, t).square().sum().backward()
     for pname, p in net.named_parameters():
@@ -114,7 +138,7 @@ def test_zero_initialised_output_conv_still_learns(name):
     """At init the body's last conv is zero, so only the input skip reaches the head (the VDM
     input carries no t, so its output ignores t); that conv's weight still gets a gradient."""
     torch.manual_seed(0)
-    net = build_network(name).eval()
+    net = build(name).eval()
     x, t, _ = make_batch(name)
     out = net(x, t)
     last_conv = net.out[-1] if isinstance(net, UNet) else net.conv_out[-1]
@@ -131,7 +155,7 @@ def test_zero_initialised_output_conv_still_learns(name):
 @pytest.mark.parametrize("name", TINY)
 def test_output_depends_on_t_and_eval_is_deterministic(name):
     torch.manual_seed(0)
-    net = perturb_(build_network(name)).eval()
+    net = perturb_(build(name)).eval()
     x, t, _ = make_batch(name)
     with torch.no_grad():
         out = net(x, t)
@@ -142,14 +166,14 @@ def test_output_depends_on_t_and_eval_is_deterministic(name):
 @pytest.mark.parametrize("name", ["mnist_unet_tiny", "cifar_unet_vdm_tiny"])
 def test_dropout_is_active_in_train_mode(name):
     torch.manual_seed(0)
-    net = perturb_(build_network(name)).train()
+    net = perturb_(build(name)).train()
     x, t, _ = make_batch(name)
     assert not torch.allclose(net(x, t), net(x, t))
 
 
 def test_transformer_is_not_causal():
     torch.manual_seed(0)
-    net = build_network("text8_transformer_tiny").eval()
+    net = build("text8_transformer_tiny").eval()
     theta, t, _ = make_batch("text8_transformer_tiny")
     changed = theta.clone()
     changed[:, -1] = torch.softmax(torch.randn(2, 27), dim=-1)
@@ -159,7 +183,7 @@ def test_transformer_is_not_causal():
 
 
 def test_transformer_accepts_per_token_time():
-    net = build_network("text8_transformer_tiny").eval()
+    net = build("text8_transformer_tiny").eval()
     theta, t, _ = make_batch("text8_transformer_tiny")
     with torch.no_grad():
         per_sample = net(theta, t)
@@ -169,8 +193,8 @@ def test_transformer_accepts_per_token_time():
 
 def test_channels_last_does_not_change_the_function():
     torch.manual_seed(0)
-    fast = perturb_(build_network("mnist_unet_tiny", attention_resolutions=(1,))).eval()
-    plain = build_network("mnist_unet_tiny", attention_resolutions=(1,), channels_last=False)
+    fast = perturb_(build("mnist_unet_tiny", attention_resolutions=(1,))).eval()
+    plain = build("mnist_unet_tiny", attention_resolutions=(1,), channels_last=False)
     plain.load_state_dict(fast.state_dict())
     plain.eval()
     x, t, _ = make_batch("mnist_unet_tiny")
@@ -180,7 +204,7 @@ def test_channels_last_does_not_change_the_function():
 
 def test_unet_runs_under_bfloat16_autocast():
     torch.manual_seed(0)
-    net = perturb_(build_network("mnist_unet_tiny"))
+    net = perturb_(build("mnist_unet_tiny"))
     x, t, shape = make_batch("mnist_unet_tiny")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x, t)
@@ -218,12 +242,12 @@ def test_bad_hyperparameters_raise_value_error_naming_them(cls, kwargs, argument
 
 
 def test_wrong_input_shapes_raise_value_error():
-    net = build_network("mnist_unet_tiny")
+    net = build("mnist_unet_tiny")
     with pytest.raises(ValueError, match="net_inputs"):
         net(torch.zeros(2, 28, 28, 3), torch.zeros(2))
     with pytest.raises(ValueError, match="t must"):
         net(torch.zeros(2, 28, 28, 1), torch.zeros(3))
-    text = build_network("text8_transformer_tiny", seq_len=8)
+    text = build("text8_transformer_tiny", seq_len=8)
     with pytest.raises(ValueError, match="seq_len"):
         text(torch.full((1, 9, 27), 1 / 27), torch.zeros(1))
 
@@ -231,32 +255,32 @@ def test_wrong_input_shapes_raise_value_error():
 # ------------------------------------------------------------------------------ registry
 
 
-def test_every_preset_builds_with_its_data_keys():
-    assert {"mnist_unet", "cifar_unet_vdm", "text8_transformer"} <= set(PRESETS)
-    for name, preset in PRESETS.items():
-        assert set(preset["data_keys"]) <= DATA_KEYS
-        assert preset["kind"] in ("image", "text")
+def test_every_architecture_builds_with_its_data_keys():
+    assert set(NETWORKS) == {"unet", "unet_vdm", "text_transformer"}
+    for arch, network in NETWORKS.items():
+        assert set(network.data_keys) <= DATA_KEYS and set(network.data_keys) <= set(constructor_args(arch))
+        assert network.kind in ("image", "text")
         with torch.device("meta"):
-            assert isinstance(build_network(name), preset["cls"])
+            assert isinstance(build_network(arch), network.cls)
 
 
 def test_build_network_overrides_and_ignores_foreign_data_keys():
-    net = build_network("mnist_unet_tiny", in_channels=3, out_height=2, num_classes=2, seq_len=5)
+    net = build("mnist_unet_tiny", in_channels=3, out_height=2, num_classes=2, seq_len=5)
     x = torch.zeros(1, 28, 28, 3)
     assert net(x, torch.zeros(1)).shape == (1, 28, 28, 3, 2)
-    text = build_network("text8_transformer_tiny", num_classes=5, out_height=7, image_size=3)
+    text = build("text8_transformer_tiny", num_classes=5, out_height=7, image_size=3)
     assert text(torch.full((1, 4, 5), 0.2), torch.zeros(1)).shape == (1, 4, 5)
 
 
-def test_build_network_rejects_unknown_names_and_arguments():
-    with pytest.raises(ValueError, match="name"):
+def test_build_network_rejects_unknown_architectures_and_arguments():
+    with pytest.raises(ValueError, match="arch"):
         build_network("no_such_net")
     with pytest.raises(ValueError, match="widht"):
-        build_network("mnist_unet_tiny", widht=3)
+        build_network("unet", widht=3)
 
 
 def test_optim_groups_decay_only_linear_weights():
-    net = build_network("text8_transformer_tiny")
+    net = build("text8_transformer_tiny")
     decay, no_decay = net.optim_groups(0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     linear_weights = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Linear)}
@@ -267,7 +291,7 @@ def test_optim_groups_decay_only_linear_weights():
 
 def test_transformer_init_scales():
     torch.manual_seed(0)
-    net = build_network("text8_transformer_small", n_layer=8)
+    net = build("text8_transformer_small", n_layer=8)
     block = net.blocks[0]
     assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)

@@ -23,7 +23,7 @@ from bfn import (
     DiscretizedNormalHead,
 )
 from bfn.flows import ContinuousParams, DiscreteParams
-from bfn.networks import PRESETS, build_network, count_parameters, official
+from bfn.networks import NETWORKS, build_network, count_parameters, official
 from bfn.networks.official import OfficialCheckpointError, OfficialConfigError
 from tests.bfn.official_fixtures import (
     OFFICIAL_YAMLS,
@@ -143,10 +143,10 @@ def test_paper_size_keys_and_shapes_all_map(yaml_name, keys):
 @pytest.mark.parametrize("yaml_name", OFFICIAL_YAMLS)
 def test_paper_configs_give_the_project_paper_networks(yaml_name):
     """The converted kwargs build networks the size of the project's paper presets."""
-    preset, kwargs = official.network_spec(official_yaml(yaml_name))
+    arch, kwargs = official.network_spec(official_yaml(yaml_name))
     with torch.device("meta"):
-        converted = build_network(preset, **kwargs)
-        paper = build_network(preset, **{k: kwargs[k] for k in PRESETS[preset]["data_keys"]})
+        converted = build_network(arch, **kwargs)
+        paper = build_network(arch, **{k: kwargs[k] for k in NETWORKS[arch].data_keys})  # class defaults: paper
     assert count_parameters(converted) == count_parameters(paper)
     assert converted.state_dict().keys() == paper.state_dict().keys()
 
@@ -164,23 +164,23 @@ def test_continuous_config_has_one_output_per_channel():
 EXPECTED_OVERRIDES = {
     "mnist_discrete": {"data.name": "mnist", "flow.kind": "discrete", "flow.num_classes": 2,
                        "flow.beta_1": 9.0, "flow.head": "bernoulli", "net.name": "mnist_unet",
+                       "net.arch": "unet", "flow.receiver": "reference", "flow.sigma_1": None,
                        "optim.lr": 1e-4, "optim.betas": [0.9, 0.98], "optim.weight_decay": 0.01},
     "text8_discrete": {"data.name": "text8", "flow.kind": "discrete", "flow.num_classes": 27,
                        "flow.beta_1": 0.5625, "flow.head": "categorical", "data.seq_len": 256,
-                       "net.name": "text8_transformer", "optim.weight_decay": 0.01},
+                       "net.name": "text8_transformer", "net.arch": "text_transformer",
+                       "optim.weight_decay": 0.01},
     "cifar10_discretized_256bins": {"data.name": "cifar10", "flow.kind": "continuous",
                                     "flow.sigma_1": 1e-3, "flow.head": "discretized_normal",
-                                    "flow.num_bins": 256, "data.num_bins": 256,
+                                    "data.num_bins": 256, "flow.beta_1": None, "flow.receiver": None,
                                     "flow.noise_prediction": True, "net.name": "cifar_unet_vdm",
-                                    "optim.lr": 2e-4, "optim.betas": [0.9, 0.99]},
-    "cifar10_discretized_16bins": {"flow.sigma_1": math.sqrt(1e-3), "flow.num_bins": 16,
-                                   "data.num_bins": 16, "flow.reconstruction_bins": 16},
-    "cifar10_continuous_256bins": {"flow.head": "delta", "flow.sigma_1": 1e-3,
-                                   "flow.reconstruction_bins": 256,
-                                   "flow.reconstruction_std_scale": 1.0},
+                                    "net.arch": "unet_vdm", "optim.lr": 2e-4, "optim.betas": [0.9, 0.99]},
+    "cifar10_discretized_16bins": {"flow.sigma_1": math.sqrt(1e-3), "data.num_bins": 16,
+                                   "flow.reconstruction_std_scale": None},
+    "cifar10_continuous_256bins": {"flow.head": "delta", "flow.sigma_1": 1e-3, "data.num_bins": 256,
+                                   "flow.num_mc_samples": None, "flow.reconstruction_std_scale": 1.0},
     "cifar10_continuous_16bins": {"flow.head": "delta", "flow.sigma_1": math.sqrt(1e-3),
-                                  "data.num_bins": 16, "flow.reconstruction_bins": 16,
-                                  "flow.reconstruction_std_scale": 0.7},
+                                  "data.num_bins": 16, "flow.reconstruction_std_scale": 0.7},
 }  # fmt: skip
 
 
@@ -188,11 +188,12 @@ EXPECTED_OVERRIDES = {
 def test_official_configs_map_to_project_settings(yaml_name):
     overrides = official.config_overrides(official_yaml(yaml_name))
     for key, value in EXPECTED_OVERRIDES[yaml_name].items():
-        assert overrides[key] == pytest.approx(value), key
-    assert overrides["flow.receiver"] == "reference"
+        assert overrides[key] == (value if value is None or isinstance(value, str) else pytest.approx(value)), key
     assert overrides["optim.grad_clip"] == 5.0 and overrides["optim.ema_decay"] == 0.9999
-    preset, kwargs = official.network_spec(official_yaml(yaml_name))
-    assert overrides["net.name"] == preset and overrides["net.kwargs"] == kwargs
+    arch, kwargs = official.network_spec(official_yaml(yaml_name))
+    data_keys = NETWORKS[arch].data_keys
+    assert overrides["net.arch"] == arch
+    assert overrides["net.kwargs"] == {k: v for k, v in kwargs.items() if k not in data_keys}
 
 
 def test_the_model_section_alone_is_enough_for_the_network():

@@ -1,4 +1,5 @@
-"""Every shipped config composes, validates and builds its model; presets match the paper."""
+"""Every shipped config composes, validates and builds its model; the schema is the one source of
+the config's keys (network sizes included); presets match the paper (values: test_presets.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from bfn.networks import count_parameters
-from pipeline.config import CONF_DIR, ConfigError, compose, load
+from pipeline.config import CONF_DIR, SECTIONS, Config, ConfigError, compose, flatten, load, net_presets
 from pipeline.training.build import build_model, build_optimizer
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("best_"))
@@ -15,6 +16,7 @@ PAPER = {  # preset: (network parameters in millions, data shape)
     "cifar10_discretized_256": (30.72, (32, 32, 3)),
     "cifar10_discretized_16": (30.72, (32, 32, 3)),
     "cifar10_continuous": (30.72, (32, 32, 3)),
+    "cifar10_continuous_16": (30.72, (32, 32, 3)),
     "text8": (170.18, (256,)),
 }
 
@@ -41,6 +43,73 @@ def test_paper_schedules():
     assert load(["experiment=text8"]).flow.beta_1 == 0.5625
     assert load(["experiment=cifar10_discretized_256"]).flow.sigma_1 == pytest.approx(1e-3)
     assert load(["experiment=cifar10_discretized_16"]).flow.sigma_1 ** 2 == pytest.approx(1e-3)
+    assert load(["experiment=cifar10_continuous_16"]).flow.sigma_1 ** 2 == pytest.approx(1e-3)
+
+
+def test_every_yaml_key_is_a_schema_field_and_every_field_is_in_the_yaml():
+    """The YAML tree and the dataclasses describe the same keys, for every group option."""
+    import dataclasses
+
+    for group, section_cls in SECTIONS.items():
+        names = {f.name for f in dataclasses.fields(section_cls)}
+        required = {f.name for f in dataclasses.fields(section_cls) if f.default is dataclasses.MISSING}
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        assert options, group
+        for option in options:
+            keys = set(compose([f"{group}={option}"])[group])
+            assert required <= keys <= names, (group, option, keys ^ names)
+
+
+def test_network_sizes_live_in_the_net_group():
+    """net=<preset> composes exactly conf/net/<preset>.yaml, and the built network takes exactly
+    those constructor arguments (plus the data-dependent ones)."""
+    from bfn.networks import NETWORKS
+
+    presets = net_presets()
+    assert set(presets) == {p.stem for p in (CONF_DIR / "net").glob("*.yaml")}
+    for name, preset in presets.items():
+        assert preset["name"] == name
+        assert compose([f"net={name}"])["net"] == preset
+        assert set(preset["kwargs"]).isdisjoint(NETWORKS[preset["arch"]].data_keys)
+
+
+def test_a_network_size_override_reaches_the_network():
+    with torch.device("meta"):
+        net = build_model(load(["experiment=smoke", "net.kwargs.model_channels=24"])).net
+    assert (net.model_channels, net.input_proj.out_features) == (24, 24)
+
+
+def test_paths_are_a_typed_section():
+    cfg = load(["experiment=smoke", "paths.runs_dir=rel/runs"])
+    assert cfg.paths.runs_dir.endswith("/rel/runs") and cfg.paths.runs_dir.startswith("/")
+    assert cfg.paths.data_dir == cfg.raw["paths"]["data_dir"]
+    assert cfg.data.uri == f"{cfg.paths.data_dir}/mnist"
+
+
+def test_global_batch_is_split_over_the_workers():
+    cfg = load(["experiment=text8"])
+    assert (cfg.trainer.num_workers, cfg.data.batch_size, cfg.batch_size_per_worker) == (8, 3328, 416)
+    cfg = load(["experiment=text8", "trainer=gpu_1"])  # the same optimisation on one process
+    assert (cfg.trainer.num_workers, cfg.data.batch_size, cfg.batch_size_per_worker) == (1, 3328, 3328)
+
+
+def test_only_the_sections_are_top_level_keys():
+    """Runtime values travel beside the config (the worker gets {"config", "runtime"}), never in it."""
+    config = compose(["experiment=smoke"])
+    for key in ("_runtime", "hydra"):
+        with pytest.raises(ConfigError, match=f"^{key}: unknown top-level key"):
+            Config.from_dict({**config, key: {}})
+
+
+def test_unused_keys_are_null_in_every_preset():
+    """The null-for-unused representation holds for what ships: no preset carries a value its
+    setup ignores (Config.from_dict would refuse it) and each carries the ones it needs."""
+    for preset in PRESETS:
+        flat = flatten(compose([f"experiment={preset}"]))
+        discrete = flat["flow.kind"] == "discrete"
+        assert (flat["flow.beta_1"] is None) != discrete and (flat["flow.sigma_1"] is None) == discrete, preset
+        assert (flat["data.num_bins"] is None) == (flat["data.name"] != "cifar10"), preset
+        assert (flat["data.seq_len"] is None) == (flat["data.name"] != "text8"), preset
 
 
 def test_small_preset_runs_a_real_step_on_cpu():
@@ -71,6 +140,7 @@ def test_paths_are_absolute_for_ray_workers(tmp_path, monkeypatch):
         ("data.num_bins=1", "data.num_bins"),
         ("data.batch_size=33", "data.batch_size"),
         ("net.name=nope", "net.name"),
+        ("net=text8_transformer_tiny", "net.arch"),
         ("trainer.max_steps=0", "trainer.max_steps"),
         ("optim.lr=-1", "optim.lr"),
         ("run.storage_path=ftp://x/y", "run.storage_path"),

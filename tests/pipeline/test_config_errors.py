@@ -28,10 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import data as data_lib
-from pipeline.config import ConfigError, load
+from pipeline.config import Config, ConfigError, compose, load
 from tests.pipeline.test_data import write_idx_folder
 
 CIFAR = "experiment=cifar10_discretized_256"
+CONTINUOUS = "experiment=cifar10_continuous"
 TEXT = "experiment=text8"
 BAD = [  # (overrides, the key the message must name)
     # data type vs flow vs network
@@ -39,10 +40,12 @@ BAD = [  # (overrides, the key the message must name)
     (["flow=continuous"], "flow.kind"),
     (["data=text8", "net=text8_transformer_tiny"], "flow.num_classes"),
     ([CIFAR, "flow=discrete_binary"], "flow.kind"),
-    (["net=text8_transformer_tiny"], "net.name"),
+    (["net=text8_transformer_tiny"], "net.arch"),
+    ([TEXT, "net=mnist_unet_tiny"], "net.arch"),
     (["data.name=svhn"], "data.name"),
     (["flow.kind=gaussian"], "flow.kind"),
     (["flow.num_classes=3"], "flow.num_classes"),
+    ([TEXT, "flow.head=bernoulli"], "flow.head"),
     (["flow.head=delta"], "flow.head"),
     (["flow.head=softmax"], "flow.head"),
     ([CIFAR, "flow.head=categorical"], "flow.head"),
@@ -52,9 +55,33 @@ BAD = [  # (overrides, the key the message must name)
     ([CIFAR, "data.num_bins=1"], "data.num_bins"),
     ([CIFAR, "data.num_bins=300"], "data.num_bins"),
     ([CIFAR, "data.num_bins=2.5"], "data.num_bins"),
-    ([CIFAR, "flow.num_bins=16"], "flow.num_bins"),
-    ([CIFAR, "flow.reconstruction_bins=1"], "flow.reconstruction_bins"),
-    ([CIFAR, "flow.reconstruction_std_scale=0"], "flow.reconstruction_std_scale"),
+    ([CIFAR, "data.num_bins=null"], "data.num_bins"),
+    ([CONTINUOUS, "flow.reconstruction_std_scale=0"], "flow.reconstruction_std_scale"),
+    ([CONTINUOUS, "flow.reconstruction_std_scale=null"], "flow.reconstruction_std_scale"),
+    # keys the chosen setup does not use: set is an error, null where needed is an error
+    (["experiment=smoke", "flow.sigma_1=2"], "flow.sigma_1"),
+    ([CIFAR, "flow.beta_1=4"], "flow.beta_1"),
+    (["data.num_bins=16"], "data.num_bins"),
+    ([TEXT, "data.num_bins=27"], "data.num_bins"),
+    (["data.seq_len=256"], "data.seq_len"),
+    ([CIFAR, "data.seq_len=256"], "data.seq_len"),
+    ([TEXT, "data.seq_len=null"], "data.seq_len"),
+    (["flow.noise_prediction=true"], "flow.noise_prediction"),
+    ([CIFAR, "flow.noise_prediction=null"], "flow.noise_prediction"),
+    ([CIFAR, "flow.noise_prediction=1"], "flow.noise_prediction"),
+    ([CIFAR, "flow.receiver=paper"], "flow.receiver"),
+    (["flow.receiver=null"], "flow.receiver"),
+    ([CIFAR, "flow.num_classes=2"], "flow.num_classes"),
+    (["flow.num_classes=null"], "flow.num_classes"),
+    (["flow.reconstruction_std_scale=0.7"], "flow.reconstruction_std_scale"),
+    ([CIFAR, "flow.reconstruction_std_scale=0.7"], "flow.reconstruction_std_scale"),
+    ([CONTINUOUS, "flow.num_mc_samples=10"], "flow.num_mc_samples"),
+    ([CIFAR, "flow.num_mc_samples=null"], "flow.num_mc_samples"),
+    (["eval.text8_stride=1"], "eval.text8_stride"),
+    ([TEXT, "eval.text8_stride=null"], "eval.text8_stride"),
+    (["data=text8", "flow=discrete_text", "net=text8_transformer_tiny", "eval.unit=bits/char"], "eval.text8_stride"),
+    (["trainer.amp=true"], "trainer.amp"),
+    (["trainer=gpu_1", "trainer.use_gpu=false"], "trainer.amp"),
     # accuracy schedules
     *[([CIFAR, f"flow.sigma_1={v}"], "flow.sigma_1") for v in ("0", "1", "2.0", "-0.5", "nan", "inf", "abc", "null")],
     *[([f"flow.beta_1={v}"], "flow.beta_1") for v in ("0", "-1", "inf", "nan", "abc", "null", "true")],
@@ -62,14 +89,27 @@ BAD = [  # (overrides, the key the message must name)
     # batch vs workers, sizes
     (["data.batch_size=33"], "data.batch_size"),
     (["trainer=cpu_2", "trainer.num_workers=3", "data.batch_size=32"], "data.batch_size"),
+    ([TEXT, "data.batch_size=3330"], "data.batch_size"),
     (["data.batch_size=0"], "data.batch_size"),
     (["data.batch_size=2.5"], "data.batch_size"),
     (["data.val_batch_size=0"], "data.val_batch_size"),
     *[([f"data.fraction={v}"], "data.fraction") for v in ("0", "1.5", "-0.1", "abc")],
     ([TEXT, "data.seq_len=0"], "data.seq_len"),
+    (["data.uri=''"], "data.uri"),
+    (["data.uri=ftp://host/shards"], "data.uri"),
+    # network: architecture and constructor arguments
+    (["net.name=mnist_unet"], "net.name"),
+    (["net.name=nope"], "net.name"),
+    (["net.arch=transformer"], "net.arch"),
+    (["++net.kwargs.widht=3"], "net.kwargs.widht"),
+    (["++net.kwargs.in_channels=3"], "net.kwargs.in_channels"),
+    (["++net.kwargs.seq_len=3"], "net.kwargs.seq_len"),
+    ([TEXT, "++net.kwargs.model_channels=64"], "net.kwargs.model_channels"),
+    (["net.kwargs=[1,2]"], "net.kwargs"),
     # optimiser
     *[([f"optim.lr={v}"], "optim.lr") for v in ("0", "-1", "inf", "abc")],
     (["optim.betas=[0.9]"], "optim.betas"),
+    (["optim.betas=0.9"], "optim.betas"),
     (["optim.betas=[0.9,1.0]"], "optim.betas[1]"),
     (["optim.eps=0"], "optim.eps"),
     (["optim.weight_decay=-0.1"], "optim.weight_decay"),
@@ -89,31 +129,48 @@ BAD = [  # (overrides, the key the message must name)
     (["trainer.use_gpu=maybe"], "trainer.use_gpu"),
     (["trainer.amp=1"], "trainer.amp"),
     (["trainer.compile=yes"], "trainer.compile"),
-    # run: names, paths, URIs
+    # paths, run: names, folders, URIs
+    (["paths.root=''"], "paths.root"),
+    (["paths.runs_dir=s3://bucket/runs"], "paths.runs_dir"),
+    (["paths.data_dir=ftp://host/shards"], "paths.data_dir"),
     (["run.name=''"], "run.name"),
     (["run.name='a b'"], "run.name"),
     (["run.name=../up"], "run.name"),
     (["run.storage_path=ftp://host/runs"], "run.storage_path"),
     (["run.ray_num_cpus=0"], "run.ray_num_cpus"),
+    (["++run.init_from=ftp://host/checkpoint"], "run.init_from"),
     # tracking URIs
     (["tracking.uri=mysql://127.0.0.1/mlflow"], "tracking.uri"),
     (["tracking.uri=mlruns"], "tracking.uri"),
     (["tracking=mlflow_server", "tracking.uri=null"], "tracking.uri"),
+    (["tracking.enabled=maybe"], "tracking.enabled"),
     # evaluation
     (["eval.unit=furlongs"], "eval.unit"),
+    (["eval.unit=bits/char"], "eval.unit"),
+    ([TEXT, "eval.unit=nats/image"], "eval.unit"),
     (["eval.nll_steps=-1"], "eval.nll_steps"),
+    (["eval.nll_steps=2.5"], "eval.nll_steps"),
+    (["eval.nll_steps=null"], "eval.nll_steps"),
     (["eval.nll_repeats=0"], "eval.nll_repeats"),
+    (["eval.val_repeats=0"], "eval.val_repeats"),
+    (["eval.target_se=0"], "eval.target_se"),
+    (["eval.target_se=-0.1"], "eval.target_se"),
+    ([TEXT, "eval.text8_stride=0"], "eval.text8_stride"),
     (["eval.sample_steps=0"], "eval.sample_steps"),
     (["eval.val_batches=-1"], "eval.val_batches"),
     (["eval.num_samples=-1"], "eval.num_samples"),
-    # unknown preset, unknown or misspelt keys, unknown groups
+    # unknown preset, unknown or misspelt keys, unknown groups, removed keys
     (["experiment=nope"], "experiment"),
     (["net=nope"], "net"),
     (["trainer=tpu_64"], "trainer"),
+    (["eval=imagenet"], "eval"),
     (["+data.colour=red"], "data.colour"),
     (["data.colour=red"], "data.colour"),
     (["trainer.max_step=5"], "trainer.max_step"),
     (["+flow.sigma=0.1"], "flow.sigma"),
+    ([CIFAR, "+flow.num_bins=16"], "flow.num_bins"),
+    ([CONTINUOUS, "+flow.reconstruction_bins=16"], "flow.reconstruction_bins"),
+    (["+extra=1"], "extra"),
 ]
 
 
@@ -127,9 +184,39 @@ def test_every_bad_value_names_its_key(overrides, key):
     assert "\n" not in message
 
 
-def test_the_good_presets_still_load():
-    for preset in ("smoke", "mnist_local", "mnist_binary", "cifar10_discretized_256", "cifar10_continuous", "text8"):
-        load([f"experiment={preset}"])
+@pytest.mark.parametrize("overrides", [
+    ["eval.nll_steps=0"],                  # n = inf: L_inf + reconstruction
+    ["eval.target_se=0.01"],
+    [TEXT, "eval.text8_stride=256"],
+    [CIFAR, "flow.noise_prediction=false"],
+    [CONTINUOUS, "flow.reconstruction_std_scale=0.7", "data.num_bins=16"],
+    ["flow.receiver=paper"],
+    ["++net.kwargs.model_channels=32"],
+    ["++run.init_from=s3://bucket/run/checkpoint_000001"],
+    ["trainer=gpu_1"],
+])  # fmt: skip
+def test_good_values_load(overrides):
+    load(overrides)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda c: c.pop("eval"), "eval: section is missing"),
+    (lambda c: c["flow"].pop("sigma_1"), "flow.sigma_1: is missing"),
+    (lambda c: c.update(runtime={}), "runtime: unknown top-level key"),
+])  # fmt: skip
+def test_from_dict_names_a_missing_section_key_or_unknown_top_level_key(mutate, message):
+    """What a stored or hand-built config (checkpoints, Tune trials) goes through."""
+    config = compose(["experiment=smoke"])
+    mutate(config)
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        Config.from_dict(config)
+
+
+def test_from_dict_accepts_a_run_without_init_from():
+    """run.init_from is optional in stored configs written before the key existed."""
+    config = compose(["experiment=smoke"])
+    config["run"].pop("init_from", None)
+    assert Config.from_dict(config).run.init_from is None
 
 
 # ------------------------------------------------------------------------ through `bfn train`
@@ -140,6 +227,7 @@ def bfn_train(*overrides: str, tmp_path: Path) -> tuple[subprocess.CompletedProc
     ray_tmp = Path(tempfile.mkdtemp(prefix="bfnc-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # this checkout's code, not an installed copy
     started = time.monotonic()
     try:
         argv = [sys.executable, "-m", "pipeline.cli", "train", *overrides, f"run.storage_path={tmp_path / 'ray'}",
@@ -161,7 +249,19 @@ def assert_one_line_error(result, seconds, needle: str) -> str:
     return lines[0]
 
 
+def test_an_unused_value_says_which_choice_makes_it_unused():
+    with pytest.raises(ConfigError) as info:
+        load(["experiment=smoke", "flow.sigma_1=2"])
+    assert str(info.value) == ("flow.sigma_1: is not used with flow.kind=discrete (continuous schedule; discrete "
+                               "uses flow.beta_1); leave it null (got 2)")
+    with pytest.raises(ConfigError, match=r"^data\.seq_len: is not used with data\.name=cifar10 "):
+        load([CIFAR, "data.seq_len=256"])
+    with pytest.raises(ConfigError, match=r"^eval\.text8_stride: is required with data\.name=text8 .*eval=text8"):
+        load([TEXT, "eval.text8_stride=null"])
+
+
 @pytest.mark.parametrize(("overrides", "key"), [
+    (["experiment=smoke", "flow.sigma_1=2"], "flow.sigma_1"),
     ([CIFAR, "flow.sigma_1=2.0"], "flow.sigma_1"),
     (["experiment=smoke", "data.batch_size=33"], "data.batch_size"),
     (["experiment=smoke", "trainer.max_step=5"], "trainer.max_step"),

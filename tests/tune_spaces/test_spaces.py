@@ -90,7 +90,7 @@ def test_every_space_samples_into_a_valid_config(name, composed):
         for key, value in sample.items():
             assert flat[key] == value, (key, flat[key], value)
         # composing the overrides == setting the values on the composed dict
-        assert flatten(cfg.raw) == flatten(apply_to_dict(sample, raw))
+        assert flatten(cfg.raw) == flatten(spaces.trial_dict(raw, sample))
 
 
 def test_grid_and_constant_entries_are_checked(composed):
