@@ -160,10 +160,21 @@ def _build(cfg: Config, device, rank: int, world: int):
         if rank == 0:
             checkpointing.set_rng_state(state["rng"])
             log.info("resumed from step %d (%s)", step, state.get("path", checkpoint.path))
+    elif cfg.run.init_from:
+        _init_from(cfg.run.init_from, raw, ema, device, rank)
     if not (checkpoint and rank == 0):
         _seed(cfg.trainer.seed, rank, step)
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
     return raw, CompiledStep(model, cfg.trainer.compile, rank), ema, optimizer, step, epoch
+
+
+def _init_from(folder: str, raw, ema: EMA, device, rank: int) -> None:
+    """A new run starting from another checkpoint's weights (fine-tuning): model and EMA from its
+    raw and EMA weights, read weights-only; optimiser state and step start fresh."""
+    raw.load_state_dict(checkpointing.read_model_only(folder, ema=False, map_location=device)[0])
+    ema.load_state_dict(checkpointing.read_model_only(folder, ema=True, map_location=device)[0])
+    if rank == 0:
+        log.info("initialised from the weights of %s (a new run: fresh optimiser, step 0)", folder)
 
 
 class CompiledStep:

@@ -89,3 +89,25 @@ def test_train_and_resume_over_s3(ray_local, tmp_path):
         cfg = smoke(tmp_path, shards, "s3run")
         assert metric_steps(cfg, first["mlflow_run_id"], "train/loss") == [2, 3, 4, 5]
     assert "AWS_ENDPOINT_URL" not in os.environ or os.environ["AWS_ENDPOINT_URL"] != endpoint
+
+
+def test_fine_tuning_starts_a_new_run_from_another_runs_weights(ray_local, mnist_shards, tmp_path):
+    """run.init_from: a new run (step 0, its own MLflow run and checkpoints) whose initial weights
+    are the source checkpoint's. With a vanishing lr its weights stay the source's, not a fresh net's."""
+    import torch
+
+    from pipeline.training import checkpointing
+    from pipeline.training.driver import fit
+
+    extra = ("trainer.max_steps=3", "trainer.val_every=3", "trainer.checkpoint_every=3", "eval.num_samples=0")
+    source = fit(smoke(tmp_path, mnist_shards, "source", *extra))
+    tuned = fit(smoke(tmp_path, mnist_shards, "tuned", *extra, "optim.lr=1e-12",
+                      f"run.init_from={source['checkpoint']}"))  # fmt: skip
+    assert tuned["step"] == 3 and tuned["mlflow_run_id"] != source["mlflow_run_id"]
+    assert "/tuned/" in tuned["checkpoint"]
+    before = checkpointing.read(source["checkpoint"])["model"]
+    after = checkpointing.read(tuned["checkpoint"])["model"]
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    fresh = fit(smoke(tmp_path, mnist_shards, "fresh", *extra, "optim.lr=1e-12"))
+    initial = checkpointing.read(fresh["checkpoint"])["model"]
+    assert not all(torch.allclose(before[k], initial[k], atol=1e-6) for k in before)
