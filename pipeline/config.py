@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 UNITS = ("nats/dim", "bits/dim", "nats/image", "bits/char")
 HEADS = ("bernoulli", "categorical", "discretized_normal", "delta")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class ConfigError(ValueError):
@@ -54,7 +56,7 @@ def absolutize(config: dict) -> dict:
         return str(Path(path).expanduser().resolve())
 
     for section, key in (("paths", "root"), ("paths", "data_dir"), ("paths", "runs_dir"),
-                         ("data", "uri"), ("run", "storage_path"),
+                         ("data", "uri"), ("run", "storage_path"), ("run", "init_from"),
                          ("tracking", "artifact_location")):  # fmt: skip
         if section in config and config[section].get(key) is not None:
             config[section][key] = local(config[section][key])
@@ -236,10 +238,17 @@ class RunConfig:
     storage_path: str
     ray_address: str | None
     ray_num_cpus: int | None
+    init_from: str | None
 
     def validate(self, config: Config) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            _fail("run.name", "must be non-empty letters, digits, '-', '_' or '.'", self.name)
+        # a name is one folder below run.storage_path: never "." / ".." / hidden, at most 128 characters
+        if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
+            _fail("run.name", "must start with a letter or digit, then letters, digits, '-', '_' or '.' "
+                  "(at most 128 characters)", self.name)  # fmt: skip
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip() or (
+            "://" in self.init_from and not self.init_from.startswith(("s3://", "gs://"))
+        )):  # fmt: skip
+            _fail("run.init_from", "must be null or a checkpoint folder (local path or s3:// URI)", self.init_from)
         if not self.storage_path or (
             "://" in self.storage_path and not self.storage_path.startswith(("s3://", "gs://"))
         ):

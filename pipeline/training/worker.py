@@ -48,17 +48,8 @@ def _batches(dataset, batch_size: int, device, data_name: str, epoch: int):
 
 
 def _read_checkpoint(checkpoint, device) -> dict:
-    """The checkpoint's state, read weights-only. A remote (S3) checkpoint is downloaded into a
-    folder of this process's own: ``Checkpoint.as_directory`` shares one temporary folder per
-    checkpoint between the workers of a node, and a rank reading while another was still
-    downloading into it saw a truncated optimizer.pt (seen once in CI, resuming over S3)."""
-    import pyarrow.fs
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return checkpointing.read(checkpoint.path, map_location=device)
-    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
-        checkpoint.to_directory(folder)
-        return checkpointing.read(folder, map_location=device)
+    """The checkpoint's state, verified; an earlier checkpoint if it is corrupt (checkpointing)."""
+    return checkpointing.read_for_resume(checkpoint, device)
 
 
 def _seed(seed: int, rank: int, step: int) -> None:
