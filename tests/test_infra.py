@@ -16,6 +16,7 @@ import argparse
 import http.server
 import importlib.util
 import json
+import logging
 import os
 import re
 import socket
@@ -570,33 +571,39 @@ def test_registered_subcommands_set_func():
 # --------------------------------------------------------------------------- submit: happy path
 
 
-def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypatch, capsys):
-    """Full `bfn submit --no-wait` against the stand-in job API: the token goes in the header,
-    credentials reach the job's env_vars, and no secret value is printed."""
+def _submit_no_wait(api, monkeypatch, tmp_path, *extra: str, overrides=("experiment=smoke", "run.name=it's")):
+    workdir = tmp_path / "proj"
+    (workdir / "pipeline").mkdir(parents=True, exist_ok=True)
+    (workdir / "pipeline" / "__init__.py").write_text("")
+    monkeypatch.setattr(submit, "REPO_ROOT", workdir)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", api.token)
+    args = _parser().parse_args(["submit", "train", *overrides, "--address", api.address, "--no-wait",
+                                 "--job-id", "bfn-test-1", *extra])  # fmt: skip
+    return args.func(args)
+
+
+def _posted_jobs(api) -> list[dict]:
+    return [json.loads(body) for method, path, _, body in api.requests if method == "POST" and path == "/api/jobs/"]
+
+
+def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypatch, capsys, caplog):
+    """Full `bfn submit --no-wait --forward-credentials` against the stand-in job API: the token
+    goes in the header, credentials reach the job's env_vars (opted in), nothing secret is shown."""
     secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLEID")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    workdir = no_token_env / "proj"
-    (workdir / "pipeline").mkdir(parents=True)
-    (workdir / "pipeline" / "__init__.py").write_text("")
-    monkeypatch.setattr(submit, "REPO_ROOT", workdir)
+    caplog.set_level(logging.INFO)
     with FakeJobAPI() as api:
-        monkeypatch.setenv("RAY_AUTH_TOKEN", api.token)
-        args = _parser().parse_args(
-            ["submit", "train", "experiment=smoke", "run.name=it's", "--address", api.address]
-            + ["--no-wait", "--job-id", "bfn-test-1"]
-        )
-        assert args.func(args) == 0
+        assert _submit_no_wait(api, monkeypatch, no_token_env, "--forward-credentials") == 0
     out = capsys.readouterr()
-    assert secret not in out.out + out.err and api.token not in out.out + out.err
-    assert "AWS_SECRET_ACCESS_KEY" in out.out and "bfn-test-1" in out.out
-    assert f"bfn jobs logs bfn-test-1 --address {api.address}" in out.out
-    posts = [r for r in api.requests if r[0] == "POST" and r[1] == "/api/jobs/"]
-    assert len(posts) == 1
-    _, _, headers, body = posts[0]
+    shown = out.out + out.err + caplog.text
+    assert secret not in shown and api.token not in shown
+    assert "AWS_SECRET_ACCESS_KEY" in caplog.text and "anyone holding the cluster token can read them" in caplog.text
+    assert "bfn-test-1" in out.out and f"bfn jobs logs bfn-test-1 --address {api.address}" in out.out
+    (job,) = _posted_jobs(api)
+    headers = next(h for m, p, h, _ in api.requests if m == "POST" and p == "/api/jobs/")
     assert headers["Authorization"] == f"Bearer {api.token}"
-    job = json.loads(body)
     expected = "python -m pipeline.cli train run=cluster tracking=mlflow_server experiment=smoke"
     expected += " 'run.name=it'\"'\"'s'"
     assert job["entrypoint"] == expected
@@ -606,18 +613,57 @@ def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypat
     assert job["runtime_env"]["working_dir"].startswith("gcs://")
 
 
+def test_submit_keeps_credentials_home_unless_asked(no_token_env, monkeypatch):
+    for key, value in {"AWS_SECRET_ACCESS_KEY": "sentinel-aws-secret", "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
+                       "MLFLOW_TRACKING_PASSWORD": "sentinel-mlflow-password"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    with FakeJobAPI() as api:
+        assert _submit_no_wait(api, monkeypatch, no_token_env) == 0
+    (job,) = _posted_jobs(api)
+    assert "sentinel" not in json.dumps(job) and "AKIASENTINEL" not in json.dumps(job)
+    assert job["runtime_env"]["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"  # settings still go
+
+
+@pytest.mark.parametrize("override", ["tracking.uri=http://bfn:sentinel-cfg-pass@mlflow.internal:5000",
+                                      "run.ray_address=ray://u:sentinel-cfg-pass@127.0.0.1:10001",
+                                      "+aws.secret_access_key=sentinel-cfg-pass"])  # fmt: skip
+def test_submit_refuses_credentials_in_overrides(no_token_env, monkeypatch, capsys, override):
+    """The entrypoint is stored with the job: a credential in a config value never reaches the
+    job spec, nor the output."""
+    with FakeJobAPI() as api, pytest.raises(SystemExit) as exit_:
+        _submit_no_wait(api, monkeypatch, no_token_env, overrides=("experiment=smoke", override))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "carries a credential" in err and override.split("=")[0].lstrip("+") in err
+    assert "sentinel-cfg-pass" not in err
+    assert _posted_jobs(api) == [] and not any(b"sentinel" in r[3] for r in api.requests)
+
+
+def test_token_never_sent_over_plain_http_to_another_host(no_token_env, monkeypatch):
+    """Refused before any request is made (the probe would be the first)."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-cluster-token")
+    monkeypatch.setattr(submit, "probe", lambda *a, **k: pytest.fail("a request was made"))
+    with pytest.raises(submit.SubmitError, match="plain http"):
+        submit.connect("http://ray-head.example.internal:8265", timeout=1)
+    with pytest.raises(submit.SubmitError, match="plain http"):
+        submit.connect("http://10.0.0.5:8265", timeout=1)
+
+
 def test_runtime_env_variants(monkeypatch):
+    from pipeline.secrets import mask_text
+
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "xxxxsecret")
-    env, masker = submit.job_env(forward_credentials=False)
-    assert "AWS_SECRET_ACCESS_KEY" not in env
-    env, masker = submit.job_env(["EXTRA=1"])
-    assert env["EXTRA"] == "1" and masker("key=xxxxsecret") == "key=****"
+    env, known = submit.job_env()
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # credentials stay home by default
+    env, known = submit.job_env(["EXTRA=1"], forward_credentials=True)
+    assert env["EXTRA"] == "1" and mask_text("key=xxxxsecret", known) == "key=***"
     image_env = submit.build_runtime_env(env, image="registry.example.com/bfn/bfn-ray:1")
     assert "working_dir" not in image_env and image_env["image_uri"].endswith(":1")
     with pytest.raises(submit.SubmitError, match="cannot be combined"):
         submit.build_runtime_env(env, image="x:1", pip=["numpy"])
     wd = submit.build_runtime_env(env)
-    for pattern in (".venv/", "runs/", "data/shards/", ".git/"):
+    for pattern in (".venv/", "runs/", "data/shards/", ".git"):
         assert pattern in wd["excludes"]
     reqs = submit.pip_requirements(None)
     assert "torch==2.13.0" in reqs and "mlflow==3.17.2" in reqs
@@ -655,10 +701,11 @@ def test_bfn_cli_registers_cluster_subcommands():
 # --------------------------------------------------------------------------- localstack (no start)
 
 
-def test_localstack_without_a_stack(tmp_path, capsys):
+def test_localstack_without_a_stack(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     assert localstack.status(tmp_path) == {"running": False, "root_dir": str(tmp_path)}
     assert localstack.down(tmp_path) == {}
-    assert "nothing to stop" in capsys.readouterr().out
+    assert "nothing to stop" in caplog.text
     # unix socket paths must fit: a long root gets a short Ray temp dir under /tmp
     long_root = tmp_path / ("x" * 80)
     assert len(str(localstack._ray_temp_dir(long_root, "abcdef123456"))) <= 36

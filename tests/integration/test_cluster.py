@@ -191,7 +191,7 @@ def _run_chromium(args: list[str], timeout: float) -> subprocess.CompletedProces
         proc.communicate()
         raise
     finally:
-        for pid in localstack._stack_pids({proc.pid}, None):  # helpers it left behind
+        for pid in localstack.stack_pids({proc.pid}, None):  # helpers it left behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
@@ -256,7 +256,7 @@ def probe_run(stack, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("probe_job")
     (workdir / "probe_job.py").write_text(PROBE_JOB)
     name = f"probe-{uuid.uuid4().hex[:8]}"
-    env, masker = submit.job_env(environ=_client_env(stack))
+    env, known = submit.job_env(environ=_client_env(stack))
     t0 = time.monotonic()
     with _token_env(stack):
         client = submit.connect(stack["urls"]["ray_dashboard"], timeout=5)
@@ -265,7 +265,7 @@ def probe_run(stack, tmp_path_factory):
             runtime_env=submit.build_runtime_env(env, working_dir=workdir),
             submission_id=f"bfn-probe-{name}",
         )
-        status = submit.follow(client, job_id, masker, timeout=300, poll=1)
+        status = submit.follow(client, job_id, known, timeout=300, poll=1)
         logs = client.get_job_logs(job_id)
     elapsed = time.monotonic() - t0
     print(f"probe job {job_id}: {status} in {elapsed:.1f}s")
@@ -370,7 +370,7 @@ def test_smoke_train_job_succeeds(smoke_train):
     assert proc.returncode == 0, f"{' '.join(smoke_train['cmd'])} failed:\n{tail}"
     assert "SUCCEEDED" in proc.stdout
     assert "submitted job bfn-train-" in proc.stdout
-    assert "run=cluster tracking=mlflow_server" in proc.stdout
+    assert "run=cluster tracking=mlflow_server" in proc.stderr  # the submission report is logged
 
 
 def test_smoke_train_checkpoints_on_s3(stack, smoke_train):
@@ -404,8 +404,8 @@ def test_zz_stack_down_stops_everything(stack):
     assert elapsed < 60
     assert report["stray"] == []
     for pid in pids:
-        assert not localstack._alive(pid), pid
-    assert localstack._stack_pids(set(pids), state["id"]) == []
+        assert not localstack.alive(pid), pid
+    assert localstack.stack_pids(set(pids), state["id"]) == []
     assert localstack.status(stack["root_dir"]) == {"running": False, "root_dir": stack["root_dir"]}
     for url in stack["urls"].values():
         with pytest.raises(OSError):
