@@ -92,8 +92,12 @@ def secure_local_ray(cfg: Config) -> None:
     """Before an embedded Ray starts: token auth (RAY_AUTH_TOKEN_PATH, RAY_AUTH_MODE unset so that
     ``ray.init`` turns token mode on and reloads its settings) and loopback-only addresses. Call it
     before ``import ray`` for the loopback part; joining a cluster (run.ray_address) changes nothing."""
-    if cfg.run.ray_address or _ray_running():
-        return
+    if not (cfg.run.ray_address or _ray_running()):
+        embedded_ray_env()
+
+
+def embedded_ray_env() -> None:
+    """The environment of a new embedded runtime (``secure_local_ray``; the test fixture too)."""
     if "ray" in sys.modules and os.environ.get(LOOPBACK_ENV) != "0":
         log.warning("ray was imported before the embedded runtime was configured: its services may listen "
                     "on this machine's network address (token auth still applies)")  # fmt: skip
