@@ -39,11 +39,13 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "bfn.run_name"
 OWNER_TAG, RUN_FOLDER_TAG = "bfn.owner", "bfn.run_folder"
 mask_secrets = mask_params  # the name the rest of the project imports
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 # MLflow prints "View run ... at: <tracking URI>" when a run ends, credentials included
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # fmt: skip
 
 
 def _quick_http_defaults() -> None:
-    """Short MLflow client retries (read at request time), unless the user set them."""
+    """Short MLflow client retries and no printed run URLs (read at call time), unless the user set them."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
 

@@ -184,6 +184,8 @@ def check_resume(cfg: Config) -> None:
             _check_init_from(cfg)
         return
     path, saved = found
+    if "://" in cfg.run.storage_path:  # pyarrow paths carry no scheme
+        path = f"{cfg.run.storage_path.split('://')[0]}://{path}"
     if cfg.run.init_from:
         log.info("run %s resumes from its own checkpoint %s; run.init_from is ignored", cfg.run.name, path)
     differences = experiment_differences(saved, cfg.raw)
@@ -203,7 +205,9 @@ def _check_init_from(cfg: Config) -> None:
         saved = checkpointing.read_for_init(cfg.run.init_from, map_location="meta")["config"]
     except checkpointing.CheckpointError as error:
         raise ConfigError(f"run.init_from: {error}") from None
-    model_keys = ("data.name", "data.num_bins", "data.seq_len", "flow.", "net.")
+    # what the weights' shapes depend on (a schedule such as flow.beta_1 may change when fine-tuning)
+    model_keys = ("data.name", "data.num_bins", "data.seq_len", "net.", "flow.kind", "flow.num_classes",
+                  "flow.head", "flow.num_bins")  # fmt: skip
     differences = [key for key, _, _ in experiment_differences(saved, cfg.raw) if key.startswith(model_keys)]
     if differences:
         raise ConfigError(f"run.init_from: its weights are of another model ({', '.join(differences)} differ)")

@@ -33,6 +33,8 @@ import time
 import uuid
 from pathlib import Path
 
+from pipeline.config import ConfigError, flatten
+
 log = logging.getLogger(__name__)
 LEASE_FILE = "bfn-lease.json"
 # keys a resumed run may change: machine, paths, tracking, run length and cadence, evaluation
@@ -45,8 +47,9 @@ HEARTBEAT_S = 30.0
 STALE_S = 180.0
 
 
-class LeaseError(RuntimeError):
-    """The run folder is held by another live run; the message names it."""
+class LeaseError(ConfigError):
+    """The run folder is held by another live run (the message names it): a run.name in use, so
+    the CLI reports it like any bad config value, in one line, before Ray starts."""
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -277,8 +280,6 @@ class Lease:
 # ---------------------------------------------------------------------------- one experiment
 def experiment_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, saved value, current value) for each experiment-defining key that differs."""
-    from pipeline.config import flatten
-
     old = flatten({k: v for k, v in saved.items() if not k.startswith("_")})
     new = flatten({k: v for k, v in current.items() if not k.startswith("_")})
     missing = "(missing)"

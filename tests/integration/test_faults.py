@@ -189,15 +189,16 @@ SENTINELS = {  # secrets in the environment of a real run; none may show up anyw
 }
 
 
-def serves_ray_api(port: int) -> bool:
-    """Whether 127.0.0.1:port answers the Ray dashboard's /api/version (the job API's server)."""
+def ray_api_auth_mode(port: int) -> str | None:
+    """The authentication mode the Ray dashboard / job API on 127.0.0.1:port reports (its public
+    /api/authentication_mode endpoint), or None if no Ray API answers there."""
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as resp:
-            return "ray_version" in json.loads(resp.read() or b"{}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/authentication_mode", timeout=5) as resp:
+            return json.loads(resp.read() or b"{}").get("authentication_mode")
     except (OSError, ValueError):
-        return False
+        return None
 
 
 GET_CLUSTER_ID = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # any GCS call; an empty request is valid
@@ -266,8 +267,8 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
         contender = second_run_refused(argv, work, tmp_path / "contender.log", first.pid)
         sockets = listening_sockets(leftovers(first, ray_dirs[0]) + [first.pid])
         commands = {pid: command_line(pid) for pid, _, _ in sockets}
-        api = [(ip, port) for pid, ip, port in sockets
-               if "dashboard/dashboard.py" in commands[pid] and serves_ray_api(port)]  # fmt: skip
+        api = [(ip, port, ray_api_auth_mode(port)) for pid, ip, port in sockets
+               if "dashboard/dashboard.py" in commands[pid] and ray_api_auth_mode(port)]  # fmt: skip
         gcs_ports = [port for pid, _, port in sockets if "gcs_server" in commands[pid]]
         gcs_refuses = [grpc_status(port, GET_CLUSTER_ID) for port in gcs_ports]
         os.kill(first.pid, signal.SIGKILL)
@@ -286,7 +287,7 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
           f"{len(orphans)} of its Ray processes were still running ({', '.join(names)}); stopped by PID")
 
     # every service of the embedded runtime listens on loopback, and its GCS wants the token
-    assert api and all(ip == "127.0.0.1" for ip, _ in api), (api, sockets)
+    assert api and all(ip == "127.0.0.1" and mode == "token" for ip, _, mode in api), (api, sockets)
     exposed = [(commands[pid].split(" ")[0], ip, port) for pid, ip, port in sockets if not is_loopback(ip)]
     assert exposed == [], exposed
     assert gcs_refuses and set(gcs_refuses) == {"UNAUTHENTICATED"}, gcs_refuses

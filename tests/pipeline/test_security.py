@@ -353,3 +353,22 @@ def test_run_name_must_be_a_plain_folder_name(name):
 @pytest.mark.parametrize("name", ["a", "9lives", "mnist_local.v2-b", "x" * 128])
 def test_run_name_accepts_plain_names(name):
     assert load(["experiment=smoke", f"run.name={name}"]).run.name == name
+
+
+def test_credentials_to_a_plain_http_host_are_warned_about(monkeypatch, caplog):
+    """A tracking URI with credentials over plain http to another host: a warning (masked), and no
+    request is made here (the tracker is replaced by one that fails)."""
+    from pipeline.secrets import plain_http_to_remote
+    from pipeline.training import driver
+
+    assert plain_http_to_remote("http://mlflow.internal:5000") and plain_http_to_remote("http://10.1.2.3:5000")
+    assert not plain_http_to_remote("http://127.0.0.1:5000") and not plain_http_to_remote("https://mlflow.internal")
+    assert not plain_http_to_remote("http://localhost:5000") and not plain_http_to_remote("http://[::1]:5000")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no server in this test")
+
+    monkeypatch.setattr(driver.MLflowTracker, "start", unreachable)
+    cfg = load(["experiment=smoke", "tracking=mlflow_server", f"tracking.uri=http://bfn:{SECRET}@mlflow.internal:5000"])
+    assert driver.start_tracking(cfg, 1, {"splits": {"train": 1}}) is None
+    assert "plain http to another host" in caplog.text and SECRET not in caplog.text
