@@ -102,6 +102,7 @@ def embedded_ray_env() -> None:
         log.warning("ray was imported before the embedded runtime was configured: its services may listen "
                     "on this machine's network address (token auth still applies)")  # fmt: skip
     os.environ[LOOPBACK_ENV] = "0"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torch's gloo connections between workers: loopback too
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(_local_token())
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.pop("RAY_AUTH_MODE", None)

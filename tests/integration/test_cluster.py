@@ -334,6 +334,14 @@ def test_stack_is_up_with_token_auth(stack):
     assert _status(f"{dash}/api/jobs/", token=token) == 200
     for url in stack["urls"].values():
         assert url.startswith("http://127.0.0.1:"), url
+    # every process of the stack (Ray's GCS, raylet, agents, workers included) listens on loopback
+    from tests.faults import is_loopback, listening_sockets, pids_matching
+
+    pids = pids_matching(marker=f"{localstack.MARKER_ENV}={stack['id']}")
+    for service in stack["services"].values():  # each service runs in a session of its own
+        pids += [service["pid"], *pids_matching(session=service["pid"])]
+    sockets = listening_sockets(pids)
+    assert len(sockets) > 5 and [s for s in sockets if not is_loopback(s[1])] == [], sockets
 
 
 def test_probe_job_logs_run_to_mlflow_and_s3(stack, probe_run):

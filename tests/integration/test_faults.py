@@ -289,11 +289,14 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
     # every service of the embedded runtime listens on loopback, and its GCS wants the token
     assert api and all(ip == "127.0.0.1" and mode == "token" for ip, _, mode in api), (api, sockets)
     exposed = [(commands[pid].split(" ")[0], ip, port) for pid, ip, port in sockets if not is_loopback(ip)]
-    assert exposed == [], exposed
+    # the one exception: torch.distributed's rendezvous store (TCPStore), which Ray Train starts on
+    # the rank-0 worker, listens on every interface (torch has no bind-address option); it is not Ray's
+    # and needs no token. One per Train worker group at most.
+    assert [name for name, _, _ in exposed] in ([], ["ray::RayTrainWorker"]), exposed
     assert gcs_refuses and set(gcs_refuses) == {"UNAUTHENTICATED"}, gcs_refuses
-    print(f"[driver death] {len(sockets)} listening sockets of the embedded runtime, all on loopback; its "
-          f"GCS refused a client without the token; a second run of the same name was refused in "
-          f"{contender:.1f} s")
+    print(f"[driver death] {len(sockets)} listening sockets of the embedded runtime, all on loopback except "
+          f"{exposed} (torch's TCPStore); its GCS refused a client without the token; a second run of the "
+          f"same name was refused in {contender:.1f} s")
 
     relaunched_at = time.time()  # (the killed driver's workers may log a step or two after its death)
     second = launch(tmp_path / "second.log")
