@@ -25,6 +25,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 UNITS = ("nats/dim", "bits/dim", "nats/image", "bits/char")
 HEADS = {"discrete": ("bernoulli", "categorical"), "continuous": ("discretized_normal", "delta")}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -336,8 +337,10 @@ class RunConfig:
     init_from: str | None = None  # a checkpoint whose weights start a new run
 
     def validate(self, config: Config) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            _fail("run.name", "must be non-empty letters, digits, '-', '_' or '.'", self.name)
+        # a name is one folder below run.storage_path: never "." / ".." / hidden, at most 128 characters
+        if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
+            _fail("run.name", "must start with a letter or digit, then letters, digits, '-', '_' or '.' "
+                  "(at most 128 characters)", self.name)  # fmt: skip
         _uri("run.storage_path", self.storage_path)
         if self.ray_address is not None:
             _text("run.ray_address", self.ray_address)

@@ -2,6 +2,7 @@
 
 Ray and MLflow read their environment at start-up, so the switches below are set at import time,
 before any test can call ``ray.init``. Everything binds to 127.0.0.1; nothing leaves the machine.
+The session's Ray runtime uses token auth with a token generated for it, as `bfn train` does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 for _key, _value in {
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's node address 127.0.0.1: it listens on loopback only
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -35,6 +36,9 @@ def ray_local(tmp_path_factory):
     """
     import ray
 
+    from pipeline.training.driver import embedded_ray_env
+
+    embedded_ray_env()  # token auth with a fresh token, as `bfn train` runs it
     ray_tmp = Path("/tmp") / f"bfn-ray-{os.getpid()}"
     ray_tmp.mkdir(parents=True, exist_ok=True)
     ray.init(

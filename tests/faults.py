@@ -13,7 +13,9 @@ What is here, each acting on this machine only:
   answers the requests a rule picks with an S3 error instead of forwarding them, and records every
   request, so a test can tell a retried write from a lost one.
 * ``write_malicious_pt``: a ``.pt`` file whose unpickling would run code (it writes a marker file).
-* listening sockets of a set of PIDs (to check what binds to which address).
+* listening sockets of a set of PIDs (to check what binds to which address), and a raw gRPC call
+  with or without Ray's token (to check that a service refuses clients without it).
+Processes and sockets are inspected with psutil.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import http.server
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import threading
@@ -55,99 +56,98 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, interval: flo
 # --------------------------------------------------------------------------------- processes
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, session, ...]."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
 def alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def pids_matching(*, marker: str | None = None, session: int | None = None,
                   path: str | None = None) -> list[int]:  # fmt: skip
     """Live PIDs (other than this process) that have ``marker`` (``KEY=VALUE``) in their
     environment, or belong to session ``session``, or have ``path`` in their command line."""
-    me, found = os.getpid(), []
-    needle = marker.encode() if marker else None
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        pid = int(entry.name)
-        fields = _stat(pid)
-        if fields is None or fields[0] in ("Z", "X"):
-            continue
-        if session is not None and int(fields[3]) == session:
-            found.append(pid)
-            continue
-        try:
-            if needle and needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(pid)
+    import psutil
+
+    key, _, value = (marker or "").partition("=")
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid == os.getpid() or process.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if path and path.encode() in (entry / "cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            continue
+            if (session is not None and os.getsid(process.pid) == session) \
+                    or (marker and process.environ().get(key) == value) \
+                    or (path and path in " ".join(process.cmdline())):  # fmt: skip
+                found.append(process.pid)
     return found
 
 
 def kill_pids(pids: Iterable[int], *, grace: float = 10.0) -> list[int]:
-    """SIGTERM each PID, SIGKILL what is left after ``grace`` s; returns the PIDs that needed it."""
-    pids = [p for p in pids if alive(p)]
+    """SIGTERM each PID, SIGKILL what is left after ``grace`` s; returns the PIDs that needed it.
+    Our own children are reaped, so none lingers as a zombie."""
+    import psutil
+
+    processes = []
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        for pid in pids:  # reap our own children so they do not linger as zombies
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.2)
-    stubborn = [p for p in pids if alive(p)]
-    for pid in stubborn:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not any(alive(p) for p in stubborn), timeout=10, what="SIGKILLed PIDs gone")
-    return stubborn
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            process.terminate()
+            processes.append(process)
+    _, stubborn = psutil.wait_procs(processes, timeout=grace)
+    for process in stubborn:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    _, left = psutil.wait_procs(stubborn, timeout=10)
+    assert not left, f"PIDs still alive after SIGKILL: {[p.pid for p in left]}"
+    return [p.pid for p in stubborn]
 
 
 def listening_sockets(pids: Iterable[int]) -> list[tuple[int, str, int]]:
     """(pid, address, port) of every listening TCP socket the PIDs hold (IPv4 and IPv6)."""
-    listening: dict[str, tuple[str, int]] = {}
-    for proto in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] != "0A":  # TCP_LISTEN
-                    continue
-                address, port = fields[1].split(":")
-                if proto == "tcp":
-                    ip = socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1])
-                else:  # four little-endian 32-bit words
-                    raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, 32, 8))
-                    ip = socket.inet_ntop(socket.AF_INET6, raw)
-                listening[fields[9]] = (ip, int(port, 16))
-    out = []
+    import psutil
+
+    out = set()
     for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:[") and target[8:-1] in listening:
-                        out.append((pid, *listening[target[8:-1]]))
-    return sorted(set(out))
+        with contextlib.suppress(psutil.Error):
+            for connection in psutil.Process(pid).net_connections(kind="tcp"):
+                if connection.status == psutil.CONN_LISTEN:
+                    out.add((pid, connection.laddr.ip, connection.laddr.port))
+    return sorted(out)
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback address (::ffff:127.0.0.1)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def command_line(pid: int) -> str:
+    import psutil
+
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
+
+
+def grpc_status(port: int, method: str, token: str | None = None) -> str:
+    """The gRPC status code name of an empty ``method`` request to 127.0.0.1:port, sent with the
+    Ray token (``authorization: Bearer``) or without it."""
+    import grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+        call = channel.unary_unary(method, request_serializer=lambda x: x, response_deserializer=lambda b: b)
+        try:
+            call(b"", timeout=10, metadata=metadata)
+        except grpc.RpcError as error:
+            return error.code().name
+    return "OK"
 
 
 # ------------------------------------------------------------------------ Ray (in-process)

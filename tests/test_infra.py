@@ -16,6 +16,7 @@ import argparse
 import http.server
 import importlib.util
 import json
+import logging
 import os
 import re
 import socket
@@ -297,7 +298,8 @@ def test_k8s_nothing_public():
         assert "LoadBalancer" not in text and "NodePort" not in text, where
     # every namespace-local server is behind a NetworkPolicy
     policies = [d for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"]
-    covered = [p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in policies]
+    covered = [p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in policies
+               if p["spec"]["podSelector"]]  # fmt: skip (the default-deny policy selects every pod)
     assert {"bfn-ray", "bfn-rayjob", "bfn-mlflow"} <= set(covered)
 
 
@@ -335,6 +337,135 @@ def test_no_secrets_or_public_binds_anywhere_in_infra():
             assert "0.0.0.0" not in text.replace("0.0.0.0/0", ""), path
 
 
+# --------------------------------------------------------------------------- MLflow auth, pods
+
+
+def mlflow_server_commands() -> list[tuple[Path, str]]:
+    """Every `mlflow server` command in infra/: YAML strings (k8s and compose commands) and
+    Dockerfile instructions, comments left out."""
+    found = []
+
+    def walk(path, node):
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(path, value)
+        elif isinstance(node, list):
+            joined = " ".join(v for v in node if isinstance(v, str))
+            if "mlflow server" in joined:
+                found.append((path, joined))
+            for value in node:
+                if not isinstance(value, str):
+                    walk(path, value)
+        elif isinstance(node, str) and "mlflow server" in node:
+            found.append((path, node))
+
+    for path in INFRA.rglob("*.yaml"):
+        for doc in yaml_docs(path):
+            walk(path, doc)
+    for path in dockerfiles():
+        found += [(path, rest) for _, rest in dockerfile_instructions(path) if "mlflow server" in rest]
+    return found
+
+
+def test_every_mlflow_server_uses_basic_auth_with_secrets_from_secrets():
+    commands = mlflow_server_commands()
+    assert {p.name for p, _ in commands} == {"compose.yaml", "k8s.yaml"}, commands
+    for path, command in commands:
+        assert "--app-name basic-auth" in command, f"{path}: {command}"
+    # compose: secret key and admin password read from Docker secrets at start
+    compose = yaml.safe_load((INFRA / "mlflow" / "compose.yaml").read_text())
+    mlflow = compose["services"]["mlflow"]
+    command = " ".join(mlflow["command"])
+    for variable, secret in (("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask_secret_key"),
+                             ("MLFLOW_AUTH_ADMIN_PASSWORD", "admin_password")):  # fmt: skip
+        assert f'export {variable}="$$(cat /run/secrets/{secret})"' in command
+        assert secret in mlflow["secrets"] and compose["secrets"][secret]["file"].startswith("./secrets/")
+        assert variable not in mlflow["environment"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow-auth/basic_auth.ini"
+    # k8s: both from the Secret bfn-mlflow-auth
+    deployment = next(d for _, d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "bfn-mlflow")
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for variable in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert env[variable]["valueFrom"]["secretKeyRef"]["name"] == "bfn-mlflow-auth", variable
+    # no default or literal admin password anywhere; auth configs name no password
+    for path in infra_files():
+        text = path.read_text()
+        assert "password1234" not in text, path
+        assert not re.search(r"^\s*admin_password\s*=\s*\S", text, re.M), f"{path}: literal admin_password"
+    assert "mlflow[auth]==" in (INFRA / "mlflow" / "Dockerfile").read_text()  # Flask-WTF for the auth app
+
+
+def pod_specs() -> list[tuple[str, dict, bool]]:
+    """(where, pod spec, may mount the API token) of every pod template in the k8s manifests."""
+    out = []
+    for path, doc in k8s_docs():
+        name = f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "Deployment":
+            out.append((name, doc["spec"]["template"]["spec"], False))
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+            autoscaler = bool(cluster.get("enableInTreeAutoscaling"))  # runs in the head pod, calls the API
+            out.append((f"{name}/head", cluster["headGroupSpec"]["template"]["spec"], autoscaler))
+            out += [(f"{name}/{g['groupName']}", g["template"]["spec"], False) for g in cluster["workerGroupSpecs"]]
+    return out
+
+
+def test_pods_are_hardened():
+    specs = pod_specs()
+    assert len(specs) == 5
+    for where, spec, may_mount in specs:
+        assert spec.get("automountServiceAccountToken") is may_mount, where
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add"), where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context.get("runAsNonRoot", spec["securityContext"]["runAsNonRoot"]) is True, where
+            assert context["seccompProfile"]["type"] == "RuntimeDefault", where
+    for _, doc in k8s_docs():
+        if doc["kind"] == "ServiceAccount":
+            assert doc["automountServiceAccountToken"] is False, doc["metadata"]["name"]
+        if doc["kind"] == "RayCluster" and doc["spec"].get("enableInTreeAutoscaling"):
+            autoscaler = doc["spec"]["autoscalerOptions"]["securityContext"]
+            assert autoscaler["capabilities"]["drop"] == ["ALL"]
+            assert autoscaler["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+def test_network_policies_deny_by_default_and_admit_ray_pods_only():
+    policies = {d["metadata"]["name"]: d["spec"] for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"}
+    deny = policies["bfn-default-deny-ingress"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    for name, spec in policies.items():
+        for rule in spec.get("ingress", []):
+            for peer in rule["from"]:
+                if "podSelector" not in peer:
+                    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kuberay-system"}
+                    continue
+                selector = peer["podSelector"]
+                keys = set(selector.get("matchLabels", {})) | {e["key"] for e in selector.get("matchExpressions", [])}
+                # the project's label AND one that KubeRay sets on the pods it creates
+                assert "app.kubernetes.io/name" in keys and any(k.startswith("ray.io/") for k in keys), (name, peer)
+    assert policies["bfn-mlflow-ingress"]["ingress"][0]["ports"] == [{"port": 5000, "protocol": "TCP"}]
+
+
+# images still pinned by tag only, and why: our own images get their digest when they are pushed
+# (deploy time); for the two base images no digest could be confirmed here (no registry access).
+UNPINNED_IMAGES = {"nvidia/cuda:13.0.2-base-ubuntu24.04", "ghcr.io/astral-sh/uv:0.13.8",
+                   "registry.example.com/bfn/bfn-ray:0.1.0-py3.11-ray2.60.0-torch2.13.0-cu130",
+                   "registry.example.com/bfn/bfn-mlflow:3.17.2"}  # fmt: skip
+
+
+def test_images_without_a_digest_are_exactly_the_documented_ones():
+    """Flags every image pinned by tag only; the known ones are listed above with the reason.
+    Pinning one by digest (`docker buildx imagetools inspect IMAGE`) means removing it here."""
+    unpinned = {image for _, image in all_images() if not re.search(r"@sha256:[0-9a-f]{64}$", image)}
+    assert unpinned == UNPINNED_IMAGES
+    for path, image in all_images():
+        if "@sha256:" in image:
+            assert ":" in image.split("@")[0], f"{path}: {image} keeps its tag next to the digest"
+
+
 # --------------------------------------------------------------------------- versions
 
 
@@ -344,7 +475,7 @@ def test_images_pinned_and_versions_consistent_with_pyproject():
     images = all_images()
     assert images
     for path, image in images:
-        name, _, tag = image.rpartition(":") if "@" not in image else (image, "", "digest")
+        name, _, tag = image.split("@")[0].rpartition(":")
         assert name and tag and "/" not in tag, f"{path}: image {image} has no tag"
         assert tag != "latest" and "$" not in tag, f"{path}: image {image} is not pinned"
     bfn_tags = {img.rpartition(":")[2] for _, img in images if "/bfn-ray:" in img}
@@ -570,33 +701,39 @@ def test_registered_subcommands_set_func():
 # --------------------------------------------------------------------------- submit: happy path
 
 
-def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypatch, capsys):
-    """Full `bfn submit --no-wait` against the stand-in job API: the token goes in the header,
-    credentials reach the job's env_vars, and no secret value is printed."""
+def _submit_no_wait(api, monkeypatch, tmp_path, *extra: str, overrides=("experiment=smoke", "run.name=it's")):
+    workdir = tmp_path / "proj"
+    (workdir / "pipeline").mkdir(parents=True, exist_ok=True)
+    (workdir / "pipeline" / "__init__.py").write_text("")
+    monkeypatch.setattr(submit, "REPO_ROOT", workdir)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", api.token)
+    args = _parser().parse_args(["submit", "train", *overrides, "--address", api.address, "--no-wait",
+                                 "--job-id", "bfn-test-1", *extra])  # fmt: skip
+    return args.func(args)
+
+
+def _posted_jobs(api) -> list[dict]:
+    return [json.loads(body) for method, path, _, body in api.requests if method == "POST" and path == "/api/jobs/"]
+
+
+def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypatch, capsys, caplog):
+    """Full `bfn submit --no-wait --forward-credentials` against the stand-in job API: the token
+    goes in the header, credentials reach the job's env_vars (opted in), nothing secret is shown."""
     secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLEID")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    workdir = no_token_env / "proj"
-    (workdir / "pipeline").mkdir(parents=True)
-    (workdir / "pipeline" / "__init__.py").write_text("")
-    monkeypatch.setattr(submit, "REPO_ROOT", workdir)
+    caplog.set_level(logging.INFO)
     with FakeJobAPI() as api:
-        monkeypatch.setenv("RAY_AUTH_TOKEN", api.token)
-        args = _parser().parse_args(
-            ["submit", "train", "experiment=smoke", "run.name=it's", "--address", api.address]
-            + ["--no-wait", "--job-id", "bfn-test-1"]
-        )
-        assert args.func(args) == 0
+        assert _submit_no_wait(api, monkeypatch, no_token_env, "--forward-credentials") == 0
     out = capsys.readouterr()
-    assert secret not in out.out + out.err and api.token not in out.out + out.err
-    assert "AWS_SECRET_ACCESS_KEY" in out.out and "bfn-test-1" in out.out
-    assert f"bfn jobs logs bfn-test-1 --address {api.address}" in out.out
-    posts = [r for r in api.requests if r[0] == "POST" and r[1] == "/api/jobs/"]
-    assert len(posts) == 1
-    _, _, headers, body = posts[0]
+    shown = out.out + out.err + caplog.text
+    assert secret not in shown and api.token not in shown
+    assert "AWS_SECRET_ACCESS_KEY" in caplog.text and "anyone holding the cluster token can read them" in caplog.text
+    assert "bfn-test-1" in out.out and f"bfn jobs logs bfn-test-1 --address {api.address}" in out.out
+    (job,) = _posted_jobs(api)
+    headers = next(h for m, p, h, _ in api.requests if m == "POST" and p == "/api/jobs/")
     assert headers["Authorization"] == f"Bearer {api.token}"
-    job = json.loads(body)
     expected = "python -m pipeline.cli train run=cluster tracking=mlflow_server experiment=smoke"
     expected += " 'run.name=it'\"'\"'s'"
     assert job["entrypoint"] == expected
@@ -606,18 +743,57 @@ def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypat
     assert job["runtime_env"]["working_dir"].startswith("gcs://")
 
 
+def test_submit_keeps_credentials_home_unless_asked(no_token_env, monkeypatch):
+    for key, value in {"AWS_SECRET_ACCESS_KEY": "sentinel-aws-secret", "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
+                       "MLFLOW_TRACKING_PASSWORD": "sentinel-mlflow-password"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    with FakeJobAPI() as api:
+        assert _submit_no_wait(api, monkeypatch, no_token_env) == 0
+    (job,) = _posted_jobs(api)
+    assert "sentinel" not in json.dumps(job) and "AKIASENTINEL" not in json.dumps(job)
+    assert job["runtime_env"]["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"  # settings still go
+
+
+@pytest.mark.parametrize("override", ["tracking.uri=http://bfn:sentinel-cfg-pass@mlflow.internal:5000",
+                                      "run.ray_address=ray://u:sentinel-cfg-pass@127.0.0.1:10001",
+                                      "+aws.secret_access_key=sentinel-cfg-pass"])  # fmt: skip
+def test_submit_refuses_credentials_in_overrides(no_token_env, monkeypatch, capsys, override):
+    """The entrypoint is stored with the job: a credential in a config value never reaches the
+    job spec, nor the output."""
+    with FakeJobAPI() as api, pytest.raises(SystemExit) as exit_:
+        _submit_no_wait(api, monkeypatch, no_token_env, overrides=("experiment=smoke", override))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "carries a credential" in err and override.split("=")[0].lstrip("+") in err
+    assert "sentinel-cfg-pass" not in err
+    assert _posted_jobs(api) == [] and not any(b"sentinel" in r[3] for r in api.requests)
+
+
+def test_token_never_sent_over_plain_http_to_another_host(no_token_env, monkeypatch):
+    """Refused before any request is made (the probe would be the first)."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-cluster-token")
+    monkeypatch.setattr(submit, "probe", lambda *a, **k: pytest.fail("a request was made"))
+    with pytest.raises(submit.SubmitError, match="plain http"):
+        submit.connect("http://ray-head.example.internal:8265", timeout=1)
+    with pytest.raises(submit.SubmitError, match="plain http"):
+        submit.connect("http://10.0.0.5:8265", timeout=1)
+
+
 def test_runtime_env_variants(monkeypatch):
+    from pipeline.secrets import mask_text
+
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "xxxxsecret")
-    env, masker = submit.job_env(forward_credentials=False)
-    assert "AWS_SECRET_ACCESS_KEY" not in env
-    env, masker = submit.job_env(["EXTRA=1"])
-    assert env["EXTRA"] == "1" and masker("key=xxxxsecret") == "key=****"
+    env, known = submit.job_env()
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # credentials stay home by default
+    env, known = submit.job_env(["EXTRA=1"], forward_credentials=True)
+    assert env["EXTRA"] == "1" and mask_text("key=xxxxsecret", known) == "key=***"
     image_env = submit.build_runtime_env(env, image="registry.example.com/bfn/bfn-ray:1")
     assert "working_dir" not in image_env and image_env["image_uri"].endswith(":1")
     with pytest.raises(submit.SubmitError, match="cannot be combined"):
         submit.build_runtime_env(env, image="x:1", pip=["numpy"])
     wd = submit.build_runtime_env(env)
-    for pattern in (".venv/", "runs/", "data/shards/", ".git/"):
+    for pattern in (".venv/", "runs/", "data/shards/", ".git"):
         assert pattern in wd["excludes"]
     reqs = submit.pip_requirements(None)
     assert "torch==2.13.0" in reqs and "mlflow==3.17.2" in reqs
@@ -655,10 +831,11 @@ def test_bfn_cli_registers_cluster_subcommands():
 # --------------------------------------------------------------------------- localstack (no start)
 
 
-def test_localstack_without_a_stack(tmp_path, capsys):
+def test_localstack_without_a_stack(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     assert localstack.status(tmp_path) == {"running": False, "root_dir": str(tmp_path)}
     assert localstack.down(tmp_path) == {}
-    assert "nothing to stop" in capsys.readouterr().out
+    assert "nothing to stop" in caplog.text
     # unix socket paths must fit: a long root gets a short Ray temp dir under /tmp
     long_root = tmp_path / ("x" * 80)
     assert len(str(localstack._ray_temp_dir(long_root, "abcdef123456"))) <= 36

@@ -4,22 +4,23 @@
 writes ``root_dir/stack.json`` (PIDs, ports, URLs, the environment a client should export).
 ``down(root_dir)`` stops exactly those processes by PID -- never ``ray stop``/``pkill``, which would
 also stop every other Ray of the user. ``status(root_dir)`` reports liveness and health.
+Processes are found and stopped with psutil.
 
 Ray head
     ``ray start --head --block`` runs in the foreground as our child. ``--block`` makes that
-    ``ray start`` process own the node (``shutdown_at_exit``): on SIGTERM it kills the raylet,
-    GCS, dashboard and the rest. Afterwards ``down`` sweeps any survivor that is in the head's
-    session or carries the stack's marker variable ``BFN_LOCALSTACK_ID`` in its environment (Ray
-    workers inherit it).
+    ``ray start`` process own the node: on SIGTERM it stops the raylet, GCS, dashboard and the
+    rest. ``down`` then sweeps any survivor in the head's session or carrying the stack's marker
+    variable ``BFN_LOCALSTACK_ID`` in its environment (Ray workers inherit it). The head takes
+    127.0.0.1 as its node address (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), so every Ray service
+    listens on loopback only, and it holds the stack's S3 endpoint and (dummy) credentials, as an
+    instance profile would on a cluster: jobs need no forwarded keys.
 
 Token auth (Ray 2.60)
-    ``RAY_AUTH_MODE=token`` turns it on. The token is looked up, in this order, from
-    ``RAY_AUTH_TOKEN`` (the value), ``RAY_AUTH_TOKEN_PATH`` (a file), then ``~/.ray/auth_token``.
-    ``up`` generates a 256-bit token (as ``ray get-auth-token --generate`` would), writes it to
-    ``root_dir/auth_token`` (mode 0600) and starts the head with ``RAY_AUTH_TOKEN_PATH`` pointing at
-    it, so nothing is written to ``~/.ray``. Clients (``bfn submit``, ``ray job ...``) export
-    ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH=root_dir/auth_token``; ``bfn stack up``
-    prints those lines.
+    ``up`` generates a 256-bit token into ``root_dir/auth_token`` (a new file, mode 0600, never
+    through a symlink) and starts the head with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``
+    pointing at it, so nothing is written to ``~/.ray``. Clients (``bfn submit``, ``ray job ...``)
+    export ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``; ``bfn stack up`` prints those lines
+    (the path, never the token).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -42,31 +44,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.secrets import write_secret_file
+
+log = logging.getLogger(__name__)
 STATE_FILE = "stack.json"
 TOKEN_FILE = "auth_token"
 MARKER_ENV = "BFN_LOCALSTACK_ID"
 HOST = "127.0.0.1"
 # moto accepts any credentials; these are the conventional dummies, not secrets.
-S3_DUMMY_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-# unix socket paths must stay under 108 bytes; Ray adds about 70 to --temp-dir
-_MAX_RAY_TEMP_DIR_LEN = 36
+S3_DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+_MAX_RAY_TEMP_DIR_LEN = 36  # unix socket paths must stay under 108 bytes; Ray adds about 70
 # Variables of the caller that must not leak into the services we start.
-_SCRUB_ENV = (
-    "RAY_ADDRESS",
-    "RAY_API_SERVER_ADDRESS",
-    "RAY_AUTH_MODE",
-    "RAY_AUTH_TOKEN",
-    "RAY_AUTH_TOKEN_PATH",
-    "AWS_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_EXPERIMENT_ID",
-    "MLFLOW_EXPERIMENT_NAME",
-)
+_SCRUB_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+              "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+              "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", MARKER_ENV)  # fmt: skip
 
 
 class StackError(RuntimeError):
@@ -93,149 +85,113 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, session, ...]."""
+def start_time(pid: int) -> float | None:
+    """When ``pid`` started (guards against PID reuse), or None if it does not exist."""
+    import psutil
+
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    return raw[raw.rfind(")") + 2 :].split()
 
 
-def _start_time(pid: int) -> int | None:
-    """Kernel start time of ``pid`` (clock ticks since boot); guards against PID reuse."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
+def alive(pid: int, started: float | None = None) -> bool:
+    """``pid`` runs (not a zombie) and, if ``started`` is given, is the process that started then."""
+    import psutil
 
-
-def _alive(pid: int, start_time: int | None = None) -> bool:
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
+    try:
+        process = psutil.Process(pid)
+        running = process.status() != psutil.STATUS_ZOMBIE
+        return running and (started is None or abs(process.create_time() - started) < 1e-3)
+    except psutil.Error:
         return False
-    return start_time is None or int(fields[19]) == start_time
 
 
-def _reap(pid: int) -> None:
-    """Collect ``pid`` if it is our child (no zombie left behind); ignore it otherwise."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def stack_pids(sessions: set[int], marker: str | None) -> list[int]:
+    """Live PIDs (not this process) in one of ``sessions`` or with ``MARKER_ENV=marker`` in their
+    environment."""
+    import psutil
 
-
-def _stack_pids(session_ids: set[int], marker: str | None) -> list[int]:
-    """PIDs in one of ``session_ids`` or (if ``marker``) with ``MARKER_ENV=marker`` in their env."""
-    needle = f"{MARKER_ENV}={marker}".encode() if marker else None
-    me = os.getpid()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        pid = int(entry.name)
-        fields = _stat_fields(pid)
-        if fields is None or fields[0] in ("Z", "X"):
-            continue
-        if int(fields[3]) in session_ids:
-            found.append(pid)
-            continue
-        if needle is None:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            found.append(pid)
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid == os.getpid() or process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getsid(process.pid) in sessions or (marker and process.environ().get(MARKER_ENV) == marker):
+                found.append(process.pid)
     return found
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
+def terminate(pids: list[int], grace: float) -> list[int]:
+    """SIGTERM ``pids``, SIGKILL those left after ``grace`` s; returns the PIDs that needed SIGKILL.
+    Our own children are reaped, so none is left as a zombie."""
+    import psutil
 
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    left = list(pids)
-    while left and time.monotonic() < deadline:
-        for pid in left:
-            _reap(pid)
-        left = [p for p in left if _alive(p)]
-        if left:
-            time.sleep(0.2)
-    return left
+    processes = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            process.send_signal(signal.SIGTERM)
+            processes.append(process)
+    _, left = psutil.wait_procs(processes, timeout=grace)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(left, timeout=5)
+    return [p.pid for p in left]
 
 
 def _stop_service(svc: dict[str, Any], marker: str, grace: float) -> dict[str, Any]:
     """SIGTERM the service's main PID, wait, then sweep its session (and marked PIDs) by PID."""
-    pid, start = svc["pid"], svc.get("start_time")
-    report = {"pid": pid, "was_alive": _alive(pid, start), "killed": []}
+    pid = svc["pid"]
+    report = {"pid": pid, "was_alive": alive(pid, svc.get("start_time")), "killed": []}
     if report["was_alive"]:
-        _signal(pid, signal.SIGTERM)
-        if _wait_gone([pid], grace):
-            _signal(pid, signal.SIGKILL)
-            report["killed"].append(pid)
-            _wait_gone([pid], 5)
-    rest = _stack_pids({pid}, marker if svc.get("marked") else None)
-    if rest:
-        for p in rest:
-            _signal(p, signal.SIGTERM)
-        for p in _wait_gone(rest, 10):
-            _signal(p, signal.SIGKILL)
-            report["killed"].append(p)
-        _wait_gone(rest, 5)
+        report["killed"] += terminate([pid], grace)
+    rest = stack_pids({pid}, marker if svc.get("marked") else None)
+    report["killed"] += terminate(rest, 10)
     report["swept"] = rest
     return report
 
 
 def _tail(path: Path, lines: int = 25) -> str:
     try:
-        text = path.read_text(errors="replace").splitlines()
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"(no log at {path})"
-    return "\n".join(text[-lines:])
 
 
 # --------------------------------------------------------------------------- HTTP probes
 
 
 def _http(url: str, token: str | None = None, timeout: float = 3.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url)
+    request = urllib.request.Request(url)
     if token:
-        req.add_header("Authorization", f"Bearer {token}")
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
-def _wait_until(
-    name: str,
-    ready: Callable[[], bool],
-    *,
-    timeout: float,
-    proc: subprocess.Popen | None,
-    log: Path,
-    what: str,
-) -> float:
+def _wait_until(name: str, ready: Callable[[], bool], *, timeout: float, proc: subprocess.Popen | None,
+                log_path: Path, what: str) -> float:  # fmt: skip
     """Poll ``ready`` until True; fail fast if ``proc`` exits; raise after ``timeout`` s."""
-    t0 = time.monotonic()
-    last_exc: Exception | None = None
+    started = time.monotonic()
+    last_error: Exception | None = None
     while True:
         try:
             if ready():
-                return time.monotonic() - t0
-        except (OSError, ValueError) as e:
-            last_exc = e
+                return time.monotonic() - started
+        except (OSError, ValueError) as error:
+            last_error = error
         if proc is not None and proc.poll() is not None:
-            raise StackError(
-                f"{name} exited with code {proc.returncode} before {what}. Log {log}:\n{_tail(log)}"
-            )
-        if time.monotonic() - t0 > timeout:
-            raise StackError(
-                f"timed out after {timeout:.0f}s waiting for {name}: {what}"
-                + (f" (last error: {last_exc})" if last_exc else "")
-                + f". Log {log}:\n{_tail(log)}"
-            )
+            raise StackError(f"{name} exited with code {proc.returncode} before {what}. "
+                             f"Log {log_path}:\n{_tail(log_path)}")  # fmt: skip
+        if time.monotonic() - started > timeout:
+            raise StackError(f"timed out after {timeout:.0f}s waiting for {name}: {what}"
+                             + (f" (last error: {last_error})" if last_error else "")
+                             + f". Log {log_path}:\n{_tail(log_path)}")  # fmt: skip
         time.sleep(0.3)
 
 
@@ -248,15 +204,13 @@ def state_path(root_dir: str | os.PathLike) -> Path:
 
 def load_state(root_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = state_path(root_dir)
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _write_state(root: Path, state: dict[str, Any]) -> None:
-    tmp = root / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(root / STATE_FILE)
+    temporary = root / (STATE_FILE + ".tmp")
+    temporary.write_text(json.dumps(state, indent=2) + "\n")
+    temporary.replace(root / STATE_FILE)
 
 
 def export_lines(state: dict[str, Any]) -> str:
@@ -266,27 +220,110 @@ def export_lines(state: dict[str, Any]) -> str:
 
 def _ray_temp_dir(root: Path, stack_id: str) -> Path:
     candidate = root / "ray"
-    if len(str(candidate)) <= _MAX_RAY_TEMP_DIR_LEN:
-        return candidate
-    return Path("/tmp") / f"bfnray-{stack_id[:8]}"
+    return candidate if len(str(candidate)) <= _MAX_RAY_TEMP_DIR_LEN else Path("/tmp") / f"bfnray-{stack_id[:8]}"
 
 
-# --------------------------------------------------------------------------- up / down / status
+def _new_token(root: Path) -> Path:
+    """A fresh token file; an old one (or anything else at that name) is removed, never reused."""
+    path = root / TOKEN_FILE
+    path.unlink(missing_ok=True)  # unlink removes a symlink itself, not its target
+    return write_secret_file(path, secrets.token_hex(32))  # same format as Ray's own generator
 
 
-def up(
-    root_dir: str | os.PathLike,
-    *,
-    num_cpus: int = 4,
-    object_store_memory: int = 1024**3,
-    bucket: str = "bfn",
-    timeout: float = 180.0,
-    ray_port: int | None = None,
-    dashboard_port: int | None = None,
-    mlflow_port: int | None = None,
-    s3_port: int | None = None,
-    echo: Callable[[str], None] = print,
-) -> dict[str, Any]:
+def _new_state(root: Path, ports: dict[str, int], bucket: str, token_path: Path) -> dict[str, Any]:
+    urls = {"ray_dashboard": f"http://{HOST}:{ports['dashboard']}", "mlflow": f"http://{HOST}:{ports['mlflow']}",
+            "s3": f"http://{HOST}:{ports['s3']}"}  # fmt: skip
+    env = {"RAY_API_SERVER_ADDRESS": urls["ray_dashboard"], "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token_path), "MLFLOW_TRACKING_URI": urls["mlflow"],
+           "AWS_ENDPOINT_URL": urls["s3"], "MLFLOW_S3_ENDPOINT_URL": urls["s3"], **S3_DUMMY_CREDENTIALS,
+           "BFN_STORAGE_PATH": f"s3://{bucket}/ray"}  # Ray Train checkpoints (run=cluster)  # fmt: skip
+    return {"id": uuid.uuid4().hex, "root_dir": str(root), "started_at": time.time(), "ports": ports, "urls": urls,
+            "bucket": bucket, "token_path": str(token_path), "services": {}, "env": env, "timings_s": {}}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- up
+
+
+class _Launcher:
+    """Starts services as children in their own sessions and records them in the state file."""
+
+    def __init__(self, root: Path, state: dict[str, Any]) -> None:
+        self.root, self.state, self.logs = root, state, root / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.launched_at: dict[str, float] = {}
+
+    def launch(self, name: str, argv: list[str], env: dict[str, str], marked: bool = False) -> None:
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "ab") as log_file:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=self.root, start_new_session=True)  # fmt: skip
+        self.procs[name], self.launched_at[name] = proc, time.monotonic()
+        self.state["services"][name] = {"pid": proc.pid, "start_time": start_time(proc.pid), "argv": argv,
+                                        "log": str(log_path), "marked": marked}  # fmt: skip
+        _write_state(self.root, self.state)
+
+    def wait(self, name: str, label: str, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        _wait_until(label, ready, timeout=timeout, proc=self.procs[name], log_path=self.logs / f"{name}.log",
+                    what=what)  # fmt: skip
+        self.state["timings_s"][name] = time.monotonic() - self.launched_at[name]
+
+
+def _mlflow_argv(root: Path, bucket: str, port: int) -> list[str]:
+    return [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", HOST, "--port", str(port),
+            "--workers", "1"]  # fmt: skip
+
+
+def _ray_argv(ports: dict[str, int], num_cpus: int, object_store_memory: int, ray_tmp: Path) -> list[str]:
+    return [_bin("ray"), "start", "--head", "--block", f"--port={ports['ray']}",
+            f"--ray-client-server-port={ports['ray_client']}",
+            f"--dashboard-agent-listen-port={ports['dashboard_agent']}", "--include-dashboard=true",
+            f"--dashboard-host={HOST}", f"--dashboard-port={ports['dashboard']}", f"--num-cpus={num_cpus}",
+            f"--object-store-memory={object_store_memory}", f"--temp-dir={ray_tmp}",
+            "--disable-usage-stats"]  # fmt: skip
+
+
+def _ray_env(base_env: dict[str, str], state: dict[str, Any], ray_tmp: Path) -> dict[str, str]:
+    return {**base_env,
+            MARKER_ENV: state["id"],  # inherited by every Ray process, so `down` can find them all
+            # job entrypoints (`python -m pipeline.cli ...`) must find this environment's python
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), base_env.get("PATH", "")]),
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"],
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1: Ray listens on loopback
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "RAY_TMPDIR": str(ray_tmp), "AWS_ENDPOINT_URL": state["urls"]["s3"],
+            "MLFLOW_S3_ENDPOINT_URL": state["urls"]["s3"], **S3_DUMMY_CREDENTIALS}  # fmt: skip
+
+
+def _start_services(launcher: _Launcher, state: dict[str, Any], num_cpus: int, object_store_memory: int,
+                    timeout: float) -> None:  # fmt: skip
+    """moto first (MLflow needs the bucket), then MLflow and Ray in parallel (each takes seconds)."""
+    root, ports, urls = launcher.root, state["ports"], state["urls"]
+    base_env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
+    launcher.launch("s3", [_bin("moto_server"), "-H", HOST, "-p", str(ports["s3"])], base_env)
+    launcher.wait("s3", "moto S3 server", lambda: _http(urls["s3"] + "/moto-api/")[0] < 500,
+                  f"{urls['s3']} answering", timeout)  # fmt: skip
+    _create_bucket(urls["s3"], state["bucket"])
+    mlflow_env = {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
+                  **S3_DUMMY_CREDENTIALS}  # fmt: skip
+    launcher.launch("mlflow", _mlflow_argv(root, state["bucket"], ports["mlflow"]), mlflow_env)
+    ray_tmp = _ray_temp_dir(root, state["id"])
+    ray_tmp.mkdir(parents=True, exist_ok=True)
+    state["ray_temp_dir"] = str(ray_tmp)
+    launcher.launch("ray", _ray_argv(ports, num_cpus, object_store_memory, ray_tmp),
+                    _ray_env(base_env, state, ray_tmp), marked=True)  # fmt: skip
+    launcher.wait("mlflow", "MLflow server", lambda: _http(urls["mlflow"] + "/health")[0] == 200,
+                  f"{urls['mlflow']}/health returning 200", timeout)  # fmt: skip
+    token = Path(state["token_path"]).read_text()
+    launcher.wait("ray", "Ray head", lambda: _http(urls["ray_dashboard"] + "/api/jobs/", token)[0] == 200,
+                  f"job API at {urls['ray_dashboard']}/api/jobs/ accepting the token", timeout)  # fmt: skip
+
+
+def up(root_dir: str | os.PathLike, *, num_cpus: int = 4, object_store_memory: int = 1024**3, bucket: str = "bfn",
+       timeout: float = 180.0, ray_port: int | None = None, dashboard_port: int | None = None,
+       mlflow_port: int | None = None, s3_port: int | None = None,
+       echo: Callable[[str], None] = log.info) -> dict[str, Any]:  # fmt: skip
     """Start S3 (moto), MLflow and a token-auth Ray head on 127.0.0.1; return the state dict.
 
     Every wait is bounded by ``timeout`` seconds; on any failure everything already started is
@@ -295,246 +332,64 @@ def up(
     root = Path(root_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     previous = load_state(root)
-    if previous and any(
-        _alive(s["pid"], s.get("start_time")) for s in previous["services"].values()
-    ):
-        raise StackError(
-            f"a stack is already running from {root} (see {root / STATE_FILE}); "
-            f"run `bfn stack down --dir {root}` first"
-        )
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
-    stack_id = uuid.uuid4().hex
-    t_start = time.monotonic()
-
-    ports = {
-        "ray": ray_port or _free_port(),
-        "dashboard": dashboard_port or _free_port(),
-        "ray_client": _free_port(),
-        "dashboard_agent": _free_port(),
-        "mlflow": mlflow_port or _free_port(),
-        "s3": s3_port or _free_port(),
-    }
-    s3_url = f"http://{HOST}:{ports['s3']}"
-    mlflow_url = f"http://{HOST}:{ports['mlflow']}"
-    dashboard_url = f"http://{HOST}:{ports['dashboard']}"
-
-    token_path = root / TOKEN_FILE
-    token = secrets.token_hex(32)  # same format as Ray's own generator
-    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-
-    base_env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV and k != MARKER_ENV}
-
-    state: dict[str, Any] = {
-        "id": stack_id,
-        "root_dir": str(root),
-        "started_at": time.time(),
-        "ports": ports,
-        "urls": {"ray_dashboard": dashboard_url, "mlflow": mlflow_url, "s3": s3_url},
-        "bucket": bucket,
-        "token_path": str(token_path),
-        "services": {},
-        "env": {
-            "RAY_API_SERVER_ADDRESS": dashboard_url,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_path),
-            "MLFLOW_TRACKING_URI": mlflow_url,
-            "AWS_ENDPOINT_URL": s3_url,
-            "MLFLOW_S3_ENDPOINT_URL": s3_url,
-            **S3_DUMMY_CREDENTIALS,
-            "BFN_STORAGE_PATH": f"s3://{bucket}/ray",  # Ray Train checkpoints (run=cluster)
-        },
-        "timings_s": {},
-    }
-    procs: dict[str, subprocess.Popen] = {}
-    launched_at: dict[str, float] = {}
-
-    def launch(name: str, argv: list[str], env: dict[str, str], marked: bool = False) -> None:
-        log_path = logs / f"{name}.log"
-        log_f = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=log_f,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=root,
-                start_new_session=True,
-            )
-        finally:
-            log_f.close()
-        procs[name] = proc
-        launched_at[name] = time.monotonic()
-        state["services"][name] = {
-            "pid": proc.pid,
-            "start_time": _start_time(proc.pid),
-            "argv": argv,
-            "log": str(log_path),
-            "marked": marked,
-        }
-        _write_state(root, state)
-
+    if previous and any(alive(s["pid"], s.get("start_time")) for s in previous["services"].values()):
+        raise StackError(f"a stack is already running from {root} (see {root / STATE_FILE}); "
+                         f"run `bfn stack down --dir {root}` first")  # fmt: skip
+    started = time.monotonic()
+    ports = {"ray": ray_port or _free_port(), "dashboard": dashboard_port or _free_port(),
+             "ray_client": _free_port(), "dashboard_agent": _free_port(), "mlflow": mlflow_port or _free_port(),
+             "s3": s3_port or _free_port()}  # fmt: skip
+    state = _new_state(root, ports, bucket, _new_token(root))
     try:
-        # 1. S3 (moto): fast, and MLflow needs the bucket.
-        launch("s3", [_bin("moto_server"), "-H", HOST, "-p", str(ports["s3"])], base_env)
-        state["timings_s"]["s3"] = _wait_until(
-            "moto S3 server",
-            lambda: _http(s3_url + "/moto-api/")[0] < 500,
-            timeout=timeout,
-            proc=procs["s3"],
-            log=logs / "s3.log",
-            what=f"{s3_url} answering",
-        )
-        _create_bucket(s3_url, bucket)
-
-        # 2. MLflow and 3. Ray start in parallel (each takes several seconds).
-        mlflow_env = {
-            **base_env,
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            "MLFLOW_S3_ENDPOINT_URL": s3_url,
-            **S3_DUMMY_CREDENTIALS,
-        }
-        launch(
-            "mlflow",
-            [
-                _bin("mlflow"),
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{root / 'mlflow.db'}",
-                "--artifacts-destination",
-                f"s3://{bucket}/mlflow",
-                "--host",
-                HOST,
-                "--port",
-                str(ports["mlflow"]),
-                "--workers",
-                "1",
-            ],
-            mlflow_env,
-        )
-
-        ray_tmp = _ray_temp_dir(root, stack_id)
-        ray_tmp.mkdir(parents=True, exist_ok=True)
-        state["ray_temp_dir"] = str(ray_tmp)
-        ray_env = {
-            **base_env,
-            MARKER_ENV: stack_id,  # inherited by every Ray process, so `down` can find them all
-            # job entrypoints (`python -m pipeline.cli ...`) must find this environment's python
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), base_env.get("PATH", "")]),
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_path),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            "RAY_TMPDIR": str(ray_tmp),
-        }
-        launch(
-            "ray",
-            [
-                _bin("ray"),
-                "start",
-                "--head",
-                "--block",
-                f"--port={ports['ray']}",
-                f"--ray-client-server-port={ports['ray_client']}",
-                f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
-                "--include-dashboard=true",
-                f"--dashboard-host={HOST}",
-                f"--dashboard-port={ports['dashboard']}",
-                f"--num-cpus={num_cpus}",
-                f"--object-store-memory={object_store_memory}",
-                f"--temp-dir={ray_tmp}",
-                "--disable-usage-stats",
-            ],
-            ray_env,
-            marked=True,
-        )
-
-        _wait_until(
-            "MLflow server",
-            lambda: _http(mlflow_url + "/health")[0] == 200,
-            timeout=timeout,
-            proc=procs["mlflow"],
-            log=logs / "mlflow.log",
-            what=f"{mlflow_url}/health returning 200",
-        )
-        state["timings_s"]["mlflow"] = time.monotonic() - launched_at["mlflow"]
-        _wait_until(
-            "Ray head",
-            lambda: _http(dashboard_url + "/api/jobs/", token)[0] == 200,
-            timeout=timeout,
-            proc=procs["ray"],
-            log=logs / "ray.log",
-            what=f"job API at {dashboard_url}/api/jobs/ accepting the token",
-        )
-        state["timings_s"]["ray"] = time.monotonic() - launched_at["ray"]
-        state["timings_s"]["total"] = time.monotonic() - t_start
-        _write_state(root, state)
-    except BaseException as e:
+        _start_services(_Launcher(root, state), state, num_cpus, object_store_memory, timeout)
+    except BaseException as error:
         with contextlib.suppress(Exception):
             down(root, echo=lambda _m: None)
-        if isinstance(e, StackError):
-            raise
-        if isinstance(e, Exception):
-            raise StackError(f"stack up failed: {e!r}") from e
+        if isinstance(error, Exception) and not isinstance(error, StackError):
+            raise StackError(f"stack up failed: {error!r}") from error
         raise
-    echo(
-        f"stack up in {state['timings_s']['total']:.1f}s: Ray dashboard {dashboard_url}, "
-        f"MLflow {mlflow_url}, S3 {s3_url} (bucket {bucket})"
-    )
+    state["timings_s"]["total"] = time.monotonic() - started
+    _write_state(root, state)
+    urls = state["urls"]
+    echo(f"stack up in {state['timings_s']['total']:.1f}s: Ray dashboard {urls['ray_dashboard']}, "
+         f"MLflow {urls['mlflow']}, S3 {urls['s3']} (bucket {bucket})")  # fmt: skip
     return state
 
 
 def _create_bucket(s3_url: str, bucket: str) -> None:
     import boto3
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_url,
-        region_name=S3_DUMMY_CREDENTIALS["AWS_DEFAULT_REGION"],
-        aws_access_key_id=S3_DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=S3_DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-    )
-    s3.create_bucket(Bucket=bucket)
+    credentials = S3_DUMMY_CREDENTIALS
+    boto3.client("s3", endpoint_url=s3_url, region_name=credentials["AWS_DEFAULT_REGION"],
+                 aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)  # fmt: skip
 
 
-def down(
-    root_dir: str | os.PathLike, *, echo: Callable[[str], None] = print, grace: float = 30.0
-) -> dict[str, Any]:
+# --------------------------------------------------------------------------- down / status
+
+
+def down(root_dir: str | os.PathLike, *, echo: Callable[[str], None] = log.info, grace: float = 30.0) -> dict:
     """Stop what ``up`` started, by PID (Ray first, then MLflow, then S3). Idempotent."""
     root = Path(root_dir).resolve()
     state = load_state(root)
     if state is None:
         echo(f"no stack state at {root / STATE_FILE}; nothing to stop")
         return {}
-    t0 = time.monotonic()
-    reports = {}
-    for name in ("ray", "mlflow", "s3"):
-        svc = state["services"].get(name)
-        if svc:
-            reports[name] = _stop_service(svc, state["id"], grace)
+    started = time.monotonic()
+    reports = {name: _stop_service(state["services"][name], state["id"], grace)
+               for name in ("ray", "mlflow", "s3") if name in state["services"]}  # fmt: skip
     # a last sweep for anything carrying the marker (e.g. a Ray worker that changed session)
-    stray = _stack_pids(set(), state["id"])
-    for p in stray:
-        _signal(p, signal.SIGKILL)
-    _wait_gone(stray, 5)
+    stray = stack_pids(set(), state["id"])
+    terminate(stray, 0)
     reports["stray"] = stray
     ray_tmp = state.get("ray_temp_dir")
-    if (
-        ray_tmp
-        and not Path(ray_tmp).is_relative_to(root)
-        and Path(ray_tmp).name.startswith("bfnray-")
-    ):
+    if ray_tmp and not Path(ray_tmp).is_relative_to(root) and Path(ray_tmp).name.startswith("bfnray-"):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     stopped = dict(state, stopped_at=time.time(), down_report=reports)
     (root / (STATE_FILE + ".stopped")).write_text(json.dumps(stopped, indent=2) + "\n")
     (root / STATE_FILE).unlink(missing_ok=True)
-    elapsed = time.monotonic() - t0
-    echo(
-        f"stack down in {elapsed:.1f}s ({', '.join(reports)} stopped; logs kept in {root / 'logs'})"
-    )
+    elapsed = time.monotonic() - started
+    echo(f"stack down in {elapsed:.1f}s ({', '.join(reports)} stopped; logs kept in {root / 'logs'})")
     return {"elapsed_s": elapsed, **reports}
 
 
@@ -548,20 +403,16 @@ def status(root_dir: str | os.PathLike) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         token = Path(state["token_path"]).read_text().strip()
     urls = state["urls"]
-    bases = {"ray": urls["ray_dashboard"], "mlflow": urls["mlflow"], "s3": urls["s3"]}
-    probes = {"ray": "/api/jobs/", "mlflow": "/health", "s3": "/moto-api/"}
+    probes = {"ray": (urls["ray_dashboard"], "/api/jobs/"), "mlflow": (urls["mlflow"], "/health"),
+              "s3": (urls["s3"], "/moto-api/")}  # fmt: skip
     services = {}
     for name, svc in state["services"].items():
+        base, probe = probes[name]
         healthy = False
         with contextlib.suppress(OSError, ValueError):
-            url = bases[name] + probes[name]
-            healthy = _http(url, token if name == "ray" else None, timeout=2)[0] == 200
-        services[name] = {
-            "pid": svc["pid"],
-            "alive": _alive(svc["pid"], svc.get("start_time")),
-            "healthy": healthy,
-            "url": bases[name],
-        }
+            healthy = _http(base + probe, token if name == "ray" else None, timeout=2)[0] == 200
+        services[name] = {"pid": svc["pid"], "alive": alive(svc["pid"], svc.get("start_time")),
+                          "healthy": healthy, "url": base}  # fmt: skip
     running = bool(services) and all(s["alive"] and s["healthy"] for s in services.values())
     return {"running": running, "root_dir": str(root), "services": services, "env": state["env"]}
 
@@ -569,61 +420,45 @@ def status(root_dir: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 
+def _print_status(directory: str) -> int:
+    st = status(directory)
+    if not st.get("services"):
+        print(f"no stack running from {st['root_dir']}")
+        return 1
+    for name, s in st["services"].items():
+        print(f"{name:7s} pid={s['pid']:<8d} alive={s['alive']!s:5s} healthy={s['healthy']!s:5s} {s['url']}")
+    print(export_lines(st))
+    return 0 if st["running"] else 1
+
+
 def _cmd(args: argparse.Namespace) -> int:
     try:
         if args.stack_cmd == "up":
-            state = up(
-                args.dir,
-                num_cpus=args.num_cpus,
-                bucket=args.bucket,
-                timeout=args.timeout,
-                ray_port=args.ray_port,
-                dashboard_port=args.dashboard_port,
-                mlflow_port=args.mlflow_port,
-                s3_port=args.s3_port,
-            )
+            state = up(args.dir, num_cpus=args.num_cpus, bucket=args.bucket, timeout=args.timeout,
+                       ray_port=args.ray_port, dashboard_port=args.dashboard_port, mlflow_port=args.mlflow_port,
+                       s3_port=args.s3_port)  # fmt: skip
             print("# export these to use the stack (the token is read from RAY_AUTH_TOKEN_PATH):")
             print(export_lines(state))
-            print(
-                "# then: bfn submit train experiment=smoke --address "
-                + state["urls"]["ray_dashboard"]
-            )
+            print(f"# then: bfn submit train experiment=smoke --address {state['urls']['ray_dashboard']}")
             print(f"# stop: bfn stack down --dir {state['root_dir']}")
         elif args.stack_cmd == "down":
             down(args.dir)
         else:
-            st = status(args.dir)
-            if not st.get("services"):
-                print(f"no stack running from {st['root_dir']}")
-                return 1
-            for name, s in st["services"].items():
-                print(
-                    f"{name:7s} pid={s['pid']:<8d} alive={s['alive']!s:5s} "
-                    f"healthy={s['healthy']!s:5s} {s['url']}"
-                )
-            print(export_lines(st))
-            return 0 if st["running"] else 1
-    except StackError as e:
-        print(f"error: {e}", file=sys.stderr)
+            return _print_status(args.dir)
+    except StackError as error:
+        log.error("%s", error)
         return 2
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``stack {up,down,status}`` to a CLI's subparsers (each sets ``func=``)."""
-    p = subparsers.add_parser(
-        "stack", help="local dev stack: Ray head (token auth) + MLflow + S3 (moto)"
-    )
-    sub = p.add_subparsers(dest="stack_cmd", required=True, metavar="{up,down,status}")
-    for name, help_ in (
-        ("up", "start the stack"),
-        ("down", "stop what `up` started, by PID"),
-        ("status", "PIDs, health, and the env to export"),
-    ):
+    parser = subparsers.add_parser("stack", help="local dev stack: Ray head (token auth) + MLflow + S3 (moto)")
+    sub = parser.add_subparsers(dest="stack_cmd", required=True, metavar="{up,down,status}")
+    for name, help_ in (("up", "start the stack"), ("down", "stop what `up` started, by PID"),
+                        ("status", "PIDs, health, and the env to export")):  # fmt: skip
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument(
-            "--dir", default="runs/stack", help="state/log/data dir (default runs/stack)"
-        )
+        sp.add_argument("--dir", default="runs/stack", help="state/log/data dir (default runs/stack)")
         if name == "up":
             sp.add_argument("--num-cpus", type=int, default=4)
             sp.add_argument("--bucket", default="bfn")
@@ -631,10 +466,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             for port in ("ray-port", "dashboard-port", "mlflow-port", "s3-port"):
                 sp.add_argument(f"--{port}", type=int, default=None, help="default: a free port")
         sp.set_defaults(func=_cmd)
-    return p
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m pipeline.cluster.devstack")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -1,21 +1,36 @@
 """`bfn train`: validate the config and data, start (or join) Ray, run the TorchTrainer.
 
-Order matters: every check that can fail on bad input (config values, shards, manifest) runs
-before Ray starts, so a mistake costs seconds, not a cluster allocation.
+Order matters: every check that can fail on bad input (config values, shards, manifest, a run
+folder in use, a resume with a different experiment) runs before Ray starts, so a mistake costs
+seconds, not a cluster allocation.
+
+The embedded runtime (no ``run.ray_address``) listens on loopback only and requires a token that
+is generated per runtime (a 0600 file in a private temporary folder, never printed); see
+``secure_local_ray``.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from pipeline import data as data_lib
-from pipeline.config import Config, flatten, set_env_defaults
-from pipeline.tracking import MASK, SECRET_VALUE, MLflowTracker, git_sha
+from pipeline.config import Config, ConfigError, flatten, set_env_defaults
+from pipeline.secrets import mask_text, plain_http_to_remote, write_secret_file
+from pipeline.tracking import MLflowTracker, RunInUseError, git_sha
+from pipeline.training.lease import Lease, LeaseError, describe, experiment_differences
 
 log = logging.getLogger(__name__)
+# Ray then takes 127.0.0.1 as the node address: every service of a single-node runtime binds
+# loopback (Linux default: the machine's routable address). Read when `ray` is first imported.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_local_token_path: Path | None = None
+
 
 def preflight(cfg: Config) -> dict:
     """Check the prepared shards (manifest, files, checksums, schema, value ranges) of train and val."""
@@ -29,6 +44,44 @@ def preflight(cfg: Config) -> dict:
     return manifest
 
 
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _local_token() -> Path:
+    """This process's token file for embedded runtimes (one per process: Ray caches the token)."""
+    global _local_token_path
+    if _local_token_path is None or not _local_token_path.exists():
+        import secrets
+
+        folder = Path(tempfile.mkdtemp(prefix="bfn-ray-auth-"))  # mode 0700
+        atexit.register(shutil.rmtree, folder, True)
+        _local_token_path = write_secret_file(folder / "auth_token", secrets.token_hex(32))
+    return _local_token_path
+
+
+def secure_local_ray(cfg: Config) -> None:
+    """Before an embedded Ray starts: token auth (RAY_AUTH_TOKEN_PATH, RAY_AUTH_MODE unset so that
+    ``ray.init`` turns token mode on and reloads its settings) and loopback-only addresses. Call it
+    before ``import ray`` for the loopback part; joining a cluster (run.ray_address) changes nothing."""
+    if not (cfg.run.ray_address or _ray_running()):
+        embedded_ray_env()
+
+
+def embedded_ray_env() -> None:
+    """The environment of a new embedded runtime (``secure_local_ray``; the test fixture too)."""
+    if "ray" in sys.modules and os.environ.get(LOOPBACK_ENV) != "0":
+        log.warning("ray was imported before the embedded runtime was configured: its services may listen "
+                    "on this machine's network address (token auth still applies)")  # fmt: skip
+    os.environ[LOOPBACK_ENV] = "0"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torch's gloo connections between workers: loopback too
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_local_token())
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.pop("RAY_AUTH_MODE", None)
+    # its notice suggests opting out of token auth; the token here is generated, nothing to act on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
 def init_ray(cfg: Config) -> None:
     import ray
 
@@ -38,7 +91,7 @@ def init_ray(cfg: Config) -> None:
     if cfg.run.ray_address:
         ray.init(address=cfg.run.ray_address)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only runtime
+    secure_local_ray(cfg)
     ray.init(num_cpus=cfg.run.ray_num_cpus, object_store_memory=768 * 1024**2,
              include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)  # fmt: skip
 
@@ -77,18 +130,92 @@ def local_run_dir(cfg: Config) -> str | None:
     return str(Path(cfg.run.storage_path) / cfg.run.name / "outputs")
 
 
-def start_tracking(cfg: Config, num_parameters: int, manifest: dict) -> str | None:
+def run_folder(cfg: Config) -> str:
+    """Ray Train's folder of this run: ``<run.storage_path>/<run.name>`` (path or URI)."""
+    return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+
+
+def _run_filesystem(cfg: Config):
+    """(pyarrow filesystem, path of the run folder on it)."""
+    import pyarrow.fs
+
+    path, filesystem = storage(cfg)
+    if filesystem is None:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+    return filesystem, f"{path.rstrip('/')}/{cfg.run.name}"
+
+
+def check_resume(cfg: Config) -> None:
+    """A rerun resumes only the same experiment (``lease.RESUMABLE``: what may change);
+    ``run.init_from`` must be a readable checkpoint and is ignored once the run has its own."""
+    from pipeline.training import checkpointing
+
+    filesystem, folder = _run_filesystem(cfg)
+    found = checkpointing.latest_config(filesystem, folder)
+    if found is None:
+        if cfg.run.init_from:
+            _check_init_from(cfg)
+        return
+    path, saved = found
+    if "://" in cfg.run.storage_path:  # pyarrow paths carry no scheme
+        path = f"{cfg.run.storage_path.split('://')[0]}://{path}"
+    if cfg.run.init_from:
+        log.info("run %s resumes from its own checkpoint %s; run.init_from is ignored", cfg.run.name, path)
+    differences = experiment_differences(saved, cfg.raw)
+    if differences:
+        listed = "; ".join(f"{key}: {mask_text(str(old))} -> {mask_text(str(new))}" for key, old, new in differences)
+        raise ConfigError(
+            f"run.name={cfg.run.name}: its checkpoint {path} is of a different experiment ({listed}). "
+            f"Resuming would continue someone else's weights: use a new run.name, or start a new run from "
+            f"these weights with run.init_from={path}"
+        )
+
+
+def _check_init_from(cfg: Config) -> None:
+    from pipeline.training import checkpointing
+
+    try:
+        saved = checkpointing.read_for_init(cfg.run.init_from, map_location="meta")["config"]
+    except checkpointing.CheckpointError as error:
+        raise ConfigError(f"run.init_from: {error}") from None
+    # what the weights' shapes depend on (a schedule such as flow.beta_1 may change when fine-tuning)
+    model_keys = ("data.name", "data.num_bins", "data.seq_len", "net.", "flow.kind", "flow.num_classes",
+                  "flow.head", "flow.num_bins")  # fmt: skip
+    differences = [key for key, _, _ in experiment_differences(saved, cfg.raw) if key.startswith(model_keys)]
+    if differences:
+        raise ConfigError(f"run.init_from: its weights are of another model ({', '.join(differences)} differ)")
+
+
+def claim_run(cfg: Config) -> Lease:
+    """Take the run folder's lease (one writer per run) and check the resume; before Ray starts."""
+    lease = Lease(run_folder(cfg)).acquire()
+    try:
+        check_resume(cfg)
+    except BaseException:
+        lease.release()
+        raise
+    return lease
+
+
+def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Lease | None = None) -> str | None:
     if not cfg.tracking.enabled:
         return None
+    if plain_http_to_remote(cfg.tracking.uri) and (
+        "@" in cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_TOKEN") or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    ):
+        log.warning("tracking.uri %s is plain http to another host: its credentials travel unencrypted; use https",
+                    mask_text(cfg.tracking.uri))  # fmt: skip
+    owner = {"holder": describe(lease.holder), "run_folder": lease.run_folder} if lease else None
     try:
         tracker = MLflowTracker.start(
             cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
-            artifact_location=cfg.tracking.artifact_location,
+            artifact_location=cfg.tracking.artifact_location, owner=owner,
         )  # fmt: skip
+    except RunInUseError as error:
+        raise LeaseError(str(error)) from None
     except Exception as error:  # tracking must never stop training
-        print(f"[bfn] warning: MLflow unavailable ({type(error).__name__}: "
-              f"{SECRET_VALUE.sub(MASK, str(error))}); training continues without tracking",
-              file=sys.stderr)  # fmt: skip
+        log.warning("MLflow unavailable (%s: %s); training continues without tracking",
+                    type(error).__name__, mask_text(str(error)))  # fmt: skip
         return None
     tracker.log_params(flatten(cfg.raw))
     describe_run(tracker, manifest)
@@ -125,6 +252,15 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
     """Run (or resume) the training run ``cfg.run.name``; returns rank 0's summary.
 
     ``callbacks``: extra Ray Train callbacks (``bfn tune`` passes a ``TuneReportCallback``)."""
+    secure_local_ray(cfg)  # before ray is imported
+    lease = claim_run(cfg)
+    try:
+        return _fit(cfg, lease, callbacks)
+    finally:
+        lease.release()
+
+
+def _fit(cfg: Config, lease: Lease, callbacks: list | None) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -150,7 +286,7 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
         "val": data_lib.ray_dataset(cfg.data.uri, "val", cfg.data.name, num_bins=cfg.data.num_bins,
                                     seed=seed + 1, seq_len=seq_len),
     }  # fmt: skip
-    run_id = start_tracking(cfg, num_parameters, manifest)
+    run_id = start_tracking(cfg, num_parameters, manifest, lease)
     run_dir = local_run_dir(cfg)
     storage_path, storage_filesystem = storage(cfg)
     import logging
@@ -201,7 +337,7 @@ def print_summary(cfg: Config, summary: dict) -> None:
         lines.append(f"  samples and curves: {summary['run_dir']}")
     lines.append(f"  checkpoint: {summary.get('checkpoint')}")
     if cfg.tracking.enabled and summary.get("mlflow_run_id"):
-        uri = SECRET_VALUE.sub(MASK, cfg.tracking.uri)  # never print credentials inside the URI
+        uri = mask_text(cfg.tracking.uri)  # never print credentials inside the URI
         if uri.startswith("sqlite"):
             lines.append(f"  browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         else:

@@ -171,8 +171,9 @@ def _build(cfg: Config, device, rank: int, world: int):
 def _init_from(folder: str, raw, ema: EMA, device, rank: int) -> None:
     """A new run starting from another checkpoint's weights (fine-tuning): model and EMA from its
     raw and EMA weights, read weights-only; optimiser state and step start fresh."""
-    raw.load_state_dict(checkpointing.read_model_only(folder, ema=False, map_location=device)[0])
-    ema.load_state_dict(checkpointing.read_model_only(folder, ema=True, map_location=device)[0])
+    state = checkpointing.read_for_init(folder, map_location=device)
+    raw.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
     if rank == 0:
         log.info("initialised from the weights of %s (a new run: fresh optimiser, step 0)", folder)
 

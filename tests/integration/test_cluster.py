@@ -191,7 +191,7 @@ def _run_chromium(args: list[str], timeout: float) -> subprocess.CompletedProces
         proc.communicate()
         raise
     finally:
-        for pid in localstack._stack_pids({proc.pid}, None):  # helpers it left behind
+        for pid in localstack.stack_pids({proc.pid}, None):  # helpers it left behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
@@ -256,7 +256,7 @@ def probe_run(stack, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("probe_job")
     (workdir / "probe_job.py").write_text(PROBE_JOB)
     name = f"probe-{uuid.uuid4().hex[:8]}"
-    env, masker = submit.job_env(environ=_client_env(stack))
+    env, known = submit.job_env(environ=_client_env(stack))
     t0 = time.monotonic()
     with _token_env(stack):
         client = submit.connect(stack["urls"]["ray_dashboard"], timeout=5)
@@ -265,7 +265,7 @@ def probe_run(stack, tmp_path_factory):
             runtime_env=submit.build_runtime_env(env, working_dir=workdir),
             submission_id=f"bfn-probe-{name}",
         )
-        status = submit.follow(client, job_id, masker, timeout=300, poll=1)
+        status = submit.follow(client, job_id, known, timeout=300, poll=1)
         logs = client.get_job_logs(job_id)
     elapsed = time.monotonic() - t0
     print(f"probe job {job_id}: {status} in {elapsed:.1f}s")
@@ -334,6 +334,14 @@ def test_stack_is_up_with_token_auth(stack):
     assert _status(f"{dash}/api/jobs/", token=token) == 200
     for url in stack["urls"].values():
         assert url.startswith("http://127.0.0.1:"), url
+    # every process of the stack (Ray's GCS, raylet, agents, workers included) listens on loopback
+    from tests.faults import is_loopback, listening_sockets, pids_matching
+
+    pids = pids_matching(marker=f"{localstack.MARKER_ENV}={stack['id']}")
+    for service in stack["services"].values():  # each service runs in a session of its own
+        pids += [service["pid"], *pids_matching(session=service["pid"])]
+    sockets = listening_sockets(pids)
+    assert len(sockets) > 5 and [s for s in sockets if not is_loopback(s[1])] == [], sockets
 
 
 def test_probe_job_logs_run_to_mlflow_and_s3(stack, probe_run):
@@ -370,7 +378,7 @@ def test_smoke_train_job_succeeds(smoke_train):
     assert proc.returncode == 0, f"{' '.join(smoke_train['cmd'])} failed:\n{tail}"
     assert "SUCCEEDED" in proc.stdout
     assert "submitted job bfn-train-" in proc.stdout
-    assert "run=cluster tracking=mlflow_server" in proc.stdout
+    assert "run=cluster tracking=mlflow_server" in proc.stderr  # the submission report is logged
 
 
 def test_smoke_train_checkpoints_on_s3(stack, smoke_train):
@@ -404,8 +412,8 @@ def test_zz_stack_down_stops_everything(stack):
     assert elapsed < 60
     assert report["stray"] == []
     for pid in pids:
-        assert not localstack._alive(pid), pid
-    assert localstack._stack_pids(set(pids), state["id"]) == []
+        assert not localstack.alive(pid), pid
+    assert localstack.stack_pids(set(pids), state["id"]) == []
     assert localstack.status(stack["root_dir"]) == {"running": False, "root_dir": stack["root_dir"]}
     for url in stack["urls"].values():
         with pytest.raises(OSError):

@@ -8,7 +8,10 @@ Each test breaks something the way it breaks in production and checks what survi
 * S3 fails checkpoint uploads (a fault-injecting proxy in front of moto): first briefly, then for
   good on one checkpoint folder, leaving it half-written;
 * the optimiser blows the weights up (optim.lr=1e30) so every later step is non-finite;
-* a checkpoint whose .pt would run code when unpickled is put where a resume reads it.
+* a checkpoint whose .pt would run code when unpickled is put where a resume reads it;
+* the latest checkpoint's optimizer.pt is truncated before a resume;
+* a second `bfn train` of the same run name starts while the first runs;
+* a client without the runtime's token calls its GCS.
 
 "Continuous step axis" after a restart (documented choice): the steps between the checkpoint a
 run restarts from and the moment it died are trained again, and MLflow then holds two points for
@@ -42,12 +45,15 @@ import pytest
 
 from pipeline import data as data_lib
 from pipeline.config import load
+from pipeline.training import checkpointing
 from tests.faults import (
     CheckpointWriteFaults,
     FaultyS3Proxy,
     MLflowServer,
     command_line,
     complete_checkpoints,
+    grpc_status,
+    is_loopback,
     kill_pids,
     listening_sockets,
     pids_matching,
@@ -58,6 +64,7 @@ from tests.faults import (
     wait_until,
     write_malicious_pt,
 )
+from tests.pipeline.test_security import find_secrets
 from tests.servers import aws_env, create_bucket, moto_s3, venv_bin
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -182,15 +189,33 @@ SENTINELS = {  # secrets in the environment of a real run; none may show up anyw
 }
 
 
-def serves_ray_api(port: int) -> bool:
-    """Whether 127.0.0.1:port answers the Ray dashboard's /api/version (the job API's server)."""
+def ray_api_auth_mode(port: int) -> str | None:
+    """The authentication mode the Ray dashboard / job API on 127.0.0.1:port reports (its public
+    /api/authentication_mode endpoint), or None if no Ray API answers there."""
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as resp:
-            return "ray_version" in json.loads(resp.read() or b"{}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/authentication_mode", timeout=5) as resp:
+            return json.loads(resp.read() or b"{}").get("authentication_mode")
     except (OSError, ValueError):
-        return False
+        return None
+
+
+GET_CLUSTER_ID = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # any GCS call; an empty request is valid
+
+
+def second_run_refused(argv: list[str], cwd: Path, log: Path, holder_pid: int) -> float:
+    """Run the same `bfn train` while the first holds the run folder: it must exit with status 2
+    at once (before starting Ray), naming the holder. Returns how long it took."""
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 2, text[-3000:]
+    assert "is in use by another run" in text and f"pid {holder_pid}" in text, text[-3000:]
+    assert "Started a local Ray instance" not in text
+    return time.monotonic() - started
 
 
 @pytest.fixture
@@ -239,10 +264,13 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
             return [s for s, p in complete_checkpoints(run_folder) if p.name in registered]
 
         steps = wait_until(checkpointed, timeout=FIT_TIMEOUT_S, interval=0.1, what="a registered checkpoint")
+        contender = second_run_refused(argv, work, tmp_path / "contender.log", first.pid)
         sockets = listening_sockets(leftovers(first, ray_dirs[0]) + [first.pid])
         commands = {pid: command_line(pid) for pid, _, _ in sockets}
-        api = [(ip, port) for pid, ip, port in sockets
-               if "dashboard/dashboard.py" in commands[pid] and serves_ray_api(port)]  # fmt: skip
+        api = [(ip, port, ray_api_auth_mode(port)) for pid, ip, port in sockets
+               if "dashboard/dashboard.py" in commands[pid] and ray_api_auth_mode(port)]  # fmt: skip
+        gcs_ports = [port for pid, _, port in sockets if "gcs_server" in commands[pid]]
+        gcs_refuses = [grpc_status(port, GET_CLUSTER_ID) for port in gcs_ports]
         os.kill(first.pid, signal.SIGKILL)
         killed_at = time.time()
         first.wait(timeout=30)
@@ -258,12 +286,17 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
     print(f"\n[driver death] killed the driver at checkpoint step {checkpoint_step}; 5 s later "
           f"{len(orphans)} of its Ray processes were still running ({', '.join(names)}); stopped by PID")
 
-    # the dashboard / job API of the embedded runtime listens on loopback only
-    assert api and all(ip == "127.0.0.1" for ip, _ in api), (api, sockets)
-    others = sorted({commands[pid].split(" ")[0].rsplit("/", 1)[-1] for pid, ip, _ in sockets
-                     if ip not in ("127.0.0.1", "::1")})  # fmt: skip
-    print(f"[driver death] dashboard API on {api}; Ray 2.60 processes listening on non-loopback "
-          f"addresses (gRPC, agents, metrics; not configurable): {others}")
+    # every service of the embedded runtime listens on loopback, and its GCS wants the token
+    assert api and all(ip == "127.0.0.1" and mode == "token" for ip, _, mode in api), (api, sockets)
+    exposed = [(commands[pid].split(" ")[0], ip, port) for pid, ip, port in sockets if not is_loopback(ip)]
+    # the one exception: torch.distributed's rendezvous store (TCPStore), which Ray Train starts on
+    # the rank-0 worker, listens on every interface (torch has no bind-address option); it is not Ray's
+    # and needs no token. One per Train worker group at most.
+    assert [name for name, _, _ in exposed] in ([], ["ray::RayTrainWorker"]), exposed
+    assert gcs_refuses and set(gcs_refuses) == {"UNAUTHENTICATED"}, gcs_refuses
+    print(f"[driver death] {len(sockets)} listening sockets of the embedded runtime, all on loopback except "
+          f"{exposed} (torch's TCPStore); its GCS refused a client without the token; a second run of the "
+          f"same name was refused in {contender:.1f} s")
 
     relaunched_at = time.time()  # (the killed driver's workers may log a step or two after its death)
     second = launch(tmp_path / "second.log")
@@ -287,8 +320,6 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
           f"(the orphaned workers logged steps {late} after the driver died)")
 
     # no secret from the environment reached MLflow, the checkpoints, the output or Ray's logs
-    from tests.pipeline.test_security import find_secrets
-
     places = [tmp_path / "first.log", tmp_path / "second.log", tmp_path / "mlflow.db", tmp_path / "artifacts",
               run_folder, *(Path(d) for d in ray_dirs)]  # fmt: skip
     assert find_secrets(SENTINELS.values(), places) == []
@@ -297,16 +328,22 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
 # ---------------------------------------------------------------------------- tracking outage
 
 
-def test_tracking_server_outage_buffers_and_delivers(ray_local, shards, tmp_path):
+def test_tracking_server_outage_buffers_and_delivers(ray_local, shards, tmp_path, capfd):
     """The MLflow server is stopped for 30 s while training runs, then started again on the same
-    port: training goes on, and every point logged during the outage reaches the store after it."""
+    port: training goes on, every point logged during the outage reaches the store after it, and the
+    run ends FINISHED with its curves. The tracking URI carries a sentinel password (the server
+    ignores it), which must appear nowhere: store, artifacts, checkpoints, output, Ray's logs."""
+    from mlflow.tracking import MlflowClient
+
     outage_s = 30
+    password = "sentinel-uri-pass-5e1f"
     with MLflowServer(tmp_path / "mlflow") as server:
         # the loop runs 75 s: the outage starts at the first logged step and lasts 30 s plus the
         # restart (5-25 s on this machine, depending on load)
+        uri = server.url.replace("http://", f"http://bfn:{password}@")
         cfg = load([*overrides(tmp_path, shards, "outage", "trainer=cpu_1", "trainer.max_steps=100000",
                                "trainer.max_minutes=1.25", "trainer.checkpoint_every=100000"),
-                    "tracking=mlflow_server", f"tracking.uri={server.url}"])  # fmt: skip
+                    "tracking=mlflow_server", f"tracking.uri={uri}"])  # fmt: skip
         fault: dict = {}
 
         def outage():
@@ -331,6 +368,8 @@ def test_tracking_server_outage_buffers_and_delivers(ray_local, shards, tmp_path
         assert "error" not in fault, fault.get("error")
         assert fault["up"] < ended, "the server came back only after the run"
         rows = sqlite_metric_rows(server.db, "train/loss")
+        run = MlflowClient(server.url).get_run(summary["mlflow_run_id"])
+        artifacts = [a.path for a in MlflowClient(server.url).list_artifacts(run.info.run_id, "figures")]
 
     steps = [s for s, _ in rows]
     total = summary["step"]
@@ -338,9 +377,15 @@ def test_tracking_server_outage_buffers_and_delivers(ray_local, shards, tmp_path
     assert sorted(steps) == list(range(1, total + 1))  # each step exactly once, none lost
     during = [s for s, t in rows if fault["down"] * 1000 <= t < fault["up"] * 1000]
     assert during, "no step was logged while the server was down"
+    assert run.info.status == "FINISHED" and "figures/curves.png" in artifacts
+    assert run.data.tags.get("bfn.final_step") == str(total)
+    out = capfd.readouterr()
+    places = [tmp_path, server.root, ray_session_dir() / "logs"]
+    assert find_secrets([password], places) == [] and password not in out.out + out.err
     print(f"\n[tracking outage] server down {fault['up'] - fault['down']:.0f} s (restart "
           f"{fault['up'] - fault['restarting']:.0f} s); {len(during)} steps logged during it were "
-          f"delivered afterwards; the run trained {total} steps in {time.time() - started:.0f} s")
+          f"delivered afterwards; the run trained {total} steps in {time.time() - started:.0f} s and ended "
+          f"FINISHED with its curves")
 
 
 # ----------------------------------------------------------------------------- storage outage
@@ -456,9 +501,65 @@ def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume(rerun_after_blowup)
     (_, folder), = complete_checkpoints(tmp_path / "ray" / "blowup")
     marker = tmp_path / "pwned"
     write_malicious_pt(folder / "model.pt", marker)
+    checkpointing.seal(folder)  # whoever can write the storage can rewrite COMPLETE as well
     again = load(overrides(tmp_path, str(cfg.data.uri), "blowup", "trainer=cpu_1", "trainer.max_steps=50",
                            "trainer.checkpoint_every=100", "trainer.max_failures=0"))  # fmt: skip
     with pytest.raises(TrainingFailedError) as info:
         fit_with_watchdog(again)
     assert "CheckpointError" in str(info.value) and "refusing to load" in str(info.value)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- token auth
+
+
+def test_embedded_runtime_refuses_clients_without_its_token(ray_local):
+    """The session's runtime (started as `bfn train` starts it): every listener on loopback, and the
+    GCS, the raylet and the job API refuse a client that lacks the token (or has another one)."""
+    import urllib.error
+    import urllib.request
+
+    import psutil
+    import ray
+
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    sockets = listening_sockets([p.pid for p in psutil.Process().children(recursive=True)])
+    assert sockets and [s for s in sockets if not is_loopback(s[1])] == []
+    gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    assert grpc_status(gcs_port, GET_CLUSTER_ID) == "UNAUTHENTICATED"
+    assert grpc_status(gcs_port, GET_CLUSTER_ID, "0" * 64) == "UNAUTHENTICATED"
+    assert grpc_status(gcs_port, GET_CLUSTER_ID, token) == "OK"
+    raylet_port = ray.nodes()[0]["NodeManagerPort"]
+    assert grpc_status(raylet_port, "/ray.rpc.NodeManagerService/GetNodeStats") == "UNAUTHENTICATED"
+    dashboard = f"http://{ray._private.worker.get_dashboard_url()}"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+
+
+# ---------------------------------------------------------------------- corrupt checkpoint
+
+
+def test_truncated_optimizer_resumes_from_the_previous_checkpoint(ray_local, shards, tmp_path, capfd):
+    """2 workers, checkpoints at steps 2 and 4; optimizer.pt of the step-4 checkpoint is cut in
+    half (a torn write); the rerun verifies it against COMPLETE, warns, resumes both ranks from
+    step 2 and reaches its steps."""
+    every = 2
+    first = fit_with_watchdog(load(overrides(tmp_path, shards, "torn", "trainer.max_steps=4",
+                                             f"trainer.checkpoint_every={every}")))  # fmt: skip
+    latest = Path(first["checkpoint"])
+    assert json.loads((latest / "train_state.json").read_text())["step"] == 4
+    optimizer = latest / "optimizer.pt"
+    with optimizer.open("r+b") as f:
+        f.truncate(optimizer.stat().st_size // 2)
+    relaunched_at = time.time()
+    second = fit_with_watchdog(load(overrides(tmp_path, shards, "torn", "trainer.max_steps=6",
+                                              f"trainer.checkpoint_every={every}")))  # fmt: skip
+    assert second["step"] == 6 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "resuming from the previous complete checkpoint" in text and "optimizer.pt" in text
+    assert re.search(r"resumed from step 2\b", text), text[-3000:]
+    rows = sqlite_metric_rows(tmp_path / "mlflow.db", "train/loss")
+    assert_continuous(rows, 6, every, relaunched_at * 1000, 2)
+    print("\n[corrupt checkpoint] optimizer.pt of step 4 truncated; resumed from step 2, steps 3-4 re-done")

@@ -3,10 +3,14 @@
 * Checkpoints are loaded weights-only: a .pt whose unpickling would run code (it would write a
   marker file) is refused by `checkpointing.read` (what a resume calls), `bfn eval` and `bfn sample`
   with CheckpointError / exit status 2, and the marker never appears. The payload is first shown to
-  work when loaded unsafely, so the test is not vacuous.
+  work when loaded unsafely, so the test is not vacuous. The planted file is re-sealed (COMPLETE
+  rewritten to match it, as an attacker with write access to the storage could); without that, the
+  checksum check refuses it before anything is unpickled.
 * Secrets (AWS keys, tokens, credentials inside URIs) given in the environment or in config
-  overrides never reach MLflow params, tags or the store file, the printed summary, the
-  tracker's warnings, or an error message.
+  overrides never reach MLflow params, tags or the store file, a checkpoint's config.json, the
+  printed summary, the tracker's warnings, or an error message; secret files are created 0600,
+  never through a symlink or over an existing file.
+* run.name is one plain folder name (no ".", "..", hidden or path-like names).
 * Every server the project starts binds to 127.0.0.1: the embedded Ray's dashboard and the local
   stack's moto, MLflow and Ray head (their command lines, captured without starting them).
 
@@ -82,6 +86,9 @@ def test_the_payload_really_runs_code_when_unpickled(tmp_path):
 def test_resume_refuses_a_crafted_pickle(checkpoint, tmp_path, name):
     marker = tmp_path / "pwned"
     write_malicious_pt(checkpoint / name, marker)
+    with pytest.raises(checkpointing.CheckpointError, match=rf"{name} (has \d+ bytes|does not match)"):
+        checkpointing.read(checkpoint)  # the checksums catch the swap before anything is unpickled
+    checkpointing.seal(checkpoint)
     with pytest.raises(checkpointing.CheckpointError, match=rf"refusing to load .*{name}.*weights-only"):
         checkpointing.read(checkpoint)
     assert not marker.exists()
@@ -92,6 +99,7 @@ def test_resume_refuses_a_crafted_pickle(checkpoint, tmp_path, name):
 def test_eval_and_sample_refuse_a_crafted_pickle(checkpoint, tmp_path, command, name):
     marker = tmp_path / "pwned"
     write_malicious_pt(checkpoint / name, marker)
+    checkpointing.seal(checkpoint)
     extra = ["--raw-weights"] if name == "model.pt" else []
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", command[0], str(checkpoint), *command[1:], *extra],
                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -150,7 +158,9 @@ def test_printed_summary_masks_credentials_in_the_tracking_uri(capsys):
     assert SECRET not in out and "http://***@127.0.0.1:5000" in out
 
 
-def test_tracker_warnings_hide_credentials_and_a_dead_server_costs_seconds(monkeypatch, caplog):
+def test_tracker_warnings_hide_credentials_and_a_dead_server_costs_seconds(monkeypatch, caplog, tmp_path):
+    """A dead server: metric points AND the other calls (params, tags, an artifact, the final
+    status) are counted as lost and reported at the end, in seconds, without the credentials."""
     from pipeline.tracking import HTTP_DEFAULTS, MLflowTracker
 
     for key in HTTP_DEFAULTS:  # the defaults apply only where the user set nothing
@@ -159,13 +169,49 @@ def test_tracker_warnings_hide_credentials_and_a_dead_server_costs_seconds(monke
     caplog.set_level(logging.DEBUG)
     started = time.monotonic()
     tracker = MLflowTracker(f"http://bfn:{SECRET}@127.0.0.1:{free_port()}", "0" * 32)
+    tracker.log_params({"optim.lr": 0.1})
+    tracker.set_tags({"a": 1, "b": 2})
     for step in range(1, 4):
         tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    (tmp_path / "curves.png").write_bytes(b"png")
+    tracker.log_artifact(tmp_path / "curves.png", "figures")
     tracker.finish()
-    assert time.monotonic() - started < 30  # MLflow's defaults would retry for minutes
+    assert time.monotonic() - started < 60  # MLflow's defaults would retry for minutes
     assert tracker.lost_points == 3  # undelivered points are counted and reported
-    assert any("lost" in r.getMessage() for r in caplog.records)
+    assert tracker.lost_calls == 5  # params, 2 tags, the artifact, the final status
+    assert any("3 metric points and 5 other calls" in r.getMessage() for r in caplog.records)
     assert SECRET not in caplog.text
+
+
+def test_tracking_calls_queued_during_an_outage_are_delivered_later(tmp_path, monkeypatch):
+    """Params, tags and artifacts that fail while the store is unreachable are sent again, in
+    order, once it answers (here: a sqlite store whose folder appears later)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import MLflowTracker
+
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    tracker = MLflowTracker.start(f"sqlite:///{db}", "bfn", "queued", artifact_location=str(tmp_path / "art"))
+    calls = []
+    real = tracker.client.set_tag
+
+    def flaky_set_tag(*args):
+        calls.append(args)
+        if len(calls) <= 2:
+            raise ConnectionError("store down")
+        return real(*args)
+
+    monkeypatch.setattr(tracker.client, "set_tag", flaky_set_tag)
+    tracker.retry_every = 0.0
+    tracker.set_tags({"first": 1})  # fails, queued
+    tracker.set_tags({"second": 2})  # fails (queued behind the first)
+    assert len(tracker.pending) == 2
+    tracker.log_metrics({"train/loss": 1.0}, 1)  # the next call delivers the queue first, in order
+    tracker.finish()
+    run = MlflowClient(f"sqlite:///{db}").get_run(tracker.run_id)
+    assert run.data.tags["first"] == "1" and run.data.tags["second"] == "2"
+    assert run.info.status == "FINISHED" and tracker.lost_calls == 0
 
 
 def test_config_errors_do_not_echo_credentials():
@@ -178,17 +224,45 @@ def test_config_errors_do_not_echo_credentials():
 # ------------------------------------------------------------------------------ bind addresses
 
 
-def test_embedded_ray_dashboard_binds_loopback(monkeypatch):
+def test_embedded_ray_is_loopback_only_with_a_fresh_token(monkeypatch):
+    """init_ray for an embedded runtime: dashboard on 127.0.0.1, every other service on loopback
+    (Ray's node address), token auth on with a token file of mode 0600 that nobody else made."""
+    import stat
+
     import ray
 
     from pipeline.training import driver as train
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, dict(os.environ))))
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", train.LOOPBACK_ENV):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     train.init_ray(load(["experiment=smoke"]))
-    assert calls and calls[0]["dashboard_host"] == "127.0.0.1" and "address" not in calls[0]
+    kwargs, env = calls[0]
+    assert kwargs["dashboard_host"] == "127.0.0.1" and "address" not in kwargs
+    assert env[train.LOOPBACK_ENV] == "0"
+    assert "RAY_AUTH_MODE" not in env  # unset: ray.init enables token mode and reloads its settings
+    token = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    assert len(token.read_text()) == 64 and not token.is_symlink()
+
+
+def test_joining_a_cluster_leaves_auth_and_addresses_alone(monkeypatch):
+    import ray
+
+    from pipeline.training import driver as train
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, dict(os.environ))))
+    monkeypatch.delenv(train.LOOPBACK_ENV, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "cluster-token-from-the-user")
+    train.init_ray(load(["experiment=smoke", "run.ray_address=auto"]))
+    kwargs, env = calls[0]
+    assert kwargs == {"address": "auto"}
+    assert train.LOOPBACK_ENV not in env and env["RAY_AUTH_TOKEN"] == "cluster-token-from-the-user"
 
 
 def test_local_stack_binds_every_server_to_loopback(tmp_path, monkeypatch):
@@ -218,3 +292,83 @@ def test_local_stack_binds_every_server_to_loopback(tmp_path, monkeypatch):
     assert "--dashboard-host=127.0.0.1" in by_name["ray"]
     joined = " ".join(" ".join(a) for a in launched)
     assert "0.0.0.0" not in joined and "::" not in joined
+
+
+# ------------------------------------------------------------------ secrets in files and names
+
+
+def test_checkpoint_config_json_has_no_credentials(tmp_path):
+    """Sentinel credentials in config values (tracking.uri, run.ray_address) are masked in
+    config.json; the rest of the config is kept for evaluation and the resume check."""
+    overrides = ["experiment=smoke", "tracking=mlflow_server", f"tracking.uri=http://bfn:{SECRET}@127.0.0.1:5000",
+                 f"run.ray_address=ray://bfn:{SECRET}-ray@127.0.0.1:10001"]  # fmt: skip
+    cfg = load(overrides)
+    model = build_model(cfg)
+    folder = checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
+                                optimizer=build_optimizer(cfg, model), train_state={"step": 1, "epoch": 0},
+                                config=cfg.raw)  # fmt: skip
+    assert find_secrets([SECRET], [tmp_path]) == []
+    saved = checkpointing.read(folder)["config"]
+    assert saved["tracking"]["uri"] == "http://***@127.0.0.1:5000"
+    assert saved["optim"] == cfg.raw["optim"] and saved["net"] == cfg.raw["net"]
+
+
+def test_mask_text_is_the_one_masking(monkeypatch):
+    from pipeline import secrets
+    from pipeline.tracking import mask_secrets
+
+    monkeypatch.setattr(secrets, "_known", set())
+    secrets.register("hunter2-registered", "ab")  # too short to mask: would hide ordinary text
+    text = f"uri http://u:{SECRET}@h:1 key AKIAABCDEFGHIJKLMNOP value hunter2-registered ab"
+    masked = secrets.mask_text(text)
+    assert SECRET not in masked and "AKIA" not in masked and "hunter2" not in masked and masked.endswith(" ab")
+    assert mask_secrets is secrets.mask_params
+    nested = secrets.mask_config({"a": {"api_key": "x" * 8, "uri": f"s3://k:{SECRET}@b"}, "l": [f"http://u:{SECRET}@h"]})
+    assert SECRET not in repr(nested) and nested["a"]["api_key"] == "***"
+
+
+def test_secret_files_are_private_and_never_reuse_a_path(tmp_path):
+    import stat
+
+    from pipeline.secrets import write_secret_file
+
+    path = write_secret_file(tmp_path / "token", "s3cr3t")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "s3cr3t"
+    with pytest.raises(FileExistsError):  # O_EXCL: an existing file (and its permissions) is never reused
+        write_secret_file(path, "other")
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(OSError):  # O_NOFOLLOW + O_EXCL: never written through a symlink
+        write_secret_file(tmp_path / "link", "s3cr3t")
+    assert target.read_text() == ""
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "-x", "a/b", "", "x" * 129, "a b"])
+def test_run_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        load(["experiment=smoke", f"run.name='{name}'"])
+
+
+@pytest.mark.parametrize("name", ["a", "9lives", "mnist_local.v2-b", "x" * 128])
+def test_run_name_accepts_plain_names(name):
+    assert load(["experiment=smoke", f"run.name={name}"]).run.name == name
+
+
+def test_credentials_to_a_plain_http_host_are_warned_about(monkeypatch, caplog):
+    """A tracking URI with credentials over plain http to another host: a warning (masked), and no
+    request is made here (the tracker is replaced by one that fails)."""
+    from pipeline.secrets import plain_http_to_remote
+    from pipeline.training import driver
+
+    assert plain_http_to_remote("http://mlflow.internal:5000") and plain_http_to_remote("http://10.1.2.3:5000")
+    assert not plain_http_to_remote("http://127.0.0.1:5000") and not plain_http_to_remote("https://mlflow.internal")
+    assert not plain_http_to_remote("http://localhost:5000") and not plain_http_to_remote("http://[::1]:5000")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no server in this test")
+
+    monkeypatch.setattr(driver.MLflowTracker, "start", unreachable)
+    cfg = load(["experiment=smoke", "tracking=mlflow_server", f"tracking.uri=http://bfn:{SECRET}@mlflow.internal:5000"])
+    assert driver.start_tracking(cfg, 1, {"splits": {"train": 1}}) is None
+    assert "plain http to another host" in caplog.text and SECRET not in caplog.text
