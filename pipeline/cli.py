@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from pathlib import Path
 
@@ -164,17 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: bool) -> None:
-    """One line per event from bfn; the libraries' chatter (Ray, MLflow, alembic) only with -v."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="[bfn] %(levelname)s %(message)s" if verbose else "[bfn] %(message)s",
-                        force=True)  # fmt: skip
-    for name in ("ray", "mlflow", "alembic", "botocore", "filelock", "matplotlib"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    # urllib3 warns on every retry of a request whose failure bfn reports itself, in one line
-    logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import set_env_defaults
 
@@ -185,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    from pipeline import logs
+
+    logs.configure(args.verbose)
     try:
         return args.func(args) or 0
     except (ConfigError, DataError, CheckpointError) as error:

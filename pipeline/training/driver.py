@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline import data as data_lib
+from pipeline import logs
 from pipeline.config import Config, ConfigError, flatten, set_env_defaults
 from pipeline.secrets import mask_text, plain_http_to_remote, write_secret_file
 from pipeline.tracking import MLflowTracker, RunInUseError, git_sha
@@ -88,12 +89,14 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     set_env_defaults()
+    quiet = logs.ray_init_kwargs()
     if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address)
-        return
-    secure_local_ray(cfg)
-    ray.init(num_cpus=cfg.run.ray_num_cpus, object_store_memory=768 * 1024**2,
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)  # fmt: skip
+        ray.init(address=cfg.run.ray_address, **quiet)
+    else:
+        secure_local_ray(cfg)
+        ray.init(num_cpus=cfg.run.ray_num_cpus, object_store_memory=768 * 1024**2, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True, **quiet)  # fmt: skip
+    logs.restore()
 
 
 def storage(cfg: Config):

@@ -111,3 +111,25 @@ def test_fine_tuning_starts_a_new_run_from_another_runs_weights(ray_local, mnist
     fresh = fit(smoke(tmp_path, mnist_shards, "fresh", *extra, "optim.lr=1e-12"))
     initial = checkpointing.read(fresh["checkpoint"])["model"]
     assert not all(torch.allclose(before[k], initial[k], atol=1e-6) for k in before)
+
+
+@pytest.mark.standalone
+def test_what_a_person_sees_from_bfn_train(mnist_shards, tmp_path):
+    """`bfn train` prints one progress line per log interval and a validation table, not Ray's
+    report dictionaries or its INFO chatter (those come with -v)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    args = ["experiment=smoke", "run.name=person", f"data.uri={mnist_shards}", f"run.storage_path={tmp_path / 'ray'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'a'}"]
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "TrainingReport(" not in out and "Reporting training result" not in out
+    assert "Requesting resources" not in out and "Wrapping provided model" not in out
+    progress = [line for line in out.splitlines() if "[bfn] step " in line]
+    assert len(progress) == 3 and "step 6/6" in progress[-1] and "ETA" in progress[0], progress  # log_every 2
+    assert "validation at step 6" in out and "NLL bound" in out and "finished at step 6" in out

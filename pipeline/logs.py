@@ -1,0 +1,41 @@
+"""How bfn talks to a person: one line per event through ``logging``; libraries only with -v."""
+
+from __future__ import annotations
+
+import logging
+
+QUIET_LIBRARIES = ("ray", "mlflow", "alembic", "botocore", "filelock", "matplotlib")
+_configured: dict = {}  # {"verbose": bool} once the CLI has set up logging; library use is left alone
+
+
+def verbose() -> bool:
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def configure(verbose: bool) -> None:
+    """Root logging for the driver: ``[bfn] message`` at INFO (with levels and DEBUG under -v)."""
+    _configured["verbose"] = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="[bfn] %(levelname)s %(message)s" if verbose else "[bfn] %(message)s",
+                        force=True)  # fmt: skip
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # urllib3 warns on every retry of a request whose failure bfn reports itself, in one line
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def ray_init_kwargs() -> dict:
+    """``ray.init`` arguments that keep Ray's INFO lines (driver, Train controller, workers) out
+    of a person's terminal unless -v, when the CLI owns logging; the worker then sets up its own
+    progress logging."""
+    import ray
+
+    if not _configured or _configured["verbose"]:
+        return {}
+    return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+
+
+def restore() -> None:
+    """Ray's logging config also reconfigures this process's root logger: put the CLI's back."""
+    if _configured:
+        configure(_configured["verbose"])
