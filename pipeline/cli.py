@@ -165,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training.checkpointing import CheckpointError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves overrides given after the options (`bfn eval CKPT --steps 0 data.uri=...`) over
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.verbose)
     try:
         return args.func(args) or 0
