@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training.checkpointing import CheckpointError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves overrides given after the options (`bfn eval CKPT --steps 0 data.uri=...`) over
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from pipeline import logs
 
     logs.configure(args.verbose)

@@ -10,6 +10,9 @@ refused with errors naming the file and the key.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,7 +31,9 @@ from tests.bfn.official_fixtures import (
     small_io,
     small_state,
 )
+from tests.conftest import REPO
 from tests.faults import write_malicious_pt
+from tests.pipeline.test_data import write_idx_folder
 
 DATA = {"gpt": "text8", "unet": "mnist", "vdm": "cifar10"}
 
@@ -190,3 +195,30 @@ def test_an_existing_folder_is_not_overwritten(imported, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="not an empty folder"):
         import_official(ckpt, cfg, imported["unet"])
     assert (imported["unet"] / "ema.pt").read_bytes() == before
+
+
+def test_cli_imports_the_official_checkpoint_and_eval_reports_its_continuous_time_nll(tmp_path):
+    """`bfn import-official` then `bfn eval --steps inf` on a tiny MNIST, as a user runs them."""
+    from pipeline import data as data_lib
+
+    def bfn(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    write_idx_folder(tmp_path / "idx", 300, 40)
+    data_lib.prepare("mnist", str(tmp_path / "shards"), source=str(tmp_path / "idx"), progress=False)
+    ckpt, cfg = write_official(tmp_path / "src", "unet")
+    out = tmp_path / "imported"
+    imported = bfn("import-official", str(ckpt), "--config", str(cfg), "--out", str(out))
+    assert imported.returncode == 0, imported.stderr
+    assert f"bfn eval {out}" in imported.stdout
+    ran = bfn("eval", str(out), "--steps", "inf", "--max-batches", "1", f"data.uri={tmp_path / 'shards'}")
+    assert ran.returncode == 0, ran.stderr
+    assert "n = inf (continuous time)" in ran.stdout
+    number = r"(\d+\.\d+) ± (\d+\.\d+)"
+    per_dim = re.search(rf"NLL {number} nats/dim .*; 1 repeats x 40 examples", ran.stdout)
+    per_image = re.search(rf"NLL {number} nats/image", ran.stdout)
+    assert per_dim and per_image, ran.stdout
+    nll, se = float(per_image[1]), float(per_image[2])
+    assert 0 < nll < float("inf") and se > 0
+    assert nll == pytest.approx(784 * float(per_dim[1]), abs=0.1)  # the unit of the MNIST preset
