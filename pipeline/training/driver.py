@@ -309,6 +309,8 @@ def _fit(cfg: Config, lease: Lease, callbacks: list | None) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
+            # Ray Train's own INFO lines (resources, worker groups, reports) only with -v
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if runtime["verbose"] else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
