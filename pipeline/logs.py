@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 QUIET_LIBRARIES = ("ray", "mlflow", "alembic", "botocore", "filelock", "matplotlib")
 _configured: dict = {}  # {"verbose": bool} once the CLI has set up logging; library use is left alone
@@ -22,6 +24,10 @@ def configure(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     # urllib3 warns on every retry of a request whose failure bfn reports itself, in one line
     logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:  # read by MLflow and Ray Data here and in every Ray process started after this
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # Ray's own, in its actors
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).parent / "conf" / "ray_data_logging.yaml"))
 
 
 def ray_init_kwargs() -> dict:
