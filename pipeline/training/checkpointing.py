@@ -41,6 +41,7 @@ FILES = ("model.pt", "ema.pt", "optimizer.pt", "rng.pt", "train_state.json", "co
 MARKER = "COMPLETE"
 MARKER_FORMAT = 1
 LEGACY_MARKER = "ok"  # written by versions before checksums: complete, but unverifiable
+DIAGNOSTIC_KEY = "diagnostic"  # train_state.json flag of a checkpoint that is not a resume point
 
 
 class CheckpointError(ValueError):
@@ -199,7 +200,8 @@ def _read_json(filesystem, path: str) -> Any:
 
 def complete_checkpoints(filesystem, run_folder: str) -> list[tuple[int, str]]:
     """(step, path) of the checkpoint_* folders of a run folder that have COMPLETE and a readable
-    train_state.json, newest first; ``filesystem``: a pyarrow filesystem (local or S3)."""
+    train_state.json not flagged ``diagnostic``, newest first; ``filesystem``: a pyarrow
+    filesystem (local or S3)."""
     import pyarrow.fs
 
     try:
@@ -213,8 +215,10 @@ def complete_checkpoints(filesystem, run_folder: str) -> list[tuple[int, str]]:
         if filesystem.get_file_info(f"{entry.path}/{MARKER}").type != pyarrow.fs.FileType.File:
             continue
         try:
-            found.append((int(_read_json(filesystem, f"{entry.path}/train_state.json")["step"]), entry.path))
-        except (OSError, ValueError, KeyError, TypeError):
+            state = _read_json(filesystem, f"{entry.path}/train_state.json")
+            if not state.get(DIAGNOSTIC_KEY):  # kept for inspection, never resumed from
+                found.append((int(state["step"]), entry.path))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return sorted(found, reverse=True)
 

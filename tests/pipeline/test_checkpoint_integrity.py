@@ -213,3 +213,17 @@ def test_multipart_upload_whose_second_part_fails(s3, tmp_path, times):
         with pytest.raises(LeaseError, match="in use by another run"):
             Lease("s3://bfn/ray/run").acquire()
     assert lease.file.read() is None  # released
+
+
+def test_a_diagnostic_checkpoint_is_never_a_resume_point(tmp_path):
+    from ray.train import Checkpoint
+
+    good = make_checkpoint(tmp_path, 2)
+    diagnostic = make_checkpoint(tmp_path, 4)
+    state = json.loads((diagnostic / "train_state.json").read_text())
+    (diagnostic / "train_state.json").write_text(json.dumps({**state, checkpointing.DIAGNOSTIC_KEY: True}))
+    checkpointing.seal(diagnostic)
+    assert checkpointing.latest(tmp_path) == good
+    truncate(make_checkpoint(tmp_path, 6) / "ema.pt")
+    state = checkpointing.read_for_resume(Checkpoint.from_directory(str(tmp_path / "checkpoint_000006")), "cpu")
+    assert state["train_state"]["step"] == 2  # the fallback skips the diagnostic one
