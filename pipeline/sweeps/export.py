@@ -17,7 +17,7 @@ from pipeline.config import CONF_DIR, ConfigError, compose, flatten
 
 # sections that describe the machine, not the experiment: never written into an exported preset
 MACHINE_KEYS = ("paths.", "tracking.", "run.storage_path", "run.ray_address", "run.ray_num_cpus",
-                "data.uri", "run.name")  # fmt: skip
+                "run.init_from", "data.uri", "run.name")  # fmt: skip
 # absolute paths of the driver, pinned in every trial's overrides (trials run in their own folders)
 PINNED_PATH_KEYS = ("paths.root", "paths.data_dir", "paths.runs_dir", "data.uri", "run.storage_path",
                     "tracking.uri", "tracking.artifact_location")  # fmt: skip

@@ -295,6 +295,10 @@ def sweep(args: list[str]) -> dict:
     set_env_defaults()
     opts, overrides = parse_args(args)
     started = time.perf_counter()
+    from pipeline.config import load
+    from pipeline.training.driver import secure_local_ray
+
+    secure_local_ray(load(overrides))  # before ray is imported: an embedded runtime then binds loopback only
     cfg, space = prepare(opts, overrides)
     where = locate(cfg, opts)
     settings, parent, rows, max_concurrent = run(cfg, opts, space, overrides, where)

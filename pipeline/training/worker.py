@@ -355,7 +355,8 @@ def _finish(cfg: Config, rank: int, raw, step: int, run_dir: Path, tracker, prog
     tracker.set_tags({"bfn.final_step": step})
     tracker.finish()
     return {**progress.last, "step": step, "run_dir": str(run_dir), "skipped_steps": progress.skipped_total,
-            "tracking_lost_points": tracker.lost_points, "samples_per_s_windows": progress.throughput,
+            "tracking_lost_points": tracker.lost_points, "tracking_lost_calls": tracker.lost_calls,
+            "samples_per_s_windows": progress.throughput,
             "num_parameters": count_parameters(raw.net)}  # fmt: skip
 
 
