@@ -31,7 +31,7 @@ from pipeline.data.manifest import (
 from pipeline.data.readers import iter_batches, ray_dataset
 from pipeline.data.shards import prepare, reference_split
 from pipeline.data.sources import PUBLIC_URLS, download, text8_decode, text8_encode
-from pipeline.data.storage import DATASETS, SPLITS, DataError, raw_dir
+from pipeline.data.storage import DATASETS, SPLITS, DataError, raw_dir, s3_filesystem
 from pipeline.data.transforms import (
     VALIDATION_STEP,
     batch_generator,
@@ -58,6 +58,7 @@ __all__ = [
     "preprocess",
     "ray_dataset",
     "raw_dir",
+    "s3_filesystem",
     "read_manifest",
     "reference_split",
     "text8_decode",

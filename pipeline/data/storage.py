@@ -56,7 +56,9 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+def s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+    """The one S3 filesystem of the project: endpoint, credentials and region from the environment
+    (AWS_ENDPOINT_URL[_S3] for MinIO or moto), passed explicitly so Ray processes started earlier get them."""
     env = os.environ
     kwargs: dict[str, Any] = {}
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
@@ -86,7 +88,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "s3":
         path = (parsed.netloc + parsed.path).rstrip("/")
-        return _s3_filesystem(parsed.netloc), path
+        return s3_filesystem(parsed.netloc), path
     if len(parsed.scheme) > 1:  # file://, gs://, hdfs://, ... (one letter = a Windows drive)
         fs, path = pafs.FileSystem.from_uri(uri)
         return fs, path.rstrip("/") or "/"

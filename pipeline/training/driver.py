@@ -107,22 +107,11 @@ def storage(cfg: Config):
     workers, which may have been started before the variables were set. Ray then wants the path
     without its scheme.
     """
-    from urllib.parse import urlparse
-
     path = cfg.run.storage_path
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not (path.startswith("s3://") and endpoint):
         return path, None
-    from pyarrow import fs
-
-    url = urlparse(endpoint)
-    filesystem = fs.S3FileSystem(
-        endpoint_override=url.netloc, scheme=url.scheme or "http",
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=os.environ.get("AWS_SESSION_TOKEN"),
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    )  # fmt: skip
+    filesystem = data_lib.s3_filesystem(path[len("s3://") :].split("/", 1)[0])
     return path[len("s3://") :], filesystem
 
 
