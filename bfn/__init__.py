@@ -2,8 +2,8 @@
 
 Reading guide: schedules.py (accuracy schedules) -> flows.py (Bayesian flows) ->
 distributions.py (output distributions and heads) -> losses.py -> model.py (BFN) -> nll.py, ema.py;
-networks/ holds the paper's networks and small CPU presets. This package never imports Ray,
-MLflow, Hydra or the pipeline.
+samplers.py (the paper's sampler and BFN-Solvers, by name and NFE); networks/ holds the paper's
+networks and small CPU presets. This package never imports Ray, MLflow, Hydra or the pipeline.
 """
 
 from bfn.distributions import BernoulliHead, CategoricalHead, DeltaHead, DiscretizedNormalHead
@@ -11,6 +11,7 @@ from bfn.ema import EMA
 from bfn.flows import ContinuousFlow, ContinuousParams, DiscreteFlow, DiscreteParams
 from bfn.model import BFN
 from bfn.nll import NLLEstimate
+from bfn.samplers import SAMPLERS, sample
 from bfn.schedules import ContinuousSchedule, DiscreteSchedule
 
 __all__ = [
@@ -27,4 +28,6 @@ __all__ = [
     "DiscreteSchedule",
     "DiscretizedNormalHead",
     "NLLEstimate",
+    "SAMPLERS",
+    "sample",
 ]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bfn import losses
+from bfn import losses, samplers
 from bfn.distributions import BernoulliHead, CategoricalHead, DeltaHead, DiscretizedNormalHead
 from bfn.flows import ContinuousFlow, DiscreteFlow
 from bfn.nll import NLLEstimate
@@ -190,31 +190,28 @@ class BFN(nn.Module):
         batch_size: int,
         num_steps: int,
         *,
+        sampler: str = "paper",
         generator: torch.Generator | None = None,
         return_sample: bool = False,
         device: torch.device | None = None,
+        t_start: float | None = None,
     ) -> Tensor:
         """Generate (batch_size, *data_shape) in ``num_steps`` steps (paper Algorithms 3, 6, 9).
 
-        Returns the mode of p_O at t = 1, as the paper does (class argmax, bin centre or the point
-        estimate); ``return_sample=True`` returns a draw from p_O instead. Deterministic given
-        ``generator``.
+        Makes num_steps + 1 network calls: ``num_steps`` updates, then one call whose output
+        distribution gives the result, its mode as in the paper (class argmax, bin centre or the
+        point estimate); ``return_sample=True`` returns a draw from it instead. ``sampler`` picks
+        the paper's sampler (the default) or a BFN-Solver (see ``bfn.samplers``; ``t_start``
+        applies to those). Deterministic given ``generator``.
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = device or next(self.parameters()).device
-        params = self.flow.prior(batch_size, self.num_dims, device)
-        for i in range(1, num_steps + 1):
-            t = torch.full((batch_size, 1), (i - 1) / num_steps, device=device)
-            x_out = self.output_distribution(params, t).sample(generator)
-            alpha = self.flow.alpha(i, num_steps)
-            y = self.flow.sender_sample(x_out, alpha, generator)
-            params = self.flow.update(params, y, alpha)
-        dist = self.output_distribution(params, torch.ones(batch_size, 1, device=device))
-        out = dist.sample(generator) if return_sample else dist.mode
-        return out.reshape(batch_size, *self.data_shape)
+        return samplers.sample(
+            self, batch_size, sampler=sampler, nfe=num_steps + 1, generator=generator,
+            device=device, return_sample=return_sample, t_start=t_start,
+        )
 
 
 def _check_pairing(flow, head) -> None:
