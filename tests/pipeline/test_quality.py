@@ -230,3 +230,24 @@ def test_quality_settings_name_the_bad_key(checkpoint, key, value):
     config["eval"][key] = value
     with pytest.raises(ConfigError, match=f"eval.{key}"):
         QualitySettings.from_config(config)
+
+
+def test_quality_table_for_text8(tmp_path):
+    from pipeline.evaluation.quality.table import quality
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "text8").write_text(" the cat sat on the mat" * 400)
+    data_lib.prepare("text8", str(tmp_path / "text8"), source=str(source), seq_len=46, progress=False)
+    overrides = ["experiment=text8", "net=text8_transformer_tiny", f"data.uri={tmp_path / 'text8'}", "data.seq_len=46",
+                 "data.batch_size=4"]  # fmt: skip
+    model = build_model(load(overrides))
+    folder = checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
+                                optimizer=build_optimizer(load(overrides), model), train_state={"step": 0, "epoch": 0},
+                                config=compose(overrides))  # fmt: skip
+    rows, text = quality(folder, samplers="sde1", nfe="3", num=2, seeds=1, out=tmp_path / "t", cache=tmp_path / "c")
+    assert [r.label for r in rows] == ["data (val split, 2 rows)", "sde1"]
+    assert rows[0].stat("spelling_accuracy")[0] == pytest.approx(1.0)  # real windows of a 5-word text
+    assert 0 <= rows[1].stat("spelling_accuracy")[0] <= 1 and rows[1].stat("char_js_bits")[0] > 0
+    assert "| sampler | NFE | spelling accuracy ↑ | char JS (bits) ↓ | s/sample |" in text
+    assert (tmp_path / "t_samples" / "sde1_nfe3_seed0.txt").is_file()
