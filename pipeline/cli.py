@@ -36,9 +36,19 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     from pipeline.evaluation.evaluate import sample
 
-    path = sample(args.checkpoint, num=args.num, num_steps=args.steps, seed=args.seed,
-                  out=args.out, use_ema=not args.raw_weights)  # fmt: skip
-    print(f"[bfn] samples written to {path}")
+    path = sample(args.checkpoint, num=args.num, num_steps=args.steps, nfe=args.nfe, sampler=args.sampler,
+                  seed=args.seed, out=args.out, use_ema=not args.raw_weights)  # fmt: skip
+    logging.getLogger(__name__).info("samples written to %s", path)
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from pipeline.evaluation.quality.table import quality
+
+    _, table = quality(args.checkpoint, args.overrides, samplers=args.sampler, nfe=args.nfe, num=args.num,
+                       seeds=args.seeds, batch_size=args.batch_size, out=args.out, cache=args.cache,
+                       device=args.device, use_ema=not args.raw_weights)  # fmt: skip
+    print(table)  # the table is the command's result
     return 0
 
 
@@ -110,12 +120,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate samples from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--num", default=64, help="number of samples")
+    p.add_argument("--sampler", default="paper", help="paper, ode1, ode2, sde1 or sde2 (see bfn/samplers.py)")
+    p.add_argument("--nfe", default=None, help="network calls (>= 1); nfe = steps + 1 for every sampler")
+    p.add_argument("--steps", default=None,
+                   help="updates before the last call (default 100, i.e. --nfe 101); give --steps or --nfe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("quality", help="sample quality against the number of network calls, per sampler")
+    p.add_argument("checkpoint")
+    p.add_argument("--sampler", default="paper,ode2,sde1", help="comma-separated sampler names")
+    p.add_argument("--nfe", default="5,10,20,50,100", help="comma-separated numbers of network calls")
+    p.add_argument("--num", default=256, help="samples per (sampler, NFE, seed)")
+    p.add_argument("--seeds", default=3, help="seeds 0..N-1; cells show mean ± standard deviation over them")
+    p.add_argument("--batch-size", default=256, help="samples drawn per batch")
+    p.add_argument("--out", default=None,
+                   help="output stem: writes STEM.csv, STEM.md and STEM_samples/ (default: runs/quality/RUN_CKPT)")
+    p.add_argument("--cache", default=None, help="classifier cache folder (default: runs/quality/classifiers)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
+    _overrides(p)
+    p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("data", help="prepare or verify sharded Parquet datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)

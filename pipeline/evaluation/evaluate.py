@@ -128,10 +128,27 @@ def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=
 
 
 @torch.no_grad()
-def sample(checkpoint, *, num=64, num_steps=100, seed=0, out=None, use_ema=True) -> Path:
+def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", seed=0, out=None,
+           use_ema=True) -> Path:  # fmt: skip
+    """`bfn sample`: ``num`` samples drawn with ``sampler`` (bfn.samplers.SAMPLERS) in ``nfe``
+    network calls, as a PNG grid (images) or a text file (text8); returns the path.
+
+    Every sampler makes nfe - 1 updates and one last call for the result, so ``num_steps`` n (the
+    paper's number of steps, the older flag) means nfe = n + 1; give one of the two (default n = 100).
+    """
+    from bfn.samplers import sample as draw
+    from pipeline.evaluation.quality.table import check_count, parse_samplers
+
+    if num_steps is not None and nfe is not None:
+        raise ConfigError(f"--steps and --nfe: give one of them (nfe = steps + 1; got {num_steps}, {nfe})")
+    if nfe is None:
+        nfe = check_count("--steps", 100 if num_steps is None else num_steps, 1) + 1
+    nfe = check_count("--nfe", nfe, 1)
+    names = parse_samplers(sampler)
+    if len(names) != 1:
+        raise ConfigError(f"--sampler: one sampler for `bfn sample` (`bfn quality` compares several; got {sampler!r})")
+    num = check_count("--num", num, 1)
     model, cfg = load_model(checkpoint, use_ema=use_ema)
-    if num < 1 or num_steps < 1:
-        raise ConfigError(f"--num and --steps must be >= 1 (got {num}, {num_steps})")
-    samples = model.sample(num, num_steps, generator=torch.Generator().manual_seed(seed))
-    stem = Path(out) if out else Path(checkpoint) / f"samples_{num_steps}steps_seed{seed}"
+    samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed))
+    stem = Path(out) if out else Path(checkpoint) / f"samples_{names[0]}_nfe{nfe}_seed{seed}"
     return figures.save_samples(samples, cfg.data.name, stem)

@@ -1,0 +1,92 @@
+"""One quality point per (sampler, NFE) during training, for the worker's validation step.
+
+Config keys (section ``eval``), read from the resolved config with these defaults:
+  quality_samplers: []    sampler names (bfn.samplers.SAMPLERS); empty = off
+  quality_nfe: [20]       network calls per sample, one point per value and sampler
+  quality_num: 64         samples per point (images: >= 2)
+  quality_cache: null     classifier cache folder; null = <paths.runs_dir>/quality/classifiers
+The classifier and the test split's reference statistics are built once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.evaluation import figures
+from pipeline.evaluation.quality import metrics as qm
+from pipeline.evaluation.quality.table import check_count, draw, parse_nfe, parse_samplers
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"quality_samplers": [], "quality_nfe": [20], "quality_num": 64, "quality_cache": None}
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    samplers: tuple[str, ...]
+    nfe: tuple[int, ...]
+    num: int
+    cache: Path
+
+    @classmethod
+    def from_config(cls, config: dict) -> QualitySettings:
+        """From a resolved config dict (``Config.raw``); ConfigError names the eval.quality_* key."""
+        section = {**DEFAULTS, **{k: v for k, v in config.get("eval", {}).items() if k in DEFAULTS}}
+        samplers = section["quality_samplers"]
+        if isinstance(samplers, str) or not isinstance(samplers, list | tuple):
+            raise ConfigError(f"eval.quality_samplers: must be a list of sampler names (got {samplers!r})")
+        samplers = parse_samplers(list(samplers), "eval.quality_samplers") if samplers else []
+        nfe = parse_nfe(section["quality_nfe"], "eval.quality_nfe")
+        name = config.get("data", {}).get("name")
+        num = check_count("eval.quality_num", section["quality_num"], qm.min_samples(name) if name else 1)
+        cache = section["quality_cache"]
+        if cache is None:
+            cache = Path(config["paths"]["runs_dir"]) / "quality" / "classifiers"
+        return cls(tuple(samplers), tuple(nfe), num, Path(cache))
+
+
+def check_settings(config: dict) -> None:
+    """Validate the eval.quality_* keys of a resolved config (for EvalConfig.validate)."""
+    QualitySettings.from_config(config)
+
+
+@functools.lru_cache(maxsize=4)
+def _scorer(uri: str, name: str, num_bins: int, cache: str, device: str):
+    return qm.make_scorer(uri, name, num_bins, cache, device=torch.device(device))
+
+
+def quality_point(model, cfg, step: int, out_dir: str | Path) -> dict[str, float]:
+    """Metrics of ``model`` (the bare BFN, e.g. the EMA copy) for every configured sampler and NFE.
+
+    Returns ``{"quality/<sampler>/nfe_<N>/<metric>": value}`` (metrics of ``metrics.py`` plus
+    ``seconds_per_sample``); empty when eval.quality_samplers is empty. Writes each point's samples
+    to ``out_dir/<sampler>_nfe<N>_step<step>.png`` (.txt for text8) for logging as artifacts. Draws
+    with ``trainer.seed`` at every step, so points differ by the weights only.
+    """
+    settings = QualitySettings.from_config(cfg.raw)
+    if not settings.samplers:
+        return {}
+    device = next(model.parameters()).device
+    scorer = _scorer(cfg.data.uri, cfg.data.name, cfg.data.num_bins, str(settings.cache), str(device))
+    was_training, out = model.training, {}
+    model.eval()
+    try:
+        for sampler in settings.samplers:
+            for nfe in settings.nfe:
+                samples, seconds = draw(model, sampler, nfe, settings.num, seed=cfg.trainer.seed,
+                                        batch_size=settings.num, device=device)  # fmt: skip
+                prefix = f"quality/{sampler}/nfe_{nfe}/"
+                scores = {**scorer.score(samples), "seconds_per_sample": seconds / settings.num}
+                out.update({prefix + k: float(v) for k, v in scores.items()})
+                figures.save_samples(samples, cfg.data.name, Path(out_dir) / f"{sampler}_nfe{nfe}_step{step:08d}")
+    finally:
+        model.train(was_training)
+    log.info("quality at step %d: %s", step, ", ".join(f"{k.removeprefix('quality/')} {v:.4g}"
+                                                        for k, v in out.items() if "seconds" not in k))  # fmt: skip
+    return out

@@ -1,0 +1,217 @@
+"""`bfn quality`: sample quality of one checkpoint for each (sampler, NFE), over seeds, as a table.
+
+Each cell is the mean ± the sample standard deviation over seeds (seed i draws with
+``torch.Generator().manual_seed(i)``); ``s/sample`` is the sampling wall time over the number of
+samples. The ``data`` row scores real rows of the val split (held out from the classifier and from
+the test split) with the same metrics and sample count: the values a perfect sampler would reach.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bfn.samplers
+from pipeline import data as data_lib
+from pipeline.config import ConfigError
+from pipeline.evaluation import figures
+from pipeline.evaluation.quality import metrics as qm
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------- parsing
+def parse_samplers(text: str | list[str], flag: str = "--sampler") -> list[str]:
+    names = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s) for s in text]
+    known = sorted(bfn.samplers.SAMPLERS)
+    for name in names:
+        if name not in bfn.samplers.SAMPLERS:
+            raise ConfigError(f"{flag}: must be one of {', '.join(known)}, or a comma-separated list of them "
+                              f"(got {name!r})")  # fmt: skip
+    if not names:
+        raise ConfigError(f"{flag}: name at least one sampler ({', '.join(known)})")
+    return list(dict.fromkeys(names))
+
+
+def _whole(item) -> int | None:
+    if isinstance(item, numbers.Integral) and not isinstance(item, bool):
+        return int(item)
+    if isinstance(item, str) and item.strip().isdigit():
+        return int(item)
+    return None
+
+
+def parse_nfe(text: str | int | list, flag: str = "--nfe") -> list[int]:
+    items = text.split(",") if isinstance(text, str) else [text] if isinstance(text, int) else list(text)
+    values = [_whole(item) for item in items]
+    for item, value in zip(items, values, strict=True):
+        if value is None or value < 1:
+            raise ConfigError(f"{flag}: network calls must be whole numbers >= 1 (got {item!r})")
+    if not values:
+        raise ConfigError(f"{flag}: give at least one number of network calls")
+    return list(dict.fromkeys(values))
+
+
+def check_count(flag: str, value: int | str, low: int, why: str = "") -> int:
+    """A whole number >= ``low`` given as an int or as command-line text; ConfigError names ``flag``."""
+    number = _whole(value)
+    if number is None or number < low:
+        raise ConfigError(f"{flag}: must be a whole number >= {low}{why} (got {value!r})")
+    return number
+
+
+# -------------------------------------------------------------------------------------- sampling
+def draw(model, sampler: str, nfe: int, num: int, *, seed: int, batch_size: int,
+         device: torch.device) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    started, chunks = time.perf_counter(), []
+    for start in range(0, num, batch_size):
+        chunks.append(bfn.samplers.sample(model, min(batch_size, num - start), sampler=sampler, nfe=nfe,
+                                          generator=generator, device=device).cpu())  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return torch.cat(chunks), time.perf_counter() - started
+
+
+@dataclass
+class Row:
+    label: str
+    nfe: int | None
+    num: int
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, scores: dict[str, float]) -> None:
+        for key, value in scores.items():
+            self.values.setdefault(key, []).append(float(value))
+
+    def stat(self, key: str) -> tuple[float, float]:
+        v = self.values.get(key, [])
+        if not v:
+            return math.nan, math.nan
+        return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+
+
+def data_row(cfg, scorer, num: int, seeds: int) -> Row:
+    """Real val-split rows through the same metrics: seed i shuffles (and binarises) with seed i."""
+    rows = data_lib.num_rows(cfg.data.uri, "val")
+    n = min(num, rows)
+    row = Row(f"data (val split, {n} rows)", None, n)
+    if n < qm.min_samples(cfg.data.name):
+        log.warning("the val split has %d rows: no data row", rows)
+        return row
+    for seed in range(seeds):
+        batch = next(data_lib.iter_batches(cfg.data.uri, "val", cfg.data.name, batch_size=n,
+                                           num_bins=cfg.data.num_bins, seed=seed, shuffle=True))  # fmt: skip
+        row.add(scorer.score(batch["x"]))
+    return row
+
+
+def run(model, cfg, scorer, *, samplers: list[str], nfes: list[int], num: int, seeds: int, batch_size: int,
+        device: torch.device, samples_dir: Path | None = None) -> list[Row]:  # fmt: skip
+    """One row per (sampler, NFE): metrics of ``num`` samples for seeds 0..seeds-1."""
+    rows = []
+    for sampler in samplers:
+        for nfe in nfes:
+            row = Row(sampler, nfe, num)
+            for seed in range(seeds):
+                samples, seconds = draw(model, sampler, nfe, num, seed=seed, batch_size=batch_size, device=device)
+                row.add({**scorer.score(samples), "seconds_per_sample": seconds / num})
+                if seed == 0 and samples_dir is not None:
+                    figures.save_samples(samples, cfg.data.name, samples_dir / f"{sampler}_nfe{nfe}_seed0")
+                log.info("quality: %s nfe %d seed %d: %s", sampler, nfe, seed,
+                         ", ".join(f"{k} {v[-1]:.4g}" for k, v in row.values.items()))  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+# -------------------------------------------------------------------------------------- writing
+def _cell(row: Row, key: str, digits: int = 4) -> str:
+    mean, std = row.stat(key)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}g}" if math.isnan(std) else f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def metric_keys(rows: list[Row]) -> list[str]:
+    present = {k for row in rows for k in row.values}
+    return [k for k in qm.METRICS if k in present]
+
+
+def markdown(rows: list[Row]) -> str:
+    keys = metric_keys(rows)
+    arrows = {"lower": "↓", "higher": "↑"}
+    head = ["sampler", "NFE", *(f"{qm.METRICS[k][0]} {arrows[qm.METRICS[k][1]]}" for k in keys), "s/sample"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for row in rows:
+        cells = [row.label, "–" if row.nfe is None else str(row.nfe), *(_cell(row, k) for k in keys),
+                 _cell(row, "seconds_per_sample", 3)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write(rows: list[Row], stem: Path, header: str) -> tuple[Path, Path]:
+    """``stem``.csv (means and standard deviations) and ``stem``.md (header + table)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    keys = [*metric_keys(rows), *(k for k in ("words", "seconds_per_sample") if any(k in r.values for r in rows))]
+    csv_path, md_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sampler", "nfe", "num", "seeds", *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
+        for row in rows:
+            seeds = max((len(v) for v in row.values.values()), default=0)
+            cells = [f"{x:.6g}" if not math.isnan(x) else "" for k in keys for x in row.stat(k)]
+            writer.writerow([row.label, "" if row.nfe is None else row.nfe, row.num, seeds, *cells])
+    md_path.write_text(header + "\n\n" + markdown(rows) + "\n")
+    return csv_path, md_path
+
+
+# -------------------------------------------------------------------------------------- command
+def default_runs_dir() -> Path:
+    """runs/ of the environment running the command (BFN_RUNS_DIR / BFN_ROOT), as `bfn train` uses."""
+    from pipeline.config import compose
+
+    return Path(compose([])["paths"]["runs_dir"])
+
+
+def quality(checkpoint, overrides=(), *, samplers, nfe, num: int = 256, seeds: int = 3, batch_size: int = 256,
+            out=None, cache=None, device: str | None = None, use_ema: bool = True
+            ) -> tuple[list[Row], str]:  # fmt: skip
+    """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text)."""
+    from pipeline.evaluation.evaluate import load_model
+
+    samplers, nfes = parse_samplers(samplers), parse_nfe(nfe)
+    num, seeds, batch_size = (check_count(f, v, 1) for f, v in (("--num", num), ("--seeds", seeds),
+                                                                 ("--batch-size", batch_size)))  # fmt: skip
+    model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
+    check_count("--num", num, qm.min_samples(cfg.data.name), f" for {cfg.data.name} (a covariance needs two samples)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_lib.verify(cfg.data.uri, splits=["train", "val", "test"], check_checksums=False)
+    runs = default_runs_dir() if out is None or cache is None else None
+    cache = Path(cache) if cache is not None else runs / "quality" / "classifiers"
+    checkpoint = Path(checkpoint).resolve()
+    stem = Path(out) if out is not None else runs / "quality" / f"{checkpoint.parent.name}_{checkpoint.name}"
+    stem = stem.with_suffix("") if stem.suffix in (".csv", ".md") else stem
+    scorer = qm.make_scorer(cfg.data.uri, cfg.data.name, cfg.data.num_bins, cache, device=device)
+    model = model.to(device)
+    rows = [data_row(cfg, scorer, num, seeds)]
+    rows += run(model, cfg, scorer, samplers=samplers, nfes=nfes, num=num, seeds=seeds, batch_size=batch_size,
+                device=device, samples_dir=stem.with_name(stem.name + "_samples"))  # fmt: skip
+    header = "\n".join([
+        f"Sample quality of {checkpoint} ({cfg.data.name}, {'EMA' if use_ema else 'raw'} weights, {device.type}): "
+        f"{num} samples per cell, mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.",
+        scorer.describe() + ".",
+        "Metrics: " + "; ".join(f"{qm.METRICS[k][0]} ({qm.METRICS[k][1]} is better)" for k in metric_keys(rows))
+        + ". Definitions: pipeline/evaluation/quality/metrics.py.",
+    ])  # fmt: skip
+    csv_path, md_path = write(rows, stem, header)
+    log.info("quality table written to %s and %s; seed-0 samples in %s_samples/", csv_path, md_path, stem)
+    return rows, header + "\n\n" + markdown(rows)
