@@ -378,8 +378,15 @@ class EvalConfig:
     val_repeats: int  # passes over them at each validation
     num_samples: int  # samples rendered at each validation
     sample_steps: int
+    quality_samplers: list  # samplers scored at each validation (bfn quality's metrics); [] = off
+    quality_nfe: list  # network calls per sample, one quality point per value and sampler
+    quality_num: int  # samples per quality point
+    quality_cache: str | None  # the quality classifier's cache; null: <paths.runs_dir>/quality/classifiers
 
     def validate(self, config: Config) -> None:
+        from pipeline.evaluation.quality.hook import check_settings
+
+        check_settings(config.raw)
         name, text = config.data.name, config.data.name == "text8"
         _choice("eval.unit", self.unit, UNITS)
         if (self.unit == "bits/char" and not text) or (self.unit == "nats/image" and text):

@@ -28,10 +28,10 @@ from pipeline.data.manifest import (
     validate_manifest,
     verify,
 )
-from pipeline.data.readers import iter_batches, ray_dataset
+from pipeline.data.readers import iter_batches, labelled_images, ray_dataset
 from pipeline.data.shards import prepare, reference_split
 from pipeline.data.sources import PUBLIC_URLS, download, text8_decode, text8_encode
-from pipeline.data.storage import DATASETS, SPLITS, DataError, raw_dir, s3_filesystem
+from pipeline.data.storage import DATASETS, SPLITS, TEXT8_ALPHABET, DataError, raw_dir, s3_filesystem
 from pipeline.data.transforms import (
     VALIDATION_STEP,
     batch_generator,
@@ -45,6 +45,7 @@ __all__ = [
     "FORMAT_VERSION",
     "PUBLIC_URLS",
     "SPLITS",
+    "TEXT8_ALPHABET",
     "VALIDATION_STEP",
     "DataError",
     "batch_generator",
@@ -53,6 +54,7 @@ __all__ = [
     "download",
     "expected_schema",
     "iter_batches",
+    "labelled_images",
     "num_rows",
     "prepare",
     "preprocess",

@@ -232,3 +232,15 @@ def iter_batches(uri: str, split: str, name: str, *, batch_size: int, num_bins: 
     for raw in _rebatch(source, int(batch_size)):
         x = torch.from_numpy(preprocess(name, raw, num_bins=num_bins)["x"])
         yield {"x": to_model(x, name, seq_len=rows_seq_len, generator=generator).numpy()}
+
+
+def labelled_images(uri: str, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every stored row of an image split with its label: (uint8 pixels (N, H*W*C), int64 (N,)).
+    ``iter_batches`` yields model inputs only; the sample-quality classifier trains on labels too."""
+    if name == "text8":
+        raise ValueError("labelled_images: text8 has no labels")
+    fs, paths, _ = _split_paths(uri, split, name, None)
+    tables = [_read_table(fs, p) for p in paths]
+    images = np.concatenate([as_matrix(_table_dict(t), "image", None) for t in tables])
+    labels = np.concatenate([t.column("label").to_numpy() for t in tables]).astype(np.int64)
+    return images, labels

@@ -72,8 +72,11 @@ def _one_pass(model, cfg: Config, split: str, repeat: int, max_batches: int, num
               total_rows: int, started: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-example (bound loss, reconstruction) over one pass of ``split``."""
     loss, recon = [], []
+    text8 = cfg.data.name == "text8"  # test windows every eval.text8_stride characters (1: every offset)
     batches = data_lib.iter_batches(cfg.data.uri, split, cfg.data.name, num_bins=cfg.data.num_bins,
-                                    batch_size=cfg.data.val_batch_size, seed=repeat)  # fmt: skip
+                                    batch_size=cfg.data.val_batch_size, seed=repeat,
+                                    stride=cfg.eval.text8_stride if text8 else None,
+                                    seq_len=cfg.data.seq_len if text8 else None)  # fmt: skip
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
@@ -99,6 +102,7 @@ def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=
     repeats = repeats if repeats is not None else cfg.eval.nll_repeats
     if num_steps < 0 or repeats < 1:
         raise ConfigError(f"--steps must be >= 0 (0 = inf) and --repeats >= 1 (got {num_steps}, {repeats})")
+    target_se = target_se if target_se is not None else cfg.eval.target_se
     if target_se is not None and not (math.isfinite(target_se) and target_se > 0):
         raise ConfigError(f"--target-se: must be a positive number (got {target_se})")
     data_lib.verify(cfg.data.uri, splits=[split])

@@ -381,5 +381,11 @@ def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, track
         path = figures.save_samples(drawn, cfg.data.name, run_dir / "samples" / f"step_{step:08d}")
         tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
+    if samples and cfg.eval.quality_samplers:  # sample quality against network calls, per sampler
+        from pipeline.evaluation.quality import quality_point
+
+        metrics.update(quality_point(ema_model, cfg, step, run_dir / "quality"))
+        for path in sorted((run_dir / "quality").glob(f"*_step{step:08d}.*")):
+            tracker.log_artifact(path, "quality")
     metrics["val/seconds"] = time.perf_counter() - started
     return metrics

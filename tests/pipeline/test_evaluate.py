@@ -94,3 +94,23 @@ def test_eval_repeats_until_the_target_standard_error(checkpoint, caplog):
     assert tight.num_repeats == 3 and "not reached" in caplog.text
     with pytest.raises(Exception, match="--target-se"):
         evaluate(checkpoint, num_steps=5, target_se=-1.0)
+
+
+def test_text8_eval_windows_follow_eval_text8_stride(tmp_path):
+    """The reference evaluates text8 at every offset: eval.text8_stride sets where test windows start."""
+    from pipeline.config import load
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "text8").write_text(" the cat sat on the mat" * 400)
+    data_lib.prepare("text8", str(tmp_path / "text8"), source=str(source), seq_len=46, progress=False)
+    overrides = ["experiment=text8", "net=text8_transformer_tiny", f"data.uri={tmp_path / 'text8'}",
+                 "data.seq_len=46", "data.batch_size=4", "trainer=cpu_1", "data.val_batch_size=64"]  # fmt: skip
+    cfg = load(overrides)
+    model = build_model(cfg)
+    folder = checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
+                                optimizer=build_optimizer(cfg, model), train_state={"step": 0, "epoch": 0},
+                                config=compose(overrides))  # fmt: skip
+    rows = evaluate(folder, ["eval.text8_stride=46"], num_steps=0, repeats=1)
+    every_23 = evaluate(folder, ["eval.text8_stride=23"], num_steps=0, repeats=1)
+    assert every_23.num_examples == 2 * rows.num_examples - 1  # a window between each pair of rows

@@ -240,7 +240,7 @@ def test_quality_table_for_text8(tmp_path):
     (source / "text8").write_text(" the cat sat on the mat" * 400)
     data_lib.prepare("text8", str(tmp_path / "text8"), source=str(source), seq_len=46, progress=False)
     overrides = ["experiment=text8", "net=text8_transformer_tiny", f"data.uri={tmp_path / 'text8'}", "data.seq_len=46",
-                 "data.batch_size=4"]  # fmt: skip
+                 "data.batch_size=4", "trainer=cpu_1"]  # fmt: skip
     model = build_model(load(overrides))
     folder = checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
                                 optimizer=build_optimizer(load(overrides), model), train_state={"step": 0, "epoch": 0},

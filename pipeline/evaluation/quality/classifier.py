@@ -85,14 +85,16 @@ def to_input(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 def manifest_digest(uri: str, splits: tuple[str, ...] = ("train", "test")) -> str:
     """sha256 of what identifies the data: dataset, format, schema and the splits' shard hashes."""
     man = data_lib.read_manifest(uri)
-    ident = {"dataset": man["dataset"], "format_version": man["format_version"], "schema": man["schema"],
-             "splits": {s: [(sh["sha256"], sh["rows"]) for sh in man["splits"][s]["shards"]]
+    ident = {"dataset": man["dataset"], "format_version": man["format_version"],
+             "splits": {s: {"schema": man["splits"][s]["schema"],
+                            "shards": [(sh["sha256"], sh["rows"]) for sh in man["splits"][s]["shards"]]}
                         for s in splits if s in man["splits"]}}  # fmt: skip
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 def cache_key(name: str, num_bins: int, spec: ClassifierSpec, digest: str) -> str:
-    fields = {"dataset": name, "num_bins": int(num_bins), **spec.key_fields(), "data": digest}
+    fields = {"dataset": name, "num_bins": None if num_bins is None else int(num_bins), **spec.key_fields(),
+              "data": digest}  # fmt: skip
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -108,20 +110,16 @@ def check_cache_dir(cache_dir: str | Path) -> Path:
 
 
 def split_arrays(uri: str, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """All stored rows of an image split: (uint8 pixels (N, H*W*C), int64 labels (N,)).
-
-    ``data_lib.iter_batches`` yields model inputs only; training needs the labels too.
-    """
-    fs, paths, _ = data_lib._split_paths(uri, split, name)
-    tables = [data_lib._read_table(fs, p) for p in paths]
-    images = np.concatenate([data_lib._as_matrix(data_lib._table_dict(t), "image", None) for t in tables])
-    labels = np.concatenate([t.column("label").to_numpy() for t in tables]).astype(np.int64)
-    return images, labels
+    """All stored rows of an image split: (uint8 pixels (N, H*W*C), int64 labels (N,))."""
+    return data_lib.labelled_images(uri, split, name)
 
 
 def _inputs(name: str, images: np.ndarray, num_bins: int, rng: np.random.Generator) -> torch.Tensor:
-    """Raw pixels -> classifier input through the BFN's own preprocessing (``data_lib.preprocess``)."""
-    return to_input(data_lib.preprocess(name, {"image": images}, num_bins=num_bins, rng=rng)["x"], name)
+    """Raw pixels -> classifier input through the BFN's own data path (``preprocess``, then
+    ``to_model``: MNIST binarised with a generator drawn from ``rng``)."""
+    stored = torch.from_numpy(data_lib.preprocess(name, {"image": images}, num_bins=num_bins)["x"])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return to_input(data_lib.to_model(stored, name, seq_len=0, generator=generator).numpy(), name)
 
 
 @torch.no_grad()
@@ -194,7 +192,7 @@ def load_or_train(uri: str, name: str, num_bins: int, cache_dir: str | Path, *,
         return net.to(device).eval(), {**meta, "folder": str(folder)}
     log.info("quality classifier %s: training on %s's train split (cached in %s)", key, name, folder)
     trained, meta = train(uri, name, num_bins, spec, device)
-    meta = {"key": key, "dataset": name, "num_bins": int(num_bins), "data_manifest_sha256": digest,
+    meta = {"key": key, "dataset": name, "num_bins": num_bins, "data_manifest_sha256": digest,
             "spec": spec.key_fields(), "torch": torch.__version__, **meta}  # fmt: skip
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=folder.parent))

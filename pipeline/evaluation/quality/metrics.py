@@ -141,9 +141,10 @@ class TextScorer:
     """Spelling against the train split's words, character frequencies against the test split's."""
 
     def __init__(self, uri: str) -> None:
-        batches = data_lib.iter_batches(uri, "train", "text8", batch_size=4096)
+        seq_len = int(data_lib.read_manifest(uri)["seq_len"])
+        batches = data_lib.iter_batches(uri, "train", "text8", batch_size=4096, stride=seq_len)
         train = np.concatenate([b["x"].ravel().astype(np.uint8) for b in batches])
-        # the train split's windows are consecutive, so joined they are its text (the short tail aside)
+        # windows every seq_len characters do not overlap: joined, they are the split's text
         self.vocabulary = set(sample_words(decode(train)))
         self.reference = sum(char_counts(b["x"]) for b in data_lib.iter_batches(uri, "test", "text8", batch_size=4096))
 
