@@ -96,11 +96,7 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bfn", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_train_and_eval(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) a BFN on Ray Train")
     _overrides(p)
     p.set_defaults(func=cmd_train)
@@ -119,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_sample_and_quality(sub) -> None:
     p = sub.add_parser("sample", help="generate samples from a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--num", default=64, help="number of samples")
@@ -146,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     p.set_defaults(func=cmd_quality)
 
+
+def _add_data_and_import(sub) -> None:
     p = sub.add_parser("data", help="prepare or verify sharded Parquet datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("prepare", help="raw data -> Parquet shards + manifest")
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     p.set_defaults(func=cmd_import_official)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
     p.add_argument("which", nargs="?", default="all", choices=["all", "step", "pipeline", "device"],
                    help="device: the paper networks' step and sampler on --device (beside --official)")
@@ -182,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     p.set_defaults(func=cmd_bench)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bfn", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train_and_eval, _add_sample_and_quality, _add_data_and_import, _add_bench):
+        add(sub)
     for module in ("pipeline.sweeps.tune", "pipeline.sweeps.scaling", "pipeline.cluster.submit",
                    "pipeline.cluster.devstack"):  # fmt: skip
         try:
@@ -190,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
             if error.name != module:
                 raise
     return parser
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,8 @@
 """Import networks trained with the official BFN code (nnaisense/bayesian-flow-networks, b62568e).
 
+(Longer than 500 lines because it is one mapping, three official network classes and their
+adapters key by key, that reads best in one place; splitting it would scatter each class's rules.)
+
 The official code builds a model from a YAML config (``configs/*.yaml``): ``model.net`` names the
 network class (``GPT``, ``UNetModel`` = improved-diffusion U-Net, ``UNetVDM``) and its
 ``parameters``; ``model.input_adapter`` / ``model.output_adapter`` the adapters around it
@@ -11,7 +14,7 @@ carry a ``net.`` prefix.
 
 Here:
 
-* ``network_spec(config)`` -> (preset name, constructor kwargs) of the equivalent project network
+* ``network_spec(config)`` -> (architecture, constructor kwargs) of the equivalent project network
   (``bfn.networks``), with every hyper-parameter of the official classes carried over; options
   the project network did not have before (input feature variants, scale-shift norm, learned
   positions, ...) are constructor options of the project networks, off by default;
