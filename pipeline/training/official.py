@@ -15,7 +15,6 @@ YAML or config problem a ``ConfigError`` naming the file and the config key.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,24 +39,13 @@ def experiment_for(overrides: Mapping[str, Any]) -> str:
 
 
 def _hydra_value(value: Any) -> str:
-    """A value in Hydra's override grammar."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ConfigError(f"cannot pass the non-finite value {value!r} as an override")
-        return repr(value)
-    if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{key}:{_hydra_value(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, Sequence):
-        return "[" + ",".join(_hydra_value(item) for item in value) + "]"
-    raise ConfigError(f"cannot pass {type(value).__name__} {value!r} as an override")
+    """A value in Hydra's override grammar (the sweeps' own writer); a value it cannot carry is a ConfigError."""
+    from tune_spaces.common import hydra_value
+
+    try:
+        return hydra_value(value)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def hydra_overrides(overrides: Mapping[str, Any]) -> list[str]:

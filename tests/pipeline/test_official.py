@@ -212,7 +212,8 @@ def test_cli_imports_the_official_checkpoint_and_eval_reports_its_continuous_tim
     imported = bfn("import-official", str(ckpt), "--config", str(cfg), "--out", str(out))
     assert imported.returncode == 0, imported.stderr
     assert f"bfn eval {out}" in imported.stdout
-    ran = bfn("eval", str(out), "--steps", "inf", "--max-batches", "1", f"data.uri={tmp_path / 'shards'}")
+    ran = bfn("eval", str(out), "--steps", "inf", "--max-batches", "1", "--repeats", "1",
+              f"data.uri={tmp_path / 'shards'}", "data.val_batch_size=40")  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert "n = inf (continuous time)" in ran.stdout
     number = r"(\d+\.\d+) ± (\d+\.\d+)"
