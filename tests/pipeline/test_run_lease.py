@@ -73,10 +73,9 @@ def test_second_run_of_a_held_folder_fails_fast_naming_the_holder(tmp_path, no_e
                               text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        started = time.monotonic()
         with pytest.raises(LeaseError) as info:
             driver.fit(load(overrides(tmp_path, "shared")))
-        assert time.monotonic() - started < 10
+        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray starts
         message = str(info.value)
         assert f"pid {holder.pid}" in message and os.uname().nodename in message
         assert "run folder" in message and "another run.name" in message
