@@ -26,7 +26,7 @@ $(CHROMIUM):  ## headless browser for the MLflow UI test (Debian package)
 # cluster and fault tests start Ray runtimes of their own, and Ray Train's clean-up actor gives up
 # when it finds several Ray instances on one machine.
 test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~25 min on 2 cores
-	timeout -s INT -k 60 1800 $(BIN)/python -m pytest -q -m "not cluster and not faults and not standalone"
+	timeout -s INT -k 60 2700 $(BIN)/python -m pytest -q -m "not cluster and not faults and not standalone"
 	timeout -s INT -k 60 600 $(BIN)/python -m pytest -q -m standalone
 	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m cluster
 	timeout -s INT -k 60 1500 $(BIN)/python -m pytest -q -m faults
