@@ -174,11 +174,12 @@ def train_worker_pids() -> list[int]:
 
 
 def rank0_worker_pid(session_dir: Path) -> int | None:
-    """The live Train worker that prints ``[bfn] step`` lines: only rank 0 does (worker.py).
+    """The live Train worker that logs ``[bfn] step`` lines: only rank 0 does (worker.py).
 
-    Ray names each worker's stdout ``logs/worker-<worker id>-<job id>-<pid>.out``."""
+    Ray names each worker's output ``logs/worker-<worker id>-<job id>-<pid>.out`` / ``.err``
+    (logging writes to stderr)."""
     for pid in train_worker_pids():
-        for log in (session_dir / "logs").glob(f"worker-*-{pid}.out"):
+        for log in (session_dir / "logs").glob(f"worker-*-{pid}.*"):
             with contextlib.suppress(OSError):
                 if "[bfn] step" in log.read_text(errors="replace"):
                     return pid
