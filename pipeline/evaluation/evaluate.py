@@ -148,9 +148,7 @@ def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", see
     if nfe is None:
         nfe = check_count("--steps", 100 if num_steps is None else num_steps, 1) + 1
     nfe = check_count("--nfe", nfe, 1)
-    names = parse_samplers(sampler)
-    if len(names) != 1:
-        raise ConfigError(f"--sampler: one sampler for `bfn sample` (`bfn quality` compares several; got {sampler!r})")
+    names = parse_samplers(sampler, several=False)
     num = check_count("--num", num, 1)
     model, cfg = load_model(checkpoint, use_ema=use_ema)
     samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed))

@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------- parsing
-def parse_samplers(text: str | list[str], flag: str = "--sampler") -> list[str]:
+def parse_samplers(text: str | list[str], flag: str = "--sampler", *, several: bool = True) -> list[str]:
     names = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s) for s in text]
     known = sorted(bfn.samplers.SAMPLERS)
     for name in names:
-        if name not in bfn.samplers.SAMPLERS:
-            raise ConfigError(f"{flag}: must be one of {', '.join(known)}, or a comma-separated list of them "
-                              f"(got {name!r})")  # fmt: skip
+        if name not in bfn.samplers.SAMPLERS or (len(names) > 1 and not several):
+            raise ConfigError(f"{flag}: must be one of {', '.join(known)}"
+                              f"{', or a comma-separated list of them' if several else ''} (got {text!r})")  # fmt: skip
     if not names:
         raise ConfigError(f"{flag}: name at least one sampler ({', '.join(known)})")
     return list(dict.fromkeys(names))
