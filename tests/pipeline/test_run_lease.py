@@ -66,16 +66,18 @@ def write_checkpoint(tmp_path: Path, name: str, step: int, *extra: str) -> Path:
 # ------------------------------------------------------------------------------------ lease
 
 
-def test_second_run_of_a_held_folder_fails_fast_naming_the_holder(tmp_path, no_env_changes):
+def test_second_run_of_a_held_folder_fails_fast_naming_the_holder(tmp_path, no_env_changes, monkeypatch):
     """Another process (a real one) holds the run folder: fit() stops before Ray starts."""
     folder = tmp_path / "ray" / "shared"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
+        started = []
+        monkeypatch.setattr(driver, "init_ray", started.append)
         with pytest.raises(LeaseError) as info:
             driver.fit(load(overrides(tmp_path, "shared")))
-        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray starts
+        assert started == []  # refused before any Ray runtime is started or joined
         message = str(info.value)
         assert f"pid {holder.pid}" in message and os.uname().nodename in message
         assert "run folder" in message and "another run.name" in message
