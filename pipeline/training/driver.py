@@ -281,10 +281,7 @@ def _fit(cfg: Config, lease: Lease, callbacks: list | None) -> dict:
     run_id = start_tracking(cfg, num_parameters, manifest, lease)
     run_dir = local_run_dir(cfg)
     storage_path, storage_filesystem = storage(cfg)
-    import logging
-
-    runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir,
-               "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}  # fmt: skip
+    runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir, "verbose": logs.verbose()}
     loop_config = {"config": cfg.raw, "runtime": runtime}
     trainer = TorchTrainer(
         train_fn_per_worker,

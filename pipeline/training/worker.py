@@ -263,7 +263,7 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
         if actions.log:
             metrics, stop = _log_window(cfg, window, progress, step, epoch, rank, world)
             if stop == "bad_steps":
-                _abort_bad_steps(cfg, runtime, rank, raw, ema, optimizer, step, epoch, metrics, tracker)
+                _abort_bad_steps(cfg, run_dir, rank, raw, ema, optimizer, step, epoch, metrics, tracker)
             if stop == "time" and not actions.last:
                 actions = cadence.actions(step, stop=True)
         if rank == 0 and actions.validate:
@@ -308,14 +308,13 @@ def _log_window(cfg: Config, window: Window, progress: Progress, step: int, epoc
     return metrics, None
 
 
-def _abort_bad_steps(cfg, runtime: Runtime, rank, raw, ema, optimizer, step, epoch, metrics, tracker) -> None:
+def _abort_bad_steps(cfg, run_dir: Path, rank, raw, ema, optimizer, step, epoch, metrics, tracker) -> None:
     """Stop the run. Rank 0 keeps the blown-up state as a diagnostic outside Ray's checkpoint
     history, so a rerun never resumes from it."""
     message = (f"{int(metrics['train/bad_run'])} consecutive non-finite steps at step {step} (grad norm "
                f"{metrics['train/grad_norm']}).")
     if rank == 0:
-        root = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
-        folder = root / "diagnostic" / f"step_{step:08d}"
+        folder = run_dir / "diagnostic" / f"step_{step:08d}"
         checkpointing.save(folder, model=raw, ema=ema, optimizer=optimizer,
                            train_state={"step": step, "epoch": epoch, "diagnostic": True}, config=cfg.raw)  # fmt: skip
         tracker.log_metrics(metrics, step)

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -222,25 +221,24 @@ def test_from_dict_accepts_a_run_without_init_from():
 # ------------------------------------------------------------------------ through `bfn train`
 
 
-def bfn_train(*overrides: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float, Path]:
-    """`bfn train` with a fresh RAY_TMPDIR; returns (result, seconds, that folder)."""
+def bfn_train(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`bfn train` with a fresh RAY_TMPDIR, which must stay empty: no Ray runtime was started."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="bfnc-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # this checkout's code, not an installed copy
-    started = time.monotonic()
     try:
         argv = [sys.executable, "-m", "pipeline.cli", "train", *overrides, f"run.storage_path={tmp_path / 'ray'}",
                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        return result, time.monotonic() - started, ray_tmp
+        return result
     finally:
         left = list(ray_tmp.iterdir())
         shutil.rmtree(ray_tmp, ignore_errors=True)
         assert left == [], f"a Ray runtime was started: {left}"
 
 
-def assert_one_line_error(result, seconds, needle: str) -> str:
+def assert_one_line_error(result, needle: str) -> str:
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bfn: error: "), result.stderr[-3000:]
@@ -266,8 +264,8 @@ def test_an_unused_value_says_which_choice_makes_it_unused():
     (["experiment=smoke", "trainer.max_step=5"], "trainer.max_step"),
 ])  # fmt: skip
 def test_cli_config_error_exits_2_before_ray(overrides, key, tmp_path):
-    result, seconds, _ = bfn_train(*overrides, tmp_path=tmp_path)
-    assert_one_line_error(result, seconds, key)
+    result = bfn_train(*overrides, tmp_path=tmp_path)
+    assert_one_line_error(result, key)
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -328,11 +326,11 @@ def test_cli_bad_data_names_the_shard_before_ray(prepared, tmp_path, damage):
     uri = tmp_path / "shards"
     shutil.copytree(prepared, uri)
     path, what = damage(uri)
-    result, seconds, _ = bfn_train("experiment=smoke", f"data.uri={uri}", tmp_path=tmp_path)
-    line = assert_one_line_error(result, seconds, f"shard {path}")
+    result = bfn_train("experiment=smoke", f"data.uri={uri}", tmp_path=tmp_path)
+    line = assert_one_line_error(result, f"shard {path}")
     assert what in line
 
 
 def test_cli_missing_data_names_the_manifest(tmp_path):
-    result, seconds, _ = bfn_train("experiment=smoke", f"data.uri={tmp_path / 'nowhere'}", tmp_path=tmp_path)
-    assert_one_line_error(result, seconds, f"missing manifest {tmp_path / 'nowhere'}/manifest.json")
+    result = bfn_train("experiment=smoke", f"data.uri={tmp_path / 'nowhere'}", tmp_path=tmp_path)
+    assert_one_line_error(result, f"missing manifest {tmp_path / 'nowhere'}/manifest.json")
