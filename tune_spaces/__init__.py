@@ -30,17 +30,18 @@ SPACES: dict[str, Callable[[], dict]] = {
 
 _MNIST = ("smoke", "mnist_local", "mnist_binary")
 _CIFAR = ("cifar10_continuous", "cifar10_discretized_16", "cifar10_discretized_256")
-_ALL = (*_MNIST, *_CIFAR, "text8")
+_TEXT8 = ("text8_local", "text8")
+_ALL = (*_MNIST, *_CIFAR, *_TEXT8)
 MATCHING: dict[str, tuple[str, ...]] = {
     "schedule_mnist": _MNIST,
-    "schedule_text8": ("text8",),
+    "schedule_text8": _TEXT8,
     "schedule_continuous": _CIFAR,
     "optim": _ALL,
     "optim_short": _ALL,
     "lr": _ALL,
     "arch_mnist": _MNIST,
     "arch_cifar": _CIFAR,
-    "arch_text8": ("text8",),
+    "arch_text8": _TEXT8,
 }
 
 

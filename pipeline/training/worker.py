@@ -122,6 +122,7 @@ class Progress:
     """What the loop has logged so far: curves for the figure, the summary returned to the driver."""
 
     max_steps: int
+    budget_seconds: float = 0.0  # trainer.max_minutes in seconds; 0: no time budget
     history: dict = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
     throughput: list = field(default_factory=list)  # samples/s per log window (the benchmark reads it)
     last: dict = field(default_factory=dict)
@@ -133,7 +134,10 @@ class Progress:
         done = step - self.first_step
         if done <= 0:
             return "?"
-        seconds = (time.perf_counter() - self.loop_started) / done * (self.max_steps - step)
+        elapsed = time.perf_counter() - self.loop_started
+        seconds = elapsed / done * (self.max_steps - step)
+        if self.budget_seconds > 0:  # the run stops at whichever comes first
+            seconds = max(min(seconds, self.budget_seconds - elapsed), 0.0)
         return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 3600:.0f} h"
 
 
@@ -242,7 +246,8 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     per_worker = cfg.data.batch_size // world
     train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, epoch,
                           seed=cfg.trainer.seed * 7919 + rank)  # fmt: skip
-    cadence, progress = Cadence.from_config(cfg.trainer), Progress(cfg.trainer.max_steps, first_step=step)
+    cadence = Cadence.from_config(cfg.trainer)
+    progress = Progress(cfg.trainer.max_steps, cfg.trainer.max_minutes * 60, first_step=step)
     raw.train()
     if rank == 0 and step == 0:  # the untrained model's numbers: the baseline every curve starts at
         baseline = _validate_and_sample(cfg, ema.model, 0, run_dir, tracker, device, samples=False)

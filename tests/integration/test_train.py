@@ -113,6 +113,38 @@ def test_fine_tuning_starts_a_new_run_from_another_runs_weights(ray_local, mnist
     assert not all(torch.allclose(before[k], initial[k], atol=1e-6) for k in before)
 
 
+def test_validation_logs_sample_quality_per_sampler_and_nfe(ray_local, tmp_path):
+    """eval.quality_*: through Ray Train, each validation logs one point per (sampler, NFE) to MLflow,
+    on the step axis, with that point's samples as artifacts; the classifier is trained once, cached."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.training.driver import fit
+    from tests.pipeline.test_data import write_idx_folder
+
+    write_idx_folder(tmp_path / "idx", 300, 40)  # small data: the classifier trains in seconds
+    shards = str(tmp_path / "shards")
+    data_lib.prepare("mnist", shards, source=str(tmp_path / "idx"), progress=False)
+    cache = tmp_path / "classifiers"
+    cfg = smoke(tmp_path, shards, "quality", "data.fraction=1.0", "eval.quality_samplers=[sde2,paper]",
+                "eval.quality_nfe=[2,3]", "eval.quality_num=4", f"eval.quality_cache={cache}")  # fmt: skip
+    result = fit(cfg)
+    assert result["step"] == 6
+
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(result["mlflow_run_id"])
+    for sampler in ("sde2", "paper"):
+        for nfe in (2, 3):
+            for metric in ("fd", "confidence", "label_entropy_bits", "seconds_per_sample"):
+                key = f"quality/{sampler}/nfe_{nfe}/{metric}"
+                assert metric_steps(cfg, run.info.run_id, key) == [3, 6], key  # each validation after step 0
+    fd = client.get_metric_history(run.info.run_id, "quality/sde2/nfe_3/fd")
+    assert all(m.value >= 0 and m.value == m.value for m in fd)
+    artifacts = sorted(a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "quality"))
+    assert "sde2_nfe3_step00000006.png" in artifacts and "paper_nfe2_step00000003.png" in artifacts
+    assert len(artifacts) == 2 * 2 * 2
+    assert [p.name for p in cache.iterdir()] and all(p.name.startswith("mnist-") for p in cache.iterdir())
+
+
 @pytest.mark.standalone
 def test_what_a_person_sees_from_bfn_train(mnist_shards, tmp_path):
     """`bfn train` prints one progress line per log interval and a validation table, not Ray's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,3 +56,15 @@ def test_the_window_reads_device_statistics_once_per_log_interval():
     window.add(result(float("nan"), True))
     stats = window.read(world=1)
     assert stats["worst_run"] == 3 and stats["skipped"] == 2 and stats["good"] == 0 and stats["loss"] == 0.0
+
+
+def test_eta_counts_down_to_whichever_comes_first_steps_or_the_time_budget():
+    from pipeline.training.worker import Progress
+
+    by_steps = Progress(max_steps=1000, loop_started=0.0)
+    budgeted = Progress(max_steps=1000, budget_seconds=60.0, loop_started=0.0)
+    with patch("time.perf_counter", return_value=10.0):  # 100 steps in 10 s
+        assert by_steps.eta(100) == "00:01:30"  # 900 steps left at 10 steps/s
+        assert budgeted.eta(100) == "00:00:50"  # but the budget ends 50 s from now
+    with patch("time.perf_counter", return_value=70.0):
+        assert budgeted.eta(100) == "00:00:00"  # past the budget: stops at the next log step

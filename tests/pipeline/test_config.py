@@ -22,7 +22,7 @@ PAPER = {  # preset: (network parameters in millions, data shape)
 
 
 def test_all_paper_presets_ship():
-    assert set(PAPER) | {"smoke", "mnist_local"} <= set(PRESETS)
+    assert set(PAPER) | {"smoke", "mnist_local", "text8_local"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
