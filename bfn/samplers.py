@@ -19,12 +19,18 @@ Samplers (``SAMPLERS``):
     call; the first step is first order. The SDE steps are exact for an x_hat that is constant
     (order 1) or linear (order 2) over the step, like the ODE steps.
 
-Solver time grid (BFN-Solver's, ``last_drop``): t_j = t_start + (1 - t_start) j / nfe. Calls are
-at t_0 .. t_{nfe-1}; the state moves t_0 -> t_1 -> ... -> t_{nfe-1}, and the prediction of the
-call at t_{nfe-1} = 1 - (1 - t_start)/nfe is the result (the last interval is dropped). The state
-starts at t_0 = t_start > 0 (at t = 0 it is a point and the ODE is singular) from the flow's
-marginal with its data term dropped ("zero_mean_and_std"). Default t_start: 1e-2 for the
-Gaussian-mean flow, 1e-3 for discrete data (BFN-Solver's CIFAR-10 / text8 settings).
+Solver time grid t_0 = t_start < t_1 < ... < t_nfe = 1 (``solver_times``), BFN-Solver's
+``last_drop`` use of it: calls are at t_0 .. t_{nfe-1}; the state moves t_0 -> t_1 -> ... ->
+t_{nfe-1}, and the prediction of the call at t_{nfe-1} is the result (the last interval is
+dropped). The state starts at t_0 = t_start > 0 (at t = 0 it is a point and the ODE is singular)
+from the flow's marginal with its data term dropped ("zero_mean_and_std"). Two grids:
+  * ``uniform``  t_j = t_start + (1 - t_start) j / nfe, BFN-Solver's.
+  * ``logsnr``   uniform in the flow's log-SNR (lambda_t below; ln beta_t for discrete data, so
+    geometric in t), DPM-Solver's choice: short steps where the input distribution changes fastest
+    relative to its noise. On make run's binarised-MNIST checkpoint it lowered sde2's Fréchet
+    distance at 10 calls by about a quarter against ``uniform`` (docs/sampling.md).
+Defaults (``DEFAULT_GRID``, ``DEFAULT_T_START``): the Gaussian-mean flow keeps BFN-Solver's CIFAR-10
+setting (uniform, t_start 1e-2; not measured here); discrete data uses logsnr from t_start 1e-3.
 
 Continuous and discretised data (state: input mean mu, (B, D)). The flow is
 mu_t ~ N(gamma_t x, gamma_t (1 - gamma_t)), gamma_t = 1 - sigma_1^(2t): in diffusion notation
@@ -52,7 +58,7 @@ sde1 is the paper's step with p_hat in place of a one-hot draw from p_O.
 
 Numerics: step coefficients are python floats computed in float64; the state math runs in float32
 with autocast off, so the network may run under bf16 autocast.
-What is not here: guidance, other time grids, single-step (extra-call) second-order solvers.
+What is not here: guidance, single-step (extra-call) second-order solvers.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ def sample(
     device: torch.device | None = None,
     return_sample: bool = False,
     t_start: float | None = None,
+    grid: str | None = None,
 ) -> Tensor:
     """Draw (num_samples, *data_shape) from ``model`` with ``nfe`` network calls (after training).
 
@@ -95,6 +102,7 @@ def sample(
         device: where to sample; the model's device by default.
         return_sample: return a draw from the last p_O instead of its mode.
         t_start: solvers only: the first time of the grid, in (0, 1).
+        grid: solvers only: ``uniform`` or ``logsnr`` (see the module docstring).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -102,10 +110,12 @@ def sample(
         raise ValueError(f"nfe (number of network calls) must be an int >= 1, got {nfe!r}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if grid is not None and grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     device = device or _model_device(model)
     return SAMPLERS[sampler](
         model, num_samples, int(nfe),
-        generator=generator, device=device, return_sample=return_sample, t_start=t_start,
+        generator=generator, device=device, return_sample=return_sample, t_start=t_start, grid=grid,
     )
 
 
@@ -118,14 +128,15 @@ def paper(
     device: torch.device | None = None,
     return_sample: bool = False,
     t_start: float | None = None,
+    grid: str | None = None,
 ) -> Tensor:
     """The paper's sampler (Algorithms 3, 6, 9): nfe - 1 Bayesian updates, then p_O at t = 1.
 
     Draws in the official order (per step: x ~ p_O, then y ~ p_S), so it reproduces the
     pre-existing ``BFN.sample(num_steps=nfe - 1)`` bit for bit.
     """
-    if t_start is not None:
-        raise ValueError("t_start applies to the BFN-Solver samplers, not to 'paper'")
+    if t_start is not None or grid is not None:
+        raise ValueError("t_start and grid apply to the BFN-Solver samplers, not to 'paper' (uniform steps)")
     device = device or _model_device(model)
     num_steps = nfe - 1
     params = model.flow.prior(num_samples, model.num_dims, device)
@@ -165,11 +176,21 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 
 # ---------------------------------------------------------------------------------- solver driver
-def solver_times(nfe: int, t_start: float) -> list[float]:
-    """BFN-Solver's grid t_j = t_start + (1 - t_start) j / nfe, j = 0..nfe (calls use 0..nfe-1)."""
+GRIDS = ("uniform", "logsnr")
+
+
+def solver_times(nfe: int, t_start: float, grid: str = "uniform",
+                 solver: ContinuousSolver | DiscreteSolver | None = None) -> list[float]:  # fmt: skip
+    """t_0 = t_start, ..., t_nfe = 1 (calls use 0..nfe-1): uniform in t, or in ``solver``'s log-SNR."""
     if not 0.0 < t_start < 1.0:
         raise ValueError(f"t_start must lie in the open interval (0, 1), got {t_start}")
-    return [t_start + (1.0 - t_start) * j / nfe for j in range(nfe + 1)]
+    if grid == "uniform":
+        return [t_start + (1.0 - t_start) * j / nfe for j in range(nfe + 1)]
+    if grid != "logsnr" or solver is None:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)} (logsnr needs the solver), got {grid!r}")
+    low, high = solver.log_snr(t_start), solver.log_snr(1.0)
+    inner = [solver.time_at(low + (high - low) * j / nfe) for j in range(1, nfe)]
+    return [t_start, *inner, 1.0]
 
 
 def _solve(
@@ -183,11 +204,13 @@ def _solve(
     device: torch.device | None = None,
     return_sample: bool = False,
     t_start: float | None = None,
+    grid: str | None = None,
 ) -> Tensor:
     """Run a BFN-Solver: nfe - 1 solver steps on ``solver_times``, then the last prediction."""
     device = device or _model_device(model)
     solver = make_solver(model.flow)
-    times = solver_times(nfe, solver.DEFAULT_T_START if t_start is None else t_start)
+    times = solver_times(nfe, solver.DEFAULT_T_START if t_start is None else t_start,
+                         solver.DEFAULT_GRID if grid is None else grid, solver)  # fmt: skip
     state = solver.initial_state(num_samples, model.num_dims, times[0], generator, device)
     previous = None  # (time, prediction) of the call before, for the second-order steps
     for j in range(nfe - 1):
@@ -238,9 +261,18 @@ class ContinuousSolver:
     """
 
     DEFAULT_T_START = 1e-2
+    DEFAULT_GRID = "uniform"
 
     def __init__(self, flow: ContinuousFlow) -> None:
         self.log_sigma_1 = math.log(flow.sigma_1)
+
+    def log_snr(self, t: float) -> float:
+        return self.coefficients(t)[2]
+
+    def time_at(self, log_snr: float) -> float:
+        """The t with lambda_t = log_snr: 1 - gamma = sigmoid(-2 lambda) = sigma_1^(2t)."""
+        log_posterior_variance = -math.log1p(math.exp(2 * log_snr)) if log_snr < 20 else -2 * log_snr
+        return log_posterior_variance / (2 * self.log_sigma_1)
 
     def coefficients(self, t: float) -> tuple[float, float, float]:
         """alpha_t = gamma(t), sigma_t = sqrt(gamma (1 - gamma)) and lambda_t = ln(alpha_t/sigma_t)."""
@@ -287,10 +319,18 @@ class DiscreteSolver:
     """
 
     DEFAULT_T_START = 1e-3
+    DEFAULT_GRID = "logsnr"
 
     def __init__(self, flow: DiscreteFlow) -> None:
         self.num_classes = flow.num_classes
         self.beta_1 = flow.beta_1
+
+    def log_snr(self, t: float) -> float:
+        """ln beta_t: the flow's signal-to-noise ratio is K beta_t, up to the constant K."""
+        return math.log(self.beta(t))
+
+    def time_at(self, log_snr: float) -> float:
+        return math.sqrt(math.exp(log_snr) / self.beta_1)
 
     def beta(self, t: float) -> float:
         return self.beta_1 * t * t

@@ -152,6 +152,8 @@ def test_solvers_keep_float32_state_under_bf16_autocast(kind, name):
         ({"sampler": "ode2", "t_start": 0.0}, "t_start"),
         ({"sampler": "sde1", "t_start": 1.0}, "t_start"),
         ({"sampler": "paper", "t_start": 0.1}, "t_start"),
+        ({"sampler": "paper", "grid": "logsnr"}, "grid"),
+        ({"sampler": "sde2", "grid": "cosine"}, "grid must be one of uniform, logsnr"),
     ],
 )
 def test_invalid_arguments_raise_value_errors_naming_them(kwargs, match):
@@ -429,3 +431,21 @@ def test_samplers_agree_in_distribution_at_large_nfe(kind):
     for name, share in shares.items():
         torch.testing.assert_close(share, expected, atol=0.04, rtol=0, msg=f"{name}: {share}")
         torch.testing.assert_close(share, shares["paper"], atol=0.04, rtol=0, msg=f"{name}: {share}")
+
+
+@given(nfe=st.integers(1, 300), t_start=st.floats(1e-6, 0.5), beta_1=st.floats(0.1, 20.0),
+       sigma_1=st.floats(1e-3, 0.5))  # fmt: skip
+def test_logsnr_grid_runs_evenly_in_each_flows_log_snr_from_t_start_to_one(nfe, t_start, beta_1, sigma_1):
+    for solver in (DiscreteSolver(DiscreteFlow(27, beta_1)),
+                   ContinuousSolver(ContinuousFlow(sigma_1))):  # fmt: skip
+        grid = solver_times(nfe, t_start, "logsnr", solver)
+        assert len(grid) == nfe + 1 and grid[0] == t_start and grid[-1] == 1.0
+        assert all(a < b for a, b in zip(grid, grid[1:], strict=False))
+        gaps = [solver.log_snr(b) - solver.log_snr(a) for a, b in zip(grid, grid[1:], strict=False)]
+        assert all(math.isclose(g, gaps[0], rel_tol=1e-6, abs_tol=1e-9) for g in gaps)
+
+
+def test_discrete_logsnr_grid_is_geometric_in_t():
+    solver = DiscreteSolver(DiscreteFlow(2, 9.0))
+    assert [round(t, 12) for t in solver_times(3, 1e-3, "logsnr", solver)] == [1e-3, 1e-2, 1e-1, 1.0]
+    assert solver.DEFAULT_GRID == "logsnr" and ContinuousSolver.DEFAULT_GRID == "uniform"
