@@ -131,7 +131,7 @@ def _add_sample_and_quality(sub) -> None:
 
     p = sub.add_parser("quality", help="sample quality against the number of network calls, per sampler")
     p.add_argument("checkpoint")
-    p.add_argument("--sampler", default="paper,ode2,sde1", help="comma-separated sampler names")
+    p.add_argument("--sampler", default="paper,ode2,sde1,sde2", help="comma-separated sampler names")
     p.add_argument("--nfe", default="5,10,20,50,100", help="comma-separated numbers of network calls")
     p.add_argument("--num", default=256, help="samples per (sampler, NFE, seed)")
     p.add_argument("--seeds", default=3, help="seeds 0..N-1; cells show mean ± standard deviation over them")

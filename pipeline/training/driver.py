@@ -316,11 +316,12 @@ def print_summary(cfg: Config, summary: dict) -> None:
     unit_key = cfg.eval.unit.replace("/", "_per_")
     lines = [f"\n[bfn] run {cfg.run.name!r} finished at step {summary.get('step')}"]
     if "val/nll_bits_per_dim" in summary:
+        per_dim = "bits/char" if cfg.eval.unit == "bits/char" else "bits/dim"  # one character is one dim
         lines.append(
             f"  validation NLL: {summary['val/nll_bits_per_dim']:.4f} ± "
-            f"{summary['val/nll_bits_per_dim_se']:.4f} bits/dim"
+            f"{summary['val/nll_bits_per_dim_se']:.4f} {per_dim}"
             + (f", {summary[f'val/nll_{unit_key}']:.2f} ± {summary[f'val/nll_{unit_key}_se']:.2f} "
-               f"{cfg.eval.unit}" if cfg.eval.unit not in ("bits/dim", "nats/dim") else "")
+               f"{cfg.eval.unit}" if cfg.eval.unit not in ("bits/dim", "nats/dim", "bits/char") else "")
         )  # fmt: skip
     if "val/loss" in summary:
         lines.append(f"  validation continuous-time loss: {summary['val/loss']:.4f} nats/dim")

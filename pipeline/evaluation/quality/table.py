@@ -175,6 +175,12 @@ def write(rows: list[Row], stem: Path, header: str) -> tuple[Path, Path]:
 
 
 # -------------------------------------------------------------------------------------- command
+def _solver_grid(model) -> str:
+    solver = bfn.samplers.make_solver(model.flow)
+    return (f"BFN-Solvers (ode*, sde*) on the {solver.DEFAULT_GRID} time grid from t_start {solver.DEFAULT_T_START:g}; "
+            "paper: the paper's sampler, uniform steps, last call at t = 1")
+
+
 def default_runs_dir() -> Path:
     """runs/ of the environment running the command (BFN_RUNS_DIR / BFN_ROOT), as `bfn train` uses."""
     from pipeline.config import compose
@@ -209,6 +215,7 @@ def quality(checkpoint, overrides=(), *, samplers, nfe, num: int = 256, seeds: i
         f"Sample quality of {checkpoint} ({cfg.data.name}, {'EMA' if use_ema else 'raw'} weights, {device.type}): "
         f"{num} samples per cell, mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.",
         scorer.describe() + ".",
+        _solver_grid(model) + ".",
         "Metrics: " + "; ".join(f"{qm.METRICS[k][0]} ({qm.METRICS[k][1]} is better)" for k in metric_keys(rows))
         + ". Definitions: pipeline/evaluation/quality/metrics.py.",
     ])  # fmt: skip
