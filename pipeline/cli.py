@@ -38,7 +38,7 @@ def cmd_sample(args) -> int:
     from pipeline.evaluation.evaluate import sample
 
     path = sample(args.checkpoint, num=args.num, num_steps=args.steps, nfe=args.nfe, sampler=args.sampler,
-                  seed=args.seed, out=args.out, use_ema=not args.raw_weights)  # fmt: skip
+                  seed=args.seed, out=args.out, use_ema=not args.raw_weights, grid=args.grid)  # fmt: skip
     logging.getLogger(__name__).info("samples written to %s", path)
     return 0
 
@@ -48,7 +48,7 @@ def cmd_quality(args) -> int:
 
     _, table = quality(args.checkpoint, args.overrides, samplers=args.sampler, nfe=args.nfe, num=args.num,
                        seeds=args.seeds, batch_size=args.batch_size, out=args.out, cache=args.cache,
-                       device=args.device, use_ema=not args.raw_weights)  # fmt: skip
+                       device=args.device, use_ema=not args.raw_weights, grid=args.grid)  # fmt: skip
     print(table)  # the table is the command's result
     return 0
 
@@ -116,6 +116,9 @@ def _add_train_and_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+GRID_HELP = "the BFN-Solvers' time grid: uniform or logsnr (default: logsnr for discrete data, uniform otherwise)"
+
+
 def _add_sample_and_quality(sub) -> None:
     p = sub.add_parser("sample", help="generate samples from a checkpoint")
     p.add_argument("checkpoint")
@@ -125,6 +128,7 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument("--steps", default=None,
                    help="updates before the last call (default 100, i.e. --nfe 101); give --steps or --nfe")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help=GRID_HELP)
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_sample)
@@ -136,6 +140,7 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument("--num", default=256, help="samples per (sampler, NFE, seed)")
     p.add_argument("--seeds", default=3, help="seeds 0..N-1; cells show mean ± standard deviation over them")
     p.add_argument("--batch-size", default=256, help="samples drawn per batch")
+    p.add_argument("--grid", default=None, help=GRID_HELP)
     p.add_argument("--out", default=None,
                    help="output stem: writes STEM.csv, STEM.md and STEM_samples/ (default: runs/quality/RUN_CKPT)")
     p.add_argument("--cache", default=None, help="classifier cache folder (default: runs/quality/classifiers)")

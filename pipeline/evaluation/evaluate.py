@@ -133,7 +133,7 @@ def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=
 
 @torch.no_grad()
 def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", seed=0, out=None,
-           use_ema=True) -> Path:  # fmt: skip
+           use_ema=True, grid=None) -> Path:  # fmt: skip
     """`bfn sample`: ``num`` samples drawn with ``sampler`` (bfn.samplers.SAMPLERS) in ``nfe``
     network calls, as a PNG grid (images) or a text file (text8); returns the path.
 
@@ -141,7 +141,7 @@ def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", see
     paper's number of steps, the older flag) means nfe = n + 1; give one of the two (default n = 100).
     """
     from bfn.samplers import sample as draw
-    from pipeline.evaluation.quality.table import check_count, parse_samplers
+    from pipeline.evaluation.quality.table import check_count, parse_grid, parse_samplers
 
     if num_steps is not None and nfe is not None:
         raise ConfigError(f"--steps and --nfe: give one of them (nfe = steps + 1; got {num_steps}, {nfe})")
@@ -150,7 +150,10 @@ def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", see
     nfe = check_count("--nfe", nfe, 1)
     names = parse_samplers(sampler, several=False)
     num = check_count("--num", num, 1)
+    if parse_grid(grid) is not None and names[0] == "paper":
+        raise ConfigError("--grid: applies to the BFN-Solvers (ode1, ode2, sde1, sde2), not to --sampler paper")
     model, cfg = load_model(checkpoint, use_ema=use_ema)
-    samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed))
+    options = {"grid": grid} if grid is not None else {}
+    samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed), **options)
     stem = Path(out) if out else Path(checkpoint) / f"samples_{names[0]}_nfe{nfe}_seed{seed}"
     return figures.save_samples(samples, cfg.data.name, stem)

@@ -6,11 +6,13 @@ import csv
 import dataclasses
 import subprocess
 import sys
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
 
+import bfn.samplers
 from bfn import EMA
 from pipeline import data as data_lib
 from pipeline.cli import main as bfn_main
@@ -152,7 +154,7 @@ def test_image_scorer_scores_the_test_split_near_zero(mnist, cache):
 def test_quality_cli_prints_the_table(checkpoint, cache, tmp_path):
     out = tmp_path / "table"
     args = ["quality", str(checkpoint), "--sampler", "paper,ode2", "--nfe", "2,3", "--num", "4", "--seeds", "2",
-            "--cache", str(cache), "--out", str(out)]  # fmt: skip
+            "--cache", str(cache), "--out", str(out), "--grid", "uniform"]  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -161,7 +163,7 @@ def test_quality_cli_prints_the_table(checkpoint, cache, tmp_path):
     cells = {(c[0], c[1]): c for c in (line.strip("| ").split(" | ") for line in lines if line.startswith("| "))}
     assert {("paper", "2"), ("paper", "3"), ("ode2", "2"), ("ode2", "3")} <= set(cells)
     assert "±" in cells[("ode2", "3")][2]  # two seeds: a spread
-    assert "test accuracy" in result.stdout
+    assert "test accuracy" in result.stdout and "on the uniform time grid" in result.stdout
     with (tmp_path / "table.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["sampler"].startswith("data")
@@ -173,7 +175,7 @@ def test_quality_cli_prints_the_table(checkpoint, cache, tmp_path):
 
 @pytest.mark.parametrize(("args", "flag"), [
     (["--sampler", "paper,euler"], "--sampler"), (["--nfe", "5,0"], "--nfe"), (["--nfe", "ten"], "--nfe"),
-    (["--num", "0"], "--num"), (["--num", "1"], "--num"), (["--seeds", "0"], "--seeds"),
+    (["--num", "0"], "--num"), (["--num", "1"], "--num"), (["--seeds", "0"], "--seeds"), (["--grid", "cos"], "--grid"),
 ])  # fmt: skip
 def test_quality_bad_flags_exit_2_naming_the_flag(checkpoint, cache, args, flag, capsys):
     assert bfn_main(["quality", str(checkpoint), "--cache", str(cache), *args]) == 2
@@ -184,6 +186,7 @@ def test_quality_bad_flags_exit_2_naming_the_flag(checkpoint, cache, args, flag,
 @pytest.mark.parametrize(("args", "flag"), [
     (["--sampler", "euler"], "--sampler"), (["--nfe", "0"], "--nfe"), (["--nfe", "2.5"], "--nfe"),
     (["--steps", "-1"], "--steps"), (["--steps", "3", "--nfe", "4"], "--steps and --nfe"), (["--num", "0"], "--num"),
+    (["--sampler", "sde2", "--grid", "cos"], "--grid"), (["--grid", "logsnr"], "--grid"),  # paper has no grid
 ])  # fmt: skip
 def test_sample_bad_flags_exit_2_naming_the_flag(checkpoint, args, flag, capsys):
     assert bfn_main(["sample", str(checkpoint), *args]) == 2
@@ -201,6 +204,15 @@ def test_sample_with_a_sampler_and_nfe(checkpoint, tmp_path):
     by_nfe = sample(checkpoint, num=4, nfe=4, sampler="paper", out=tmp_path / "nfe")
     assert by_steps.read_bytes() == by_nfe.read_bytes()  # --steps n is --nfe n + 1
     assert sample(checkpoint, num=2, nfe=2, sampler="ode1").name == "samples_ode1_nfe2_seed0.png"
+    # the binary flow's default grid is logsnr: naming it changes nothing; a named grid reaches the solver
+    default, logsnr = (sample(checkpoint, num=8, nfe=4, sampler="sde2", grid=g, out=tmp_path / f"g{g}")
+                       for g in (None, "logsnr"))  # fmt: skip
+    assert default.read_bytes() == logsnr.read_bytes()
+    seen = []
+    solver_times = bfn.samplers.solver_times
+    with patch("bfn.samplers.solver_times", lambda *a: seen.append(a[2]) or solver_times(*a)):
+        sample(checkpoint, num=2, nfe=3, sampler="ode2", grid="uniform", out=tmp_path / "uniform")
+    assert seen == ["uniform"]
 
 
 # ---------------------------------------------------------------------------------- worker hook

@@ -69,14 +69,22 @@ def check_count(flag: str, value: int | str, low: int, why: str = "") -> int:
 
 
 # -------------------------------------------------------------------------------------- sampling
+def parse_grid(grid: str | None, flag: str = "--grid") -> str | None:
+    if grid is not None and grid not in bfn.samplers.GRIDS:
+        raise ConfigError(f"{flag}: must be one of {', '.join(bfn.samplers.GRIDS)} (got {grid!r})")
+    return grid
+
+
 def draw(model, sampler: str, nfe: int, num: int, *, seed: int, batch_size: int,
-         device: torch.device) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds)."""
+         device: torch.device, grid: str | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds).
+    ``grid``: the solvers' time grid (None: the flow's default); the paper's sampler has none."""
     generator = torch.Generator(device=device).manual_seed(seed)
+    options = {"grid": grid} if grid is not None and sampler != "paper" else {}
     started, chunks = time.perf_counter(), []
     for start in range(0, num, batch_size):
         chunks.append(bfn.samplers.sample(model, min(batch_size, num - start), sampler=sampler, nfe=nfe,
-                                          generator=generator, device=device).cpu())  # fmt: skip
+                                          generator=generator, device=device, **options).cpu())  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return torch.cat(chunks), time.perf_counter() - started
@@ -116,14 +124,15 @@ def data_row(cfg, scorer, num: int, seeds: int) -> Row:
 
 
 def run(model, cfg, scorer, *, samplers: list[str], nfes: list[int], num: int, seeds: int, batch_size: int,
-        device: torch.device, samples_dir: Path | None = None) -> list[Row]:  # fmt: skip
+        device: torch.device, samples_dir: Path | None = None, grid: str | None = None) -> list[Row]:  # fmt: skip
     """One row per (sampler, NFE): metrics of ``num`` samples for seeds 0..seeds-1."""
     rows = []
     for sampler in samplers:
         for nfe in nfes:
             row = Row(sampler, nfe, num)
             for seed in range(seeds):
-                samples, seconds = draw(model, sampler, nfe, num, seed=seed, batch_size=batch_size, device=device)
+                samples, seconds = draw(model, sampler, nfe, num, seed=seed, batch_size=batch_size, device=device,
+                                        grid=grid)  # fmt: skip
                 row.add({**scorer.score(samples), "seconds_per_sample": seconds / num})
                 if seed == 0 and samples_dir is not None:
                     figures.save_samples(samples, cfg.data.name, samples_dir / f"{sampler}_nfe{nfe}_seed0")
@@ -175,10 +184,10 @@ def write(rows: list[Row], stem: Path, header: str) -> tuple[Path, Path]:
 
 
 # -------------------------------------------------------------------------------------- command
-def _solver_grid(model) -> str:
+def _solver_grid(model, grid: str | None) -> str:
     solver = bfn.samplers.make_solver(model.flow)
-    return (f"BFN-Solvers (ode*, sde*) on the {solver.DEFAULT_GRID} time grid from t_start {solver.DEFAULT_T_START:g}; "
-            "paper: the paper's sampler, uniform steps, last call at t = 1")
+    return (f"BFN-Solvers (ode*, sde*) on the {grid or solver.DEFAULT_GRID} time grid from t_start "
+            f"{solver.DEFAULT_T_START:g}; paper: the paper's sampler, uniform steps, last call at t = 1")
 
 
 def default_runs_dir() -> Path:
@@ -189,12 +198,12 @@ def default_runs_dir() -> Path:
 
 
 def quality(checkpoint, overrides=(), *, samplers, nfe, num: int = 256, seeds: int = 3, batch_size: int = 256,
-            out=None, cache=None, device: str | None = None, use_ema: bool = True
+            out=None, cache=None, device: str | None = None, use_ema: bool = True, grid: str | None = None
             ) -> tuple[list[Row], str]:  # fmt: skip
     """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text)."""
     from pipeline.evaluation.evaluate import load_model
 
-    samplers, nfes = parse_samplers(samplers), parse_nfe(nfe)
+    samplers, nfes, grid = parse_samplers(samplers), parse_nfe(nfe), parse_grid(grid)
     num, seeds, batch_size = (check_count(f, v, 1) for f, v in (("--num", num), ("--seeds", seeds),
                                                                  ("--batch-size", batch_size)))  # fmt: skip
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
@@ -210,12 +219,12 @@ def quality(checkpoint, overrides=(), *, samplers, nfe, num: int = 256, seeds: i
     model = model.to(device)
     rows = [data_row(cfg, scorer, num, seeds)]
     rows += run(model, cfg, scorer, samplers=samplers, nfes=nfes, num=num, seeds=seeds, batch_size=batch_size,
-                device=device, samples_dir=stem.with_name(stem.name + "_samples"))  # fmt: skip
+                device=device, samples_dir=stem.with_name(stem.name + "_samples"), grid=grid)  # fmt: skip
     header = "\n".join([
         f"Sample quality of {checkpoint} ({cfg.data.name}, {'EMA' if use_ema else 'raw'} weights, {device.type}): "
         f"{num} samples per cell, mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.",
         scorer.describe() + ".",
-        _solver_grid(model) + ".",
+        _solver_grid(model, grid) + ".",
         "Metrics: " + "; ".join(f"{qm.METRICS[k][0]} ({qm.METRICS[k][1]} is better)" for k in metric_keys(rows))
         + ". Definitions: pipeline/evaluation/quality/metrics.py.",
     ])  # fmt: skip
