@@ -317,9 +317,10 @@ def test_discrete_second_order_steps_are_exact_for_predictions_linear_in_t(
 
 @FAST
 @given(nfe=st.integers(1, 500), t_start=st.floats(1e-6, 0.5))
-def test_solver_grid_runs_evenly_from_t_start_to_one(nfe, t_start):
+def test_uniform_grid_runs_evenly_from_t_start_and_drops_the_last_interval(nfe, t_start):
     grid = solver_times(nfe, t_start)
-    assert len(grid) == nfe + 1 and grid[0] == t_start and math.isclose(grid[-1], 1.0)
+    assert len(grid) == nfe and grid[0] == t_start
+    assert math.isclose(grid[-1], 1 - (1 - t_start) / nfe, rel_tol=1e-9)  # BFN-Solver's last_drop
     steps = [b - a for a, b in zip(grid[:-1], grid[1:], strict=True)]
     assert all(math.isclose(d, (1 - t_start) / nfe, rel_tol=1e-9) for d in steps)
 
@@ -433,13 +434,12 @@ def test_samplers_agree_in_distribution_at_large_nfe(kind):
         torch.testing.assert_close(share, shares["paper"], atol=0.04, rtol=0, msg=f"{name}: {share}")
 
 
-@given(nfe=st.integers(1, 300), t_start=st.floats(1e-6, 0.5), beta_1=st.floats(0.1, 20.0),
+@given(nfe=st.integers(2, 300), t_start=st.floats(1e-6, 0.5), beta_1=st.floats(0.1, 20.0),
        sigma_1=st.floats(1e-3, 0.5))  # fmt: skip
 def test_logsnr_grid_runs_evenly_in_each_flows_log_snr_from_t_start_to_one(nfe, t_start, beta_1, sigma_1):
-    for solver in (DiscreteSolver(DiscreteFlow(27, beta_1)),
-                   ContinuousSolver(ContinuousFlow(sigma_1))):  # fmt: skip
+    for solver in (DiscreteSolver(DiscreteFlow(27, beta_1)), ContinuousSolver(ContinuousFlow(sigma_1))):
         grid = solver_times(nfe, t_start, "logsnr", solver)
-        assert len(grid) == nfe + 1 and grid[0] == t_start and grid[-1] == 1.0
+        assert len(grid) == nfe and grid[0] == t_start and grid[-1] == 1.0  # the last call at t = 1
         assert all(a < b for a, b in zip(grid, grid[1:], strict=False))
         gaps = [solver.log_snr(b) - solver.log_snr(a) for a, b in zip(grid, grid[1:], strict=False)]
         assert all(math.isclose(g, gaps[0], rel_tol=1e-6, abs_tol=1e-9) for g in gaps)
@@ -447,5 +447,6 @@ def test_logsnr_grid_runs_evenly_in_each_flows_log_snr_from_t_start_to_one(nfe, 
 
 def test_discrete_logsnr_grid_is_geometric_in_t():
     solver = DiscreteSolver(DiscreteFlow(2, 9.0))
-    assert [round(t, 12) for t in solver_times(3, 1e-3, "logsnr", solver)] == [1e-3, 1e-2, 1e-1, 1.0]
+    assert [round(t, 12) for t in solver_times(4, 1e-3, "logsnr", solver)] == [1e-3, 1e-2, 1e-1, 1.0]
+    assert solver_times(1, 1e-3, "logsnr", solver) == [1e-3]  # one call: the initial state's prediction
     assert solver.DEFAULT_GRID == "logsnr" and ContinuousSolver.DEFAULT_GRID == "uniform"
