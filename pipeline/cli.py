@@ -206,8 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import set_env_defaults
 

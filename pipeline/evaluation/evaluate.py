@@ -153,7 +153,6 @@ def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", see
     if parse_grid(grid) is not None and names[0] == "paper":
         raise ConfigError("--grid: applies to the BFN-Solvers (ode1, ode2, sde1, sde2), not to --sampler paper")
     model, cfg = load_model(checkpoint, use_ema=use_ema)
-    options = {"grid": grid} if grid is not None else {}
-    samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed), **options)
+    samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed), grid=grid)
     stem = Path(out) if out else Path(checkpoint) / f"samples_{names[0]}_nfe{nfe}_seed{seed}"
     return figures.save_samples(samples, cfg.data.name, stem)

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, load, set_env_defaults
+from pipeline.config import Config, ConfigError, load, set_env_defaults
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,13 @@ def parse_args(args: list[str]) -> tuple[SweepOptions, list[str]]:
 
 
 # ------------------------------------------------------------------------------- before Ray
-def prepare(opts: SweepOptions, overrides: list[str]):
-    """(config, space): compose + validate, check the space and the metric, check the data."""
+def prepare(opts: SweepOptions, cfg: Config) -> dict:
+    """The search space, checked with the metric against the composed config; the data checked too."""
     from pipeline.sweeps.spaces import check_objective, check_space
     from pipeline.training.driver import preflight
     from tune_spaces import get_space
     from tune_spaces.common import is_grid
 
-    cfg = load(overrides)
     try:
         space = get_space(opts.space)
     except ValueError as error:
@@ -138,7 +137,7 @@ def prepare(opts: SweepOptions, overrides: list[str]):
     preflight(cfg)
     if opts.search == "optuna" and any(is_grid(v) for v in space.values()):
         raise ConfigError("search: optuna does not take grid_search entries; use search=random")
-    return cfg, space
+    return space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,11 +294,11 @@ def sweep(args: list[str]) -> dict:
     set_env_defaults()
     opts, overrides = parse_args(args)
     started = time.perf_counter()
-    from pipeline.config import load
     from pipeline.training.driver import secure_local_ray
 
-    secure_local_ray(load(overrides))  # before ray is imported: an embedded runtime then binds loopback only
-    cfg, space = prepare(opts, overrides)
+    cfg = load(overrides)
+    secure_local_ray(cfg)  # before ray is imported: an embedded runtime then binds loopback only
+    space = prepare(opts, cfg)
     where = locate(cfg, opts)
     settings, parent, rows, max_concurrent = run(cfg, opts, space, overrides, where)
     out = report(cfg, opts, space, overrides, where, settings, rows)
