@@ -43,6 +43,9 @@ RAY_MAP_BATCH_SIZE = 1024
 # process and handed to Ray as SMALL_SPLIT_BLOCKS blocks; larger ones stream through read tasks.
 SMALL_SPLIT_BYTES = 256 * 1024**2
 SMALL_SPLIT_BLOCKS = 8
+# ... and preprocessed there too when the result is at most this big (MNIST and text8 keep their
+# size; CIFAR-10's float32 bin centres are 4x the stored bytes)
+EAGER_PREPROCESS_BYTES = 256 * 1024**2
 
 
 def _columns(name: str) -> tuple[str, str]:
@@ -111,6 +114,32 @@ def _ray_preprocess(tab: pa.Table, *, name: str, num_bins: int) -> dict[str, np.
     return preprocess(name, _table_dict(tab.combine_chunks()), num_bins=num_bins)
 
 
+def _preprocessed_bytes(tab: pa.Table, name: str) -> int:
+    """Bytes of ``preprocess``'s output for ``tab`` (uint8 rows as stored; CIFAR-10 float32)."""
+    data_col, _ = _columns(name)
+    width = getattr(tab.schema.field(data_col).type, "byte_width", 0)  # a bad type: preprocess names it
+    return tab.num_rows * width * (4 if name == "cifar10" else 1)
+
+
+def _map_bundles(blocks: list[pa.Table], rows: int) -> list[pa.Table]:
+    """The inputs of ``map_batches(batch_size=rows)``'s tasks, whose outputs are one block each:
+    consecutive blocks joined until they hold at least ``rows`` rows."""
+    bundles, pending = [], []
+    for block in blocks:
+        pending.append(block)
+        if sum(b.num_rows for b in pending) >= rows:
+            bundles.append(pa.concat_tables(pending))
+            pending = []
+    return bundles + ([pa.concat_tables(pending)] if pending else [])
+
+
+def _tensor_block(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A Ray Data block of ``{"x": (B, ...) array}``, as a map_batches task would return it."""
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({column: ArrowTensorArray.from_numpy(values) for column, values in batch.items()})
+
+
 def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fraction: float = 1.0,
                 materialize: bool = True, seed: int | None = 0, seq_len: int | None = None) -> Any:  # fmt: skip
     """A Ray Dataset of ``{"x": ...}`` rows of ``split`` (local folder or s3://), as ``preprocess`` makes them.
@@ -119,7 +148,10 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
     keeps the ``fraction`` subset chosen by ``seed`` (None = 0), materializes the stored rows in
     the object store when ``materialize`` (recommended for these small datasets on few cores: the
     read then runs once; splits up to ``SMALL_SPLIT_BYTES`` are read by this process, without read
-    tasks) and maps ``preprocess`` lazily. ``seq_len``: when given, must match the text8 manifest.
+    tasks) and maps ``preprocess`` lazily. Such a small split whose preprocessed rows fit in
+    ``EAGER_PREPROCESS_BYTES`` is preprocessed here too: iterating it then runs no Ray task at all
+    (a map task launched from a Train worker waited ~2 s for its CPU budget each validation).
+    ``seq_len``: when given, must match the text8 manifest.
     The rows are not model-ready: apply ``to_model`` to each batch. Needs a running Ray (or starts one).
     """
     import ray.data
@@ -135,7 +167,15 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
         # the same rows as the streaming read below, without its read tasks (~10-25 s per call on 2 cores)
         table = _keep_subset(pa.concat_tables(tables), **subset)
         step = max(1, -(-table.num_rows // SMALL_SPLIT_BLOCKS))
-        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
+        blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+        if _preprocessed_bytes(table, name) <= EAGER_PREPROCESS_BYTES:
+            # the blocks the lazy map below would yield, computed once here: a seeded local shuffle
+            # depends on block boundaries, so a launch draws the same batches either way
+            blocks = [_tensor_block(_ray_preprocess(b, name=name, num_bins=num_bins))
+                      for b in _map_bundles(blocks, RAY_MAP_BATCH_SIZE)]  # fmt: skip
+            return ray.data.from_blocks(blocks)
+        # from_blocks puts the blocks as they are; from_arrow runs a metadata task per block (~1.5 s)
+        ds = ray.data.from_blocks(blocks)
     else:
         ds = ray.data.read_parquet(paths, filesystem=fs, file_extensions=["parquet"])
         if threshold is not None:

@@ -76,6 +76,8 @@ def embedded_ray_env() -> None:
                     "on this machine's network address (token auth still applies)")  # fmt: skip
     os.environ[LOOPBACK_ENV] = "0"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torch's gloo connections between workers: loopback too
+    # one machine is never drained by a cloud provider: the watcher would be one more process polling every 5 s
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(_local_token())
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.pop("RAY_AUTH_MODE", None)
@@ -299,7 +301,8 @@ def _fit(cfg: Config, lease: Lease, callbacks: list | None) -> dict:
             logging_config=ray.train.LoggingConfig(log_level="INFO" if runtime["verbose"] else "WARNING"),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # one worker reads the whole stream itself: no split coordinator actor to start and feed
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.num_workers > 1 else []),
     )  # fmt: skip
     result = trainer.fit()
     summary = dict(result.return_value or {})

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import pytest
 
 from pipeline import data as D
@@ -514,6 +515,37 @@ def test_ray_dataset_fraction_matches_plain_reader(ray_local, tmp_path):
     assert all(c.astype(np.uint8).tobytes() in joined for c in crops)
     with pytest.raises(D.DataError, match="prepared with seq_len 64, not 256"):
         D.ray_dataset(out, "train", "text8", seq_len=256)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "text8"])
+def test_ray_dataset_preprocessed_in_the_caller_yields_the_lazy_maps_batches(ray_local, small_mnist, tmp_path,
+                                                                             monkeypatch, name):  # fmt: skip
+    """A small split is preprocessed by the calling process (no map task to wait for when a Train
+    worker iterates it): the seeded, locally shuffled batches equal the lazy map's, bit for bit."""
+    import ray.data
+
+    from pipeline.data import readers
+
+    out = small_mnist[0] if name == "mnist" else str(tmp_path / name)
+    if name != "mnist":
+        D.prepare(name, out, rows_per_shard=64, progress=False, **({"seq_len": 64} if name == "text8" else {}))
+    monkeypatch.setattr(readers, "RAY_MAP_BATCH_SIZE", 48)  # several blocks per bundle, a ragged last one
+    options = ray.data.DataContext.get_current().execution_options
+    monkeypatch.setattr(options, "preserve_order", True)  # as fit() runs it
+
+    def batches(ds):
+        return [b["x"] for b in ds.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=40,
+                                                      local_shuffle_seed=3)]  # fmt: skip
+
+    eager = D.ray_dataset(out, "train", name, num_bins=16 if name == "cifar10" else 256)
+    monkeypatch.setattr(readers, "EAGER_PREPROCESS_BYTES", -1)
+    lazy = D.ray_dataset(out, "train", name, num_bins=16 if name == "cifar10" else 256)
+    assert "MapBatches" not in repr(eager) and "MapBatches" in repr(lazy)
+    got, want = batches(eager), batches(lazy)
+    assert len(got) == len(want) > 4
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.slow
