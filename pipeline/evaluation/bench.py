@@ -5,12 +5,15 @@ step      one full training step of the small MNIST U-Net (continuous-time loss 
           forward+backward of the same net and batch (a step cannot beat that), and beside a
           deliberately naive step (channels-first, float64 loss math) for scale.
 pipeline  steady-state samples/s of the Ray Train loop vs a plain single-process loop of the same
-          step (startup reported separately); Ray Data throughput vs what one worker consumes;
-          2 workers x 1 CPU vs 1 worker x 2 CPUs at the same global batch (efficiency).
+          step (run before and after the Ray fits; startup reported separately); Ray Data
+          throughput vs what one worker consumes; 2 workers x 1 CPU vs 1 worker x 2 CPUs at the
+          same global batch (efficiency); who had the cores during the Ray loop (training worker,
+          Ray's daemons and actors), and samples per CPU-second of the training process itself.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -70,7 +73,83 @@ def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[
     return results
 
 
-def _fit_throughput(overrides: list[str], root: Path) -> dict[str, float]:
+# roles of the processes on the machine, by the start of their command line (psutil's cmdline)
+_ROLES = (
+    ("training worker", ("ray::RayTrainWorker",)),
+    ("Ray Train actors", ("ray::TrainController", "ray::PlacementGroupCleaner", "ray::SynchronizationActor",
+                          "ray::PreemptionWatcher")),
+    ("Ray Data actors", ("ray::_StatsActor", "ray::DatasetManager", "ray::SplitCoordinator",
+                         "ray::_AutoscalingCoordinatorActor")),
+    ("Ray idle workers", ("ray::IDLE",)),
+    ("Ray daemons", ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "ray::DashboardAgent",
+                     "ray::RuntimeEnvAgent", "ray-dashboard-")),
+)  # fmt: skip
+
+
+def _role(cmdline: list[str], pid: int) -> str:
+    if pid == os.getpid():
+        return "this driver"
+    line, head = " ".join(cmdline), [Path(token).name for token in cmdline[:3]]  # e.g. python -u .../log_monitor.py
+    for role, starts in _ROLES:
+        if any(line.startswith(start) or any(name.startswith(start) for name in head) for start in starts):
+            return role
+    return "rest of the machine"
+
+
+class CpuMeter:
+    """CPU seconds of every process on the machine, sampled every ``interval`` s in a thread, so
+    that the share of the cores each role had over a time span can be read afterwards."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        import threading
+
+        self.interval, self.samples, self.roles = interval, [], {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+
+    def _snapshot(self) -> tuple[float, dict[int, float]]:
+        import psutil
+
+        seconds = {}
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                times = proc.cpu_times()
+                if proc.pid not in self.roles:
+                    self.roles[proc.pid] = _role(proc.cmdline(), proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            seconds[proc.pid] = times.user + times.system
+        return time.time(), seconds
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._snapshot())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def shares(self, start: float, end: float) -> dict[str, float]:
+        """Fraction of all cores each role used between the first sample at or after ``start``
+        and the last at or before ``end`` ({} when the span holds fewer than two samples)."""
+        inside = [sample for sample in self.samples if start <= sample[0] <= end]
+        if len(inside) < 2:
+            return {}
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        capacity = (t1 - t0) * (os.cpu_count() or 1)
+        used: dict[str, float] = {}
+        for pid, seconds in last.items():
+            role = self.roles.get(pid, "rest of the machine")
+            used[role] = used.get(role, 0.0) + seconds - first.get(pid, 0.0)  # a new process: its whole life
+        return {role: value / capacity for role, value in sorted(used.items(), key=lambda kv: -kv[1])}
+
+
+def _fit_throughput(overrides: list[str], root: Path) -> dict:
     from pipeline.config import load
     from pipeline.training.driver import fit
 
@@ -80,16 +159,19 @@ def _fit_throughput(overrides: list[str], root: Path) -> dict[str, float]:
         "trainer.checkpoint_every=100000", *overrides,
     ])  # fmt: skip
     started = time.perf_counter()
-    summary = fit(cfg)
+    with CpuMeter() as meter:
+        summary = fit(cfg)
     wall = time.perf_counter() - started
     windows = summary["samples_per_s_windows"][1:] or summary["samples_per_s_windows"]
     steady = statistics.median(windows)
     loop_seconds = cfg.trainer.max_steps * cfg.data.batch_size / steady
-    return {"samples_per_s": steady, "wall_s": wall, "startup_s": max(wall - loop_seconds, 0.0)}
+    logged = summary["windows_logged_at"]  # the steady state: from the end of the first window to the last
+    return {"samples_per_s": steady, "wall_s": wall, "startup_s": max(wall - loop_seconds, 0.0),
+            "cpu": meter.shares(logged[0], logged[-1])}  # fmt: skip
 
 
-def _plain_throughput(uri: str, steps: int, batch_size: int = 32, threads: int = 2) -> float:
-    """The same step in one process with the plain pyarrow reader (no Ray)."""
+def _plain_throughput(uri: str, steps: int, batch_size: int = 32, threads: int = 2) -> dict[str, float]:
+    """The same step in one process with the plain pyarrow reader (no Ray); its share of the cores."""
     from pipeline import data as data_lib
     from pipeline.config import load
     from pipeline.training.build import build_model, build_optimizer
@@ -106,10 +188,12 @@ def _plain_throughput(uri: str, steps: int, batch_size: int = 32, threads: int =
 
     for _ in range(3):
         one()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         one()
-    return steps * batch_size / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    share = (time.process_time() - cpu) / wall / (os.cpu_count() or 1)
+    return {"samples_per_s": steps * batch_size / wall, "cpu_share": share}
 
 
 def _data_throughput(uri: str, seconds: float = 10.0) -> float:
@@ -127,6 +211,10 @@ def _data_throughput(uri: str, seconds: float = 10.0) -> float:
 
 
 def bench_pipeline(steps: int = 60) -> dict[str, float]:
+    """Plain loop, Ray Train (1 worker, then 2), plain loop again with Ray stopped: the plain rate
+    is the mean of the two runs around the Ray fits, so a drift of the machine's speed hits both."""
+    import ray
+
     from pipeline.config import load
     from pipeline.training.driver import init_ray
 
@@ -135,13 +223,19 @@ def bench_pipeline(steps: int = 60) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bfn-bench-") as folder:
         root = Path(folder)
         common = [f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
-        plain = _plain_throughput(uri, steps)
+        before = _plain_throughput(uri, steps)
         init_ray(cfg)
         one = _fit_throughput([*common, "trainer=cpu_1", "run.name=bench1"], root)
         two = _fit_throughput([*common, "run.name=bench2"], root)
         data = _data_throughput(uri)
+        ray.shutdown()
+        after = _plain_throughput(uri, steps)
+    plain = (before["samples_per_s"] + after["samples_per_s"]) / 2
+    worker_share = one["cpu"].get("training worker", float("nan"))
+    plain_share = (before["cpu_share"] + after["cpu_share"]) / 2
     results = {
         "plain_samples_per_s": plain,
+        "plain_spread": abs(before["samples_per_s"] - after["samples_per_s"]) / plain,
         "ray_1worker_samples_per_s": one["samples_per_s"],
         "ray_over_plain": one["samples_per_s"] / plain,
         "ray_startup_s": one["startup_s"],
@@ -149,15 +243,35 @@ def bench_pipeline(steps: int = 60) -> dict[str, float]:
         "two_over_one_workers": two["samples_per_s"] / one["samples_per_s"],
         "data_rows_per_s": data,
         "data_over_consumption": data / one["samples_per_s"],
+        "worker_cpu_share": worker_share,
+        "plain_cpu_share": plain_share,
+        # samples per CPU-second of the training process itself: the loop's own host cost
+        "per_cpu_ray_over_plain": (one["samples_per_s"] / worker_share) / (plain / plain_share),
     }
     print(f"\n== pipeline: mnist_local preset, batch 32, {steps} steps per fit ==")
-    print(f"  plain single-process loop    {plain:8.1f} samples/s   (1.00x)")
-    print(f"  Ray Train, 1 worker x 2 CPU  {one['samples_per_s']:8.1f} samples/s   "
-          f"({results['ray_over_plain']:.2f}x plain; goal >= 0.95)  startup {one['startup_s']:.1f} s")
-    print(f"  Ray Train, 2 workers x 1 CPU {two['samples_per_s']:8.1f} samples/s   "
-          f"({results['two_over_one_workers']:.2f}x one worker, same 2 cores)")
-    print(f"  Ray Data delivery            {data:8.1f} rows/s      "
-          f"({results['data_over_consumption']:.1f}x what one worker consumes; goal >= 10)")
+    print(
+        f"  plain single-process loop    {plain:8.1f} samples/s   (1.00x; {before['samples_per_s']:.1f} before "
+        f"the Ray fits, {after['samples_per_s']:.1f} after)"
+    )
+    print(
+        f"  Ray Train, 1 worker x 2 CPU  {one['samples_per_s']:8.1f} samples/s   "
+        f"({results['ray_over_plain']:.2f}x plain; goal >= 0.95)  startup {one['startup_s']:.1f} s (goal <= 14.8 s)"
+    )
+    print(
+        f"  Ray Train, 2 workers x 1 CPU {two['samples_per_s']:8.1f} samples/s   "
+        f"({results['two_over_one_workers']:.2f}x one worker, same 2 cores)"
+    )
+    print(
+        f"  Ray Data delivery            {data:8.1f} rows/s      "
+        f"({results['data_over_consumption']:.1f}x what one worker consumes; goal >= 10)"
+    )
+    print(f"  share of the {os.cpu_count()} cores in the 1-worker fit's steady state (plain loop: {plain_share:.1%}):")
+    for role, share in one["cpu"].items():
+        print(f"    {role:<22} {share:6.1%}")
+    print(
+        f"  per CPU-second of the training process, Ray Train's loop does "
+        f"{results['per_cpu_ray_over_plain']:.2f}x the plain loop's samples"
+    )
     return results
 
 

@@ -125,6 +125,7 @@ class Progress:
     budget_seconds: float = 0.0  # trainer.max_minutes in seconds; 0: no time budget
     history: dict = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
     throughput: list = field(default_factory=list)  # samples/s per log window (the benchmark reads it)
+    logged_at: list = field(default_factory=list)  # wall-clock time at the end of each window (the same)
     last: dict = field(default_factory=dict)
     skipped_total: int = 0
     loop_started: float = field(default_factory=time.perf_counter)
@@ -298,6 +299,7 @@ def _log_window(cfg: Config, window: Window, progress: Progress, step: int, epoc
     }  # fmt: skip
     progress.history["train/loss"].append((step, stats["loss"]))
     progress.throughput.append(metrics["train/samples_per_s"])
+    progress.logged_at.append(time.time())
     if rank == 0:
         log.info("step %d/%d | loss %.4f | %.1f samples/s | epoch %d | ETA %s", step, cfg.trainer.max_steps,
                  stats["loss"], metrics["train/samples_per_s"], epoch, progress.eta(step))  # fmt: skip
@@ -360,7 +362,7 @@ def _finish(cfg: Config, rank: int, raw, step: int, run_dir: Path, tracker, prog
     tracker.finish()
     return {**progress.last, "step": step, "run_dir": str(run_dir), "skipped_steps": progress.skipped_total,
             "tracking_lost_points": tracker.lost_points, "tracking_lost_calls": tracker.lost_calls,
-            "samples_per_s_windows": progress.throughput,
+            "samples_per_s_windows": progress.throughput, "windows_logged_at": progress.logged_at,
             "num_parameters": count_parameters(raw.net)}  # fmt: skip
 
 

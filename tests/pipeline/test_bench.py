@@ -32,3 +32,29 @@ def test_flops_are_counted_for_a_forward_and_backward():
     _, model, _, _ = ours("mnist", torch.device("cpu"), ["net=mnist_unet_tiny"])
     one, two = (train_flops(model, example_batch("mnist", b, "cpu")) for b in (1, 2))
     assert one > 0 and two == 2 * one  # linear in the batch
+
+
+def test_cpu_meter_attributes_core_time_to_roles(monkeypatch):
+    """The pipeline benchmark's profile: processes sorted into roles by command line, and each
+    role's share of all cores over a span read from the samples inside it."""
+    import os
+
+    from pipeline.evaluation import bench
+
+    assert bench._role(["ray::RayTrainWorker", ""], 1) == "training worker"
+    assert bench._role(["/venv/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=x"], 1) == "Ray daemons"
+    assert bench._role(["/venv/bin/python", "-u", "/venv/ray/_private/log_monitor.py"], 1) == "Ray daemons"
+    assert bench._role(["ray::TrainController.run"], 1) == "Ray Train actors"
+    assert bench._role(["ray::IDLE"], 1) == "Ray idle workers"
+    assert bench._role(["/usr/sbin/sshd"], 1) == "rest of the machine"
+    assert bench._role(["python"], os.getpid()) == "this driver"
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    meter = bench.CpuMeter()
+    meter.roles = {1: "training worker", 2: "Ray daemons", 3: "Ray Data actors"}
+    meter.samples = [(0.0, {1: 0.0, 2: 0.0}), (10.0, {1: 5.0, 2: 1.0}), (20.0, {1: 23.0, 2: 1.5, 3: 0.5}),
+                     (30.0, {1: 40.0, 2: 2.0, 3: 0.5})]  # fmt: skip
+    shares = meter.shares(5.0, 25.0)  # the samples at 10 and 20 s: 20 core-seconds
+    assert shares == {"training worker": 18 / 20, "Ray Data actors": 0.5 / 20, "Ray daemons": 0.5 / 20}
+    assert list(shares)[0] == "training worker"  # largest first
+    assert meter.shares(11.0, 19.0) == {}  # fewer than two samples inside

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import pytest
+import torch
 
 from pipeline import data as D
 from pipeline.data import sources
