@@ -78,6 +78,9 @@ def embedded_ray_env() -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # torch's gloo connections between workers: loopback too
     # one machine is never drained by a cloud provider: the watcher would be one more process polling every 5 s
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # the controller sees a finished worker group at its next poll (default every 2 s): ~1.5 s less per fit,
+    # no measurable cost to the steady state (docs/benchmarks.md)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(_local_token())
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.pop("RAY_AUTH_MODE", None)

@@ -249,6 +249,24 @@ def test_embedded_ray_is_loopback_only_with_a_fresh_token(monkeypatch):
     assert len(token.read_text()) == 64 and not token.is_symlink()
 
 
+def test_embedded_ray_sets_ray_trains_local_defaults_unless_the_user_did(monkeypatch):
+    """No preemption watcher and a 0.5 s controller poll in an embedded runtime (start-up, see
+    docs/benchmarks.md); a value the user exported wins."""
+    from pipeline.training import driver as train
+
+    for key in (train.LOOPBACK_ENV, "GLOO_SOCKET_IFNAME", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):  # fmt: skip
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # restored (or removed) after the test
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    train.embedded_ray_env()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    train.embedded_ray_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+
+
 def test_joining_a_cluster_leaves_auth_and_addresses_alone(monkeypatch):
     import ray
 
