@@ -19,6 +19,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,10 @@ def _build(cfg: Config, device, rank: int, world: int):
         _init_from(cfg.run.init_from, raw, ema, device, rank)
     if not (checkpoint and rank == 0):
         _seed(cfg.trainer.seed, rank, step)
+    # DDP compares strides literally and warns once (six lines) when a 1x1 conv's channels_last gradient
+    # differs from its bucket view only along size-1 dims: the same memory order, nothing to fix
+    # (tests/bfn/test_networks.py::test_gradients_are_laid_out_like_their_parameters)
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
     return raw, CompiledStep(model, cfg.trainer.compile, rank), ema, optimizer, step, epoch
 

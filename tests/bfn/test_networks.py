@@ -133,6 +133,20 @@ def test_gradients_reach_every_parameter(name):
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_gradients_are_laid_out_like_their_parameters(name):
+    """Every gradient has its parameter's memory order; strides may differ only along size-1 dims
+    (a 1x1 conv's channels_last gradient). DDP compares strides literally and warns once for those;
+    the training worker silences that warning on the strength of this test."""
+    torch.manual_seed(0)
+    net = perturb_(build(name))
+    x, t, _ = make_batch(name)
+    net(x, t).square().sum().backward()
+    for pname, p in net.named_parameters():
+        pairs = [(a, b) for a, b, size in zip(p.grad.stride(), p.stride(), p.shape, strict=True) if size > 1]
+        assert all(a == b for a, b in pairs), (pname, tuple(p.shape), p.grad.stride(), p.stride())
+
+
 @pytest.mark.parametrize("name", ["mnist_unet_tiny", "cifar_unet_vdm_tiny"])
 def test_zero_initialised_output_conv_still_learns(name):
     """At init the body's last conv is zero, so only the input skip reaches the head (the VDM

@@ -235,7 +235,9 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
     """`bfn train` killed with SIGKILL after its first checkpoint; its Ray processes are found
     and stopped by PID; the same command run again resumes from that checkpoint. The run also
     carries secret sentinels in its environment, and every listening socket is checked."""
-    every, total = 4, 8
+    # the killed driver's worker trains on until Ray's fate sharing reaches it (seconds; it logged 4 steps
+    # in a rehearsal): the run must be long enough that it cannot finish before the rerun
+    every, total = 4, 32
     work = tmp_path / "cwd"
     work.mkdir()
     marker, ray_dirs = own_ray
