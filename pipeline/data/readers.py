@@ -114,11 +114,12 @@ def _ray_preprocess(tab: pa.Table, *, name: str, num_bins: int) -> dict[str, np.
     return preprocess(name, _table_dict(tab.combine_chunks()), num_bins=num_bins)
 
 
-def _preprocessed_bytes(tab: pa.Table, name: str) -> int:
-    """Bytes of ``preprocess``'s output for ``tab`` (uint8 rows as stored; CIFAR-10 float32)."""
-    data_col, _ = _columns(name)
-    width = getattr(tab.schema.field(data_col).type, "byte_width", 0)  # a bad type: preprocess names it
-    return tab.num_rows * width * (4 if name == "cifar10" else 1)
+def _preprocessed_bytes(tab: pa.Table, name: str, num_bins: int) -> int:
+    """Bytes of ``preprocess``'s output for ``tab``, from its output for the first row."""
+    if tab.num_rows == 0:
+        return 0
+    row = _ray_preprocess(tab.slice(0, 1), name=name, num_bins=num_bins)
+    return tab.num_rows * sum(values.nbytes for values in row.values())
 
 
 def _map_bundles(blocks: list[pa.Table], rows: int) -> list[pa.Table]:
@@ -168,7 +169,7 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
         table = _keep_subset(pa.concat_tables(tables), **subset)
         step = max(1, -(-table.num_rows // SMALL_SPLIT_BLOCKS))
         blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
-        if _preprocessed_bytes(table, name) <= EAGER_PREPROCESS_BYTES:
+        if _preprocessed_bytes(table, name, num_bins) <= EAGER_PREPROCESS_BYTES:
             # the blocks the lazy map below would yield, computed once here: a seeded local shuffle
             # depends on block boundaries, so a launch draws the same batches either way
             blocks = [_tensor_block(_ray_preprocess(b, name=name, num_bins=num_bins))
