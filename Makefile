@@ -25,13 +25,13 @@ $(CHROMIUM):  ## headless browser for the MLflow UI test (Debian package)
 # Three pytest processes, each under a timeout (a starved Ray hangs instead of failing): the
 # cluster and fault tests start Ray runtimes of their own, and Ray Train's clean-up actor gives up
 # when it finds several Ray instances on one machine.
-test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~25 min on 2 cores
+test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~12 min on 2 cores
 	timeout -s INT -k 60 2700 $(BIN)/python -m pytest -q -m "not cluster and not faults and not standalone"
 	timeout -s INT -k 60 600 $(BIN)/python -m pytest -q -m standalone
 	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m cluster
 	timeout -s INT -k 60 1500 $(BIN)/python -m pytest -q -m faults
 
-test-faults: $(STAMP)  ## only the fault-injection runs (worker/driver SIGKILL, MLflow and S3 outages); ~10 min
+test-faults: $(STAMP)  ## only the fault-injection runs (worker/driver SIGKILL, MLflow and S3 outages); ~5 min
 	timeout -s INT -k 60 1500 $(BIN)/python -m pytest -q -m faults
 
 test-fast: $(STAMP)  ## only the fast tests (no Ray, no servers)
