@@ -201,7 +201,7 @@ def complete_checkpoints(run_folder: Path) -> list[tuple[int, Path]]:
 
 
 def registered_checkpoints(run_folder: Path) -> list[str]:
-    """Checkpoint folder names Ray's checkpoint manager has registered (what a resume uses)."""
+    """Checkpoint folder names Ray's checkpoint manager has registered (what Ray hands a resumed worker)."""
     snapshot = Path(run_folder) / "checkpoint_manager_snapshot.json"
     try:
         text = snapshot.read_text()

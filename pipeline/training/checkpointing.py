@@ -9,11 +9,14 @@ upload) fails verification. Every .pt file is read with ``torch.load(weights_onl
 crafted pickle cannot run code (the checksums are integrity, not authenticity: whoever can write
 the storage can also rewrite COMPLETE).
 
-Resume (``read_for_resume``): the checkpoint Ray hands the worker is verified; if it fails, the
+Resume (``read_for_resume``): the checkpoint Ray hands the worker, or the newest complete one the
+driver found in the run folder when that one is newer (``newest``), is verified; if it fails, the
 newest earlier complete checkpoint of the run folder that verifies is used instead, with a
-warning. A remote (S3) checkpoint is downloaded into a folder of this process's own
-(``Checkpoint.as_directory`` shares one folder per node between workers: a rank could read a file
-another rank was still downloading).
+warning. Ray hands only checkpoints its controller registered; a killed driver's orphaned workers
+go on writing complete checkpoints it never registers, and a rerun continues from those. A remote
+(S3) checkpoint is downloaded into a folder of this process's own (``Checkpoint.as_directory``
+shares one folder per node between workers: a rank could read a file another rank was still
+downloading).
 
 ``persist`` is the uploader the worker hands to ``ray.train.report``: it copies a checkpoint into
 Ray Train's storage file by file, COMPLETE last, and raises when a file did not arrive, so a write
@@ -236,6 +239,23 @@ def _read_at(filesystem, path: str, map_location) -> dict[str, Any]:
         except OSError as error:
             raise CheckpointError(f"checkpoint {path}: download failed ({error})") from None
         return read(folder, map_location)
+
+
+def step_of(checkpoint) -> int:
+    """The step in a checkpoint's train_state.json (a ``ray.train.Checkpoint``); -1 if unreadable."""
+    try:
+        return int(_read_json(checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/train_state.json")["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def newest(handed, found):
+    """The checkpoint to resume from: ``handed`` (Ray's latest registered, or None) unless ``found``
+    (the newest complete one in the run folder when the driver started, or None) has a higher step.
+    Every rank reads the same two files, so every rank makes the same choice."""
+    if found is None or (handed is not None and step_of(handed) >= step_of(found)):
+        return handed
+    return found
 
 
 def read_for_resume(checkpoint, device, run_folder: str | None = None) -> dict[str, Any]:

@@ -142,9 +142,10 @@ def _run_filesystem(cfg: Config):
     return filesystem, f"{path.rstrip('/')}/{cfg.run.name}"
 
 
-def check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config) -> str | None:
     """A rerun resumes only the same experiment (``lease.RESUMABLE``: what may change);
-    ``run.init_from`` must be a readable checkpoint and is ignored once the run has its own."""
+    ``run.init_from`` must be a readable checkpoint and is ignored once the run has its own.
+    Returns the path (on the run folder's filesystem) of the newest complete checkpoint, if any."""
     from pipeline.training import checkpointing
 
     filesystem, folder = _run_filesystem(cfg)
@@ -152,10 +153,11 @@ def check_resume(cfg: Config) -> None:
     if found is None:
         if cfg.run.init_from:
             _check_init_from(cfg)
-        return
-    path, saved = found
+        return None
+    newest, saved = found
+    path = newest
     if "://" in cfg.run.storage_path:  # pyarrow paths carry no scheme
-        path = f"{cfg.run.storage_path.split('://')[0]}://{path}"
+        path = f"{cfg.run.storage_path.split('://')[0]}://{newest}"
     if cfg.run.init_from:
         log.info("run %s resumes from its own checkpoint %s; run.init_from is ignored", cfg.run.name, path)
     differences = experiment_differences(saved, cfg.raw)
@@ -166,6 +168,7 @@ def check_resume(cfg: Config) -> None:
             f"Resuming would continue someone else's weights: use a new run.name, or start a new run from "
             f"these weights with run.init_from={path}"
         )
+    return newest
 
 
 def _check_init_from(cfg: Config) -> None:
@@ -183,15 +186,15 @@ def _check_init_from(cfg: Config) -> None:
         raise ConfigError(f"run.init_from: its weights are of another model ({', '.join(differences)} differ)")
 
 
-def claim_run(cfg: Config) -> Lease:
-    """Take the run folder's lease (one writer per run) and check the resume; before Ray starts."""
+def claim_run(cfg: Config) -> tuple[Lease, str | None]:
+    """Take the run folder's lease (one writer per run) and check the resume; before Ray starts.
+    Returns the lease and the newest complete checkpoint's path (``check_resume``)."""
     lease = Lease(run_folder(cfg)).acquire()
     try:
-        check_resume(cfg)
+        return lease, check_resume(cfg)
     except BaseException:
         lease.release()
         raise
-    return lease
 
 
 def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Lease | None = None) -> str | None:
@@ -250,14 +253,14 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
 
     ``callbacks``: extra Ray Train callbacks (``bfn tune`` passes a ``TuneReportCallback``)."""
     secure_local_ray(cfg)  # before ray is imported
-    lease = claim_run(cfg)
+    lease, newest = claim_run(cfg)
     try:
-        return _fit(cfg, lease, callbacks)
+        return _fit(cfg, lease, newest, callbacks)
     finally:
         lease.release()
 
 
-def _fit(cfg: Config, lease: Lease, callbacks: list | None) -> dict:
+def _fit(cfg: Config, lease: Lease, newest: str | None, callbacks: list | None) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -286,7 +289,9 @@ def _fit(cfg: Config, lease: Lease, callbacks: list | None) -> dict:
     run_id = start_tracking(cfg, num_parameters, manifest, lease)
     run_dir = local_run_dir(cfg)
     storage_path, storage_filesystem = storage(cfg)
-    runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir, "verbose": logs.verbose()}
+    # the newest complete checkpoint, registered or not: a killed driver's workers write some it never registered
+    found = ray.train.Checkpoint(newest, filesystem=_run_filesystem(cfg)[0]) if newest else None
+    runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir, "verbose": logs.verbose(), "newest_checkpoint": found}
     loop_config = {"config": cfg.raw, "runtime": runtime}
     trainer = TorchTrainer(
         train_fn_per_worker,

@@ -1,9 +1,10 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 train_fn_per_worker({"config": ..., "runtime": ...}): build model/EMA/optimiser, resume from
-ray.train.get_checkpoint(), then step over the worker's shard. When to log, validate, checkpoint and
-report is decided by ``Cadence`` (identical on every rank: ``report`` is a barrier); rank 0 logs to
-MLflow, validates on the EMA weights and writes checkpoints.
+ray.train.get_checkpoint() (or a newer complete checkpoint the driver found), then step over the
+worker's shard. When to log, validate, checkpoint and report is decided by ``Cadence`` (identical
+on every rank: ``report`` is a barrier); rank 0 logs to MLflow, validates on the EMA weights and
+writes checkpoints.
 
 The step itself never waits on the device: losses, gradient norms and the skip decision stay on the
 device and are read once per log interval (``Window``).
@@ -22,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +51,7 @@ class Runtime:
     mlflow_run_id: str | None = None
     local_run_dir: str | None = None
     verbose: bool = False
+    newest_checkpoint: Any = None  # ray.train.Checkpoint: the run folder's newest complete one at launch
 
 
 def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
@@ -143,8 +146,9 @@ class Progress:
         return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 3600:.0f} h"
 
 
-def _build(cfg: Config, device, rank: int, world: int):
-    """Model, DDP wrapper, EMA, optimiser and (step, epoch), resumed from Ray's checkpoint."""
+def _build(cfg: Config, device, rank: int, world: int, newest_checkpoint=None):
+    """Model, DDP wrapper, EMA, optimiser and (step, epoch), resumed from Ray's checkpoint or the
+    driver's newer ``newest_checkpoint`` (``checkpointing.newest``)."""
     import ray.train
     import ray.train.torch
 
@@ -156,7 +160,7 @@ def _build(cfg: Config, device, rank: int, world: int):
     ema = EMA(raw, cfg.optim.ema_decay)
     optimizer = build_optimizer(cfg, raw)
     step, epoch = 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = checkpointing.newest(ray.train.get_checkpoint(), newest_checkpoint)
     if checkpoint:
         state = checkpointing.read_for_resume(checkpoint, device)
         raw.load_state_dict(state["model"])
@@ -243,7 +247,7 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    raw, step_fn, ema, optimizer, step, epoch = _build(cfg, device, rank, world)
+    raw, step_fn, ema, optimizer, step, epoch = _build(cfg, device, rank, world, runtime.newest_checkpoint)
 
     tracker = NullTracker()
     if rank == 0 and cfg.tracking.enabled and runtime.mlflow_run_id:

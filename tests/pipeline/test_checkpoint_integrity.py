@@ -113,6 +113,26 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(tmp_path, caplog)
                                          "cpu")["train_state"]["step"] == 6  # fmt: skip
 
 
+def test_resume_takes_the_newer_of_rays_checkpoint_and_the_drivers(tmp_path):
+    """Ray hands its latest registered checkpoint; the driver found the run folder's newest complete
+    one at launch, which a killed driver's orphaned workers may have written unregistered."""
+    from ray.train import Checkpoint
+
+    def at(step):
+        return Checkpoint.from_directory(str(make_checkpoint(tmp_path, step)))
+
+    registered, orphaned = at(8), at(12)
+    assert checkpointing.newest(registered, orphaned) is orphaned
+    assert checkpointing.newest(None, orphaned) is orphaned  # the driver died before any registration
+    assert checkpointing.newest(orphaned, registered) is orphaned  # a restart within the fit: Ray's is newer
+    assert checkpointing.newest(registered, None) is registered and checkpointing.newest(None, None) is None
+    tie = Checkpoint.from_directory(str(tmp_path / "checkpoint_000008"))
+    assert checkpointing.newest(registered, tie) is registered
+    (tmp_path / "checkpoint_000012" / "train_state.json").write_text("{")  # unreadable: counts as no step
+    assert checkpointing.newest(registered, orphaned) is registered
+    assert checkpointing.step_of(orphaned) == -1 and checkpointing.step_of(registered) == 8
+
+
 def test_resume_fails_clearly_when_no_checkpoint_verifies(tmp_path):
     from ray.train import Checkpoint
 
