@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pipeline import data as data_lib
 from pipeline import logs
@@ -142,10 +143,11 @@ def _run_filesystem(cfg: Config):
     return filesystem, f"{path.rstrip('/')}/{cfg.run.name}"
 
 
-def check_resume(cfg: Config) -> str | None:
+def check_resume(cfg: Config) -> tuple[Any, str] | None:
     """A rerun resumes only the same experiment (``lease.RESUMABLE``: what may change);
     ``run.init_from`` must be a readable checkpoint and is ignored once the run has its own.
-    Returns the path (on the run folder's filesystem) of the newest complete checkpoint, if any."""
+    Returns (the run folder's pyarrow filesystem, the path on it of its newest complete checkpoint),
+    or None when it has none."""
     from pipeline.training import checkpointing
 
     filesystem, folder = _run_filesystem(cfg)
@@ -154,10 +156,9 @@ def check_resume(cfg: Config) -> str | None:
         if cfg.run.init_from:
             _check_init_from(cfg)
         return None
-    newest, saved = found
-    path = newest
+    path, saved = found
     if "://" in cfg.run.storage_path:  # pyarrow paths carry no scheme
-        path = f"{cfg.run.storage_path.split('://')[0]}://{newest}"
+        path = f"{cfg.run.storage_path.split('://')[0]}://{path}"
     if cfg.run.init_from:
         log.info("run %s resumes from its own checkpoint %s; run.init_from is ignored", cfg.run.name, path)
     differences = experiment_differences(saved, cfg.raw)
@@ -168,7 +169,7 @@ def check_resume(cfg: Config) -> str | None:
             f"Resuming would continue someone else's weights: use a new run.name, or start a new run from "
             f"these weights with run.init_from={path}"
         )
-    return newest
+    return filesystem, found[0]
 
 
 def _check_init_from(cfg: Config) -> None:
@@ -186,9 +187,9 @@ def _check_init_from(cfg: Config) -> None:
         raise ConfigError(f"run.init_from: its weights are of another model ({', '.join(differences)} differ)")
 
 
-def claim_run(cfg: Config) -> tuple[Lease, str | None]:
+def claim_run(cfg: Config) -> tuple[Lease, tuple[Any, str] | None]:
     """Take the run folder's lease (one writer per run) and check the resume; before Ray starts.
-    Returns the lease and the newest complete checkpoint's path (``check_resume``)."""
+    Returns the lease and the newest complete checkpoint (``check_resume``)."""
     lease = Lease(run_folder(cfg)).acquire()
     try:
         return lease, check_resume(cfg)
@@ -260,7 +261,7 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
         lease.release()
 
 
-def _fit(cfg: Config, lease: Lease, newest: str | None, callbacks: list | None) -> dict:
+def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: list | None) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -290,7 +291,7 @@ def _fit(cfg: Config, lease: Lease, newest: str | None, callbacks: list | None) 
     run_dir = local_run_dir(cfg)
     storage_path, storage_filesystem = storage(cfg)
     # the newest complete checkpoint, registered or not: a killed driver's workers write some it never registered
-    found = ray.train.Checkpoint(newest, filesystem=_run_filesystem(cfg)[0]) if newest else None
+    found = ray.train.Checkpoint(newest[1], filesystem=newest[0]) if newest else None
     runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir, "verbose": logs.verbose(), "newest_checkpoint": found}
     loop_config = {"config": cfg.raw, "runtime": runtime}
     trainer = TorchTrainer(

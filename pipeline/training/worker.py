@@ -146,7 +146,7 @@ class Progress:
         return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 3600:.0f} h"
 
 
-def _build(cfg: Config, device, rank: int, world: int, newest_checkpoint=None):
+def _build(cfg: Config, device, rank: int, world: int, newest_checkpoint):
     """Model, DDP wrapper, EMA, optimiser and (step, epoch), resumed from Ray's checkpoint or the
     driver's newer ``newest_checkpoint`` (``checkpointing.newest``)."""
     import ray.train

@@ -304,9 +304,9 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
 
     relaunched_at = time.time()
     # the orphans trained on after the driver's death; their newest checkpoint is complete but unregistered
-    newest = max(step for step, _ in complete_checkpoints(run_folder))
-    registered = registered_checkpoints(run_folder)
-    newest_registered = max(s for s, p in complete_checkpoints(run_folder) if p.name in registered)
+    complete, registered = complete_checkpoints(run_folder), registered_checkpoints(run_folder)
+    newest = max(step for step, _ in complete)
+    newest_registered = max(step for step, path in complete if path.name in registered)
     second = launch(tmp_path / "second.log")
     try:
         second.wait(timeout=FIT_TIMEOUT_S)
