@@ -15,17 +15,27 @@ leaving null a key the setup needs is an error too: no value is ever silently ig
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import bfn.samplers
+from pipeline.secrets import MASK, is_secret_key, mask_params
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 UNITS = ("nats/dim", "bits/dim", "nats/image", "bits/char")
 HEADS = {"discrete": ("bernoulli", "categorical"), "continuous": ("discretized_normal", "delta")}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _key(*, resumable: bool = False, weights: bool = False, default: Any = MISSING):
+    """A schema field with its metadata: ``resumable``, a rerun may change it and still resume the run
+    folder; ``weights``, the network's parameter shapes depend on it (``run.init_from`` must match)."""
+    return field(default=default, metadata={"resumable": resumable, "weights": weights})
 
 
 @dataclass(frozen=True)
@@ -36,12 +46,13 @@ class Dataset:
     num_classes: int | None
     network_kind: str
     shape: tuple[int, ...] | None  # None: (data.seq_len,)
+    min_quality_samples: int = 2  # a Frechet distance needs a covariance: two feature vectors
 
 
 DATASETS = {
     "mnist": Dataset("discrete", 2, "image", (28, 28, 1)),
     "cifar10": Dataset("continuous", None, "image", (32, 32, 3)),
-    "text8": Dataset("discrete", 27, "text", None),
+    "text8": Dataset("discrete", 27, "text", None, min_quality_samples=1),  # text metrics score one window
 }
 
 
@@ -50,9 +61,7 @@ class ConfigError(ValueError):
 
 
 def _fail(key: str, message: str, value: Any) -> None:
-    from pipeline.tracking import SECRET_KEY, mask_secrets
-
-    shown = "***" if SECRET_KEY.search(key) else mask_secrets({"value": value})["value"]
+    shown = MASK if is_secret_key(key) else mask_params({"value": value})["value"]
     raise ConfigError(f"{key}: {message} (got {shown!r})")
 
 
@@ -142,6 +151,47 @@ def _uri(key: str, value: Any) -> None:
         _fail(key, "must be a local folder or an s3:// or gs:// URI", value)
 
 
+def _whole(item) -> int | None:
+    if isinstance(item, numbers.Integral) and not isinstance(item, bool):
+        return int(item)
+    if isinstance(item, str) and item.strip().isdigit():
+        return int(item)
+    return None
+
+
+def parse_samplers(text: str | list[str], flag: str = "--sampler", *, several: bool = True) -> list[str]:
+    """Sampler names (bfn.samplers.SAMPLERS) from a comma-separated string or a list; ConfigError names ``flag``."""
+    names = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s) for s in text]
+    known = sorted(bfn.samplers.SAMPLERS)
+    for name in names:
+        if name not in bfn.samplers.SAMPLERS or (len(names) > 1 and not several):
+            raise ConfigError(f"{flag}: must be one of {', '.join(known)}"
+                              f"{', or a comma-separated list of them' if several else ''} (got {text!r})")  # fmt: skip
+    if not names:
+        raise ConfigError(f"{flag}: name at least one sampler ({', '.join(known)})")
+    return list(dict.fromkeys(names))
+
+
+def parse_nfe(text: str | int | list, flag: str = "--nfe") -> list[int]:
+    """Numbers of network calls from "5,10", 10 or [5, 10]; ConfigError names ``flag``."""
+    items = text.split(",") if isinstance(text, str) else [text] if isinstance(text, int) else list(text)
+    values = [_whole(item) for item in items]
+    for item, value in zip(items, values, strict=True):
+        if value is None or value < 1:
+            raise ConfigError(f"{flag}: network calls must be whole numbers >= 1 (got {item!r})")
+    if not values:
+        raise ConfigError(f"{flag}: give at least one number of network calls")
+    return list(dict.fromkeys(values))
+
+
+def check_count(flag: str, value: int | str, low: int, why: str = "") -> int:
+    """A whole number >= ``low`` given as an int or as command-line text; ConfigError names ``flag``."""
+    number = _whole(value)
+    if number is None or number < low:
+        raise ConfigError(f"{flag}: must be a whole number >= {low}{why} (got {value!r})")
+    return number
+
+
 def _applies(key: str, value: Any, used: bool, choice: str, reason: str) -> bool:
     """Null where the setup does not use ``key``, set where it does; ``choice`` is the config value
     that decides, ``reason`` says why. Returns ``used`` (whether to check the value itself)."""
@@ -155,6 +205,8 @@ def _applies(key: str, value: Any, used: bool, choice: str, reason: str) -> bool
 # ----------------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class PathsConfig:
+    RESUMABLE: ClassVar[bool] = True  # every key of the section: where things live, not what is trained
+
     root: str  # project folder (BFN_ROOT)
     data_dir: str  # where `bfn data prepare` writes shards by default
     runs_dir: str  # local folder for Ray results, MLflow's sqlite store, outputs (BFN_RUNS_DIR)
@@ -167,13 +219,13 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str
-    uri: str
-    num_bins: int | None  # cifar10 only
-    seq_len: int | None  # text8 only
-    fraction: float
-    batch_size: int  # global: all workers together
-    val_batch_size: int
+    name: str = _key(weights=True)
+    uri: str = _key(resumable=True)
+    num_bins: int | None = _key(weights=True)  # cifar10 only
+    seq_len: int | None = _key(weights=True)  # text8 only
+    fraction: float = _key()
+    batch_size: int = _key()  # global: all workers together
+    val_batch_size: int = _key(resumable=True)
 
     def validate(self, config: Config) -> None:
         _choice("data.name", self.name, DATASETS)
@@ -198,9 +250,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    kind: str  # discrete | continuous
-    head: str  # output distribution: bernoulli, categorical | discretized_normal, delta
-    num_classes: int | None  # discrete
+    kind: str = _key(weights=True)  # discrete | continuous
+    head: str = _key(weights=True)  # output distribution: bernoulli, categorical | discretized_normal, delta
+    num_classes: int | None = _key(weights=True)  # discrete
     beta_1: float | None  # discrete
     sigma_1: float | None  # continuous
     noise_prediction: bool | None  # continuous
@@ -241,6 +293,8 @@ class FlowConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
+    WEIGHTS: ClassVar[bool] = True  # every key of the section shapes the network
+
     name: str  # the conf/net preset these arguments were composed from (a label)
     arch: str  # key of bfn.networks.NETWORKS
     kwargs: dict  # constructor arguments except the data-dependent ones
@@ -297,20 +351,20 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    num_workers: int  # processes (one GPU each when use_gpu)
-    use_gpu: bool
-    cpus_per_worker: float
-    amp: bool  # bf16 autocast (GPU only)
-    max_steps: int
-    log_every: int
-    val_every: int
-    checkpoint_every: int
-    num_to_keep: int
-    max_failures: int
-    max_bad_steps: int
-    seed: int
-    compile: bool
-    max_minutes: float
+    num_workers: int = _key(resumable=True)  # processes (one GPU each when use_gpu)
+    use_gpu: bool = _key(resumable=True)
+    cpus_per_worker: float = _key(resumable=True)
+    amp: bool = _key(resumable=True)  # bf16 autocast (GPU only)
+    max_steps: int = _key(resumable=True)
+    log_every: int = _key(resumable=True)
+    val_every: int = _key(resumable=True)
+    checkpoint_every: int = _key(resumable=True)
+    num_to_keep: int = _key(resumable=True)
+    max_failures: int = _key(resumable=True)
+    max_bad_steps: int = _key(resumable=True)
+    seed: int = _key()
+    compile: bool = _key(resumable=True)
+    max_minutes: float = _key(resumable=True)
 
     def validate(self, config: Config) -> None:
         _number("trainer.num_workers", self.num_workers, low=1, integer=True)
@@ -330,6 +384,8 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    RESUMABLE: ClassVar[bool] = True
+
     name: str
     storage_path: str
     ray_address: str | None  # null: an embedded local Ray sized by ray_num_cpus
@@ -352,6 +408,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    RESUMABLE: ClassVar[bool] = True
+
     enabled: bool
     uri: str | None
     artifact_location: str | None
@@ -369,6 +427,8 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    RESUMABLE: ClassVar[bool] = True
+
     unit: str  # benchmark unit of reported NLLs
     nll_steps: int  # n of the n-step NLL (validation and `bfn eval`); 0: continuous time, n = inf
     nll_repeats: int  # `bfn eval`: passes over the test split
@@ -384,9 +444,14 @@ class EvalConfig:
     quality_cache: str | None  # the quality classifier's cache; null: <paths.runs_dir>/quality/classifiers
 
     def validate(self, config: Config) -> None:
-        from pipeline.evaluation.quality.hook import check_settings
-
-        check_settings(config.raw)
+        if isinstance(self.quality_samplers, str) or not isinstance(self.quality_samplers, list | tuple):
+            _fail("eval.quality_samplers", "must be a list of sampler names", self.quality_samplers)
+        if self.quality_samplers:
+            parse_samplers(list(self.quality_samplers), "eval.quality_samplers")
+        parse_nfe(self.quality_nfe, "eval.quality_nfe")
+        check_count("eval.quality_num", self.quality_num, DATASETS[config.data.name].min_quality_samples)
+        if self.quality_cache is not None:
+            _text("eval.quality_cache", self.quality_cache)
         name, text = config.data.name, config.data.name == "text8"
         _choice("eval.unit", self.unit, UNITS)
         if (self.unit == "bits/char" and not text) or (self.unit == "nats/image" and text):
@@ -474,6 +539,23 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def keys_marked(flag: str) -> tuple[str, ...]:
+    """Dotted keys whose schema field carries ``flag`` ("resumable" or "weights"; ``_key``), or whose
+    section is marked as a whole (``RESUMABLE`` / ``WEIGHTS``)."""
+    keys = []
+    for name, section in SECTIONS.items():
+        if getattr(section, flag.upper(), False):
+            keys.append(name)  # the whole section, keys of older configs included
+        else:
+            keys.extend(f"{name}.{f.name}" for f in fields(section) if f.metadata.get(flag))
+    return tuple(keys)
+
+
+def is_under(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether dotted ``key`` is one of ``keys`` or inside one (``net.kwargs.width`` is under ``net.kwargs``)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
 
 
 def set_env_defaults() -> None:

@@ -141,7 +141,8 @@ def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", see
     paper's number of steps, the older flag) means nfe = n + 1; give one of the two (default n = 100).
     """
     from bfn.samplers import sample as draw
-    from pipeline.evaluation.quality.table import check_count, parse_grid, parse_samplers
+    from pipeline.config import check_count, parse_samplers
+    from pipeline.evaluation.quality.table import parse_grid
 
     if num_steps is not None and nfe is not None:
         raise ConfigError(f"--steps and --nfe: give one of them (nfe = steps + 1; got {num_steps}, {nfe})")

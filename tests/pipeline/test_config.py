@@ -153,3 +153,19 @@ def test_bad_values_name_the_key(override, key):
     extra = ["experiment=cifar10_discretized_256"] if "sigma_1" in override or "num_bins" in override else []
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load([*extra, override])
+
+
+def test_key_lists_derive_from_the_schema():
+    """Which keys a resume may change and which shape the weights are metadata on the schema's fields,
+    so the lists cannot name a key the schema does not have (the old init_from list named flow.num_bins)."""
+    from pipeline.config import SECTIONS, is_under, keys_marked
+    from pipeline.training.driver import WEIGHT_KEYS
+    from pipeline.training.lease import RESUMABLE
+
+    schema = set(SECTIONS) | {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert RESUMABLE == keys_marked("resumable") and WEIGHT_KEYS == keys_marked("weights")
+    assert set(RESUMABLE) <= schema and set(WEIGHT_KEYS) <= schema
+    assert not set(RESUMABLE) & set(WEIGHT_KEYS)
+    assert is_under("net.kwargs.width", WEIGHT_KEYS) and is_under("trainer.max_steps", RESUMABLE)
+    assert not is_under("optim.lr", RESUMABLE) and not is_under("flow.beta_1", WEIGHT_KEYS)
+    assert not is_under("trainer.seed", RESUMABLE) and is_under("eval.nll_steps", RESUMABLE)

@@ -16,10 +16,10 @@ import bfn.samplers
 from bfn import EMA
 from pipeline import data as data_lib
 from pipeline.cli import main as bfn_main
-from pipeline.config import ConfigError, compose, load
+from pipeline.config import Config, ConfigError, compose, load
 from pipeline.evaluation.quality import classifier as clf
 from pipeline.evaluation.quality import metrics as qm
-from pipeline.evaluation.quality.hook import QualitySettings, quality_point
+from pipeline.evaluation.quality.hook import quality_point
 from pipeline.training import checkpointing
 from pipeline.training.build import build_model, build_optimizer
 from tests.conftest import REPO
@@ -222,7 +222,7 @@ def test_quality_point_logs_every_sampler_and_nfe(checkpoint, cache, tmp_path):
     model, cfg = load_model(checkpoint)
     raw = {**cfg.raw, "eval": {**cfg.raw["eval"], "quality_samplers": ["paper", "ode1"], "quality_nfe": [2, 3],
                                "quality_num": 4, "quality_cache": str(cache)}}  # fmt: skip
-    metrics = quality_point(model.train(), dataclasses.replace(cfg, raw=raw), step=7, out_dir=tmp_path)
+    metrics = quality_point(model.train(), Config.from_dict(raw), step=7, out_dir=tmp_path)
     for sampler in ("paper", "ode1"):
         for nfe in (2, 3):
             prefix = f"quality/{sampler}/nfe_{nfe}/"
@@ -237,11 +237,20 @@ def test_quality_point_logs_every_sampler_and_nfe(checkpoint, cache, tmp_path):
     ("quality_samplers", ["paper", "bogus"]), ("quality_samplers", "paper"), ("quality_nfe", [0]),
     ("quality_num", 1),
 ])  # fmt: skip
-def test_quality_settings_name_the_bad_key(checkpoint, key, value):
+def test_quality_settings_name_the_bad_key(key, value):
     config = compose(["experiment=smoke"])
     config["eval"][key] = value
     with pytest.raises(ConfigError, match=f"eval.{key}"):
-        QualitySettings.from_config(config)
+        Config.from_dict(config)
+
+
+def test_config_validation_loads_no_quality_stack():
+    """The config layer checks eval.quality_* from bfn.samplers alone (no evaluation import, no cycle)."""
+    code = ("import sys; import pipeline.config as c; c.load(['experiment=smoke']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('pipeline.evaluation', 'pipeline.training', "
+            "'pipeline.tracking', 'pyarrow', 'ray', 'mlflow'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_quality_table_for_text8(tmp_path):

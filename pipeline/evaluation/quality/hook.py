@@ -1,10 +1,6 @@
 """One quality point per (sampler, NFE) during training, for the worker's validation step.
 
-Config keys (section ``eval``), read from the resolved config with these defaults:
-  quality_samplers: []    sampler names (bfn.samplers.SAMPLERS); empty = off
-  quality_nfe: [20]       network calls per sample, one point per value and sampler
-  quality_num: 64         samples per point (images: >= 2)
-  quality_cache: null     classifier cache folder; null = <paths.runs_dir>/quality/classifiers
+Config keys: ``eval.quality_*`` (defaults in ``conf/eval/default.yaml``, checked by ``EvalConfig``).
 The classifier and the test split's reference statistics are built once per process.
 """
 
@@ -17,15 +13,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import Config, parse_nfe, parse_samplers
 from pipeline.evaluation import figures
 from pipeline.evaluation.quality import metrics as qm
-from pipeline.evaluation.quality.table import check_count, draw, parse_nfe, parse_samplers
+from pipeline.evaluation.quality.table import draw
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {"quality_samplers": [], "quality_nfe": [20], "quality_num": 64, "quality_cache": None}
-
 
 @dataclass(frozen=True)
 class QualitySettings:
@@ -35,25 +28,12 @@ class QualitySettings:
     cache: Path
 
     @classmethod
-    def from_config(cls, config: dict) -> QualitySettings:
-        """From a resolved config dict (``Config.raw``); ConfigError names the eval.quality_* key."""
-        section = {**DEFAULTS, **{k: v for k, v in config.get("eval", {}).items() if k in DEFAULTS}}
-        samplers = section["quality_samplers"]
-        if isinstance(samplers, str) or not isinstance(samplers, list | tuple):
-            raise ConfigError(f"eval.quality_samplers: must be a list of sampler names (got {samplers!r})")
-        samplers = parse_samplers(list(samplers), "eval.quality_samplers") if samplers else []
-        nfe = parse_nfe(section["quality_nfe"], "eval.quality_nfe")
-        name = config.get("data", {}).get("name")
-        num = check_count("eval.quality_num", section["quality_num"], qm.min_samples(name) if name else 1)
-        cache = section["quality_cache"]
-        if cache is None:
-            cache = Path(config["paths"]["runs_dir"]) / "quality" / "classifiers"
-        return cls(tuple(samplers), tuple(nfe), num, Path(cache))
-
-
-def check_settings(config: dict) -> None:
-    """Validate the eval.quality_* keys of a resolved config (for EvalConfig.validate)."""
-    QualitySettings.from_config(config)
+    def from_config(cls, cfg: Config) -> QualitySettings:
+        """From a validated config (``EvalConfig.validate`` has checked the eval.quality_* keys)."""
+        ev = cfg.eval
+        samplers = parse_samplers(list(ev.quality_samplers), "eval.quality_samplers") if ev.quality_samplers else []
+        cache = ev.quality_cache or Path(cfg.paths.runs_dir) / "quality" / "classifiers"
+        return cls(tuple(samplers), tuple(parse_nfe(ev.quality_nfe, "eval.quality_nfe")), ev.quality_num, Path(cache))
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,7 +49,7 @@ def quality_point(model, cfg, step: int, out_dir: str | Path) -> dict[str, float
     to ``out_dir/<sampler>_nfe<N>_step<step>.png`` (.txt for text8) for logging as artifacts. Draws
     with ``trainer.seed`` at every step, so points differ by the weights only.
     """
-    settings = QualitySettings.from_config(cfg.raw)
+    settings = QualitySettings.from_config(cfg)
     if not settings.samplers:
         return {}
     device = next(model.parameters()).device

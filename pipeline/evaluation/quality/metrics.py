@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import data as data_lib
+from pipeline.config import DATASETS
 from pipeline.evaluation.quality import classifier as clf
 
 TEXT8_SYMBOLS = 27
@@ -175,6 +176,6 @@ def make_scorer(uri: str, name: str, num_bins: int, cache_dir, *, device: torch.
 
 
 def min_samples(name: str) -> int:
-    """A covariance needs two feature vectors; a text metric one window."""
-    return 1 if name == "text8" else 2
+    """Samples a quality point needs for dataset ``name`` (``config.DATASETS``)."""
+    return DATASETS[name].min_quality_samples
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 import bfn.samplers
 from pipeline import data as data_lib
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_count, parse_nfe, parse_samplers
 from pipeline.evaluation import figures
 from pipeline.evaluation.quality import metrics as qm
 
@@ -29,52 +28,13 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------- parsing
-def parse_samplers(text: str | list[str], flag: str = "--sampler", *, several: bool = True) -> list[str]:
-    names = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s) for s in text]
-    known = sorted(bfn.samplers.SAMPLERS)
-    for name in names:
-        if name not in bfn.samplers.SAMPLERS or (len(names) > 1 and not several):
-            raise ConfigError(f"{flag}: must be one of {', '.join(known)}"
-                              f"{', or a comma-separated list of them' if several else ''} (got {text!r})")  # fmt: skip
-    if not names:
-        raise ConfigError(f"{flag}: name at least one sampler ({', '.join(known)})")
-    return list(dict.fromkeys(names))
-
-
-def _whole(item) -> int | None:
-    if isinstance(item, numbers.Integral) and not isinstance(item, bool):
-        return int(item)
-    if isinstance(item, str) and item.strip().isdigit():
-        return int(item)
-    return None
-
-
-def parse_nfe(text: str | int | list, flag: str = "--nfe") -> list[int]:
-    items = text.split(",") if isinstance(text, str) else [text] if isinstance(text, int) else list(text)
-    values = [_whole(item) for item in items]
-    for item, value in zip(items, values, strict=True):
-        if value is None or value < 1:
-            raise ConfigError(f"{flag}: network calls must be whole numbers >= 1 (got {item!r})")
-    if not values:
-        raise ConfigError(f"{flag}: give at least one number of network calls")
-    return list(dict.fromkeys(values))
-
-
-def check_count(flag: str, value: int | str, low: int, why: str = "") -> int:
-    """A whole number >= ``low`` given as an int or as command-line text; ConfigError names ``flag``."""
-    number = _whole(value)
-    if number is None or number < low:
-        raise ConfigError(f"{flag}: must be a whole number >= {low}{why} (got {value!r})")
-    return number
-
-
-# -------------------------------------------------------------------------------------- sampling
 def parse_grid(grid: str | None, flag: str = "--grid") -> str | None:
     if grid is not None and grid not in bfn.samplers.GRIDS:
         raise ConfigError(f"{flag}: must be one of {', '.join(bfn.samplers.GRIDS)} (got {grid!r})")
     return grid
 
 
+# -------------------------------------------------------------------------------------- sampling
 def draw(model, sampler: str, nfe: int, num: int, *, seed: int, batch_size: int,
          device: torch.device, grid: str | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
     """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds).
