@@ -22,12 +22,13 @@ from typing import Any
 
 from pipeline import data as data_lib
 from pipeline import logs
-from pipeline.config import Config, ConfigError, flatten, set_env_defaults
+from pipeline.config import Config, ConfigError, flatten, is_under, keys_marked, set_env_defaults
 from pipeline.secrets import mask_text, plain_http_to_remote, write_secret_file
 from pipeline.tracking import MLflowTracker, RunInUseError, git_sha
 from pipeline.training.lease import Lease, LeaseError, describe, experiment_differences
 
 log = logging.getLogger(__name__)
+WEIGHT_KEYS = keys_marked("weights")  # what run.init_from must match
 # Ray then takes 127.0.0.1 as the node address: every service of a single-node runtime binds
 # loopback (Linux default: the machine's routable address). Read when `ray` is first imported.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -180,9 +181,7 @@ def _check_init_from(cfg: Config) -> None:
     except checkpointing.CheckpointError as error:
         raise ConfigError(f"run.init_from: {error}") from None
     # what the weights' shapes depend on (a schedule such as flow.beta_1 may change when fine-tuning)
-    model_keys = ("data.name", "data.num_bins", "data.seq_len", "net.", "flow.kind", "flow.num_classes",
-                  "flow.head", "flow.num_bins")  # fmt: skip
-    differences = [key for key, _, _ in experiment_differences(saved, cfg.raw) if key.startswith(model_keys)]
+    differences = [key for key, _, _ in experiment_differences(saved, cfg.raw) if is_under(key, WEIGHT_KEYS)]
     if differences:
         raise ConfigError(f"run.init_from: its weights are of another model ({', '.join(differences)} differ)")
 

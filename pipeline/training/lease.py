@@ -33,16 +33,13 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline.config import ConfigError, flatten
+from pipeline.config import ConfigError, flatten, is_under, keys_marked
 
 log = logging.getLogger(__name__)
 LEASE_FILE = "bfn-lease.json"
-# keys a resumed run may change: machine, paths, tracking, run length and cadence, evaluation
-RESUMABLE = ("paths.", "tracking.", "run.", "eval.", "data.uri", "data.val_batch_size",
-             "trainer.max_steps", "trainer.max_minutes", "trainer.log_every", "trainer.val_every",
-             "trainer.checkpoint_every", "trainer.num_to_keep", "trainer.max_failures", "trainer.max_bad_steps",
-             "trainer.num_workers", "trainer.use_gpu", "trainer.cpus_per_worker", "trainer.compile",
-             "trainer.amp")  # fmt: skip
+# keys a resumed run may change (marked on the schema's fields): machine, paths, tracking, run length
+# and cadence, evaluation
+RESUMABLE = keys_marked("resumable")
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
 
@@ -284,4 +281,4 @@ def experiment_differences(saved: dict, current: dict) -> list[tuple[str, object
     new = flatten({k: v for k, v in current.items() if not k.startswith("_")})
     missing = "(missing)"
     return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted(set(old) | set(new))
-            if not key.startswith(RESUMABLE) and old.get(key, missing) != new.get(key, missing)]  # fmt: skip
+            if not is_under(key, RESUMABLE) and old.get(key, missing) != new.get(key, missing)]  # fmt: skip

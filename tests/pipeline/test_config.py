@@ -3,6 +3,8 @@ the config's keys (network sizes included); presets match the paper (values: tes
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,8 +50,6 @@ def test_paper_schedules():
 
 def test_every_yaml_key_is_a_schema_field_and_every_field_is_in_the_yaml():
     """The YAML tree and the dataclasses describe the same keys, for every group option."""
-    import dataclasses
-
     for group, section_cls in SECTIONS.items():
         names = {f.name for f in dataclasses.fields(section_cls)}
         required = {f.name for f in dataclasses.fields(section_cls) if f.default is dataclasses.MISSING}
@@ -158,7 +158,7 @@ def test_bad_values_name_the_key(override, key):
 def test_key_lists_derive_from_the_schema():
     """Which keys a resume may change and which shape the weights are metadata on the schema's fields,
     so the lists cannot name a key the schema does not have (the old init_from list named flow.num_bins)."""
-    from pipeline.config import SECTIONS, is_under, keys_marked
+    from pipeline.config import is_under, keys_marked
     from pipeline.training.driver import WEIGHT_KEYS
     from pipeline.training.lease import RESUMABLE
 
