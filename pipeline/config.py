@@ -22,6 +22,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
 import bfn.samplers
 from pipeline.secrets import MASK, is_secret_key, mask_params
 
@@ -68,12 +76,6 @@ def _fail(key: str, message: str, value: Any) -> None:
 # ------------------------------------------------------------------------------------ compose
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> dict:
     """Compose pipeline/conf/<config_name>.yaml with Hydra overrides; resolved, paths absolute."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
@@ -108,10 +110,29 @@ def absolutize(config: dict) -> dict:
     return config
 
 
+def apply_overrides(config: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Hydra's ``key=value`` overrides (its own parser and value grammar) on a stored, resolved config,
+    e.g. a checkpoint's: only keys the config has; paths made absolute."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as error:
+        raise ConfigError(f"override: {error}".replace("\n", " ")) from None
+    tree = OmegaConf.create(config)
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_sweep_override() or override.type.name != "CHANGE":
+            raise ConfigError(f"{override.input_line}: only key=value changes a stored config")
+        if OmegaConf.select(tree, key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"{key}: unknown key")
+        OmegaConf.update(tree, key, override.value(), merge=False)
+    return absolutize(OmegaConf.to_container(tree))
+
+
+_ABSENT = object()
+
+
 def net_presets() -> dict[str, dict]:
     """conf/net/<name>.yaml -> {"name", "arch", "kwargs"}: what ``net=<name>`` composes."""
-    import yaml
-
     return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CONF_DIR / "net").glob("*.yaml"))}
 
 

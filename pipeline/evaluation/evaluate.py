@@ -15,32 +15,12 @@ import torch
 
 from bfn import NLLEstimate
 from pipeline import data as data_lib
-from pipeline.config import Config, ConfigError, absolutize
+from pipeline.config import Config, ConfigError, apply_overrides
 from pipeline.evaluation import figures
 from pipeline.training import checkpointing
 from pipeline.training.build import build_model
 
 log = logging.getLogger(__name__)
-
-
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """Dotted key=value overrides on a stored config (values parsed as YAML scalars)."""
-    import yaml
-
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key}: unknown key")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"{key}: unknown key")
-        node[leaf] = yaml.safe_load(value)
-    return absolutize(config)
 
 
 def load_model(checkpoint: str | Path, overrides: list[str] = (), *, use_ema: bool = True):

@@ -169,3 +169,16 @@ def test_key_lists_derive_from_the_schema():
     assert is_under("net.kwargs.width", WEIGHT_KEYS) and is_under("trainer.max_steps", RESUMABLE)
     assert not is_under("optim.lr", RESUMABLE) and not is_under("flow.beta_1", WEIGHT_KEYS)
     assert not is_under("trainer.seed", RESUMABLE) and is_under("eval.nll_steps", RESUMABLE)
+
+
+def test_apply_overrides_uses_hydras_grammar_on_a_stored_config():
+    """`bfn eval CKPT key=value` parses like `bfn train` (Hydra's parser), changes only existing keys."""
+    from pipeline.config import apply_overrides
+
+    stored = compose(["experiment=smoke"])
+    changed = apply_overrides(stored, ["eval.nll_steps=7", "optim.betas=[0.8,0.9]", "eval.target_se=null"])
+    assert (changed["eval"]["nll_steps"], changed["optim"]["betas"], changed["eval"]["target_se"]) == (7, [0.8, 0.9], None)
+    for bad, message in (("eval.bogus=1", "eval.bogus: unknown key"), ("eval.nll_steps", "override"),
+                         ("+eval.x=1", "only key=value"), ("eval.nll_steps=1,2", "only key=value")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(stored, [bad])
