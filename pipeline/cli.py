@@ -221,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from pipeline import logs
+    from pipeline import logs, secrets
 
     logs.configure(args.verbose)
+    secrets.register_environment()  # this environment's secrets: masked by value in logs, MLflow and manifests
+    secrets.install_log_masking()
     try:
         return args.func(args) or 0
     except (ConfigError, DataError, CheckpointError) as error:
-        print(f"bfn: error: {error}", file=sys.stderr)
+        print(f"bfn: error: {secrets.mask_text(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bfn: interrupted", file=sys.stderr)

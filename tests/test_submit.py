@@ -282,6 +282,88 @@ def test_submit_refuses_credentials_in_overrides(no_token_env, monkeypatch, caps
     assert _posted_jobs(api) == [] and not any(b"sentinel" in r[3] for r in api.requests)
 
 
+def _url_credentials_env(monkeypatch) -> dict[str, str]:
+    """Settings `bfn submit` forwards, each carrying a credential in another form."""
+    env = {"MLFLOW_TRACKING_URI": "https://bfn:sentinel-uri-pass@mlflow.example.com",  # user:password
+           "AWS_ENDPOINT_URL": "http://sentinel-uri-token@127.0.0.1:9000",  # a token alone as userinfo
+           "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000/?X-Amz-Security-Token=sentinel-uri-query&v=2",
+           "BFN_STORAGE_PATH": "s3://:sentinel-uri-empty-user@bfn-runs/runs"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def test_submit_strips_credentials_from_forwarded_urls_unless_asked(no_token_env, monkeypatch, capsys, caplog):
+    """Settings holding credentials (user:password@, token@, :password@, ?X-Amz-Security-Token=)
+    reach the job without them, a warning naming each variable; with --forward-credentials as they
+    are. The job spec checked is the one the real `bfn submit` posted to the job API."""
+    env = _url_credentials_env(monkeypatch)
+    caplog.set_level(logging.INFO)
+    with FakeJobAPI() as api:
+        assert _submit_no_wait(api, monkeypatch, no_token_env) == 0
+    (job,) = _posted_jobs(api)
+    assert "sentinel" not in json.dumps(job)
+    sent = job["runtime_env"]["env_vars"]
+    assert sent["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
+    assert sent["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert sent["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000/?v=2"
+    assert sent["BFN_STORAGE_PATH"] == "s3://bfn-runs/runs"
+    shown = "".join(capsys.readouterr()) + caplog.text
+    assert "sentinel" not in shown
+    for key in env:
+        assert f"{key} holds credentials: forwarded without them" in caplog.text and "--forward-credentials" in shown
+
+    caplog.clear()
+    with FakeJobAPI() as api:
+        assert _submit_no_wait(api, monkeypatch, no_token_env, "--forward-credentials") == 0
+    (job,) = _posted_jobs(api)
+    assert {key: job["runtime_env"]["env_vars"][key] for key in env} == env
+    shown = "".join(capsys.readouterr()) + caplog.text
+    assert "sentinel" not in shown and "anyone holding the cluster token can read them" in shown
+
+
+@pytest.mark.parametrize("item", ["HF_TOKEN=sentinel-env-token", "MY_API_KEY", "DB_PASSWORD=sentinel-env-pass",
+                                  "DATABASE_URL=postgresql://app:sentinel-env-pass@db.internal/bfn",
+                                  "SIGNED=https://b.s3.amazonaws.com/k?X-Amz-Signature=sentinel-env-sig"])  # fmt: skip
+def test_submit_refuses_env_credentials_unless_asked(no_token_env, monkeypatch, capsys, item):
+    """`--env` is typed on purpose: a credential there is refused (naming it and the flag) rather
+    than stripped, so the job never starts half-configured; with --forward-credentials it goes."""
+    monkeypatch.setenv("MY_API_KEY", "sentinel-env-apikey")
+    key = item.partition("=")[0]
+    with FakeJobAPI() as api, pytest.raises(SystemExit) as exit_:
+        _submit_no_wait(api, monkeypatch, no_token_env, "--env", item)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"--env {key} carries a credential" in err and "--forward-credentials" in err and "sentinel" not in err
+    assert _posted_jobs(api) == []
+    with FakeJobAPI() as api:
+        assert _submit_no_wait(api, monkeypatch, no_token_env, "--env", item, "--forward-credentials") == 0
+    (job,) = _posted_jobs(api)
+    assert job["runtime_env"]["env_vars"][key].startswith(("sentinel", "postgresql://app:sentinel", "https://b.s3"))
+    assert "sentinel" not in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize("override", ["tracking.uri=https://ghp_sentinelToken0123@mlflow.example.com",
+                                      "tracking.uri=https://:sentinel-empty-user@mlflow.example.com",
+                                      "run.ray_address=ray://bfn:p@ss-sentinel@127.0.0.1:10001",
+                                      "data.uri=https://b.s3.amazonaws.com/d?X-Amz-Signature=sentinel0sig",
+                                      "data.uri=https://h/d?X-Amz-Credential=sentinel%2F20260101%2Fus-east-1",
+                                      "+run.note=ASIAIOSFODNN7SENTINEL"])  # fmt: skip
+@pytest.mark.parametrize("flag", [(), ("--forward-credentials",)], ids=["", "forward-credentials"])
+def test_submit_refuses_every_credential_form_in_overrides(no_token_env, monkeypatch, capsys, override, flag):
+    """The entrypoint is stored with the job and listed by `bfn jobs list`: an override carrying a
+    credential in any form is refused, even with --forward-credentials (the message says how to
+    pass it through the environment instead); nothing is posted and nothing secret is shown."""
+    with FakeJobAPI() as api, pytest.raises(SystemExit) as exit_:
+        _submit_no_wait(api, monkeypatch, no_token_env, *flag, overrides=("experiment=smoke", override))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    key = override.split("=")[0].lstrip("+")
+    assert f"override {key}: carries a credential" in err and "--forward-credentials" in err
+    assert "sentinel" not in err.lower() and "ASIAIOSFODNN7" not in err
+    assert _posted_jobs(api) == [] and not any(b"sentinel" in r[3] for r in api.requests)
+
+
 def test_token_never_sent_over_plain_http_to_another_host(no_token_env, monkeypatch):
     """Refused before any request is made (the probe would be the first)."""
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-cluster-token")

@@ -1,21 +1,25 @@
 """What a Ray Job of ``bfn submit`` carries: its environment variables and its code.
 
 ``job_env`` forwards settings (never credentials unless asked: Ray stores a job's runtime_env
-where anyone holding the cluster token can read it), ``check_overrides`` refuses credentials in
-the entrypoint, ``build_runtime_env`` chooses ``working_dir`` or ``image_uri``, and
+where anyone holding the cluster token can read it; without ``--forward-credentials`` the
+credentials inside a forwarded URL are stripped, with a warning naming the variable, and an
+``--env`` credential is refused), ``check_overrides`` refuses credentials in the entrypoint,
+``build_runtime_env`` chooses ``working_dir`` or ``image_uri``, and
 ``working_dir_size`` measures the upload with ``pathspec`` (the gitignore syntax Ray's excludes use).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
-import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.secrets import SECRET_VALUE, is_secret_key
+from pipeline.secrets import credential_values, has_credential, is_secret_env_name, is_secret_key, strip_credentials
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped to the cluster (gitignored paths are skipped as well).
@@ -42,16 +46,35 @@ class SubmitError(RuntimeError):
 
 
 def _is_secret(key: str) -> bool:
-    return key.upper() in SECRET_ENV or is_secret_key(key) or key.upper().endswith("KEY")
+    return key.upper() in SECRET_ENV or is_secret_env_name(key)
+
+
+def _credential_refused(what: str) -> SubmitError:
+    return SubmitError(f"{what} carries a credential, and Ray stores the job's env_vars where anyone holding the "
+                       "cluster token can read them: pass --forward-credentials to send it anyway, or better, give "
+                       "the cluster its own credentials (instance profile / IRSA)")  # fmt: skip
 
 
 def job_env(extra: Iterable[str] = (), forward_credentials: bool = False,
             environ: dict | None = None) -> tuple[dict[str, str], list[str]]:  # fmt: skip
-    """env_vars for the job, and the secret values among them (to mask in anything printed)."""
+    """env_vars for the job, and the secret values among them (to mask in anything printed).
+
+    Without ``forward_credentials`` a forwarded setting loses the credentials inside it (a URL's
+    ``user:password@``, a ``?token=``; a warning names the variable) and ``--env`` refuses one."""
     environ = dict(os.environ if environ is None else environ)
     keys = list(FORWARD_ENV) + (list(CREDENTIAL_ENV) if forward_credentials else [])
     env = dict(JOB_ENV_DEFAULTS)
     env.update({key: environ[key] for key in keys if environ.get(key)})
+    known = [found for key in FORWARD_ENV for found in credential_values(environ.get(key) or "")]
+    for key in [] if forward_credentials else [k for k in FORWARD_ENV if k in env and has_credential(env[k])]:
+        stripped = strip_credentials(env[key])
+        if has_credential(stripped):  # a credential outside a URL's userinfo and query: nothing to send
+            del env[key]
+        else:
+            env[key] = stripped
+        log.warning("%s holds credentials: %s, since Ray stores a job's env_vars where anyone holding the cluster "
+                    "token can read them; pass --forward-credentials to send them", key,
+                    "not forwarded" if key not in env else "forwarded without them")  # fmt: skip
     for item in extra:
         key, sep, value = item.partition("=")
         if not key:
@@ -60,9 +83,12 @@ def job_env(extra: Iterable[str] = (), forward_credentials: bool = False,
             raise SubmitError(f"--env {key}: the cluster's auth settings are not job settings")
         if not sep and environ.get(key) is None:
             raise SubmitError(f"--env {key}: not set in this environment")
-        env[key] = value if sep else environ[key]
-    known = [value for key, value in env.items() if _is_secret(key)]
-    known += [urllib.parse.urlsplit(v).password or "" for v in env.values() if "://" in v]  # user:password@
+        value = value if sep else environ[key]
+        if not forward_credentials and (_is_secret(key) or has_credential(value)):
+            raise _credential_refused(f"--env {key}")
+        env[key] = value
+    known += [value for key, value in env.items() if _is_secret(key)]
+    known += [found for value in env.values() for found in credential_values(value)]
     return env, [value for value in known if value]
 
 
@@ -70,7 +96,7 @@ def check_overrides(overrides: list[str]) -> None:
     """Refuse an override that carries a credential: the entrypoint is stored with the job."""
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if SECRET_VALUE.search(value) or (is_secret_key(key) and value):
+        if has_credential(value) or (is_secret_key(key) and value):
             raise SubmitError(
                 f"override {key}: carries a credential, and Ray stores the entrypoint with the job (readable by "
                 "anyone holding the cluster token). Put it in the environment instead (MLFLOW_TRACKING_USERNAME / "

@@ -13,10 +13,13 @@ job SDK (``ray.job_submission.JobSubmissionClient``). Its runtime_env:
   ``pathspec`` as Ray does), unless ``--image`` is given: Ray's ``image_uri`` cannot be combined
   with ``working_dir`` and the image already contains the project (infra/docker/Dockerfile).
 * ``env_vars``: MLflow / S3 settings from the caller's environment. Credentials (AWS keys, MLflow
-  password or token) only with ``--forward-credentials``: Ray stores the runtime_env with the job,
-  where anyone holding the cluster token can read them; clusters should use instance profiles /
-  IRSA. For the same reason an override that carries a credential (``user:pass@`` in a URI, a
-  secret-looking key) is refused: the entrypoint is stored with the job too.
+  password or token, the ``user:pass@`` or ``?token=`` inside a forwarded URL, an ``--env``
+  credential) only with ``--forward-credentials``: Ray stores the runtime_env with the job, where
+  anyone holding the cluster token can read them; clusters should use instance profiles / IRSA.
+  Without the flag a forwarded URL goes without its credentials (a warning names the variable)
+  and an ``--env`` credential is refused. An override that carries a credential (userinfo or a
+  secret query parameter in a URI, an AWS key, a secret-looking key) is refused even with the
+  flag: the entrypoint is stored with the job too, and shown by ``bfn jobs list``.
 
 Token auth (Ray 2.60) -- the token is found the way Ray's own clients find it:
 ``RAY_AUTH_TOKEN`` (the value), else ``RAY_AUTH_TOKEN_PATH`` (a file), else ``~/.ray/auth_token``,
@@ -60,7 +63,14 @@ from pipeline.cluster.runtime_env import (  # noqa: F401 (part of this command's
     pip_requirements,
     working_dir_size,
 )
-from pipeline.secrets import mask_text, plain_http_to_remote
+from pipeline.secrets import (
+    has_credential,
+    install_log_masking,
+    mask_text,
+    plain_http_to_remote,
+    register_environment,
+)
+from pipeline.secrets import register as register_secret
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -161,6 +171,7 @@ def connect(address: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT, *, al
     """A ``JobSubmissionClient`` for ``address`` with the token header set, or a clear error."""
     address = resolve_address(address)
     token, source = resolve_token()
+    register_secret(token)  # masked by value in everything printed from now on
     if token and plain_http_to_remote(address) and not allow_plain_http:  # checked before any request
         raise SubmitError(f"refusing to send the cluster token to {address} over plain http (it would cross the "
                           "network unencrypted): use an SSH tunnel or port-forward to 127.0.0.1, https, or "
@@ -250,7 +261,7 @@ def _describe(submission: Submission, address: str, image: str | None) -> None:
     code = f"image {image}" if image else f"working_dir {REPO_ROOT} ({submission.upload_bytes / 2**20:.1f} MiB)"
     log.info("  code: %s%s", code, f" + pip ({len(submission.pip)} requirements)" if submission.pip else "")
     log.info("  env_vars: %s (values not shown)", ", ".join(sorted(env)))
-    if any(key in env for key in CREDENTIAL_ENV):
+    if any(key in env for key in CREDENTIAL_ENV) or any(has_credential(value) for value in env.values()):
         log.warning("credentials forwarded into the job's runtime_env: anyone holding the cluster token can read "
                     "them back")  # fmt: skip
 
@@ -405,8 +416,9 @@ def _register_submit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cluster-defaults", action="store_true",
                    help="do not add run=cluster tracking=mlflow_server (train/tune/scaling) to the overrides")
     p.add_argument("--forward-credentials", action="store_true",
-                   help="also forward AWS keys and MLflow credentials (stored with the job: readable by anyone "
-                        "holding the cluster token; prefer instance profiles / IRSA)")
+                   help="also forward AWS keys, MLflow credentials, the credentials inside forwarded URLs and "
+                        "--env credentials (stored with the job: readable by anyone holding the cluster token; "
+                        "prefer instance profiles / IRSA)")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="extra gitignore-style pattern to keep out of the working_dir upload (repeatable)")
     p.add_argument("--job-id", default=None, help="submission id (default bfn-<kind>-<time>-<rand>)")
@@ -445,6 +457,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry: ``python -m pipeline.cluster.submit submit ...`` (same as ``bfn submit``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    register_environment()
+    install_log_masking()
     parser = argparse.ArgumentParser(prog="python -m pipeline.cluster.submit")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -46,6 +46,7 @@ from pipeline.data.storage import (
     resolve,
     sha256_hex,
 )
+from pipeline.secrets import mask_config
 
 FORMAT_VERSION = 2
 VALUE_RANGES = {"mnist": ("label", 9), "cifar10": ("label", 9), "text8": ("ids", 26)}  # column, max
@@ -151,7 +152,9 @@ def validate_manifest(man: Any, uri: str) -> dict:
 
 
 def read_manifest(uri: str) -> dict:
-    """Load and validate ``<uri>/manifest.json``; ``DataError`` if it is missing or malformed."""
+    """Load and validate ``<uri>/manifest.json``; ``DataError`` if it is missing or malformed. Its
+    source's URL comes back with credentials masked (an older manifest may hold them; it is logged
+    to MLflow)."""
     fs, root = resolve(uri)
     where = f"manifest {str(uri).rstrip('/')}/{MANIFEST_NAME}"
     try:
@@ -164,6 +167,8 @@ def read_manifest(uri: str) -> dict:
         man = json.loads(data)
     except ValueError as exc:
         raise DataError(f"{where} is not valid JSON: {exc}") from exc
+    if isinstance(man, dict) and isinstance(man.get("source"), dict):
+        man["source"] = mask_config(man["source"])
     return validate_manifest(man, uri)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.storage import TEXT8_ALPHABET, DataError, check_name, is_url, raw_dir
+from pipeline.secrets import credential_values, mask_config, mask_text
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ MEMBER_MAX_BYTES = {"mnist": 64 * 1024**2, "cifar10": 64 * 1024**2, "text8": 128
 
 
 def say(progress: bool, message: str) -> None:
-    """Progress of long preparations at INFO; with ``progress=False`` at DEBUG."""
-    log.log(logging.INFO if progress else logging.DEBUG, message)
+    """Progress of long preparations at INFO; with ``progress=False`` at DEBUG (a URL's credentials masked)."""
+    log.log(logging.INFO if progress else logging.DEBUG, mask_text(message))
 
 
 # ================================================================================================
@@ -110,6 +111,7 @@ def file_digests(path: Path) -> dict[str, str]:
 
 def _fetch(url: str, dest: Path, *, max_bytes: int, progress: bool, timeout: float = 60.0) -> dict[str, str]:
     """Stream ``url`` to ``dest`` (at most ``max_bytes``); return its md5 and sha256."""
+    shown = mask_text(url)  # a signed or tokenised URL's credentials stay out of every message
     md5, sha = hashlib.md5(), hashlib.sha256()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
@@ -118,12 +120,12 @@ def _fetch(url: str, dest: Path, *, max_bytes: int, progress: bool, timeout: flo
         with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
             if total > max_bytes:
-                raise DataError(f"download of {url} refused: {total:,} bytes announced, the cap is {max_bytes:,}")
+                raise DataError(f"download of {shown} refused: {total:,} bytes announced, the cap is {max_bytes:,}")
             done, next_report = 0, 0.1
             while chunk := response.read(1 << 20):
                 done += len(chunk)
                 if done > max_bytes:
-                    raise DataError(f"download of {url} stopped: more than the cap of {max_bytes:,} bytes")
+                    raise DataError(f"download of {shown} stopped: more than the cap of {max_bytes:,} bytes")
                 out.write(chunk)
                 md5.update(chunk)
                 sha.update(chunk)
@@ -135,7 +137,7 @@ def _fetch(url: str, dest: Path, *, max_bytes: int, progress: bool, timeout: flo
         raise
     except (OSError, ValueError) as exc:  # URLError is an OSError; ValueError: a malformed URL
         tmp.unlink(missing_ok=True)
-        raise DataError(f"download of {url} failed: {exc}") from exc
+        raise DataError(f"download of {shown} failed: {mask_text(str(exc), credential_values(url))}") from exc
     tmp.replace(dest)
     return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
 
@@ -169,7 +171,7 @@ def download(
     for kind, want in expected.items():
         if got[kind] != want:
             dest.unlink(missing_ok=True)
-            raise DataError(f"checksum mismatch for {url}: expected {kind} {want}, got {got[kind]}")
+            raise DataError(f"checksum mismatch for {mask_text(url)}: expected {kind} {want}, got {got[kind]}")
     say(progress, f"verified {name} ({', '.join(f'{k} {got[k]}' for k in expected)})")
     return dest
 
@@ -203,8 +205,8 @@ def _download_mnist(url: str, dest: Path, progress: bool) -> dict[str, Any]:
         got = _fetch(file_url, path, max_bytes=DOWNLOAD_MAX_BYTES, progress=progress)
         if not _mnist_file_ok(path, got, b):
             path.unlink(missing_ok=True)
-            raise DataError(f"checksum mismatch for {file_url}: md5 {got['md5']}, sha256 {got['sha256']}; expected "
-                            f"the canonical .gz md5 {gz_md5} or uncompressed sha256 {idx_sha}")  # fmt: skip
+            raise DataError(f"checksum mismatch for {mask_text(file_url)}: md5 {got['md5']}, sha256 {got['sha256']}; "
+                            f"expected the canonical .gz md5 {gz_md5} or uncompressed sha256 {idx_sha}")  # fmt: skip
     return {"url": base}
 
 
@@ -223,7 +225,8 @@ def _download_archive(name: str, url: str, dest: Path, progress: bool) -> tuple[
 
 
 def locate(name: str, source: str | os.PathLike | None, scratch: Path, *, progress: bool) -> tuple[Path, dict]:
-    """(local file or folder to ``load``, description of the source for the manifest).
+    """(local file or folder to ``load``, description of the source for the manifest, a URL's
+    credentials masked: the manifest is logged to MLflow).
 
     ``source``: None = the bundled files ``data/raw/<name>``; ``"download"`` = the canonical file
     from ``PUBLIC_URLS``; an http(s)/file URL of the canonical file (MNIST: the folder URL of the
@@ -233,6 +236,11 @@ def locate(name: str, source: str | os.PathLike | None, scratch: Path, *, progre
     reused), otherwise into ``scratch``.
     """
     check_name(name)
+    path, src = _locate(name, source, scratch, progress=progress)
+    return path, mask_config(src)
+
+
+def _locate(name: str, source: str | os.PathLike | None, scratch: Path, *, progress: bool) -> tuple[Path, dict]:
     if source is None:
         return raw_dir() / name, {"kind": "vendored", "location": f"data/raw/{name}"}
     text = str(source)
@@ -251,7 +259,7 @@ def locate(name: str, source: str | os.PathLike | None, scratch: Path, *, progre
         if name == "mnist":
             raise DataError(f"mnist: source {path} is a file; pass the folder holding the four IDX files")
         return path, {"kind": "file", "location": str(path.resolve())}
-    raise DataError(f"{name}: source {text} is neither an existing file or folder nor a URL")
+    raise DataError(f"{name}: source {mask_text(text)} is neither an existing file or folder nor a URL")
 
 
 def _download_default(name: str, folder: Path, progress: bool) -> tuple[Path, dict]:
@@ -269,7 +277,7 @@ def _download_default(name: str, folder: Path, progress: bool) -> tuple[Path, di
             "text8": f"{TEXT8_ZIP} or the extracted text8 file",
         }[name]
         raise DataError(
-            f"{name}: could not get the canonical files. Tried: {cached}{url}: {exc}. "
+            f"{name}: could not get the canonical files. Tried: {cached}{mask_text(url)}: {exc}. "
             f"Offline, download them elsewhere and pass --source with {offline}; "
             f"or --source bundled for the small bundled data (data/raw/{name})"
         ) from exc
