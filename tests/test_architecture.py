@@ -79,3 +79,50 @@ def test_ray_private_modules_are_imported_in_one_isolated_place():
     """Ray's private API changes without notice: one small module uses it, with its reason."""
     users = {path for path, names in _pipeline_imports().items() if any(n.startswith("ray._private") for n in names)}
     assert users == {"pipeline/sweeps/placement_groups.py"}, users
+
+
+def pipeline_knowledge_in(root) -> list[str]:
+    """'file:line: text' for each pipeline config key (a section of pipeline.config.Config, dotted) in a string or
+    comment, and each conf/net preset name anywhere, in the Python files under ``root``."""
+    import dataclasses
+    import io
+    import re
+    import tokenize
+    import typing
+
+    from pipeline.config import Config
+
+    hints = typing.get_type_hints(Config)
+    sections = {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+    # "net." also prefixes the official checkpoints' state-dict keys: only the net section's own fields count there
+    net_keys = [f"net\\.{f.name}(?!\\w)" for f in dataclasses.fields(sections.pop("net"))]
+    config_key = re.compile(rf"(?<![\w.])(?:(?:{'|'.join(sections)})\.[A-Za-z_]\w*|{'|'.join(net_keys)})")
+    presets = sorted(path.stem for path in (REPO / "pipeline" / "conf" / "net").glob("*.yaml"))
+    assert presets, "no conf/net presets found"
+    preset = re.compile(rf"\b(?:{'|'.join(presets)})\b")
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text()
+        # one token never spans code like flow.sigma_1 (NAME . NAME): only strings and comments can hold a key
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            found += [f"{path}:{token.start[0] + token.string.count(chr(10), 0, m.start())}: {m.group(0)}"
+                      for m in config_key.finditer(token.string)]  # fmt: skip
+        for number, line in enumerate(source.splitlines(), 1):
+            found += [f"{path}:{number}: preset {m.group(0)}" for m in preset.finditer(line)]
+    return found
+
+
+def test_the_scan_for_pipeline_knowledge_finds_keys_and_presets_but_not_code(tmp_path):
+    (tmp_path / "m.py").write_text(
+        'OVERRIDES = {"net.kwargs": {}, "optim.lr": 1e-4}  # the mnist_unet preset\n'
+        'def f(flow, net):\n    return flow.sigma_1, net.kwargs, "net.blocks.0.weight", "model.bayesian_flow.x"\n'
+    )
+    hits = [hit.split(": ", 1)[1] for hit in pipeline_knowledge_in(tmp_path)]
+    assert hits == ["net.kwargs", "optim.lr", "preset mnist_unet"], hits
+
+
+def test_bfn_knows_no_pipeline_config_keys_or_presets():
+    """bfn/ is math and networks: the pipeline's config keys (data.*, flow.*, net.kwargs, ...) and its conf/net
+    preset names belong in pipeline/ (e.g. the official-config mapping, pipeline/training/official.py)."""
+    found = pipeline_knowledge_in(REPO / "bfn")
+    assert not found, "pipeline knowledge in bfn/:\n" + "\n".join(found)

@@ -22,8 +22,11 @@ Here:
 * ``convert_state_dict(config, state_dict)``: the official weights renamed (and 1x1 attention
   convs reshaped to Linear weights) into the project network's state dict;
 * ``load_network(config, state_dict)``: both;
-* ``config_overrides(config)``: the rest of the config (data, flow, output head, optimiser) as
-  project config overrides, ``{"data.name": ..., "flow.sigma_1": ..., "net.kwargs": {...}}``.
+* ``component(model, section, classes)``: the class and parameters of any ``model`` section (flow,
+  loss, distribution factory too), official defaults filled in and options the project fixes checked,
+  and ``number`` / ``integer`` / ``boolean``: the official YAML's values, read as the official code does.
+  Mapping the rest of the config onto the project's own config is the pipeline's part
+  (``pipeline.training.official``); this module knows only the official format and the networks.
 
 The project network is called as ``net(net_inputs, t)`` with t of shape (B,) (one time per
 example, as ``bfn.model.BFN`` does); the official one as ``net(net_inputs, t)`` with t broadcast
@@ -40,7 +43,6 @@ official code itself cannot run, and flow/output options the project does not im
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -55,19 +57,20 @@ __all__ = [
     "NET_CLASSES",
     "OfficialCheckpointError",
     "OfficialConfigError",
+    "boolean",
     "build_network",
-    "config_overrides",
+    "component",
     "convert_state_dict",
+    "integer",
     "load_network",
     "model_section",
     "network_spec",
+    "number",
     "strip_prefix",
 ]
 
 NET_CLASSES = ("GPT", "UNetModel", "UNetVDM")
 ARCH_OF_CLASS = {"GPT": "text_transformer", "UNetModel": "unet", "UNetVDM": "unet_vdm"}
-# the pipeline's network preset (conf/net) of each architecture's paper size, a label for net.name
-PRESET_OF_CLASS = {"GPT": "text8_transformer", "UNetModel": "mnist_unet", "UNetVDM": "cifar_unet_vdm"}
 
 
 class OfficialCheckpointError(ValueError):
@@ -121,9 +124,6 @@ _FIXED = {
                                  "min_prob": 1e-5},
 }  # fmt: skip
 
-_DATASETS = {"bin_mnist": "mnist", "cifar10": "cifar10", "text8": "text8"}
-_DATA_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-
 
 # ----------------------------------------------------------------------------------- config parsing
 
@@ -142,8 +142,10 @@ def model_section(config: Mapping) -> dict:
     raise OfficialConfigError("config: no 'model' section (and no 'net' section)")
 
 
-def _component(model: Mapping, section: str, allowed: tuple[str, ...], *, optional: bool = False):
-    """(class_name, parameters with the official defaults filled in) of model.<section>."""
+def component(model: Mapping, section: str, allowed: tuple[str, ...], *, optional: bool = False):
+    """(class_name, parameters with the official defaults filled in) of model.<section>; a class not in
+    ``allowed``, an unknown or missing parameter, or an option the project fixes at another value is an
+    OfficialConfigError naming the key. ``optional``: a missing section gives (None, {})."""
     key = f"model.{section}"
     node = model.get(section)
     if node is None:
@@ -179,7 +181,7 @@ def _check_fixed(prefix: str, name: str, params: dict) -> None:
     for param, fixed in _FIXED.get(name, {}).items():
         value = params[param]
         if fixed is None:  # an on/off threshold: only "off" (<= 0) is implemented
-            if _number(f"{prefix}.{param}", value) > 0:
+            if number(f"{prefix}.{param}", value) > 0:
                 raise OfficialConfigError(
                     f"{prefix}.{param}={value!r}: the project implements only the default (off)"
                 )
@@ -188,13 +190,13 @@ def _check_fixed(prefix: str, name: str, params: dict) -> None:
                 raise OfficialConfigError(
                     f"{prefix}.{param}={value!r}: the project implements only {fixed!r}"
                 )
-        elif _number(f"{prefix}.{param}", value) != fixed:
+        elif number(f"{prefix}.{param}", value) != fixed:
             raise OfficialConfigError(
                 f"{prefix}.{param}={value!r}: the project implements only the default {fixed!r}"
             )
 
 
-def _number(key: str, value: Any) -> float:
+def number(key: str, value: Any) -> float:
     """A YAML number; PyYAML reads '1e-6' (no dot) as a string, so numeric strings are accepted."""
     if isinstance(value, bool):
         raise OfficialConfigError(f"{key}: expected a number, got {value!r}")
@@ -208,16 +210,18 @@ def _number(key: str, value: Any) -> float:
     raise OfficialConfigError(f"{key}: expected a number, got {value!r}")
 
 
-def _int(key: str, value: Any, minimum: int | None = None) -> int:
-    number = _number(key, value)
-    if int(number) != number:
+def integer(key: str, value: Any, minimum: int | None = None) -> int:
+    """A YAML integer (numeric strings too), at least ``minimum``; errors name ``key``."""
+    parsed = number(key, value)
+    if int(parsed) != parsed:
         raise OfficialConfigError(f"{key}: expected an integer, got {value!r}")
-    if minimum is not None and number < minimum:
+    if minimum is not None and parsed < minimum:
         raise OfficialConfigError(f"{key}: must be >= {minimum}, got {value!r}")
-    return int(number)
+    return int(parsed)
 
 
-def _bool(key: str, value: Any) -> bool:
+def boolean(key: str, value: Any) -> bool:
+    """A YAML true/false (no truthy strings or numbers); errors name ``key``."""
     if not isinstance(value, bool):
         raise OfficialConfigError(f"{key}: expected true or false, got {value!r}")
     return value
@@ -226,7 +230,7 @@ def _bool(key: str, value: Any) -> bool:
 def _ints(key: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple):
         raise OfficialConfigError(f"{key}: expected a list of integers, got {value!r}")
-    return tuple(_int(key, v) for v in value)
+    return tuple(integer(key, v) for v in value)
 
 
 # ----------------------------------------------------------------------------------- network spec
@@ -241,28 +245,28 @@ def network_spec(config: Mapping) -> tuple[str, dict[str, Any]]:
 
 
 def _spec(model: Mapping) -> dict[str, Any]:
-    """preset, kwargs, class name, and the official-only keys (fixed buffers, unused params)."""
-    net_name, _ = _component(model, "net", NET_CLASSES)
+    """class name, architecture, kwargs, and the official-only keys (fixed buffers, unused params)."""
+    net_name, _ = component(model, "net", NET_CLASSES)
     if net_name == "GPT":
         return _gpt_spec(model)
     return _image_spec(model, net_name)
 
 
 def _gpt_spec(model: Mapping) -> dict[str, Any]:
-    _, net = _component(model, "net", NET_CLASSES)
-    _, adapter = _component(model, "input_adapter", ("TextInputAdapter",))
-    out_name, out = _component(model, "output_adapter", ("OutputAdapter",), optional=True)
+    _, net = component(model, "net", NET_CLASSES)
+    _, adapter = component(model, "input_adapter", ("TextInputAdapter",))
+    out_name, out = component(model, "output_adapter", ("OutputAdapter",), optional=True)
     p, a = "model.net.parameters", "model.input_adapter.parameters"
-    n_embd = _int(f"{p}.n_embd", net["n_embd"], 1)
-    vocab = _int(f"{p}.vocab_size", net["vocab_size"], 1)
-    num_classes = _int(f"{a}.vocab_size", adapter["vocab_size"], 2)
-    seq_len = _int(f"{a}.seq_len", adapter["seq_len"], 1)
-    if _int(f"{a}.output_size", adapter["output_size"], 1) != n_embd:
+    n_embd = integer(f"{p}.n_embd", net["n_embd"], 1)
+    vocab = integer(f"{p}.vocab_size", net["vocab_size"], 1)
+    num_classes = integer(f"{a}.vocab_size", adapter["vocab_size"], 2)
+    seq_len = integer(f"{a}.seq_len", adapter["seq_len"], 1)
+    if integer(f"{a}.output_size", adapter["output_size"], 1) != n_embd:
         raise OfficialConfigError(
             f"{a}.output_size={adapter['output_size']} must equal {p}.n_embd={n_embd}"
             " (the official GPT adds the adapter's output to its residual stream)"
         )
-    skip, is_causal = _bool(f"{p}.skip", net["skip"]), _bool(f"{p}.is_causal", net["is_causal"])
+    skip, is_causal = boolean(f"{p}.skip", net["skip"]), boolean(f"{p}.is_causal", net["is_causal"])
     if skip and is_causal:
         raise OfficialConfigError(
             f"{p}.skip=true with is_causal=true: the official GPT then builds a 2*n_embd lm_head"
@@ -277,45 +281,45 @@ def _gpt_spec(model: Mapping) -> dict[str, Any]:
             )
     else:
         o = "model.output_adapter.parameters"
-        if _int(f"{o}.input_height", out["input_height"]) != vocab:
+        if integer(f"{o}.input_height", out["input_height"]) != vocab:
             raise OfficialConfigError(f"{o}.input_height must equal {p}.vocab_size={vocab}")
-        if (_int(f"{o}.output_channels", out["output_channels"]) != 1
-                or _int(f"{o}.output_height", out["output_height"]) != num_classes):  # fmt: skip
+        if (integer(f"{o}.output_channels", out["output_channels"]) != 1
+                or integer(f"{o}.output_height", out["output_height"]) != num_classes):  # fmt: skip
             raise OfficialConfigError(
                 f"{o}: a text net's output adapter must give 1 channel of {num_classes} logits"
                 f" per token (output_channels=1, output_height={num_classes})"
             )
         output_projection = vocab
-    dropout = float(_number(f"{p}.dropout", net["dropout"]))
-    learn = _bool(f"{a}.learn_pos_embedding", adapter["learn_pos_embedding"])
+    dropout = float(number(f"{p}.dropout", net["dropout"]))
+    learn = boolean(f"{a}.learn_pos_embedding", adapter["learn_pos_embedding"])
     kwargs = dict(
-        num_classes=num_classes, seq_len=seq_len, n_layer=_int(f"{p}.n_layer", net["n_layer"], 1),
-        n_head=_int(f"{p}.n_head", net["n_head"], 1), n_embd=n_embd, dropout=dropout,
-        bias=_bool(f"{p}.bias", net["bias"]), skip=skip, is_causal=is_causal, adapter_bias=True,
+        num_classes=num_classes, seq_len=seq_len, n_layer=integer(f"{p}.n_layer", net["n_layer"], 1),
+        n_head=integer(f"{p}.n_head", net["n_head"], 1), n_embd=n_embd, dropout=dropout,
+        bias=boolean(f"{p}.bias", net["bias"]), skip=skip, is_causal=is_causal, adapter_bias=True,
         learn_positions=learn, output_projection=output_projection,
     )  # fmt: skip
     extra = {}
     if not learn:  # a persistent buffer in the official adapter, a computed one here
         extra["input_adapter.pos_embedding"] = ((seq_len, n_embd), lambda: sinusoidal_positions(seq_len, n_embd))
-    return dict(cls="GPT", arch=ARCH_OF_CLASS["GPT"], preset=PRESET_OF_CLASS["GPT"], kwargs=kwargs, extra=extra)
+    return dict(cls="GPT", arch=ARCH_OF_CLASS["GPT"], kwargs=kwargs, extra=extra)
 
 
 def _image_features(adapter: dict) -> dict[str, Any]:
     """Project ``ImageInputFeatures`` kwargs (full) and sizes of a FourierImageInputAdapter."""
     a = "model.input_adapter.parameters"
-    channels = _int(f"{a}.input_channels", adapter["input_channels"], 1)
+    channels = integer(f"{a}.input_channels", adapter["input_channels"], 1)
     shape = _ints(f"{a}.input_shape", adapter["input_shape"])
     if len(shape) != 2:
         raise OfficialConfigError(f"{a}.input_shape: expected [height, width], got {shape}")
-    bands = _int(f"{a}.n_freq_bands", adapter["n_freq_bands"], 0)
-    mask_res = _number(f"{a}.mask_res", adapter["mask_res"])
-    _number(f"{a}.value_res", adapter["value_res"])  # stored, unused by the official code
-    add_mask = _bool(f"{a}.add_mask", adapter["add_mask"])
-    add_pos = _bool(f"{a}.add_pos_feats", adapter["add_pos_feats"])
-    learn = _bool(f"{a}.learn_pos_feats", adapter["learn_pos_feats"])
-    pos_dim = _int(f"{a}.pos_embed_size", adapter["pos_embed_size"], 1)
-    init_scale = float(_number(f"{a}.init_scale", adapter["init_scale"]))
-    output_height = _int(f"{a}.output_height", adapter["output_height"], 1)
+    bands = integer(f"{a}.n_freq_bands", adapter["n_freq_bands"], 0)
+    mask_res = number(f"{a}.mask_res", adapter["mask_res"])
+    number(f"{a}.value_res", adapter["value_res"])  # stored, unused by the official code
+    add_mask = boolean(f"{a}.add_mask", adapter["add_mask"])
+    add_pos = boolean(f"{a}.add_pos_feats", adapter["add_pos_feats"])
+    learn = boolean(f"{a}.learn_pos_feats", adapter["learn_pos_feats"])
+    pos_dim = integer(f"{a}.pos_embed_size", adapter["pos_embed_size"], 1)
+    init_scale = float(number(f"{a}.init_scale", adapter["init_scale"]))
+    output_height = integer(f"{a}.output_height", adapter["output_height"], 1)
     pos_height = pos_dim if learn else 4 * bands + 2
     total = channels
     if add_mask:
@@ -353,36 +357,36 @@ def _feature_kwargs(features: dict, *, default_time: bool) -> dict | None:
 
 
 def _image_spec(model: Mapping, net_name: str) -> dict[str, Any]:
-    _, net = _component(model, "net", NET_CLASSES)
-    _, adapter = _component(model, "input_adapter", ("FourierImageInputAdapter",))
-    _, out = _component(model, "output_adapter", ("OutputAdapter",))
+    _, net = component(model, "net", NET_CLASSES)
+    _, adapter = component(model, "input_adapter", ("FourierImageInputAdapter",))
+    _, out = component(model, "output_adapter", ("OutputAdapter",))
     p, o = "model.net.parameters", "model.output_adapter.parameters"
     feats = _image_features(adapter)
     channels, num_features = feats["channels"], feats["num_features"]
     in_key = "in_channels" if net_name == "UNetModel" else "input_channels"
-    if _int(f"{p}.{in_key}", net[in_key], 1) != num_features:
+    if integer(f"{p}.{in_key}", net[in_key], 1) != num_features:
         raise OfficialConfigError(
             f"{p}.{in_key}={net[in_key]} must equal the input adapter's output height"
             f" ({num_features}): the official net reshapes the adapter's output to it"
         )
-    image_size = _int(f"{p}.image_size", net["image_size"], 1)
+    image_size = integer(f"{p}.image_size", net["image_size"], 1)
     if tuple(feats["shape"]) != (image_size, image_size):
         raise OfficialConfigError(
             f"model.input_adapter.parameters.input_shape={list(feats['shape'])} must be"
             f" [{image_size}, {image_size}] (square images of {p}.image_size)"
         )
-    if _int(f"{o}.output_channels", out["output_channels"], 1) != channels:
+    if integer(f"{o}.output_channels", out["output_channels"], 1) != channels:
         raise OfficialConfigError(
             f"{o}.output_channels={out['output_channels']} must equal the data channels"
             f" ({channels}, model.input_adapter.parameters.input_channels)"
         )
-    out_height = _int(f"{o}.output_height", out["output_height"], 1)
+    out_height = integer(f"{o}.output_height", out["output_height"], 1)
     common = dict(in_channels=channels, image_size=image_size, out_height=out_height)
     if net_name == "UNetModel":
         kwargs, width = _unet_kwargs(net, feats)
     else:
         kwargs, width = _vdm_kwargs(net, feats)
-    if _int(f"{o}.input_height", out["input_height"], 1) != width:
+    if integer(f"{o}.input_height", out["input_height"], 1) != width:
         raise OfficialConfigError(
             f"{o}.input_height={out['input_height']} must be {width}, the width of what the"
             f" official {net_name} hands its output adapter"
@@ -396,47 +400,46 @@ def _image_spec(model: Mapping, net_name: str) -> dict[str, Any]:
         extra[key] = ((hw, 4 * bands + 2), value)
     elif not feats["add_pos"]:  # a learned but unused parameter there
         extra[key] = ((1, hw, feats["pos_dim"]), None)
-    return dict(cls=net_name, arch=ARCH_OF_CLASS[net_name], preset=PRESET_OF_CLASS[net_name],
-                kwargs={**common, **kwargs}, extra=extra)  # fmt: skip
+    return dict(cls=net_name, arch=ARCH_OF_CLASS[net_name], kwargs={**common, **kwargs}, extra=extra)
 
 
 def _unet_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
     p = "model.net.parameters"
-    if _int(f"{p}.dims", net["dims"]) != 2:
+    if integer(f"{p}.dims", net["dims"]) != 2:
         raise OfficialConfigError(f"{p}.dims={net['dims']}: only 2-d images are supported")
     if net["num_classes"] is not None:
         raise OfficialConfigError(
             f"{p}.num_classes={net['num_classes']!r}: the official BFN UNetModel cannot run class-"
             "conditional (its forward never passes labels)"
         )
-    mc = _int(f"{p}.model_channels", net["model_channels"], 1)
+    mc = integer(f"{p}.model_channels", net["model_channels"], 1)
     mult = _ints(f"{p}.channel_mult", net["channel_mult"])
     if not mult or mult[0] != 1:
         raise OfficialConfigError(
             f"{p}.channel_mult={list(mult)}: the official UNetModel only runs with channel_mult[0]"
             " == 1 (its output conv takes model_channels inputs)"
         )
-    if not _bool(f"{p}.conv_resample", net["conv_resample"]) and len(mult) > 1:
+    if not boolean(f"{p}.conv_resample", net["conv_resample"]) and len(mult) > 1:
         raise OfficialConfigError(
             f"{p}.conv_resample=false: the official UNetModel cannot be built with it"
             " (its average-pooling Downsample is constructed without a kernel size)"
         )
-    _bool(f"{p}.use_checkpoint", net["use_checkpoint"])  # memory only
-    heads_up = _int(f"{p}.num_heads_upsample", net["num_heads_upsample"])
+    boolean(f"{p}.use_checkpoint", net["use_checkpoint"])  # memory only
+    heads_up = integer(f"{p}.num_heads_upsample", net["num_heads_upsample"])
     attention = net["attention_resolutions"]
     attention = _ints(f"{p}.attention_resolutions", list(attention) if attention else [])
-    project_input = _bool(f"{p}.project_input", net["project_input"])
-    skip = _bool(f"{p}.skip", net["skip"])
-    out_channels = _int(f"{p}.out_channels", net["out_channels"], 1)
+    project_input = boolean(f"{p}.project_input", net["project_input"])
+    skip = boolean(f"{p}.skip", net["skip"])
+    out_channels = integer(f"{p}.out_channels", net["out_channels"], 1)
     kwargs = dict(
         model_channels=mc, out_channels=out_channels, channel_mult=list(mult),
-        num_res_blocks=_int(f"{p}.num_res_blocks", net["num_res_blocks"], 1),
-        attention_resolutions=list(attention), dropout=float(_number(f"{p}.dropout", net["dropout"])),
-        num_heads=_int(f"{p}.num_heads", net["num_heads"], 1),
+        num_res_blocks=integer(f"{p}.num_res_blocks", net["num_res_blocks"], 1),
+        attention_resolutions=list(attention), dropout=float(number(f"{p}.dropout", net["dropout"])),
+        num_heads=integer(f"{p}.num_heads", net["num_heads"], 1),
         num_heads_upsample=None if heads_up == -1 else heads_up, norm_groups=32, skip=skip,
         input_features=_feature_kwargs(feats["features"], default_time=True),
         project_input=project_input,
-        scale_shift_norm=_bool(f"{p}.use_scale_shift_norm", net["use_scale_shift_norm"]),
+        scale_shift_norm=boolean(f"{p}.use_scale_shift_norm", net["use_scale_shift_norm"]),
     )  # fmt: skip
     width = out_channels + ((mc if project_input else feats["num_features"]) if skip else 0)
     return kwargs, width
@@ -444,14 +447,14 @@ def _unet_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
 
 def _vdm_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
     p = "model.net.parameters"
-    dim = _int(f"{p}.embedding_dim", net["embedding_dim"], 1)
-    fourier = _bool(f"{p}.use_fourier_features", net["use_fourier_features"])
+    dim = integer(f"{p}.embedding_dim", net["embedding_dim"], 1)
+    fourier = boolean(f"{p}.use_fourier_features", net["use_fourier_features"])
     kwargs = dict(
-        embedding_dim=dim, n_blocks=_int(f"{p}.n_blocks", net["n_blocks"], 0),
-        n_attention_heads=_int(f"{p}.n_attention_heads", net["n_attention_heads"], 1),
-        attention_everywhere=_bool(f"{p}.attention_everywhere", net["attention_everywhere"]),
-        dropout=float(_number(f"{p}.dropout_prob", net["dropout_prob"])),
-        norm_groups=_int(f"{p}.norm_groups", net["norm_groups"], 1),
+        embedding_dim=dim, n_blocks=integer(f"{p}.n_blocks", net["n_blocks"], 0),
+        n_attention_heads=integer(f"{p}.n_attention_heads", net["n_attention_heads"], 1),
+        attention_everywhere=boolean(f"{p}.attention_everywhere", net["attention_everywhere"]),
+        dropout=float(number(f"{p}.dropout_prob", net["dropout_prob"])),
+        norm_groups=integer(f"{p}.norm_groups", net["norm_groups"], 1),
         fourier_exponents=[5.0, 6.0] if fourier else [],
         input_features=_feature_kwargs(feats["features"], default_time=False),
         time_frequencies="logspace",
@@ -624,142 +627,3 @@ def load_network(config: Mapping, state_dict: Mapping[str, Any], device="cpu") -
     net = build_network(config, device=device)
     net.load_state_dict(convert_state_dict(config, state_dict, net))
     return net.eval()
-
-
-# ----------------------------------------------------------------------------------- config overrides
-
-
-def config_overrides(config: Mapping) -> dict[str, Any]:
-    """Project config overrides (dotted keys of pipeline/conf) equivalent to an official config:
-    data, flow and output head, network, and the optimiser/EMA settings that exist in both.
-
-    Needs the whole official config (``data`` and ``model`` sections; ``optimizer`` and
-    ``training`` are used when present).
-    """
-    if not isinstance(config, Mapping) or "data" not in config or "model" not in config:
-        raise OfficialConfigError("config: need the whole official config (its data and model sections)")
-    model = model_section(config)
-    data = config["data"] or {}
-    dataset = data.get("dataset")
-    if dataset not in _DATASETS:
-        raise OfficialConfigError(
-            f"data.dataset={dataset!r}: the project has {', '.join(sorted(_DATASETS))} only"
-        )
-    name = _DATASETS[dataset]
-    out: dict[str, Any] = {"data.name": name}
-
-    flow_name, flow = _component(model, "bayesian_flow", ("CtsBayesianFlow", "DiscreteBayesianFlow"))
-    loss_name, loss = _component(model, "loss", ("CtsBayesianFlowLoss", "DiscreteBayesianFlowLoss"))
-    head_name, head = _component(model, "distribution_factory", (
-        "BernoulliFactory", "CategoricalFactory", "DeltaFactory", "DiscretizedNormalFactory"))  # fmt: skip
-    f = "model.bayesian_flow.parameters"
-    if flow_name == "DiscreteBayesianFlow":
-        if loss_name != "DiscreteBayesianFlowLoss" or head_name not in ("BernoulliFactory", "CategoricalFactory"):
-            raise OfficialConfigError(
-                "model.loss / model.distribution_factory: a DiscreteBayesianFlow needs"
-                " DiscreteBayesianFlowLoss with a Bernoulli or Categorical factory"
-            )
-        k = _int(f"{f}.n_classes", flow["n_classes"], 2)
-        sqrt_beta = float(_number(f"{f}.max_sqrt_beta", flow["max_sqrt_beta"]))
-        out.update({"flow.kind": "discrete", "flow.num_classes": k, "flow.beta_1": sqrt_beta**2,
-                    "flow.receiver": "reference", "flow.num_mc_samples": 10, "flow.sigma_1": None,
-                    "flow.noise_prediction": None, "flow.reconstruction_std_scale": None, "data.num_bins": None,
-                    "flow.head": "bernoulli" if head_name == "BernoulliFactory" else "categorical"})  # fmt: skip
-        if head_name == "BernoulliFactory" and k != 2:
-            raise OfficialConfigError(f"model.distribution_factory: Bernoulli needs n_classes=2, got {k}")
-    else:
-        if loss_name != "CtsBayesianFlowLoss" or head_name not in ("DeltaFactory", "DiscretizedNormalFactory"):
-            raise OfficialConfigError(
-                "model.loss / model.distribution_factory: a CtsBayesianFlow needs CtsBayesianFlowLoss"
-                " with a Delta or DiscretizedNormal factory"
-            )
-        min_variance = float(_number(f"{f}.min_variance", flow["min_variance"]))
-        if not 0 < min_variance < 1:
-            raise OfficialConfigError(f"{f}.min_variance={min_variance}: must lie in (0, 1)")
-        data_bins = _int("data.num_bins", data.get("num_bins", 256), 2)
-        noise_prediction = _bool("model.loss.parameters.noise_pred", loss["noise_pred"])
-        out.update({"flow.kind": "continuous", "flow.num_classes": None, "flow.beta_1": None,
-                    "flow.receiver": None, "flow.sigma_1": math.sqrt(min_variance), "data.num_bins": data_bins,
-                    "flow.noise_prediction": noise_prediction})  # fmt: skip
-        if head_name == "DiscretizedNormalFactory":
-            bins = _int("model.distribution_factory.parameters.num_bins", head["num_bins"], 2)
-            if bins != data_bins:  # the project's head and reconstruction use the data's bins
-                raise OfficialConfigError(f"model.distribution_factory.parameters.num_bins={bins}: the project "
-                                          f"needs it equal to data.num_bins={data_bins}")  # fmt: skip
-            out.update({"flow.head": "discretized_normal", "flow.num_mc_samples": 10,
-                        "flow.reconstruction_std_scale": None})  # fmt: skip
-        else:
-            # the official reconstruction term of a point estimate: N(x_hat, sigma_1) on 256 bins,
-            # or on 16 bins with 0.7 sigma_1 when min_variance == 1e-3 (hard-coded there)
-            sixteen = min_variance == 1e-3
-            if (16 if sixteen else 256) != data_bins:
-                raise OfficialConfigError(f"data.num_bins={data_bins}: the official delta reconstruction "
-                                          f"uses {16 if sixteen else 256} bins here; the project needs them "
-                                          "equal")  # fmt: skip
-            out.update({"flow.head": "delta", "flow.num_mc_samples": None,
-                        "flow.reconstruction_std_scale": 0.7 if sixteen else 1.0})  # fmt: skip
-
-    arch, kwargs = network_spec(config)
-    spec_cls = _spec(model)["cls"]
-    if (spec_cls == "GPT") != (name == "text8"):
-        raise OfficialConfigError(f"model.net.class_name={spec_cls}: does not fit data.dataset={dataset}")
-    if name == "text8":
-        seq_len = _int("data.seq_len", data.get("seq_len", kwargs["seq_len"]), 1)
-        if seq_len > kwargs["seq_len"]:
-            raise OfficialConfigError(f"data.seq_len={seq_len} exceeds the net's seq_len={kwargs['seq_len']}")
-        if kwargs["num_classes"] != out["flow.num_classes"]:
-            raise OfficialConfigError(
-                f"model.input_adapter.parameters.vocab_size={kwargs['num_classes']} must equal"
-                f" {f}.n_classes={out['flow.num_classes']}"
-            )
-        out["data.seq_len"] = seq_len
-    else:
-        shape = (kwargs["image_size"], kwargs["image_size"], kwargs["in_channels"])
-        if shape != _DATA_SHAPES[name]:
-            raise OfficialConfigError(
-                f"model.input_adapter: images of shape {list(shape)} do not fit data.dataset="
-                f"{dataset} ({list(_DATA_SHAPES[name])})"
-            )
-        expected_height = {"bernoulli": 1, "delta": 1, "discretized_normal": 2}.get(out["flow.head"])
-        if out["flow.head"] == "categorical":
-            expected_height = out["flow.num_classes"]
-        if kwargs["out_height"] != expected_height:
-            raise OfficialConfigError(
-                f"model.output_adapter.parameters.output_height={kwargs['out_height']}: the"
-                f" {out['flow.head']} output needs {expected_height}"
-            )
-    from . import NETWORKS
-
-    out.update({"net.name": PRESET_OF_CLASS[spec_cls], "net.arch": arch,
-                "net.kwargs": {k: v for k, v in kwargs.items() if k not in NETWORKS[arch].data_keys}})  # fmt: skip
-    out.update(_optimizer_overrides(config))
-    return out
-
-
-def _optimizer_overrides(config: Mapping) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    optimizer = config.get("optimizer") or {}
-    for key in optimizer:
-        if key not in ("lr", "betas", "eps", "weight_decay"):
-            raise OfficialConfigError(f"optimizer.{key}: not an AdamW setting the project has")
-    if "lr" in optimizer:
-        out["optim.lr"] = float(_number("optimizer.lr", optimizer["lr"]))
-    if "betas" in optimizer:
-        betas = optimizer["betas"]
-        if not isinstance(betas, list | tuple) or len(betas) != 2:
-            raise OfficialConfigError(f"optimizer.betas: expected two numbers, got {betas!r}")
-        out["optim.betas"] = [float(_number("optimizer.betas", b)) for b in betas]
-    out["optim.eps"] = float(_number("optimizer.eps", optimizer.get("eps", 1e-8)))
-    # torch's AdamW default when the config has none (the official MNIST config)
-    out["optim.weight_decay"] = float(_number("optimizer.weight_decay", optimizer.get("weight_decay", 0.01)))
-    training = config.get("training") or {}
-    if "grad_clip_norm" in training:
-        clip = float(_number("training.grad_clip_norm", training["grad_clip_norm"]))
-        out["optim.grad_clip"] = max(clip, 0.0)
-    if "ema_decay" in training:
-        decay = float(_number("training.ema_decay", training["ema_decay"]))
-        if 0 < decay < 1:
-            out["optim.ema_decay"] = decay
-    if "seed" in training:
-        out["trainer.seed"] = _int("training.seed", training["seed"], 0)
-    return out

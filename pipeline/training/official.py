@@ -2,11 +2,13 @@
 
 ``import_official(checkpoint, official_yaml, out_dir)`` reads an official checkpoint (e.g. the
 released ``mnist_ema.pt``: the whole BFN module's state dict, network keys prefixed ``net.``)
-weights-only, reads the official YAML config it was trained with, converts both
-(``bfn.networks.official``) and writes a checkpoint folder with ``pipeline.training.checkpointing.save``:
-the weights go to both the model and the EMA, the optimiser state is fresh (AdamW from the
-config), and config.json is a full project config composed from the Hydra tree, so
-``bfn eval`` / ``bfn sample`` (and ``bfn train`` resuming from it) accept the folder.
+weights-only, reads the official YAML config it was trained with, converts both (the network and
+its weights with ``bfn.networks.official``; the data, flow, head and optimiser settings onto this
+project's config keys and presets with ``config_overrides`` here) and writes a checkpoint folder
+with ``pipeline.training.checkpointing.save``: the weights go to both the model and the EMA, the
+optimiser state is fresh (AdamW from the config), and config.json is a full project config
+composed from the Hydra tree, so ``bfn eval`` / ``bfn sample`` (and ``bfn train`` resuming from it)
+accept the folder.
 
 Errors: a file that is not a weights-only tensor file (a pickle with code, a corrupt file) or
 whose weights do not fit the config is a ``CheckpointError`` naming the file (and the key); a
@@ -15,14 +17,162 @@ YAML or config problem a ``ConfigError`` naming the file and the config key.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError, compose
+from bfn.networks import NETWORKS, official
+from bfn.networks.official import OfficialConfigError, boolean, component, integer, number
+from pipeline.config import DATASETS, Config, ConfigError, compose
 from pipeline.training import checkpointing
 
-__all__ = ["experiment_for", "hydra_overrides", "import_official", "project_config"]
+__all__ = ["PRESET_OF_CLASS", "config_overrides", "experiment_for", "hydra_overrides", "import_official",
+           "project_config"]  # fmt: skip
+
+# the network preset (conf/net) of each official class's paper size, a label for net.name
+PRESET_OF_CLASS = {"GPT": "text8_transformer", "UNetModel": "mnist_unet", "UNetVDM": "cifar_unet_vdm"}
+# the official data.dataset names -> this project's data.name
+OFFICIAL_DATASETS = {"bin_mnist": "mnist", "cifar10": "cifar10", "text8": "text8"}
+
+
+def config_overrides(config: Mapping) -> dict[str, Any]:
+    """Project config overrides (dotted keys of pipeline/conf) equivalent to an official config:
+    data, flow and output head, network, and the optimiser/EMA settings that exist in both.
+
+    Needs the whole official config (``data`` and ``model`` sections; ``optimizer`` and
+    ``training`` are used when present). Problems raise ``OfficialConfigError`` naming the official key.
+    """
+    if not isinstance(config, Mapping) or "data" not in config or "model" not in config:
+        raise OfficialConfigError("config: need the whole official config (its data and model sections)")
+    model = official.model_section(config)
+    data = config["data"] or {}
+    dataset = data.get("dataset")
+    if dataset not in OFFICIAL_DATASETS:
+        raise OfficialConfigError(
+            f"data.dataset={dataset!r}: the project has {', '.join(sorted(OFFICIAL_DATASETS))} only"
+        )
+    name = OFFICIAL_DATASETS[dataset]
+    out: dict[str, Any] = {"data.name": name}
+    out.update(_flow_overrides(model, data))
+
+    arch, kwargs = official.network_spec(config)
+    spec_cls = model["net"]["class_name"]  # validated by network_spec
+    if (spec_cls == "GPT") != (name == "text8"):
+        raise OfficialConfigError(f"model.net.class_name={spec_cls}: does not fit data.dataset={dataset}")
+    if name == "text8":
+        seq_len = integer("data.seq_len", data.get("seq_len", kwargs["seq_len"]), 1)
+        if seq_len > kwargs["seq_len"]:
+            raise OfficialConfigError(f"data.seq_len={seq_len} exceeds the net's seq_len={kwargs['seq_len']}")
+        if kwargs["num_classes"] != out["flow.num_classes"]:
+            raise OfficialConfigError(
+                f"model.input_adapter.parameters.vocab_size={kwargs['num_classes']} must equal"
+                f" model.bayesian_flow.parameters.n_classes={out['flow.num_classes']}"
+            )
+        out["data.seq_len"] = seq_len
+    else:
+        shape = (kwargs["image_size"], kwargs["image_size"], kwargs["in_channels"])
+        if shape != DATASETS[name].shape:
+            raise OfficialConfigError(
+                f"model.input_adapter: images of shape {list(shape)} do not fit data.dataset="
+                f"{dataset} ({list(DATASETS[name].shape)})"
+            )
+        expected_height = {"bernoulli": 1, "delta": 1, "discretized_normal": 2}.get(out["flow.head"])
+        if out["flow.head"] == "categorical":
+            expected_height = out["flow.num_classes"]
+        if kwargs["out_height"] != expected_height:
+            raise OfficialConfigError(
+                f"model.output_adapter.parameters.output_height={kwargs['out_height']}: the"
+                f" {out['flow.head']} output needs {expected_height}"
+            )
+    out.update({"net.name": PRESET_OF_CLASS[spec_cls], "net.arch": arch,
+                "net.kwargs": {k: v for k, v in kwargs.items() if k not in NETWORKS[arch].data_keys}})  # fmt: skip
+    out.update(_optimizer_overrides(config))
+    return out
+
+
+def _flow_overrides(model: Mapping, data: Mapping) -> dict[str, Any]:
+    """flow.* and data.num_bins of the official flow, loss and distribution factory."""
+    flow_name, flow = component(model, "bayesian_flow", ("CtsBayesianFlow", "DiscreteBayesianFlow"))
+    loss_name, loss = component(model, "loss", ("CtsBayesianFlowLoss", "DiscreteBayesianFlowLoss"))
+    head_name, head = component(model, "distribution_factory", (
+        "BernoulliFactory", "CategoricalFactory", "DeltaFactory", "DiscretizedNormalFactory"))  # fmt: skip
+    f = "model.bayesian_flow.parameters"
+    if flow_name == "DiscreteBayesianFlow":
+        if loss_name != "DiscreteBayesianFlowLoss" or head_name not in ("BernoulliFactory", "CategoricalFactory"):
+            raise OfficialConfigError(
+                "model.loss / model.distribution_factory: a DiscreteBayesianFlow needs"
+                " DiscreteBayesianFlowLoss with a Bernoulli or Categorical factory"
+            )
+        k = integer(f"{f}.n_classes", flow["n_classes"], 2)
+        sqrt_beta = float(number(f"{f}.max_sqrt_beta", flow["max_sqrt_beta"]))
+        if head_name == "BernoulliFactory" and k != 2:
+            raise OfficialConfigError(f"model.distribution_factory: Bernoulli needs n_classes=2, got {k}")
+        return {"flow.kind": "discrete", "flow.num_classes": k, "flow.beta_1": sqrt_beta**2,
+                "flow.receiver": "reference", "flow.num_mc_samples": 10, "flow.sigma_1": None,
+                "flow.noise_prediction": None, "flow.reconstruction_std_scale": None, "data.num_bins": None,
+                "flow.head": "bernoulli" if head_name == "BernoulliFactory" else "categorical"}  # fmt: skip
+    if loss_name != "CtsBayesianFlowLoss" or head_name not in ("DeltaFactory", "DiscretizedNormalFactory"):
+        raise OfficialConfigError(
+            "model.loss / model.distribution_factory: a CtsBayesianFlow needs CtsBayesianFlowLoss"
+            " with a Delta or DiscretizedNormal factory"
+        )
+    min_variance = float(number(f"{f}.min_variance", flow["min_variance"]))
+    if not 0 < min_variance < 1:
+        raise OfficialConfigError(f"{f}.min_variance={min_variance}: must lie in (0, 1)")
+    data_bins = integer("data.num_bins", data.get("num_bins", 256), 2)
+    noise_prediction = boolean("model.loss.parameters.noise_pred", loss["noise_pred"])
+    out = {"flow.kind": "continuous", "flow.num_classes": None, "flow.beta_1": None, "flow.receiver": None,
+           "flow.sigma_1": math.sqrt(min_variance), "data.num_bins": data_bins,
+           "flow.noise_prediction": noise_prediction}  # fmt: skip
+    if head_name == "DiscretizedNormalFactory":
+        bins = integer("model.distribution_factory.parameters.num_bins", head["num_bins"], 2)
+        if bins != data_bins:  # the project's head and reconstruction use the data's bins
+            raise OfficialConfigError(f"model.distribution_factory.parameters.num_bins={bins}: the project "
+                                      f"needs it equal to data.num_bins={data_bins}")  # fmt: skip
+        out.update({"flow.head": "discretized_normal", "flow.num_mc_samples": 10,
+                    "flow.reconstruction_std_scale": None})  # fmt: skip
+    else:
+        # the official reconstruction term of a point estimate: N(x_hat, sigma_1) on 256 bins,
+        # or on 16 bins with 0.7 sigma_1 when min_variance == 1e-3 (hard-coded there)
+        sixteen = min_variance == 1e-3
+        if (16 if sixteen else 256) != data_bins:
+            raise OfficialConfigError(f"data.num_bins={data_bins}: the official delta reconstruction "
+                                      f"uses {16 if sixteen else 256} bins here; the project needs them "
+                                      "equal")  # fmt: skip
+        out.update({"flow.head": "delta", "flow.num_mc_samples": None,
+                    "flow.reconstruction_std_scale": 0.7 if sixteen else 1.0})  # fmt: skip
+    return out
+
+
+def _optimizer_overrides(config: Mapping) -> dict[str, Any]:
+    """optim.* and trainer.seed of the official optimizer and training sections."""
+    out: dict[str, Any] = {}
+    optimizer = config.get("optimizer") or {}
+    for key in optimizer:
+        if key not in ("lr", "betas", "eps", "weight_decay"):
+            raise OfficialConfigError(f"optimizer.{key}: not an AdamW setting the project has")
+    if "lr" in optimizer:
+        out["optim.lr"] = float(number("optimizer.lr", optimizer["lr"]))
+    if "betas" in optimizer:
+        betas = optimizer["betas"]
+        if not isinstance(betas, list | tuple) or len(betas) != 2:
+            raise OfficialConfigError(f"optimizer.betas: expected two numbers, got {betas!r}")
+        out["optim.betas"] = [float(number("optimizer.betas", b)) for b in betas]
+    out["optim.eps"] = float(number("optimizer.eps", optimizer.get("eps", 1e-8)))
+    # torch's AdamW default when the config has none (the official MNIST config)
+    out["optim.weight_decay"] = float(number("optimizer.weight_decay", optimizer.get("weight_decay", 0.01)))
+    training = config.get("training") or {}
+    if "grad_clip_norm" in training:
+        clip = float(number("training.grad_clip_norm", training["grad_clip_norm"]))
+        out["optim.grad_clip"] = max(clip, 0.0)
+    if "ema_decay" in training:
+        decay = float(number("training.ema_decay", training["ema_decay"]))
+        if 0 < decay < 1:
+            out["optim.ema_decay"] = decay
+    if "seed" in training:
+        out["trainer.seed"] = integer("training.seed", training["seed"], 0)
+    return out
 
 
 def experiment_for(overrides: Mapping[str, Any]) -> str:
@@ -93,7 +243,6 @@ def _read_official(checkpoint_path: Path, yaml_path: Path) -> tuple[Mapping, dic
 
 def _converted_model(cfg: Config, official_config: dict, state: Mapping, checkpoint_path: Path, yaml_path: Path):
     """The project BFN of ``cfg`` carrying the official weights."""
-    from bfn.networks import official
     from pipeline.training.build import build_model
 
     try:
@@ -123,7 +272,6 @@ def import_official(
     ``data.uri=...``). ``out_dir`` must not exist or be empty. Returns ``out_dir``.
     """
     from bfn import EMA
-    from bfn.networks import official
     from pipeline.training.build import build_optimizer
 
     checkpoint_path, yaml_path, out_dir = Path(checkpoint_path), Path(official_yaml_path), Path(out_dir)
@@ -131,8 +279,8 @@ def import_official(
         raise checkpointing.CheckpointError(f"{out_dir} exists and is not an empty folder: not overwritten")
     state, official_config = _read_official(checkpoint_path, yaml_path)
     try:
-        mapped = official.config_overrides(official_config)
-    except official.OfficialConfigError as error:
+        mapped = config_overrides(official_config)
+    except OfficialConfigError as error:
         raise ConfigError(f"{yaml_path}: {error}") from None
     name = "official-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in yaml_path.stem)
     config = project_config(mapped, [f"run.name={name}", *overrides])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 
 import pytest
 import torch
@@ -158,42 +157,7 @@ def test_continuous_config_has_one_output_per_channel():
     assert paper_keys("vdm")["output_adapter.output_projection.weight"] == (6, 131)
 
 
-# ----------------------------------------------------------------------------- config mapping
-
-
-EXPECTED_OVERRIDES = {
-    "mnist_discrete": {"data.name": "mnist", "flow.kind": "discrete", "flow.num_classes": 2,
-                       "flow.beta_1": 9.0, "flow.head": "bernoulli", "net.name": "mnist_unet",
-                       "net.arch": "unet", "flow.receiver": "reference", "flow.sigma_1": None,
-                       "optim.lr": 1e-4, "optim.betas": [0.9, 0.98], "optim.weight_decay": 0.01},
-    "text8_discrete": {"data.name": "text8", "flow.kind": "discrete", "flow.num_classes": 27,
-                       "flow.beta_1": 0.5625, "flow.head": "categorical", "data.seq_len": 256,
-                       "net.name": "text8_transformer", "net.arch": "text_transformer",
-                       "optim.weight_decay": 0.01},
-    "cifar10_discretized_256bins": {"data.name": "cifar10", "flow.kind": "continuous",
-                                    "flow.sigma_1": 1e-3, "flow.head": "discretized_normal",
-                                    "data.num_bins": 256, "flow.beta_1": None, "flow.receiver": None,
-                                    "flow.noise_prediction": True, "net.name": "cifar_unet_vdm",
-                                    "net.arch": "unet_vdm", "optim.lr": 2e-4, "optim.betas": [0.9, 0.99]},
-    "cifar10_discretized_16bins": {"flow.sigma_1": math.sqrt(1e-3), "data.num_bins": 16,
-                                   "flow.reconstruction_std_scale": None},
-    "cifar10_continuous_256bins": {"flow.head": "delta", "flow.sigma_1": 1e-3, "data.num_bins": 256,
-                                   "flow.num_mc_samples": None, "flow.reconstruction_std_scale": 1.0},
-    "cifar10_continuous_16bins": {"flow.head": "delta", "flow.sigma_1": math.sqrt(1e-3),
-                                  "data.num_bins": 16, "flow.reconstruction_std_scale": 0.7},
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("yaml_name", OFFICIAL_YAMLS)
-def test_official_configs_map_to_project_settings(yaml_name):
-    overrides = official.config_overrides(official_yaml(yaml_name))
-    for key, value in EXPECTED_OVERRIDES[yaml_name].items():
-        assert overrides[key] == (value if value is None or isinstance(value, str) else pytest.approx(value)), key
-    assert overrides["optim.grad_clip"] == 5.0 and overrides["optim.ema_decay"] == 0.9999
-    arch, kwargs = official.network_spec(official_yaml(yaml_name))
-    data_keys = NETWORKS[arch].data_keys
-    assert overrides["net.arch"] == arch
-    assert overrides["net.kwargs"] == {k: v for k, v in kwargs.items() if k not in data_keys}
+# ----------------------------------------------------------------------------- config parsing
 
 
 def test_the_model_section_alone_is_enough_for_the_network():
@@ -290,6 +254,13 @@ def test_network_config_errors_name_the_key(name, section, change, named):
         official.network_spec(config)
 
 
+FLOW_CLASSES = {
+    "bayesian_flow": ("CtsBayesianFlow", "DiscreteBayesianFlow"),
+    "loss": ("CtsBayesianFlowLoss", "DiscreteBayesianFlowLoss"),
+    "distribution_factory": ("BernoulliFactory", "CategoricalFactory", "DeltaFactory", "DiscretizedNormalFactory"),
+}
+
+
 @pytest.mark.parametrize(
     ("yaml_name", "section", "change", "named"),
     [
@@ -299,21 +270,51 @@ def test_network_config_errors_name_the_key(name, section, change, named):
         ("cifar10_discretized_256bins", "distribution_factory", {"min_std_dev": -1}, "min_std_dev"),
         ("cifar10_discretized_256bins", "loss", {"min_loss_variance": 1e-6}, "min_loss_variance"),
         ("cifar10_continuous_16bins", "distribution_factory", {"clip_range": 2.0}, "clip_range"),
-        ("mnist_discrete", "data", {"dataset": "bin_mnist_cts"}, "data.dataset"),
-        ("mnist_discrete", "optimizer", {"amsgrad": True}, "optimizer.amsgrad"),
+        ("mnist_discrete", "bayesian_flow", {"n_clases": 2}, "n_clases"),  # not a parameter there
     ],
 )  # fmt: skip
-def test_flow_and_data_options_the_project_lacks_are_refused(yaml_name, section, change, named):
+def test_flow_options_the_project_lacks_are_refused(yaml_name, section, change, named):
     config = _edit(official_yaml(yaml_name), section, **change)
-    with _raises_naming(named, OfficialConfigError):
-        official.config_overrides(config)
+    with _raises_naming(f"model.{section}.parameters.{named}", OfficialConfigError):
+        official.component(config["model"], section, FLOW_CLASSES[section])
+
+
+def test_components_fill_in_the_official_defaults():
+    model = official_yaml("cifar10_discretized_256bins")["model"]
+    name, params = official.component(model, "distribution_factory", FLOW_CLASSES["distribution_factory"])
+    assert name == "DiscretizedNormalFactory"
+    assert params == {"num_bins": 256, "clip": True, "min_std_dev": 1e-3, "max_std_dev": 10.0, "min_prob": 1e-5,
+                      "log_dev": True}  # fmt: skip
+    assert official.component(model, "absent", ("X",), optional=True) == (None, {})
+    with _raises_naming("model.absent", OfficialConfigError):
+        official.component(model, "absent", ("X",))
+
+
+@pytest.mark.parametrize(
+    ("parse", "value", "message"),
+    [
+        (official.number, "1e-6", None), (official.number, "x", "expected a number"),
+        (official.number, True, "expected a number"), (official.integer, 2.5, "expected an integer"),
+        (official.integer, "1_000", None), (official.boolean, "yes", "expected true or false"),
+    ],
+)  # fmt: skip
+def test_official_yaml_values_are_read_as_the_official_code_reads_them(parse, value, message):
+    """PyYAML reads '1e-6' (no dot) as a string: numeric strings are numbers; anything else names the key."""
+    if message is None:
+        assert parse("optimizer.lr", value) == float(str(value).replace("_", ""))
+    else:
+        with _raises_naming("optimizer.lr", OfficialConfigError) as info:
+            parse("optimizer.lr", value)
+        assert message in str(info.value)
+    with _raises_naming("training.seed", OfficialConfigError):
+        official.integer("training.seed", -1, 0)
 
 
 def test_unsupported_classes_are_refused():
     config = official_yaml("cifar10_discretized_256bins")
     config["model"]["distribution_factory"]["class_name"] = "DiscretizedGMMFactory"
     with _raises_naming("model.distribution_factory.class_name", OfficialConfigError):
-        official.config_overrides(config)
+        official.component(config["model"], "distribution_factory", FLOW_CLASSES["distribution_factory"])
     config = official_yaml("mnist_discrete")
     config["model"]["net"]["class_name"] = "ResNet"
     with _raises_naming("model.net.class_name", OfficialConfigError):

@@ -9,7 +9,9 @@ refused with errors naming the file and the key.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import re
 import subprocess
 import sys
@@ -18,13 +20,17 @@ import pytest
 import torch
 import yaml
 
+from bfn.networks import NETWORKS
+from bfn.networks.official import OfficialConfigError, network_spec
 from pipeline.config import Config, ConfigError, compose
 from pipeline.evaluation.evaluate import load_model
 from pipeline.training import checkpointing
 from pipeline.training.build import build_optimizer
-from pipeline.training.official import hydra_overrides, import_official
+from pipeline.training.official import config_overrides, hydra_overrides, import_official
 from tests.bfn.official_fixtures import (
+    OFFICIAL_YAMLS,
     SMALL,
+    official_yaml,
     project_output,
     relative_error,
     small_config,
@@ -159,8 +165,6 @@ def test_config_problems_name_the_file_and_key(tmp_path):
 
 
 def test_hydra_overrides_start_with_the_matching_experiment():
-    from bfn.networks.official import config_overrides
-
     overrides = hydra_overrides(config_overrides(small_config("gpt")))
     assert overrides[0] == "experiment=text8"
     assert any(o.startswith("++net.kwargs={") for o in overrides)
@@ -168,9 +172,6 @@ def test_hydra_overrides_start_with_the_matching_experiment():
 
 def test_every_converted_network_option_survives_hydra_composition():
     """net.kwargs of the option fixtures (nested dicts, nulls, floats, strings) compose unchanged."""
-    from bfn.networks import NETWORKS
-    from bfn.networks.official import config_overrides, network_spec
-    from pipeline.training.official import hydra_overrides
     from tests.bfn.official_fixtures import option_configs
 
     for name, config in option_configs().items():
@@ -187,6 +188,84 @@ def test_every_converted_network_option_survives_hydra_composition():
         else:
             composed = compose(hydra_overrides(mapped))
         assert composed["net"]["kwargs"] == wanted, name
+
+
+# ----------------------------------------------------------------------------- official config -> project config
+
+
+EXPECTED_OVERRIDES = {
+    "mnist_discrete": {"data.name": "mnist", "flow.kind": "discrete", "flow.num_classes": 2,
+                       "flow.beta_1": 9.0, "flow.head": "bernoulli", "net.name": "mnist_unet",
+                       "net.arch": "unet", "flow.receiver": "reference", "flow.sigma_1": None,
+                       "optim.lr": 1e-4, "optim.betas": [0.9, 0.98], "optim.weight_decay": 0.01},
+    "text8_discrete": {"data.name": "text8", "flow.kind": "discrete", "flow.num_classes": 27,
+                       "flow.beta_1": 0.5625, "flow.head": "categorical", "data.seq_len": 256,
+                       "net.name": "text8_transformer", "net.arch": "text_transformer",
+                       "optim.weight_decay": 0.01},
+    "cifar10_discretized_256bins": {"data.name": "cifar10", "flow.kind": "continuous",
+                                    "flow.sigma_1": 1e-3, "flow.head": "discretized_normal",
+                                    "data.num_bins": 256, "flow.beta_1": None, "flow.receiver": None,
+                                    "flow.noise_prediction": True, "net.name": "cifar_unet_vdm",
+                                    "net.arch": "unet_vdm", "optim.lr": 2e-4, "optim.betas": [0.9, 0.99]},
+    "cifar10_discretized_16bins": {"flow.sigma_1": math.sqrt(1e-3), "data.num_bins": 16,
+                                   "flow.reconstruction_std_scale": None},
+    "cifar10_continuous_256bins": {"flow.head": "delta", "flow.sigma_1": 1e-3, "data.num_bins": 256,
+                                   "flow.num_mc_samples": None, "flow.reconstruction_std_scale": 1.0},
+    "cifar10_continuous_16bins": {"flow.head": "delta", "flow.sigma_1": math.sqrt(1e-3),
+                                  "data.num_bins": 16, "flow.reconstruction_std_scale": 0.7},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("yaml_name", OFFICIAL_YAMLS)
+def test_official_configs_map_to_project_settings(yaml_name):
+    overrides = config_overrides(official_yaml(yaml_name))
+    for key, value in EXPECTED_OVERRIDES[yaml_name].items():
+        assert overrides[key] == (value if value is None or isinstance(value, str) else pytest.approx(value)), key
+    assert overrides["optim.grad_clip"] == 5.0 and overrides["optim.ema_decay"] == 0.9999
+    arch, kwargs = network_spec(official_yaml(yaml_name))
+    data_keys = NETWORKS[arch].data_keys
+    assert overrides["net.arch"] == arch
+    assert overrides["net.kwargs"] == {k: v for k, v in kwargs.items() if k not in data_keys}
+    Config.from_dict(compose(hydra_overrides(overrides)))  # every mapped key is a valid project setting
+
+
+def _edit(config: dict, section: str, **parameters) -> dict:
+    config = copy.deepcopy(config)
+    node = config["model"][section] if section in config["model"] else config[section]
+    node.get("parameters", node).update(parameters)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("yaml_name", "section", "change", "named"),
+    [
+        ("mnist_discrete", "bayesian_flow", {"min_sqrt_beta": 1e-8}, "model.bayesian_flow.parameters.min_sqrt_beta"),
+        ("cifar10_discretized_256bins", "loss", {"min_loss_variance": 1e-6}, "model.loss.parameters.min_loss_variance"),
+        ("cifar10_discretized_256bins", "data", {"num_bins": 16}, "model.distribution_factory.parameters.num_bins"),
+        ("cifar10_continuous_16bins", "data", {"num_bins": 256}, "data.num_bins"),
+        ("mnist_discrete", "bayesian_flow", {"n_classes": 3}, "n_classes=2"),
+        ("mnist_discrete", "data", {"dataset": "bin_mnist_cts"}, "data.dataset"),
+        ("mnist_discrete", "data", {"dataset": "cifar10"}, "data.dataset=cifar10 ([32, 32, 3])"),
+        ("text8_discrete", "data", {"dataset": "bin_mnist"}, "model.net.class_name=GPT"),
+        ("text8_discrete", "data", {"seq_len": 1000}, "data.seq_len"),
+        ("mnist_discrete", "optimizer", {"amsgrad": True}, "optimizer.amsgrad"),
+        ("mnist_discrete", "optimizer", {"lr": "x"}, "optimizer.lr"),
+        ("mnist_discrete", "training", {"seed": -1}, "training.seed"),
+    ],
+)  # fmt: skip
+def test_flow_and_data_options_the_project_lacks_are_refused(yaml_name, section, change, named):
+    config = _edit(official_yaml(yaml_name), section, **change)
+    with pytest.raises(OfficialConfigError, match=re.escape(named)):
+        config_overrides(config)
+
+
+def test_unsupported_classes_and_partial_configs_are_refused():
+    config = official_yaml("cifar10_discretized_256bins")
+    config["model"]["distribution_factory"]["class_name"] = "DiscretizedGMMFactory"
+    with pytest.raises(OfficialConfigError, match=r"model\.distribution_factory\.class_name"):
+        config_overrides(config)
+    with pytest.raises(OfficialConfigError, match="need the whole official config"):
+        config_overrides({"model": official_yaml("mnist_discrete")["model"]})
 
 
 def test_an_existing_folder_is_not_overwritten(imported, tmp_path):
