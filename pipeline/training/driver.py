@@ -197,7 +197,11 @@ def claim_run(cfg: Config) -> tuple[Lease, tuple[Any, str] | None]:
         raise
 
 
-def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Lease | None = None) -> str | None:
+def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Lease | None = None, *,
+                   resume: bool = True) -> MLflowTracker | None:  # fmt: skip
+    """Open the run's MLflow run (``MLflowTracker.start``: matched by name and, with ``lease``, run folder;
+    ``resume``: the folder holds a checkpoint to continue) and log its config, tags and data manifest.
+    The tracker's queued calls are delivered or counted at the end (``end_tracking``)."""
     if not cfg.tracking.enabled:
         return None
     if plain_http_to_remote(cfg.tracking.uri) and (
@@ -209,7 +213,7 @@ def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Leas
     try:
         tracker = MLflowTracker.start(
             cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
-            artifact_location=cfg.tracking.artifact_location, owner=owner,
+            artifact_location=cfg.tracking.artifact_location, owner=owner, resume=resume,
         )  # fmt: skip
     except RunInUseError as error:
         raise LeaseError(str(error)) from None
@@ -225,7 +229,21 @@ def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Leas
         "dataset.train_rows": manifest["splits"]["train"]["rows"],
         "nll_n": "inf" if cfg.eval.nll_steps == 0 else cfg.eval.nll_steps,
     })  # fmt: skip
-    return tracker.run_id
+    return tracker
+
+
+def end_tracking(tracker: MLflowTracker | None, summary: dict) -> dict:
+    """The driver's last MLflow calls: the final checkpoint as a tag, then what is still queued is
+    delivered or counted and reported (added to the summary's ``tracking_lost_*``). The run's status
+    is rank 0's to set (a sweep closes the runs Tune stopped)."""
+    if tracker is None:
+        return summary
+    if summary.get("checkpoint"):
+        tracker.set_tags({"final_checkpoint": summary["checkpoint"]})
+    tracker.finish(status=None)
+    summary["tracking_lost_points"] = summary.get("tracking_lost_points", 0) + tracker.lost_points
+    summary["tracking_lost_calls"] = summary.get("tracking_lost_calls", 0) + tracker.lost_calls
+    return summary
 
 
 def describe_run(tracker: MLflowTracker, manifest: dict) -> None:
@@ -286,7 +304,8 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
         "val": data_lib.ray_dataset(cfg.data.uri, "val", cfg.data.name, num_bins=cfg.data.num_bins,
                                     seed=seed + 1, seq_len=seq_len),
     }  # fmt: skip
-    run_id = start_tracking(cfg, num_parameters, manifest, lease)
+    tracker = start_tracking(cfg, num_parameters, manifest, lease, resume=newest is not None)
+    run_id = tracker.run_id if tracker else None
     run_dir = local_run_dir(cfg)
     storage_path, storage_filesystem = storage(cfg)
     # the newest complete checkpoint, registered or not: a killed driver's workers write some it never registered
@@ -312,15 +331,16 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
         # one worker reads the whole stream itself: no split coordinator actor to start and feed
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.num_workers > 1 else []),
     )  # fmt: skip
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:  # the driver's queued calls are delivered or counted even when the fit fails
+        end_tracking(tracker, {})
+        raise
     summary = dict(result.return_value or {})
     summary.update({"run_name": cfg.run.name, "mlflow_run_id": run_id,
                     "checkpoint": result.checkpoint.path if result.checkpoint else None,
                     "storage": result.path})  # fmt: skip
-    if run_id and summary.get("checkpoint"):
-        tracker = MLflowTracker(cfg.tracking.uri, run_id)
-        tracker.set_tags({"final_checkpoint": summary["checkpoint"]})
-    return summary
+    return end_tracking(tracker, summary)
 
 
 def print_summary(cfg: Config, summary: dict) -> None:

@@ -140,7 +140,7 @@ def test_no_secret_reaches_mlflow_params_tags_or_store(tmp_path, monkeypatch):
     db = tmp_path / "mlflow.db"
     cfg = load(["experiment=smoke", f"tracking.uri=sqlite:///{db}", f"tracking.artifact_location={tmp_path / 'a'}",
                 f"run.ray_address=ray://bfn:{SECRET}-cfg@127.0.0.1:10001"])  # fmt: skip
-    run_id = start_tracking(cfg, 123, {"dataset": "mnist", "splits": {"train": {"rows": 10, "shards": []}}})
+    run_id = start_tracking(cfg, 123, {"dataset": "mnist", "splits": {"train": {"rows": 10, "shards": []}}}).run_id
     run = MlflowClient(cfg.tracking.uri).get_run(run_id)
     everything = repr(run.data.params) + repr(run.data.tags) + repr(run.info)
     for value in [*env.values(), f"{SECRET}-cfg"]:
