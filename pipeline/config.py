@@ -539,8 +539,8 @@ def _section(name: str, section_cls: type, values: Any):
     for key in values:
         if key not in known:
             _fail(f"{name}.{key}", f"unknown key; {name} takes {', '.join(known)}", values[key])
-    for key, field in known.items():
-        if key not in values and field.default is MISSING:
+    for key, spec in known.items():
+        if key not in values and spec.default is MISSING:
             _fail(f"{name}.{key}", "is missing", None)
     return section_cls(**values)
 

@@ -39,12 +39,15 @@ from tests.bfn.official_fixtures import (
 )
 
 TOLERANCE = 1e-5  # relative: max |project - official| / max |official|
+# fp32 kernels sum in a CPU-dependent order: the deeper option nets reach 1.4e-5 (vdm_projected on an
+# AVX512-FP16 Xeon) against outputs dumped on another machine; a wrong conversion is off by orders more
+OPTIONS_TOLERANCE = 3e-5
 
 
-def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> float:
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, tolerance: float = TOLERANCE) -> float:
     error = relative_error(out, ref)
-    assert error <= TOLERANCE, f"relative error {error:.3g}"
-    torch.testing.assert_close(out, ref, rtol=TOLERANCE, atol=TOLERANCE * ref.abs().max().item())
+    assert error <= tolerance, f"relative error {error:.3g}"
+    torch.testing.assert_close(out, ref, rtol=tolerance, atol=tolerance * ref.abs().max().item())
     return error
 
 
@@ -108,7 +111,7 @@ def test_non_default_official_options_are_reproduced(name):
     config = option_configs()[name]
     state, net_inputs, t, outputs = option_fixture(name)
     net = official.load_network(config, state)
-    assert_matches(project_output(net, net_inputs, t, outputs), outputs)
+    assert_matches(project_output(net, net_inputs, t, outputs), outputs, OPTIONS_TOLERANCE)
 
 
 def test_fixture_errors_are_within_tolerance_and_reported(capsys):

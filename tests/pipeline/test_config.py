@@ -163,7 +163,7 @@ def test_key_lists_derive_from_the_schema():
     from pipeline.training.lease import RESUMABLE
 
     schema = set(SECTIONS) | {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-    assert RESUMABLE == keys_marked("resumable") and WEIGHT_KEYS == keys_marked("weights")
+    assert keys_marked("resumable") == RESUMABLE and keys_marked("weights") == WEIGHT_KEYS
     assert set(RESUMABLE) <= schema and set(WEIGHT_KEYS) <= schema
     assert not set(RESUMABLE) & set(WEIGHT_KEYS)
     assert is_under("net.kwargs.width", WEIGHT_KEYS) and is_under("trainer.max_steps", RESUMABLE)
@@ -177,7 +177,8 @@ def test_apply_overrides_uses_hydras_grammar_on_a_stored_config():
 
     stored = compose(["experiment=smoke"])
     changed = apply_overrides(stored, ["eval.nll_steps=7", "optim.betas=[0.8,0.9]", "eval.target_se=null"])
-    assert (changed["eval"]["nll_steps"], changed["optim"]["betas"], changed["eval"]["target_se"]) == (7, [0.8, 0.9], None)
+    assert changed["eval"]["nll_steps"] == 7 and changed["optim"]["betas"] == [0.8, 0.9]
+    assert changed["eval"]["target_se"] is None
     for bad, message in (("eval.bogus=1", "eval.bogus: unknown key"), ("eval.nll_steps", "override"),
                          ("+eval.x=1", "only key=value"), ("eval.nll_steps=1,2", "only key=value")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
