@@ -149,6 +149,33 @@ def test_no_secret_reaches_mlflow_params_tags_or_store(tmp_path, monkeypatch):
     assert find_secrets([*env.values(), SECRET], [tmp_path]) == []
 
 
+def test_a_signed_source_url_in_a_manifest_never_reaches_mlflow(tmp_path):
+    """A dataset prepared from a signed URL before masking existed keeps it in manifest.json; the
+    manifest the driver reads (data.verify) and logs as an MLflow artifact has it masked."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import data
+    from pipeline.training.driver import end_tracking, start_tracking
+
+    out = tmp_path / "cifar10"
+    data.prepare("cifar10", str(out), source=None, progress=False)
+    signed = ("https://b.s3.amazonaws.com/cifar-10-python.tar.gz?X-Amz-Credential=ASIAIOSFODNN7EXAMPLE%2F2026"
+              f"&X-Amz-Security-Token={SECRET}-session&X-Amz-Signature={SECRET}-sig")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["source"].update(kind="url", location=signed, url=signed)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    db = tmp_path / "mlflow.db"
+    cfg = load(["experiment=smoke", f"tracking.uri=sqlite:///{db}", f"tracking.artifact_location={tmp_path / 'a'}"])
+    tracker = start_tracking(cfg, 1, data.verify(str(out), splits=["train", "val"]))
+    assert end_tracking(tracker, {})["tracking_lost_calls"] == 0
+    logged = MlflowClient(cfg.tracking.uri).download_artifacts(tracker.run_id, "data/manifest.json",
+                                                               str(tmp_path / "dl"))  # fmt: skip
+    assert "X-Amz-Signature=***" in Path(logged).read_text()
+    assert find_secrets([SECRET, "ASIAIOSFODNN7EXAMPLE"], [tmp_path / "a", db, tmp_path / "dl"]) == []
+
+
 def test_printed_summary_masks_credentials_in_the_tracking_uri(capsys):
     from pipeline.training.driver import print_summary
 
