@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,17 @@ def test_train_checkpoint_resume_and_mlflow(ray_local, mnist_shards, tmp_path):
     assert steps == [2, 4, 6, 8, 9], steps  # one continuous step axis, nothing trained twice
     kept = [p for p in (tmp_path / "ray" / "resume").glob("checkpoint_*") if p.is_dir()]
     assert len(kept) == cfg.trainer.num_to_keep
+    # MLflow keeps a param's first value; the resume's is a tag (the driver's calls after it are not held back)
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["bfn.resumed.trainer.max_steps"] == "9" and tags["final_checkpoint"] == second["checkpoint"]
+
+    # the run folder deleted, the same name again: a training from step 0 in a new MLflow run, the old axis kept
+    shutil.rmtree(tmp_path / "ray" / "resume")
+    third = fit(smoke(tmp_path, mnist_shards, "resume", "trainer.max_steps=2", "trainer.val_every=2",
+                      "trainer.checkpoint_every=2", "eval.num_samples=0"))  # fmt: skip
+    assert third["step"] == 2 and third["mlflow_run_id"] != first["mlflow_run_id"]
+    assert metric_steps(cfg, run.info.run_id, "train/loss") == [2, 4, 6, 8, 9]
+    assert metric_steps(cfg, third["mlflow_run_id"], "train/loss") == [2]
 
 
 def test_train_and_resume_over_s3(ray_local, tmp_path):
