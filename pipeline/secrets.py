@@ -41,6 +41,7 @@ SECRET_VALUE = re.compile(
     r"[A-Za-z0-9+][A-Za-z0-9/+]{39}(?![A-Za-z0-9/+=])"  # a bare AWS secret access key
 )
 MIN_KNOWN_LENGTH = 4  # shorter registered values would mask ordinary words
+_SETTING_WORDS = {"true", "false", "yes", "no", "none", "null", "on", "off", "auto", "default"}  # never secrets
 _known: set[str] = set()
 
 
@@ -105,7 +106,8 @@ def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """Secret values of ``environ`` (default ``os.environ``): variables named like a secret, and
     the credentials inside any value (a tracking URI's password, a query token)."""
     environ = os.environ if environ is None else environ
-    values = [value for name, value in environ.items() if value and is_secret_env_name(name)]
+    values = [value for name, value in environ.items()
+              if value and is_secret_env_name(name) and value.lower() not in _SETTING_WORDS]  # fmt: skip
     return values + [found for value in environ.values() for found in credential_values(value)]
 
 
@@ -133,19 +135,17 @@ class _MaskingRecordFactory:
             record.msg, record.args = masked, ()
         if record.exc_info and not record.exc_text:
             text = logging.Formatter().formatException(record.exc_info)
-            if mask_text(text) != text:
-                record.exc_text = mask_text(text)
+            masked = mask_text(text)
+            if masked != text:
+                record.exc_text = masked  # formatters use a set exc_text instead of formatting the exception
         return record
 
 
 def install_log_masking() -> None:
     """Mask every log record created from now on in this process (idempotent)."""
     factory = logging.getLogRecordFactory()
-    while factory is not None:  # already installed, possibly under Ray's wrapper
-        if isinstance(factory, _MaskingRecordFactory):
-            return
-        factory = getattr(factory, "wrapped", None)
-    logging.setLogRecordFactory(_MaskingRecordFactory(logging.getLogRecordFactory()))
+    if not isinstance(factory, _MaskingRecordFactory):  # under another wrapper (Ray's) a second one masks twice
+        logging.setLogRecordFactory(_MaskingRecordFactory(factory))
 
 
 def is_secret_key(key: str) -> bool:

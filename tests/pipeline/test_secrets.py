@@ -168,7 +168,7 @@ def test_environment_secrets_are_the_credentials_not_the_settings():
                "AWS_ENDPOINT_URL": "https://uri-token@s3.example.com",
                "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_TOKEN_PATH": "/home/u/.ray/auth_token",
                "AWS_SHARED_CREDENTIALS_FILE": "/home/u/.aws/credentials", "MLFLOW_TRACKING_USERNAME": "bfn",
-               "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "PATH": "/usr/bin:/bin"}  # fmt: skip
+               "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "PATH": "/usr/bin:/bin", "SKIP_PASS": "true"}  # fmt: skip
     found = set(secrets.environment_secrets(environ))
     assert {"aws-secret-value", "session-token-value", "mlflow-password", "mlflow-token-value", "ray-cluster-token",
             "hf_tokenvalue", "uri-password", "uri-token", "AKIAIOSFODNN7EXAMPLE"} == found  # fmt: skip
