@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from bfn import BFN, EMA, NLLEstimate
+from pipeline.training import torch_private
 
 
 @dataclass
@@ -37,8 +38,8 @@ def train_step(model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_cl
     (all-reduced) gradient norm is not finite, a decision every rank takes identically; a
     non-finite loss on one rank poisons the shared gradients, so it is caught the same way. With a
     fused optimiser (CUDA) the skip is decided on the device, as mixed-precision scalers do
-    (``found_inf``); a foreach optimiser (CPU) cannot skip on the device, and there reading the
-    flag costs no device sync.
+    (``found_inf``, a private torch API: see ``torch_private``); a foreach optimiser (CPU) cannot skip
+    on the device, and there reading the flag costs no device sync.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -50,10 +51,8 @@ def train_step(model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_cl
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
     loss = loss.detach()
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf = (~finite).float()  # fused AdamW skips the update (and its step count)
-        optimizer.step()
-        del optimizer.found_inf
+    if torch_private.supports_device_skip(optimizer):
+        torch_private.step_unless(optimizer, ~finite)  # fused AdamW skips the update (and its step count)
         ema.update(raw, apply=finite)
     elif finite.item():
         optimizer.step()
