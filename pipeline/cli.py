@@ -101,11 +101,11 @@ def _add_train_and_eval(sub) -> None:
     _overrides(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="NLL of a checkpoint (n-step loss + reconstruction)")
+    p = sub.add_parser("eval", help="NLL of a checkpoint (n-step loss L^n or continuous-time L∞, + reconstruction)")
     p.add_argument("checkpoint", help="checkpoint folder (local)")
     p.add_argument("--split", default="test")
     p.add_argument("--steps", default=None,
-                   help="n of the n-step loss; 0 or inf: continuous time (default: eval.nll_steps)")
+                   help="n of the n-step loss L^n; 0 or inf: the continuous-time loss L∞ (default: eval.nll_steps)")
     p.add_argument("--repeats", type=int, default=None,
                    help="passes over the split (default: eval.nll_repeats); the cap with --target-se")
     p.add_argument("--target-se", type=float, default=None,
@@ -129,7 +129,8 @@ def _add_sample_and_quality(sub) -> None:
                    help="updates before the last call (default 100, i.e. --nfe 101); give --steps or --nfe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help=GRID_HELP)
-    p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
+    p.add_argument("--out", default=None,
+                   help="output path stem (default: runs/samples/RUN_CKPT_SAMPLER_nfeN_seedS; never the checkpoint)")
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_sample)
 

@@ -48,6 +48,16 @@ def parse_steps(text: str | int | None) -> int | None:
         raise ConfigError(f"--steps: must be a whole number or inf (got {text!r})") from None
 
 
+def summary(estimate: NLLEstimate, unit: str, num_steps: int) -> str:
+    """One line per unit, the loss named as the paper does: the n-step loss L^n, or for n = 0 the
+    continuous-time loss L^inf (L∞)."""
+    v = estimate.in_unit(unit)
+    loss = "continuous-time loss L∞" if num_steps == 0 else f"{num_steps}-step loss L^{num_steps}"
+    return (f"NLL {v['total']:.4f} ± {v['total_se']:.4f} {unit} ({loss} {v['loss']:.4f} ± {v['loss_se']:.4f}, "
+            f"reconstruction {v['reconstruction']:.4f} ± {v['reconstruction_se']:.4f}; "
+            f"{estimate.num_repeats} repeats x {estimate.num_examples} examples)")
+
+
 def _one_pass(model, cfg: Config, split: str, repeat: int, max_batches: int, num_steps: int,
               total_rows: int, started: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-example (bound loss, reconstruction) over one pass of ``split``."""
@@ -105,7 +115,7 @@ def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=
     n = "inf (continuous time)" if num_steps == 0 else str(num_steps)
     print(f"{Path(checkpoint).name} on {split}, n = {n}:")
     for unit in dict.fromkeys(("nats/dim", "bits/dim", cfg.eval.unit)):
-        print(f"  {estimate.summary(unit)}")
+        print(f"  {summary(estimate, unit, num_steps)}")
     if estimate.num_repeats == 1:
         print("  (one pass: the standard error is over examples)")
     return estimate
@@ -115,14 +125,15 @@ def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=
 def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", seed=0, out=None,
            use_ema=True, grid=None) -> Path:  # fmt: skip
     """`bfn sample`: ``num`` samples drawn with ``sampler`` (bfn.samplers.SAMPLERS) in ``nfe``
-    network calls, as a PNG grid (images) or a text file (text8); returns the path.
+    network calls, as a PNG grid (images) or a text file (text8), at ``out`` (a path stem; default
+    ``<paths.runs_dir>/samples/<run>_<checkpoint>_<sampler>_nfe<N>_seed<S>``); returns the path.
 
     Every sampler makes nfe - 1 updates and one last call for the result, so ``num_steps`` n (the
     paper's number of steps, the older flag) means nfe = n + 1; give one of the two (default n = 100).
     """
     from bfn.samplers import sample as draw
     from pipeline.config import check_count, parse_samplers
-    from pipeline.evaluation.quality.table import parse_grid
+    from pipeline.evaluation.quality.table import default_runs_dir, parse_grid
 
     if num_steps is not None and nfe is not None:
         raise ConfigError(f"--steps and --nfe: give one of them (nfe = steps + 1; got {num_steps}, {nfe})")
@@ -135,5 +146,7 @@ def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", see
         raise ConfigError("--grid: applies to the BFN-Solvers (ode1, ode2, sde1, sde2), not to --sampler paper")
     model, cfg = load_model(checkpoint, use_ema=use_ema)
     samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed), grid=grid)
-    stem = Path(out) if out else Path(checkpoint) / f"samples_{names[0]}_nfe{nfe}_seed{seed}"
-    return figures.save_samples(samples, cfg.data.name, stem)
+    if out is None:  # never into the checkpoint folder: sealed by its COMPLETE marker, possibly shared
+        folder = Path(checkpoint).resolve()
+        out = default_runs_dir() / "samples" / f"{folder.parent.name}_{folder.name}_{names[0]}_nfe{nfe}_seed{seed}"
+    return figures.save_samples(samples, cfg.data.name, Path(out))

@@ -42,12 +42,23 @@ def test_eval_reports_nll_with_standard_errors(checkpoint, capsys):
     assert estimate.total == pytest.approx(estimate.loss + estimate.reconstruction)
     assert estimate.total_se > 0
     out = capsys.readouterr().out
-    assert "nats/image" in out and "bits/dim" in out
+    assert "nats/image" in out and "bits/dim" in out and "(10-step loss L^10 " in out
 
 
 def test_sample_writes_a_png_grid(checkpoint, tmp_path):
     path = sample(checkpoint, num=4, num_steps=3, out=tmp_path / "grid")
     assert path.suffix == ".png" and path.stat().st_size > 0
+
+
+def test_sample_writes_under_runs_never_into_the_checkpoint(checkpoint, tmp_path, monkeypatch):
+    """The checkpoint folder is sealed (COMPLETE lists its files) and may be shared: by default the
+    grid goes to <paths.runs_dir>/samples/, named after the run folder, checkpoint, sampler, NFE and seed."""
+    monkeypatch.setenv("BFN_RUNS_DIR", str(tmp_path / "runs"))
+    before = sorted(p.name for p in checkpoint.iterdir())
+    path = sample(checkpoint, num=4, num_steps=3, seed=2)
+    assert path == tmp_path / "runs" / "samples" / f"{checkpoint.parent.name}_ckpt_paper_nfe4_seed2.png"
+    assert path.stat().st_size > 0 and sorted(p.name for p in checkpoint.iterdir()) == before
+    checkpointing.verify(checkpoint)
 
 
 def test_cli_eval_sample_and_errors(checkpoint, tmp_path):
@@ -84,7 +95,8 @@ def test_eval_in_continuous_time_is_l_inf_plus_reconstruction(checkpoint, capsys
     assert parse_steps("inf") == 0 and parse_steps("0") == 0 and parse_steps("784") == 784
     estimate = evaluate(checkpoint, num_steps="inf", repeats=2)
     assert estimate.num_repeats == 2 and estimate.total == pytest.approx(estimate.loss + estimate.reconstruction)
-    assert "n = inf" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "n = inf" in out and "(continuous-time loss L∞ " in out and "n-step" not in out  # the paper's name
 
 
 def test_eval_repeats_until_the_target_standard_error(checkpoint, caplog):
