@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -54,13 +55,24 @@ def save_samples(samples: torch.Tensor, data_name: str, path_stem: str | Path) -
     return save_image_grid(to_uint8_images(samples, data_name), path_stem.with_suffix(".png"))
 
 
-def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
-    """Line plot of each metric against the step."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend. Its first import on a machine builds the font cache and
+    logs "generated new fontManager" at INFO, which a Train worker's root logger would print: that
+    notice is kept from a person unless someone set matplotlib's logging (``bfn -v``)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    font_log = logging.getLogger("matplotlib.font_manager")
+    if font_log.level == logging.NOTSET and logging.getLogger("matplotlib").level == logging.NOTSET:
+        font_log.setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
+    """Line plot of each metric against the step."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(history), figsize=(5 * len(history), 3.5), squeeze=False)
     for ax, (name, points) in zip(axes[0], history.items(), strict=True):
         if points:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,18 @@ def test_text8_eval_windows_follow_eval_text8_stride(tmp_path):
     rows = evaluate(folder, ["eval.text8_stride=46"], num_steps=0, repeats=1)
     every_23 = evaluate(folder, ["eval.text8_stride=23"], num_steps=0, repeats=1)
     assert every_23.num_examples == 2 * rows.num_examples - 1  # a window between each pair of rows
+
+
+def test_matplotlib_builds_its_font_cache_silently(tmp_path):
+    """A first plot on a machine (as `make run`'s worker draws the loss curves) builds matplotlib's
+    font cache; its INFO notice "generated new fontManager" is not for a person. A fresh process,
+    the worker's logging (root at INFO) and an empty MPLCONFIGDIR, so the cache is really built."""
+    code = ("import logging; logging.basicConfig(level=logging.INFO, format='[bfn] %(message)s')\n"
+            "from pipeline.evaluation import figures\n"
+            "figures.save_curves({'loss': [(1, 2.0), (2, 1.0)]}, 'curves.png', 'run')\n")  # fmt: skip
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "curves.png").stat().st_size > 0 and list((tmp_path / "mpl").glob("fontlist-*.json"))
+    assert "fontManager" not in result.stdout + result.stderr, result.stderr
