@@ -17,10 +17,6 @@ class Actions:
     report: bool  # every rank calls ray.train.report (a barrier)
     last: bool  # the loop ends after this step
 
-    @property
-    def any(self) -> bool:
-        return self.report
-
 
 @dataclass(frozen=True)
 class Cadence:
