@@ -100,19 +100,29 @@ def say(progress: bool, message: str) -> None:
 # ================================================================================================
 
 
+class _Digests:
+    """md5 and sha256 of one stream in one pass (``hashlib.file_digest`` takes any ``update``)."""
+
+    def __init__(self) -> None:
+        self.md5, self.sha256 = hashlib.md5(), hashlib.sha256()
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.md5.update(chunk)
+        self.sha256.update(chunk)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {"md5": self.md5.hexdigest(), "sha256": self.sha256.hexdigest()}
+
+
 def file_digests(path: Path) -> dict[str, str]:
-    md5, sha = hashlib.md5(), hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            md5.update(chunk)
-            sha.update(chunk)
-    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+        return hashlib.file_digest(f, _Digests).hexdigests()
 
 
 def _fetch(url: str, dest: Path, *, max_bytes: int, progress: bool, timeout: float = 60.0) -> dict[str, str]:
     """Stream ``url`` to ``dest`` (at most ``max_bytes``); return its md5 and sha256."""
     shown = mask_text(url)  # a signed or tokenised URL's credentials stay out of every message
-    md5, sha = hashlib.md5(), hashlib.sha256()
+    digests = _Digests()  # hashed as it streams: the size cap may stop it before the file is whole
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     request = urllib.request.Request(url, headers={"User-Agent": "bfn-ray-data/2"})
@@ -127,8 +137,7 @@ def _fetch(url: str, dest: Path, *, max_bytes: int, progress: bool, timeout: flo
                 if done > max_bytes:
                     raise DataError(f"download of {shown} stopped: more than the cap of {max_bytes:,} bytes")
                 out.write(chunk)
-                md5.update(chunk)
-                sha.update(chunk)
+                digests.update(chunk)
                 if total and done / total >= next_report:
                     say(progress, f"{dest.name}: {done / total:4.0%} of {total:,} bytes")
                     next_report += 0.1
@@ -139,7 +148,7 @@ def _fetch(url: str, dest: Path, *, max_bytes: int, progress: bool, timeout: flo
         tmp.unlink(missing_ok=True)
         raise DataError(f"download of {shown} failed: {mask_text(str(exc), credential_values(url))}") from exc
     tmp.replace(dest)
-    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+    return digests.hexdigests()
 
 
 def download(

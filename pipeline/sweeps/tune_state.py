@@ -49,11 +49,8 @@ def state_files(path: str, filesystem=None) -> dict[str, str]:
         relative = posixpath.relpath(info.path, root)
         if info.type != fs.FileType.File or not _is_restore_file(relative):
             continue
-        digest = hashlib.sha256()
         with filesystem.open_input_stream(info.path) as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-        out[relative] = digest.hexdigest()
+            out[relative] = hashlib.file_digest(stream, "sha256").hexdigest()
     return dict(sorted(out.items()))
 
 
