@@ -1,7 +1,9 @@
 """Local servers for tests: a moto S3 server (and small helpers other server fixtures can reuse).
 
 Everything binds to 127.0.0.1. Processes are started with ``subprocess.Popen`` and stopped by
-their PID only (SIGTERM, then SIGKILL after a grace period).
+their PID only (SIGTERM, then SIGKILL after a grace period). Finding executables and ports,
+waiting for a server, moto's command line and bucket creation are the dev stack's own helpers
+(``pipeline.cluster.devstack``): one implementation for `bfn stack up` and the tests.
 
     from tests.servers import moto_s3, aws_env, create_bucket
 
@@ -14,74 +16,35 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-HOST = "127.0.0.1"
-TEST_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
+from pipeline.cluster.devstack import (
+    HOST,
+    MOTO_READY_PATH,
+    S3_DUMMY_CREDENTIALS,
+    create_bucket,
+    free_port,
+    http_status,
+    moto_argv,
+    venv_bin,
+    wait_until,
+)
+
+__all__ = ["HOST", "TEST_CREDENTIALS", "aws_env", "create_bucket", "free_port", "moto_s3", "s3_env", "server_process",
+           "stop_process", "venv_bin", "wait_for_http"]  # fmt: skip
+# the dev stack's dummies, plus a session token and region so that no real profile's leaks in
+TEST_CREDENTIALS = {**S3_DUMMY_CREDENTIALS, "AWS_SESSION_TOKEN": "testing", "AWS_REGION": "us-east-1"}
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def venv_bin(name: str) -> str:
-    """Path of a console script installed next to the running interpreter (the venv's bin/),
-    falling back to ``$PATH``."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def wait_for_http(
-    url: str,
-    *,
-    timeout: float = 30.0,
-    proc: subprocess.Popen | None = None,
-    ok_status: Sequence[int] = (200,),
-) -> None:
-    """Poll ``url`` until it answers with one of ``ok_status``; fail early if ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(
-                f"server process {proc.pid} exited with {proc.returncode} before {url} answered"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status in ok_status:
-                    return
-                last = f"HTTP {resp.status}"
-        except urllib.error.HTTPError as exc:
-            if exc.code in ok_status:
-                return
-            last = exc
-        except OSError as exc:  # connection refused while the server starts
-            last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s (last: {last})")
+def wait_for_http(url: str, *, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+                  ok_status: Sequence[int] = (200,)) -> None:  # fmt: skip
+    """Poll ``url`` until it answers with one of ``ok_status``; StackError (a RuntimeError) at once
+    if ``proc`` exits, or after ``timeout`` s."""
+    wait_until(url, lambda: http_status(url, timeout=2)[0] in ok_status, timeout=timeout, proc=proc, log_path=None,
+               what=f"an HTTP {'/'.join(map(str, ok_status))} answer", interval=0.1)  # fmt: skip
 
 
 def stop_process(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
@@ -122,7 +85,7 @@ def server_process(
     try:
         try:
             wait_for_http(ready_url, timeout=timeout, proc=proc)
-        except (RuntimeError, TimeoutError) as exc:
+        except RuntimeError as exc:
             log.flush()
             tail = Path(log.name).read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{name} ({' '.join(argv)}) did not start: {exc}\n{tail}") from exc
@@ -136,14 +99,12 @@ def server_process(
 
 @contextlib.contextmanager
 def moto_s3(port: int | None = None, *, timeout: float = 30.0) -> Iterator[str]:
-    """Start ``moto_server -H 127.0.0.1 -p PORT`` and yield its endpoint URL
+    """Start the moto S3 server (``moto_argv``, as `bfn stack up` does) and yield its endpoint URL
     (``http://127.0.0.1:PORT``). Each server starts empty; create buckets with ``create_bucket``.
     """
     port = port or free_port()
     endpoint = f"http://{HOST}:{port}"
-    argv = [venv_bin("moto_server"), "-H", HOST, "-p", str(port)]
-    # moto answers GET /moto-api/ with its dashboard once it serves requests
-    with server_process(argv, f"{endpoint}/moto-api/", timeout=timeout, name="moto_s3"):
+    with server_process(moto_argv(port), endpoint + MOTO_READY_PATH, timeout=timeout, name="moto_s3"):
         yield endpoint
 
 
@@ -169,17 +130,3 @@ def aws_env(endpoint: str) -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def create_bucket(endpoint: str, bucket: str) -> None:
-    """Create ``bucket`` on the S3 server at ``endpoint`` (boto3, test credentials)."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        region_name=TEST_CREDENTIALS["AWS_DEFAULT_REGION"],
-    )
-    client.create_bucket(Bucket=bucket)

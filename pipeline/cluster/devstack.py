@@ -21,6 +21,9 @@ Token auth (Ray 2.60)
     pointing at it, so nothing is written to ``~/.ray``. Clients (``bfn submit``, ``ray job ...``)
     export ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``; ``bfn stack up`` prints those lines
     (the path, never the token).
+
+The test suite's servers (``tests/servers.py``) start moto and MLflow with the same helpers:
+``venv_bin``, ``free_port``, ``moto_argv``, ``http_status``, ``wait_until``, ``create_bucket``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ HOST = "127.0.0.1"
 # moto accepts any credentials; these are the conventional dummies, not secrets.
 S3_DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+MOTO_READY_PATH = "/moto-api/"  # moto's dashboard: it answers once the server serves requests
 _MAX_RAY_TEMP_DIR_LEN = 36  # unix socket paths must stay under 108 bytes; Ray adds about 70
 # Variables of the caller that must not leak into the services we start.
 _SCRUB_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
@@ -68,10 +72,10 @@ class StackError(RuntimeError):
 # --------------------------------------------------------------------------- processes
 
 
-def _bin(name: str) -> str:
-    """The executable ``name`` from this interpreter's environment, else from PATH."""
+def venv_bin(name: str) -> str:
+    """The executable ``name`` from this interpreter's environment (the venv's bin/), else from PATH."""
     candidate = Path(sys.executable).parent / name
-    if candidate.exists():
+    if candidate.is_file() and os.access(candidate, os.X_OK):
         return str(candidate)
     found = shutil.which(name)
     if not found:
@@ -79,10 +83,16 @@ def _bin(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port(host: str = HOST) -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, release it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def moto_argv(port: int) -> list[str]:
+    """The moto S3 server's command line, on loopback."""
+    return [venv_bin("moto_server"), "-H", HOST, "-p", str(port)]
 
 
 def start_time(pid: int) -> float | None:
@@ -163,7 +173,8 @@ def _tail(path: Path, lines: int = 25) -> str:
 # --------------------------------------------------------------------------- HTTP probes
 
 
-def _http(url: str, token: str | None = None, timeout: float = 3.0) -> tuple[int, bytes]:
+def http_status(url: str, token: str | None = None, timeout: float = 3.0) -> tuple[int, bytes]:
+    """(HTTP status, body) of a GET; an HTTP error status is an answer, not an exception."""
     request = urllib.request.Request(url)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -174,9 +185,10 @@ def _http(url: str, token: str | None = None, timeout: float = 3.0) -> tuple[int
         return error.code, error.read()
 
 
-def _wait_until(name: str, ready: Callable[[], bool], *, timeout: float, proc: subprocess.Popen | None,
-                log_path: Path, what: str) -> float:  # fmt: skip
-    """Poll ``ready`` until True; fail fast if ``proc`` exits; raise after ``timeout`` s."""
+def wait_until(name: str, ready: Callable[[], bool], *, timeout: float, proc: subprocess.Popen | None,
+               log_path: Path | None, what: str, interval: float = 0.3) -> float:  # fmt: skip
+    """Poll ``ready`` until True (OSError/ValueError: not yet); StackError as soon as ``proc`` exits
+    or after ``timeout`` s, with the tail of ``log_path``. Returns the seconds waited."""
     started = time.monotonic()
     last_error: Exception | None = None
     while True:
@@ -185,14 +197,15 @@ def _wait_until(name: str, ready: Callable[[], bool], *, timeout: float, proc: s
                 return time.monotonic() - started
         except (OSError, ValueError) as error:
             last_error = error
+        failure = None
         if proc is not None and proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode} before {what}. "
-                             f"Log {log_path}:\n{_tail(log_path)}")  # fmt: skip
-        if time.monotonic() - started > timeout:
-            raise StackError(f"timed out after {timeout:.0f}s waiting for {name}: {what}"
-                             + (f" (last error: {last_error})" if last_error else "")
-                             + f". Log {log_path}:\n{_tail(log_path)}")  # fmt: skip
-        time.sleep(0.3)
+            failure = f"{name} exited with code {proc.returncode} before {what}"
+        elif time.monotonic() - started > timeout:
+            failure = f"timed out after {timeout:.0f}s waiting for {name}: {what}"
+            failure += f" (last error: {last_error})" if last_error else ""
+        if failure:
+            raise StackError(failure + (f". Log {log_path}:\n{_tail(log_path)}" if log_path else ""))
+        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- state
@@ -264,19 +277,19 @@ class _Launcher:
         _write_state(self.root, self.state)
 
     def wait(self, name: str, label: str, ready: Callable[[], bool], what: str, timeout: float) -> None:
-        _wait_until(label, ready, timeout=timeout, proc=self.procs[name], log_path=self.logs / f"{name}.log",
-                    what=what)  # fmt: skip
+        wait_until(label, ready, timeout=timeout, proc=self.procs[name], log_path=self.logs / f"{name}.log",
+                   what=what)  # fmt: skip
         self.state["timings_s"][name] = time.monotonic() - self.launched_at[name]
 
 
 def _mlflow_argv(root: Path, bucket: str, port: int) -> list[str]:
-    return [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+    return [venv_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", HOST, "--port", str(port),
             "--workers", "1"]  # fmt: skip
 
 
 def _ray_argv(ports: dict[str, int], num_cpus: int, object_store_memory: int, ray_tmp: Path) -> list[str]:
-    return [_bin("ray"), "start", "--head", "--block", f"--port={ports['ray']}",
+    return [venv_bin("ray"), "start", "--head", "--block", f"--port={ports['ray']}",
             f"--ray-client-server-port={ports['ray_client']}",
             f"--dashboard-agent-listen-port={ports['dashboard_agent']}", "--include-dashboard=true",
             f"--dashboard-host={HOST}", f"--dashboard-port={ports['dashboard']}", f"--num-cpus={num_cpus}",
@@ -301,10 +314,10 @@ def _start_services(launcher: _Launcher, state: dict[str, Any], num_cpus: int, o
     """moto first (MLflow needs the bucket), then MLflow and Ray in parallel (each takes seconds)."""
     root, ports, urls = launcher.root, state["ports"], state["urls"]
     base_env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
-    launcher.launch("s3", [_bin("moto_server"), "-H", HOST, "-p", str(ports["s3"])], base_env)
-    launcher.wait("s3", "moto S3 server", lambda: _http(urls["s3"] + "/moto-api/")[0] < 500,
+    launcher.launch("s3", moto_argv(ports["s3"]), base_env)
+    launcher.wait("s3", "moto S3 server", lambda: http_status(urls["s3"] + MOTO_READY_PATH)[0] < 500,
                   f"{urls['s3']} answering", timeout)  # fmt: skip
-    _create_bucket(urls["s3"], state["bucket"])
+    create_bucket(urls["s3"], state["bucket"])
     mlflow_env = {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
                   **S3_DUMMY_CREDENTIALS}  # fmt: skip
     launcher.launch("mlflow", _mlflow_argv(root, state["bucket"], ports["mlflow"]), mlflow_env)
@@ -313,10 +326,10 @@ def _start_services(launcher: _Launcher, state: dict[str, Any], num_cpus: int, o
     state["ray_temp_dir"] = str(ray_tmp)
     launcher.launch("ray", _ray_argv(ports, num_cpus, object_store_memory, ray_tmp),
                     _ray_env(base_env, state, ray_tmp), marked=True)  # fmt: skip
-    launcher.wait("mlflow", "MLflow server", lambda: _http(urls["mlflow"] + "/health")[0] == 200,
+    launcher.wait("mlflow", "MLflow server", lambda: http_status(urls["mlflow"] + "/health")[0] == 200,
                   f"{urls['mlflow']}/health returning 200", timeout)  # fmt: skip
     token = Path(state["token_path"]).read_text()
-    launcher.wait("ray", "Ray head", lambda: _http(urls["ray_dashboard"] + "/api/jobs/", token)[0] == 200,
+    launcher.wait("ray", "Ray head", lambda: http_status(urls["ray_dashboard"] + "/api/jobs/", token)[0] == 200,
                   f"job API at {urls['ray_dashboard']}/api/jobs/ accepting the token", timeout)  # fmt: skip
 
 
@@ -336,9 +349,9 @@ def up(root_dir: str | os.PathLike, *, num_cpus: int = 4, object_store_memory: i
         raise StackError(f"a stack is already running from {root} (see {root / STATE_FILE}); "
                          f"run `bfn stack down --dir {root}` first")  # fmt: skip
     started = time.monotonic()
-    ports = {"ray": ray_port or _free_port(), "dashboard": dashboard_port or _free_port(),
-             "ray_client": _free_port(), "dashboard_agent": _free_port(), "mlflow": mlflow_port or _free_port(),
-             "s3": s3_port or _free_port()}  # fmt: skip
+    ports = {"ray": ray_port or free_port(), "dashboard": dashboard_port or free_port(),
+             "ray_client": free_port(), "dashboard_agent": free_port(), "mlflow": mlflow_port or free_port(),
+             "s3": s3_port or free_port()}  # fmt: skip
     state = _new_state(root, ports, bucket, _new_token(root))
     try:
         _start_services(_Launcher(root, state), state, num_cpus, object_store_memory, timeout)
@@ -356,7 +369,8 @@ def up(root_dir: str | os.PathLike, *, num_cpus: int = 4, object_store_memory: i
     return state
 
 
-def _create_bucket(s3_url: str, bucket: str) -> None:
+def create_bucket(s3_url: str, bucket: str) -> None:
+    """Create ``bucket`` on the S3 server at ``s3_url`` (moto: the dummy credentials)."""
     import boto3
 
     credentials = S3_DUMMY_CREDENTIALS
@@ -404,13 +418,13 @@ def status(root_dir: str | os.PathLike) -> dict[str, Any]:
         token = Path(state["token_path"]).read_text().strip()
     urls = state["urls"]
     probes = {"ray": (urls["ray_dashboard"], "/api/jobs/"), "mlflow": (urls["mlflow"], "/health"),
-              "s3": (urls["s3"], "/moto-api/")}  # fmt: skip
+              "s3": (urls["s3"], MOTO_READY_PATH)}  # fmt: skip
     services = {}
     for name, svc in state["services"].items():
         base, probe = probes[name]
         healthy = False
         with contextlib.suppress(OSError, ValueError):
-            healthy = _http(base + probe, token if name == "ray" else None, timeout=2)[0] == 200
+            healthy = http_status(base + probe, token if name == "ray" else None, timeout=2)[0] == 200
         services[name] = {"pid": svc["pid"], "alive": alive(svc["pid"], svc.get("start_time")),
                           "healthy": healthy, "url": base}  # fmt: skip
     running = bool(services) and all(s["alive"] and s["healthy"] for s in services.values())

@@ -328,8 +328,8 @@ def test_local_stack_binds_every_server_to_loopback(tmp_path, monkeypatch):
             return None
 
     monkeypatch.setattr(localstack.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(localstack, "_wait_until", lambda *a, **k: 0.0)
-    monkeypatch.setattr(localstack, "_create_bucket", lambda *a, **k: None)
+    monkeypatch.setattr(localstack, "wait_until", lambda *a, **k: 0.0)
+    monkeypatch.setattr(localstack, "create_bucket", lambda *a, **k: None)
     localstack.up(tmp_path / "stack", echo=lambda _m: None)
     by_name = {Path(argv[0]).name: argv for argv in launched}
     assert set(by_name) == {"moto_server", "mlflow", "ray"}
