@@ -194,8 +194,10 @@ def test_sample_bad_flags_exit_2_naming_the_flag(checkpoint, args, flag, capsys)
     assert err.startswith(f"bfn: error: {flag}:") and "\n" not in err
 
 
-def test_sample_with_a_sampler_and_nfe(checkpoint, tmp_path):
+def test_sample_with_a_sampler_and_nfe(checkpoint, tmp_path, monkeypatch):
     from pipeline.evaluation.evaluate import sample
+
+    monkeypatch.setenv("BFN_RUNS_DIR", str(tmp_path / "runs"))  # where a sample without --out goes
 
     assert bfn_main(["sample", str(checkpoint), "--sampler", "sde2", "--nfe", "1", "--num", "3",
                      "--out", str(tmp_path / "sde2")]) == 0  # fmt: skip
@@ -203,7 +205,8 @@ def test_sample_with_a_sampler_and_nfe(checkpoint, tmp_path):
     by_steps = sample(checkpoint, num=4, num_steps=3, out=tmp_path / "steps")
     by_nfe = sample(checkpoint, num=4, nfe=4, sampler="paper", out=tmp_path / "nfe")
     assert by_steps.read_bytes() == by_nfe.read_bytes()  # --steps n is --nfe n + 1
-    assert sample(checkpoint, num=2, nfe=2, sampler="ode1").name == "samples_ode1_nfe2_seed0.png"
+    assert sample(checkpoint, num=2, nfe=2, sampler="ode1") == (
+        tmp_path / "runs" / "samples" / f"{checkpoint.parent.name}_ckpt_ode1_nfe2_seed0.png")
     # the binary flow's default grid is logsnr: naming it changes nothing; a named grid reaches the solver
     default, logsnr = (sample(checkpoint, num=8, nfe=4, sampler="sde2", grid=g, out=tmp_path / f"g{g}")
                        for g in (None, "logsnr"))  # fmt: skip
