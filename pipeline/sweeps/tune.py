@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
 from pipeline.config import Config, ConfigError, load, set_env_defaults
 
 log = logging.getLogger(__name__)
@@ -74,25 +77,30 @@ class SweepOptions:
     data_cpus: float = 1.0
 
 
-def _parse(key: str, kind: type, text: str) -> Any:
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"{key}: must be {kind.__name__} (got {text!r})") from None
+def _typed(key: str, kind: type, value: Any) -> Any:
+    """A sweep option's value as Hydra's grammar parsed it, checked against the option's type."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is str and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)  # e.g. sweep=2024
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: must be {kind.__name__} (got {value!r})")
+    return value
 
 
 def parse_args(args: list[str]) -> tuple[SweepOptions, list[str]]:
-    """Split ``key=value`` sweep options from Hydra overrides; validate the options."""
+    """Split ``key=value`` sweep options from Hydra overrides (both read by Hydra's override parser);
+    validate the options."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(args))
+    except HydraException as error:
+        raise ConfigError(f"override: {error}".replace("\n", " ")) from None
     values: dict[str, Any] = {}
     overrides: list[str] = []
-    for arg in args:
-        key, sep, text = arg.partition("=")
-        if sep and key in OPTIONS:
-            values[key] = _parse(key, OPTIONS[key], text)
+    for arg, override in zip(args, parsed, strict=True):
+        key = override.key_or_group
+        if key in OPTIONS and override.type.name == "CHANGE" and not override.is_sweep_override():
+            values[key] = _typed(key, OPTIONS[key], override.value())
         else:
             overrides.append(arg)
     if not values.get("space"):

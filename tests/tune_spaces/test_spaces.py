@@ -202,9 +202,23 @@ def test_cli_rejects_bad_sweep_options(capsys):
                       (["space=lr", "resume=maybe"], "resume: must be bool"),
                       (["space=lr", "metric=loss"], "metric: must be a reported"),
                       (["space=lr", "trust_storage=perhaps"], "trust_storage: must be bool"),
+                      (["space=lr", "num_samples=true"], "num_samples: must be int"),
+                      (["space=lr", "num_samples=[1,2]"], "num_samples: must be int"),
+                      (["space=lr", "num_samples"], "override: Error parsing override 'num_samples'"),
                       ([], "space: required")):  # fmt: skip
         assert cli.main(["tune", "experiment=smoke", *args]) == 2, args
         assert key in capsys.readouterr().err, (args, key)
+
+
+def test_sweep_options_are_read_with_hydras_grammar():
+    """`bfn tune`'s own options and the training overrides go through one parser (Hydra's): typed
+    values, quoting, and a sweep option given as a Hydra sweep (a=1,2) stays a training override."""
+    from pipeline.sweeps.tune import parse_args
+
+    opts, overrides = parse_args(["experiment=smoke", "space=lr", "num_samples=8", "resume=true", "driver_cpus=2",
+                                  "export_dir='runs/a b'", "optim.lr=0.1", "seed=1,2"])  # fmt: skip
+    assert (opts.num_samples, opts.resume, opts.driver_cpus, opts.export_dir) == (8, True, 2.0, "runs/a b")
+    assert overrides == ["experiment=smoke", "optim.lr=0.1", "seed=1,2"] and opts.seed == 0
 
 
 @pytest.mark.parametrize(
