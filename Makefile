@@ -44,8 +44,9 @@ run: $(STAMP)  ## the main job: ~10 min binarized-MNIST BFN on a local 2-worker 
 bench: $(STAMP)  ## benchmarks: training step vs bare network, Ray loop vs plain loop
 	$(BIN)/bfn bench
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff and the layer contracts (import-linter, pyproject.toml)
 	$(BIN)/ruff check bfn pipeline tune_spaces tests
+	$(BIN)/lint-imports
 
 mlflow-ui: $(STAMP)  ## browse the local MLflow store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000

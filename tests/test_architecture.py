@@ -53,6 +53,15 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+def test_import_contracts_hold():
+    """The layers written in pyproject.toml ([tool.importlinter]), checked by import-linter."""
+    lint = REPO / ".venv" / "bin" / "lint-imports"
+    result = subprocess.run([str(lint) if lint.exists() else "lint-imports", "--no-cache"], cwd=REPO,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "Contracts: 3 kept, 0 broken." in result.stdout, result.stdout[-2000:]
+
+
 def _pipeline_imports() -> dict[str, set[str]]:
     """Dotted pipeline and ray modules each pipeline file imports, at any depth (absolute imports)."""
     found = {}
