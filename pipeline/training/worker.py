@@ -21,7 +21,7 @@ import math
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from pipeline.tracking import MLflowTracker, NullTracker
 from pipeline.training import checkpointing, steps
 from pipeline.training.build import build_model, build_optimizer, lr_at
 from pipeline.training.cadence import Cadence
+from pipeline.training.progress import Progress, Window, all_mean
 
 log = logging.getLogger(__name__)
 
@@ -75,75 +76,6 @@ def _model_batch(cfg: Config, x: torch.Tensor, rank: int, step: int) -> torch.Te
 
 def _seed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(seed * 1_000_003 + rank * 7919 + step)
-
-
-def _all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Mean over ranks of a float64 CPU tensor (a no-op on one worker)."""
-    if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
-        values = values / world_size
-    return values
-
-
-@dataclass
-class Window:
-    """Training statistics kept on the device between two log steps (float64: the sums match a
-    host-side accumulation of the per-step floats exactly)."""
-
-    device: torch.device
-    started: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self) -> None:
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.loss_sum, self.good, self.skipped = zero.clone(), zero.clone(), zero.clone()
-        self.bad_run, self.worst_run = zero.clone(), zero.clone()  # the run is carried across windows
-        self.grad_norm = zero.clone()
-
-    def add(self, result: steps.StepResult) -> None:
-        bad = result.skipped.to(torch.float64)
-        self.loss_sum += torch.where(result.skipped, 0.0, result.loss.to(torch.float64))
-        self.good += 1 - bad
-        self.skipped += bad
-        self.bad_run = (self.bad_run + 1) * bad
-        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
-        self.grad_norm = result.grad_norm.to(torch.float64)
-
-    def read(self, world: int) -> dict[str, float]:
-        """Host values of the window (the loop's one device sync), mean loss over ranks; resets."""
-        values = torch.stack([self.loss_sum, self.good, self.skipped, self.worst_run, self.grad_norm]).cpu()
-        loss_sum, good, skipped, worst_run, grad_norm = values.tolist()
-        loss = _all_mean(torch.tensor([loss_sum / max(good, 1.0)], dtype=torch.float64), world).item()
-        stats = {"loss": loss, "good": good, "skipped": skipped, "worst_run": worst_run,
-                 "grad_norm": grad_norm, "seconds": time.perf_counter() - self.started}  # fmt: skip
-        self.loss_sum.zero_(), self.good.zero_(), self.skipped.zero_()
-        self.worst_run.copy_(self.bad_run)
-        self.started = time.perf_counter()
-        return stats
-
-
-@dataclass
-class Progress:
-    """What the loop has logged so far: curves for the figure, the summary returned to the driver."""
-
-    max_steps: int
-    budget_seconds: float = 0.0  # trainer.max_minutes in seconds; 0: no time budget
-    history: dict = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
-    throughput: list = field(default_factory=list)  # samples/s per log window (the benchmark reads it)
-    logged_at: list = field(default_factory=list)  # wall-clock time at the end of each window (the same)
-    last: dict = field(default_factory=dict)
-    skipped_total: int = 0
-    loop_started: float = field(default_factory=time.perf_counter)
-    first_step: int = 0
-
-    def eta(self, step: int) -> str:
-        done = step - self.first_step
-        if done <= 0:
-            return "?"
-        elapsed = time.perf_counter() - self.loop_started
-        seconds = elapsed / done * (self.max_steps - step)
-        if self.budget_seconds > 0:  # the run stops at whichever comes first
-            seconds = max(min(seconds, self.budget_seconds - elapsed), 0.0)
-        return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 3600:.0f} h"
 
 
 def _build(cfg: Config, device, rank: int, world: int, newest_checkpoint):
@@ -276,8 +208,10 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
         actions = cadence.actions(step)
         metrics: dict[str, float] = {}
         if actions.log:
-            metrics, stop = _log_window(cfg, window, progress, step, epoch, rank, world)
+            metrics, stats = _log_window(cfg, window, progress, step, epoch, rank, world)
+            stop = should_stop(cfg, stats, progress, step, rank, world)
             if stop == "bad_steps":
+                metrics["train/bad_run"] = stats["worst_run"]
                 _abort_bad_steps(cfg, run_dir, rank, raw, ema, optimizer, step, epoch, metrics, tracker)
             if stop == "time" and not actions.last:
                 actions = cadence.actions(step, stop=True)
@@ -294,11 +228,8 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
 
 
 def _log_window(cfg: Config, window: Window, progress: Progress, step: int, epoch: int, rank: int,
-                world: int) -> tuple[dict[str, float], str | None]:  # fmt: skip
-    """The window's train metrics and one progress line; whether to stop ("bad_steps" or "time").
-
-    Every rank takes the same decision: gradients are all-reduced, so non-finite steps are the same
-    everywhere, and the time budget is all-reduced."""
+                world: int) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """The window's train metrics and one progress line; returns (metrics, the window's stats)."""
     stats = window.read(world)
     progress.skipped_total += int(stats["skipped"])
     metrics = {
@@ -312,16 +243,24 @@ def _log_window(cfg: Config, window: Window, progress: Progress, step: int, epoc
     if rank == 0:
         log.info("step %d/%d | loss %.4f | %.1f samples/s | epoch %d | ETA %s", step, cfg.trainer.max_steps,
                  stats["loss"], metrics["train/samples_per_s"], epoch, progress.eta(step))  # fmt: skip
+    return metrics, stats
+
+
+def should_stop(cfg: Config, stats: dict[str, float], progress: Progress, step: int, rank: int,
+                world: int) -> str | None:  # fmt: skip
+    """Whether the run stops at this log step: "bad_steps", "time" (trainer.max_minutes) or None.
+
+    Every rank takes the same decision: gradients are all-reduced, so non-finite steps are the same
+    everywhere, and the time budget is all-reduced."""
     if stats["worst_run"] >= cfg.trainer.max_bad_steps:
-        metrics["train/bad_run"] = stats["worst_run"]
-        return metrics, "bad_steps"
+        return "bad_steps"
     budget = cfg.trainer.max_minutes * 60
     out_of_time = budget > 0 and time.perf_counter() - progress.loop_started > budget
-    if _all_mean(torch.tensor([float(out_of_time)], dtype=torch.float64), world).item() > 0:
+    if all_mean(torch.tensor([float(out_of_time)], dtype=torch.float64), world).item() > 0:
         if rank == 0:
             log.info("time budget of %s min reached at step %d", cfg.trainer.max_minutes, step)
-        return metrics, "time"
-    return metrics, None
+        return "time"
+    return None
 
 
 def _abort_bad_steps(cfg, run_dir: Path, rank, raw, ema, optimizer, step, epoch, metrics, tracker) -> None:

@@ -41,8 +41,8 @@ def test_the_window_reads_device_statistics_once_per_log_interval():
     windows) and the window's skip count; nothing is read until read()."""
     import torch
 
+    from pipeline.training.progress import Window
     from pipeline.training.steps import StepResult
-    from pipeline.training.worker import Window
 
     def result(loss: float, skipped: bool) -> StepResult:
         return StepResult(torch.tensor(loss), torch.tensor(2.0), torch.tensor(skipped))
@@ -59,7 +59,7 @@ def test_the_window_reads_device_statistics_once_per_log_interval():
 
 
 def test_eta_counts_down_to_whichever_comes_first_steps_or_the_time_budget():
-    from pipeline.training.worker import Progress
+    from pipeline.training.progress import Progress
 
     by_steps = Progress(max_steps=1000, loop_started=0.0)
     budgeted = Progress(max_steps=1000, budget_seconds=60.0, loop_started=0.0)
