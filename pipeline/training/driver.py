@@ -310,7 +310,8 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
     storage_path, storage_filesystem = storage(cfg)
     # the newest complete checkpoint, registered or not: a killed driver's workers write some it never registered
     found = ray.train.Checkpoint(newest[1], filesystem=newest[0]) if newest else None
-    runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir, "verbose": logs.verbose(), "newest_checkpoint": found}
+    runtime = {"mlflow_run_id": run_id, "local_run_dir": run_dir, "verbose": logs.verbose(), "newest_checkpoint": found,
+               "lease": lease.token}  # fmt: skip
     loop_config = {"config": cfg.raw, "runtime": runtime}
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -337,6 +338,10 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
         end_tracking(tracker, {})
         raise
     summary = dict(result.return_value or {})
+    if summary.get("lease_lost") or lease.lost:  # another run took the folder over: this one stopped
+        end_tracking(tracker, {})
+        raise LeaseError(summary.get("lease_lost") or f"run folder {lease.run_folder}: the lease was taken over "
+                         "by another run while this one trained")  # fmt: skip
     summary.update({"run_name": cfg.run.name, "mlflow_run_id": run_id,
                     "checkpoint": result.checkpoint.path if result.checkpoint else None,
                     "storage": result.path})  # fmt: skip

@@ -6,9 +6,15 @@ which fails if the name exists; S3: a conditional put, ``If-None-Match: *``) hol
 host, pid, start time and a heartbeat time that a thread renews every ``heartbeat_s`` seconds
 (a compare-and-swap: local under ``flock``, S3 with ``If-Match: <etag>``). A second run of the same
 folder fails fast with a ``LeaseError`` naming the holder. The lease can be taken over when its
-holder is provably gone: same host and the pid is dead (a SIGKILLed driver: the rerun continues at
-once), or its heartbeat is older than ``stale_s`` (a holder on another machine that died).
-``release`` deletes it only if it is still ours.
+holder is provably gone: same host, boot and PID namespace and the pid is dead (a SIGKILLed driver:
+the rerun continues at once), or its lease file did not change for ``stale_s`` as timed by the
+newcomer's own monotonic clock (a holder on another machine that died; two hosts' wall clocks are
+never compared to take a lease over). ``release`` deletes it only if it is still ours.
+
+A holder whose lease was taken over stops: its Train workers read the lease before each report or
+checkpoint (``lost_to``) and end the run with a ``LeaseError`` naming the new holder. An S3 store
+that ignores conditional writes (``If-None-Match``/``If-Match``) is refused: every write is read
+back and checked.
 
 Other storage (gs://) has no lease: a warning says so and the run goes on.
 
@@ -47,6 +53,17 @@ STALE_S = 180.0
 class LeaseError(ConfigError):
     """The run folder is held by another live run (the message names it): a run.name in use, so
     the CLI reports it like any bad config value, in one line, before Ray starts."""
+
+
+def _namespace() -> dict:
+    """What tells two processes of one hostname apart: the boot and the PID namespace (containers on the
+    host network share the hostname, not the pids)."""
+    found = {}
+    with contextlib.suppress(OSError):
+        found["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        found["pid_ns"] = os.readlink("/proc/self/ns/pid")
+    return found
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -121,18 +138,42 @@ class S3LeaseFile:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return status in (404, 409, 412) or error.response.get("Error", {}).get("Code") == "NoSuchKey"
 
-    def _put(self, data: bytes, **condition) -> str | None:
+    def _put(self, data: bytes, key: str | None = None, **condition) -> str | None:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, **condition)["ETag"]
+            return self.client.put_object(Bucket=self.bucket, Key=key or self.key, Body=data, **condition)["ETag"]
         except ClientError as error:
             if self._refused(error):
                 return None
             raise
 
+    def _checked(self, data: bytes, etag: str | None) -> str | None:
+        """The write's ETag if the object now holds ``data`` (read back: a store that ignores conditional
+        requests lets a second writer overwrite a lease it should have been refused)."""
+        if etag is None:
+            return None
+        current = self.read()
+        if current is None or current[0] != data or current[1] != etag:
+            return None
+        return etag
+
+    def _check_conditions(self) -> None:
+        """Refuse a store that ignores conditional writes (it would let two runs hold one folder): a put
+        conditional on an ETag that cannot match, to a probe key beside the lease, must be refused."""
+        probe = f"{self.key}.probe-{uuid.uuid4().hex}"
+        if self._put(b"probe", key=probe, IfMatch=f'"{uuid.uuid4().hex}"') is None:
+            return
+        with contextlib.suppress(Exception):
+            self.client.delete_object(Bucket=self.bucket, Key=probe)
+        raise LeaseError(
+            f"lease {self.uri}: this S3 store ignores conditional writes (If-Match / If-None-Match), so two runs "
+            "could both hold the run folder; use a store that honours them (AWS S3, MinIO) or another run.storage_path"
+        )
+
     def create(self, data: bytes) -> str | None:
-        return self._put(data, IfNoneMatch="*")
+        self._check_conditions()
+        return self._checked(data, self._put(data, IfNoneMatch="*"))
 
     def read(self) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
@@ -146,7 +187,7 @@ class S3LeaseFile:
         return response["Body"].read(), response["ETag"]
 
     def replace(self, data: bytes, version: str) -> str | None:
-        return self._put(data, IfMatch=version)
+        return self._checked(data, self._put(data, IfMatch=version))
 
     def delete(self, version: str) -> None:
         from botocore.exceptions import ClientError
@@ -188,24 +229,54 @@ class Lease:
         self.file = lease_file(run_folder)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                       "process_started": _process_started(os.getpid()), "started": time.time()}  # fmt: skip
+                       "process_started": _process_started(os.getpid()), "started": time.time(), **_namespace()}  # fmt: skip
         self.version: str | None = None
+        self.beats = 0  # renewals so far: the file changes at every beat, whatever the holder's clock says
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _content(self) -> bytes:
-        return json.dumps({**self.holder, "heartbeat": time.time(), "run_folder": self.run_folder}).encode()
+        return json.dumps({**self.holder, "heartbeat": time.time(), "beats": self.beats,
+                           "run_folder": self.run_folder}).encode()  # fmt: skip
 
-    def _gone(self, other: dict) -> str | None:
-        """Why ``other``'s lease may be taken over, or None while it may be alive."""
+    def _dead_here(self, other: dict) -> str | None:
+        """Why ``other``'s holder is provably gone, if it ran in this very PID namespace (same host, boot and
+        namespace: a pid means the same process here), else None."""
+        same = ("host", "boot_id", "pid_ns")
+        if any(other.get(key) is None or other.get(key) != self.holder.get(key) for key in same):
+            return None
+        started = _process_started(int(other.get("pid", -1)))
+        if started is None or (other.get("process_started") and abs(started - other["process_started"]) > 1):
+            return f"process {other.get('pid')} no longer runs on this host"
+        return None
+
+    def _unchanged_for_stale_s(self, version: str) -> bool:
+        """Watch the lease file for ``stale_s`` on this process's monotonic clock: True if it never changed
+        (its holder stopped renewing), False as soon as it changes (alive, or taken by someone else)."""
+        log.warning("run folder %s: its lease looks stale; watching it for %.0f s before taking it over",
+                    self.run_folder, self.stale_s)  # fmt: skip
+        deadline = time.monotonic() + self.stale_s
+        while True:
+            current = self.file.read()
+            if current is None or current[1] != version:
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(min(max(self.heartbeat_s / 4, 0.05), max(deadline - time.monotonic(), 0.0), 5.0))
+
+    def _gone(self, other: dict, version: str) -> str | None:
+        """Why ``other``'s lease may be taken over, or None while it may be alive. Its heartbeat time comes
+        from another clock: a fresh one is believed (refusing is safe), an old or future one only makes us
+        watch the file ourselves."""
+        dead = self._dead_here(other)
+        if dead:
+            return dead
         age = time.time() - float(other.get("heartbeat", 0))
-        if age > self.stale_s:
-            return f"its last heartbeat was {age:.0f} s ago (> {self.stale_s:.0f} s)"
-        if other.get("host") == self.holder["host"]:
-            started = _process_started(int(other.get("pid", -1)))
-            if started is None or (other.get("process_started") and abs(started - other["process_started"]) > 1):
-                return f"process {other.get('pid')} no longer runs on this host"
+        if abs(age) <= self.stale_s:
+            return None
+        if self._unchanged_for_stale_s(version):
+            return f"its lease file did not change for {self.stale_s:.0f} s (heartbeat stamped {age:.0f} s ago)"
         return None
 
     def acquire(self) -> Lease:
@@ -224,7 +295,7 @@ class Lease:
                 other = json.loads(current[0])
             except ValueError:
                 other = {}
-            reason = self._gone(other) if other else "its lease file is unreadable"
+            reason = self._gone(other, current[1]) if other else "its lease file is unreadable"
             if reason is None:
                 raise LeaseError(
                     f"run folder {self.run_folder} is in use by another run: {describe(other)}, last heartbeat "
@@ -244,6 +315,7 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            self.beats += 1
             try:
                 version = self.file.replace(self._content(), self.version)
             except Exception as error:  # storage hiccup: try again at the next beat
@@ -251,8 +323,8 @@ class Lease:
                 continue
             if version is None:
                 self.lost = True
-                log.error("run folder %s: the lease was taken over by another run; this run no longer owns "
-                          "its checkpoints (lease: %s)", self.run_folder, self.file.uri)  # fmt: skip
+                log.error("%s", lost_to(self.run_folder, self.holder["id"]) or f"run folder {self.run_folder}: "
+                          f"the lease was taken over by another run (lease: {self.file.uri})")  # fmt: skip
                 return
             self.version = version
 
@@ -267,11 +339,38 @@ class Lease:
                 log.warning("run folder %s: lease not released (%s)", self.run_folder, error)
         self.version = None
 
+    @property
+    def token(self) -> dict:
+        """What a Train worker needs to check that this run still holds its folder (``lost_to``)."""
+        return {"run_folder": self.run_folder, "id": self.holder["id"]} if self.file is not None else {}
+
     def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lost_to(run_folder: str, holder_id: str) -> str | None:
+    """Why the run holding lease ``holder_id`` must stop (its folder's lease is gone or another run's), or
+    None while it holds it (or the lease cannot be read now: its checkpoint write would fail as well)."""
+    file = lease_file(run_folder)
+    if file is None:
+        return None
+    try:
+        current = file.read()
+    except Exception as error:  # storage hiccup: the next check decides
+        log.warning("run folder %s: lease not readable (%s)", run_folder, error)
+        return None
+    try:
+        other = json.loads(current[0]) if current else {}
+    except ValueError:
+        other = {}
+    if other.get("id") == holder_id:
+        return None
+    holder = describe(other) if other else "nobody (the lease file is gone or unreadable)"
+    return (f"run folder {run_folder}: the lease was taken over by {holder}; this run stops and writes no more "
+            f"checkpoints into a folder it no longer owns (lease: {file.uri})")
 
 
 # ---------------------------------------------------------------------------- one experiment

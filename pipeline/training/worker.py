@@ -53,6 +53,7 @@ class Runtime:
     local_run_dir: str | None = None
     verbose: bool = False
     newest_checkpoint: Any = None  # ray.train.Checkpoint: the run folder's newest complete one at launch
+    lease: dict | None = None  # the driver's run-folder lease ({run_folder, id}): checked before each report
 
 
 def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
@@ -219,6 +220,10 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
             metrics.update(_validate_and_sample(cfg, ema.model, step, run_dir, tracker, device))
             progress.history["val/loss"].append((step, metrics["val/loss"]))
         if actions.report:
+            lost = _lease_lost(runtime.lease, rank, world)
+            if lost:  # returned, not raised: a worker error would be retried (FailureConfig) into the same folder
+                tracker.finish("FAILED")
+                return {"lease_lost": lost, "step": step} if rank == 0 else None
             _report(cfg, rank, raw, ema, optimizer, step, epoch, loop_config["config"], metrics, tracker,
                     progress, checkpoint=actions.checkpoint)  # fmt: skip
             window.started = time.perf_counter()
@@ -299,6 +304,21 @@ def _report(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics, tracke
             saved = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({**metrics, "step": step}, checkpoint=saved,
                          checkpoint_upload_fn=checkpointing.persist)  # fmt: skip
+
+
+def _lease_lost(lease: dict | None, rank: int, world: int) -> str | None:
+    """Rank 0 reads the run folder's lease; every rank learns whether another run took it over (the same
+    decision everywhere: ``report`` is a barrier). Returns the reason on rank 0, "lost" on the others."""
+    if not lease:
+        return None
+    from pipeline.training.lease import lost_to
+
+    reason = lost_to(lease["run_folder"], lease["id"]) if rank == 0 else None
+    if all_mean(torch.tensor([float(reason is not None)], dtype=torch.float64), world).item() == 0:
+        return None
+    if rank == 0:
+        log.error("%s", reason)
+    return reason or "lost"
 
 
 def _finish(cfg: Config, rank: int, raw, step: int, run_dir: Path, tracker, progress: Progress) -> dict | None:

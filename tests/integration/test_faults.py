@@ -11,6 +11,7 @@ Each test breaks something the way it breaks in production and checks what survi
 * a checkpoint whose .pt would run code when unpickled is put where a resume reads it;
 * the latest checkpoint's optimizer.pt is truncated before a resume;
 * a second `bfn train` of the same run name starts while the first runs;
+* another run takes the run folder's lease over while the first trains;
 * a client without the runtime's token calls its GCS.
 
 "Continuous step axis" after a restart (documented choice): the steps between the checkpoint a
@@ -178,6 +179,61 @@ def test_worker_sigkill_restarts_from_latest_checkpoint(ray_local, shards, tmp_p
           f"from step {resumed}; {redone} step(s) re-done (<= {every}); {downtime:.1f} s from the "
           f"kill to the next logged step")  # fmt: skip
     assert not os.path.exists(f"/proc/{fault['pid']}")
+
+
+# ------------------------------------------------------------------------------ lease taken over
+
+
+def checkpoint_folders(run_folder: Path) -> list[str]:
+    """The checkpoint folders (Ray's checkpoint_manager_snapshot.json registers those already there)."""
+    return sorted(p.name for p in run_folder.glob("checkpoint_*") if p.is_dir())
+
+
+def test_lease_taken_over_mid_run_stops_the_run_before_its_next_checkpoint(ray_local, shards, tmp_path):
+    """Another run takes the run folder's lease over while this one trains (as after a clock skew or an
+    S3 outage longer than the stale limit): the old holder's worker sees it before its next report,
+    the fit fails naming the new holder, and no checkpoint is written after the takeover."""
+    from pipeline.training.lease import LEASE_FILE, LeaseError, LocalLeaseFile
+
+    every, total = 2, 400
+    cfg = load(overrides(tmp_path, shards, "taken", f"trainer.max_steps={total}",
+                         f"trainer.checkpoint_every={every}", "trainer.max_failures=1"))  # fmt: skip
+    run_folder = tmp_path / "ray" / "taken"
+    fault: dict = {}
+    over = threading.Event()
+
+    def take_over():
+        try:
+            def first_checkpoint():
+                if over.is_set():
+                    raise RuntimeError("the run ended before the takeover")
+                return complete_checkpoints(run_folder)
+
+            wait_until(first_checkpoint, timeout=FIT_TIMEOUT_S, interval=0.02, what="a first checkpoint")
+            file = LocalLeaseFile(run_folder / LEASE_FILE)
+            data, version = file.read()
+            thief = {**json.loads(data), "id": "thief", "host": "thief-host", "pid": 4242, "heartbeat": time.time()}
+            assert file.replace(json.dumps(thief).encode(), version), "the lease changed under the test"
+            fault.update(at=time.time(), folders=checkpoint_folders(run_folder))
+        except Exception as error:  # reported by the main thread
+            fault["error"] = error
+
+    thread = threading.Thread(target=take_over, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(LeaseError) as info:
+            fit_with_watchdog(cfg)
+    finally:
+        over.set()
+        thread.join(timeout=10)
+    assert "error" not in fault, fault.get("error")
+    message = str(info.value)
+    assert "taken over by host thief-host pid 4242" in message and str(run_folder) in message, message
+    # nothing written after the takeover: the same checkpoint folders, and the thief's lease left alone
+    assert checkpoint_folders(run_folder) == fault["folders"]
+    assert json.loads((run_folder / LEASE_FILE).read_text())["id"] == "thief"
+    print(f"\n[lease taken over] the run stopped {time.time() - fault['at']:.1f} s after the takeover; "
+          f"checkpoints kept: {fault['folders']}")
 
 
 # ------------------------------------------------------------------------------ driver death
