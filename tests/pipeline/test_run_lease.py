@@ -4,7 +4,9 @@ passes before Ray would start).
 * a second `fit` of a run name whose folder another live process holds fails at once, naming the
   holder's host and pid; a lease whose holder died (same host) or whose heartbeat is stale is
   taken over; the heartbeat renews it and a lease that was taken over is not deleted by its old
-  holder;
+  holder; a lease stamped long ago is taken over only after its file stayed unchanged for stale_s
+  on our own clock (a live holder with a clock behind keeps it), and the dead-pid shortcut holds only
+  within the same PID namespace;
 * a rerun with an experiment-defining key changed (optim.lr) is refused naming the key, while
   run-length keys (trainer.max_steps) may change; run.init_from must be a checkpoint of the
   same model;
@@ -29,7 +31,7 @@ from bfn import EMA
 from pipeline.config import ConfigError, compose, load
 from pipeline.training import checkpointing, driver
 from pipeline.training.build import build_model, build_optimizer
-from pipeline.training.lease import LEASE_FILE, Lease, LeaseError, experiment_differences
+from pipeline.training.lease import LEASE_FILE, Lease, LeaseError, experiment_differences, lost_to
 from tests.conftest import REPO
 
 HOLD = """
@@ -99,9 +101,57 @@ def test_stale_lease_of_another_host_is_taken_over(tmp_path, caplog):
         Lease(str(folder), stale_s=60).acquire()  # alive as far as we can tell: 5 s old
     other["heartbeat"] = time.time() - 61
     (folder / LEASE_FILE).write_text(json.dumps(other))
-    lease = Lease(str(folder), stale_s=60).acquire()
-    assert "took over the lease of host elsewhere pid 1" in caplog.text
+    started = time.monotonic()
+    lease = Lease(str(folder), stale_s=1.0).acquire()  # an old stamp only makes it watch the file for stale_s
+    assert time.monotonic() - started >= 1.0
+    assert "took over the lease of host elsewhere pid 1" in caplog.text and "did not change for 1 s" in caplog.text
     lease.release()
+
+
+SKEWED = """
+import sys, time
+from pipeline.training import lease as lease_module
+real = time.time
+lease_module.time = type("Clock", (), {"time": staticmethod(lambda: real() - 1000), "strftime": time.strftime,
+                                       "localtime": time.localtime})
+held = lease_module.Lease(sys.argv[1], heartbeat_s=0.2).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_live_holder_with_a_clock_behind_is_not_taken_over(tmp_path):
+    """Its heartbeat stamps are 1000 s old by our clock, but it renews them: the file changes while we
+    watch it, so the lease is refused, not taken over (hosts' clocks are never compared to take over)."""
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", SKEWED, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseError, match=f"pid {holder.pid}"):
+            Lease(str(folder), stale_s=2.0).acquire()
+        assert json.loads((folder / LEASE_FILE).read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_dead_pid_of_another_pid_namespace_is_not_taken_over_at_once(tmp_path):
+    """The same hostname in another PID namespace (a container on the host network): its pid says
+    nothing about that process here, so only a lease file unchanged for stale_s is taken over."""
+    folder = tmp_path / "run"
+    mine = Lease(str(folder))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other = {**mine.holder, "id": "x", "pid": int(dead.stdout), "process_started": 1.0, "pid_ns": "pid:[1]",
+             "heartbeat": time.time()}  # fmt: skip
+    folder.mkdir()
+    (folder / LEASE_FILE).write_text(json.dumps(other))
+    with pytest.raises(LeaseError, match=f"pid {other['pid']}"):
+        mine.acquire()
+    other["pid_ns"] = mine.holder["pid_ns"]  # the same namespace: the dead pid is proof, taken over at once
+    (folder / LEASE_FILE).write_text(json.dumps(other))
+    with Lease(str(folder)) as lease:
+        assert json.loads((folder / LEASE_FILE).read_text())["id"] == lease.holder["id"]
 
 
 def test_heartbeat_renews_and_a_lost_lease_is_not_deleted(tmp_path):
@@ -115,6 +165,8 @@ def test_heartbeat_renews_and_a_lost_lease_is_not_deleted(tmp_path):
     thief.acquire()
     time.sleep(0.7)
     assert lease.lost
+    assert "taken over by host" in lost_to(str(folder), lease.holder["id"])  # what its workers read
+    assert lost_to(str(folder), thief.holder["id"]) is None
     lease.release()
     assert json.loads((folder / LEASE_FILE).read_text())["id"] == thief.holder["id"]
     thief.release()
