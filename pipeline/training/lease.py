@@ -229,7 +229,8 @@ class Lease:
         self.file = lease_file(run_folder)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                       "process_started": _process_started(os.getpid()), "started": time.time(), **_namespace()}  # fmt: skip
+                       "process_started": _process_started(os.getpid()), "started": time.time(),
+                       **_namespace()}  # fmt: skip
         self.version: str | None = None
         self.beats = 0  # renewals so far: the file changes at every beat, whatever the holder's clock says
         self.lost = False
