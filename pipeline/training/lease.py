@@ -301,7 +301,7 @@ class Lease:
                 raise LeaseError(
                     f"run folder {self.run_folder} is in use by another run: {describe(other)}, last heartbeat "
                     f"{time.time() - float(other.get('heartbeat', 0)):.0f} s ago. Use another run.name, or wait for "
-                    f"it to finish (a lease older than {self.stale_s:.0f} s is taken over; lease: {self.file.uri})"
+                    f"it to finish (a lease unchanged for {self.stale_s:.0f} s is taken over; lease: {self.file.uri})"
                 )
             self.version = self.file.replace(self._content(), current[1])
             if self.version:
