@@ -2,21 +2,26 @@
 
 Layout: model.pt, ema.pt, optimizer.pt, rng.pt (tensors only), train_state.json (step, epoch,
 MLflow run id, ...), config.json (the resolved config, secrets masked), and COMPLETE, written
-last: a JSON list of every file's size and sha256. Files and folder are fsynced before COMPLETE
-is written, so a folder with COMPLETE survives a power cut. A folder without COMPLETE (a write cut
-short) is never loaded; one whose files do not match COMPLETE (truncated, bit rot, a partial
-upload) fails verification. Every .pt file is read with ``torch.load(weights_only=True)``, so a
-crafted pickle cannot run code (the checksums are integrity, not authenticity: whoever can write
-the storage can also rewrite COMPLETE).
+last: a JSON list of every file's size and sha256 (``{"format": 1, "files": ...}``). Files and
+folder are fsynced before COMPLETE is written, so a folder with COMPLETE survives a power cut; the
+upload into a local run folder (``upload``) fsyncs them again there, and the folders that name the
+checkpoint. A folder without COMPLETE (a write cut short), or with a COMPLETE of another format
+(the bare "ok" of versions before checksums), is never loaded; one whose files do not match
+COMPLETE (truncated, bit rot, a partial upload) fails verification. Every .pt file is read with
+``torch.load(weights_only=True)``, so a crafted pickle cannot run code (the checksums are
+integrity, not authenticity: whoever can write the storage can also rewrite COMPLETE).
 
-Resume (``read_for_resume``): the checkpoint Ray hands the worker, or the newest complete one the
-driver found in the run folder when that one is newer (``newest``), is verified; if it fails, the
-newest earlier complete checkpoint of the run folder that verifies is used instead, with a
-warning. Ray hands only checkpoints its controller registered; a killed driver's orphaned workers
-go on writing complete checkpoints it never registers, and a rerun continues from those. A remote
-(S3) checkpoint is downloaded into a folder of this process's own (``Checkpoint.as_directory``
-shares one folder per node between workers: a rank could read a file another rank was still
-downloading).
+Resume (``resume_state``): rank 0 alone chooses the checkpoint, and every other rank loads that
+one or fails the attempt (a transient read error on one rank must never resume the ranks from
+different checkpoints: mismatched optimiser state and steps hang the first collective or diverge
+silently). Rank 0's choice: the checkpoint Ray hands the worker, or the newest complete one the
+driver found in the run folder when that one is newer (``newest``), verified; if it fails, the
+newest earlier complete checkpoint of the run folder that verifies, with a warning
+(``read_for_resume``). Ray hands only checkpoints its controller registered; a killed driver's
+orphaned workers go on writing complete checkpoints it never registers, and a rerun continues
+from those. A remote (S3) checkpoint is downloaded into a folder of this process's own
+(``Checkpoint.as_directory`` shares one folder per node between workers: a rank could read a file
+another rank was still downloading).
 
 ``persist`` is the uploader the worker hands to ``ray.train.report``: it copies a checkpoint into
 Ray Train's storage file by file, COMPLETE last, and raises when a file did not arrive, so a write
@@ -43,7 +48,6 @@ log = logging.getLogger(__name__)
 FILES = ("model.pt", "ema.pt", "optimizer.pt", "rng.pt", "train_state.json", "config.json")
 MARKER = "COMPLETE"
 MARKER_FORMAT = 1
-LEGACY_MARKER = "ok"  # written by versions before checksums: complete, but unverifiable
 DIAGNOSTIC_KEY = "diagnostic"  # train_state.json flag of a checkpoint that is not a resume point
 
 
@@ -119,6 +123,17 @@ def seal(folder: str | Path) -> Path:
     return folder
 
 
+def _marker_files(text: str | bytes) -> dict | None:
+    """The ``files`` of a COMPLETE marker in the current format; None for any other content."""
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        return None
+    return marker["files"] if isinstance(marker.get("files"), dict) else None
+
+
 def verify(folder: str | Path, names: tuple[str, ...] = FILES) -> None:
     """CheckpointError unless COMPLETE exists and ``names`` match its sizes and sha256."""
     folder = Path(folder)
@@ -131,13 +146,12 @@ def verify(folder: str | Path, names: tuple[str, ...] = FILES) -> None:
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} lacks {', '.join(missing)}")
-    if text.strip() == LEGACY_MARKER:
-        log.warning("checkpoint %s has no checksums (written by an older version); not verified", folder)
-        return
-    try:
-        expected = json.loads(text)["files"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {folder}: {MARKER} is unreadable") from None
+    expected = _marker_files(text)
+    if expected is None:
+        raise CheckpointError(
+            f"checkpoint {folder}: {MARKER} is not a format-{MARKER_FORMAT} marker with sizes and sha256 (a bare "
+            f"'ok' was written by versions before checksums): its files cannot be verified, not loaded"
+        )
     for name in names:
         size = (folder / name).stat().st_size
         want = expected.get(name, {})
@@ -202,9 +216,9 @@ def _read_json(filesystem, path: str) -> Any:
 
 
 def complete_checkpoints(filesystem, run_folder: str) -> list[tuple[int, str]]:
-    """(step, path) of the checkpoint_* folders of a run folder that have COMPLETE and a readable
-    train_state.json not flagged ``diagnostic``, newest first; ``filesystem``: a pyarrow
-    filesystem (local or S3)."""
+    """(step, path) of the checkpoint_* folders of a run folder that have a COMPLETE of the current
+    format and a readable train_state.json not flagged ``diagnostic``, newest first; ``filesystem``:
+    a pyarrow filesystem (local or S3)."""
     import pyarrow.fs
 
     try:
@@ -215,9 +229,10 @@ def complete_checkpoints(filesystem, run_folder: str) -> list[tuple[int, str]]:
     for entry in entries:
         if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
             continue
-        if filesystem.get_file_info(f"{entry.path}/{MARKER}").type != pyarrow.fs.FileType.File:
-            continue
         try:
+            with filesystem.open_input_stream(f"{entry.path}/{MARKER}") as f:
+                if _marker_files(f.read()) is None:  # an older format cannot be verified: not complete
+                    continue
             state = _read_json(filesystem, f"{entry.path}/train_state.json")
             if not state.get(DIAGNOSTIC_KEY):  # kept for inspection, never resumed from
                 found.append((int(state["step"]), entry.path))
@@ -261,10 +276,11 @@ def newest(handed, found):
 def read_for_resume(checkpoint, device, run_folder: str | None = None) -> dict[str, Any]:
     """The state to resume from: ``checkpoint`` (a ``ray.train.Checkpoint``, local or remote),
     verified; if it fails, the newest earlier complete checkpoint of ``run_folder`` (default: the
-    checkpoint's parent) that verifies, with a warning. CheckpointError when none does."""
+    checkpoint's parent) that verifies, with a warning. CheckpointError when none does. The state's
+    ``path`` is the folder it was read from (on ``checkpoint.filesystem``)."""
     filesystem, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
     try:
-        return _read_at(filesystem, path, device)
+        return {**_read_at(filesystem, path, device), "path": path}
     except CheckpointError as error:
         failure = error
     run_folder = run_folder or path.rsplit("/", 1)[0]
@@ -280,8 +296,59 @@ def read_for_resume(checkpoint, device, run_folder: str | None = None) -> dict[s
             continue
         log.warning("checkpoint %s is unusable (%s); resuming from the previous complete checkpoint %s "
                     "(step %d) instead", path, failure, other, step)  # fmt: skip
-        return state
+        return {**state, "path": other}
     raise CheckpointError(f"{failure}; no earlier complete checkpoint in {run_folder} could be read either")
+
+
+def resume_state(handed, found, device, rank: int, world: int) -> dict[str, Any] | None:
+    """The state every rank resumes from (None: no checkpoint, a fresh start), the same on every rank.
+
+    Rank 0 alone chooses: ``newest(handed, found)``, read with ``read_for_resume``'s fallback; it
+    broadcasts the folder it loaded (or its CheckpointError). The other ranks read exactly that folder,
+    with no fallback of their own, and every rank learns whether all of them could: if one could not,
+    every rank raises CheckpointError, so the attempt fails (FailureConfig retries it) instead of
+    resuming the ranks from different checkpoints. ``handed``: Ray's checkpoint of this worker
+    (``ray.train.get_checkpoint()``); ``found``: the driver's newest complete one (both may be None)."""
+    import torch.distributed as dist
+
+    together = world > 1 and dist.is_initialized()
+    state, decision = None, None
+    if rank == 0 or not together:
+        checkpoint = newest(handed, found)
+        if checkpoint is not None:
+            try:
+                state = read_for_resume(checkpoint, device)
+                decision = ("handed" if checkpoint is handed else "found", state["path"])
+            except CheckpointError as error:
+                decision = ("failed", str(error))
+    if together:
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)
+        decision = box[0]
+    if decision is None:
+        return None
+    source, path = decision
+    if source == "failed":
+        raise CheckpointError(path if rank == 0 else f"rank 0 could not resume: {path}")
+    error = None
+    if state is None:  # a rank other than 0: the folder rank 0 loaded, or nothing
+        chosen = handed if source == "handed" else found
+        try:
+            if chosen is None:
+                raise CheckpointError(f"rank {rank} has no {source} checkpoint to read {path} from")
+            state = {**_read_at(chosen.filesystem, path, device), "path": path}
+        except CheckpointError as failure:
+            error = f"rank {rank} cannot read {path}, the checkpoint rank 0 resumed from ({failure})"
+            log.warning("%s; this attempt fails rather than resume the ranks from different checkpoints", error)
+    errors = [error]
+    if together:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if failed:
+        raise CheckpointError(f"{'; '.join(failed)}: this attempt fails rather than resume the ranks from "
+                              f"different checkpoints (no rank loads another)")  # fmt: skip
+    return state
 
 
 def read_for_init(source: str, map_location="cpu") -> dict[str, Any]:
@@ -316,21 +383,56 @@ def upload(source: str | Path, filesystem, destination: str) -> None:
     copy returned normally, leaving a folder without ema.pt and COMPLETE that Ray registered as the
     latest checkpoint. Here every output stream is closed explicitly (close raises on a failed
     upload) and the stored sizes are checked, so a failed file raises before COMPLETE is written.
+
+    Into a local run folder (pyarrow ``LocalFileSystem``) the copy is made durable as ``seal`` makes
+    the original: every file, its folders and the folders that name the new ones are fsynced before
+    COMPLETE is written, then COMPLETE and its folder; a power cut never leaves a COMPLETE naming
+    files that did not reach the disk.
     """
     import shutil
 
+    import pyarrow.fs
+
     source = Path(source)
     files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: (p.name == MARKER, str(p)))
+    local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+    created = _missing_folders(Path(destination)) if local else []
     filesystem.create_dir(destination, recursive=True)
     for path in files:
         target = f"{destination}/{path.relative_to(source).as_posix()}"
+        if local and path.name == MARKER and path.parent == source:
+            _fsync_folders(Path(destination), created)  # the files' entries on disk before COMPLETE names them
         if path.parent != source:
+            if local:
+                created += _missing_folders(Path(target).parent)
             filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with path.open("rb") as reader, filesystem.open_output_stream(target) as writer:
             shutil.copyfileobj(reader, writer, 16 * 1024 * 1024)  # close() raises if the upload failed
         size = filesystem.get_file_info(target).size
         if size != path.stat().st_size:
             raise OSError(f"checkpoint upload of {target}: {size} bytes stored, {path.stat().st_size} written")
+        if local:
+            _fsync(Path(target))
+    if local:
+        _fsync_folders(Path(destination), created)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet (``create_dir`` will make them)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _fsync_folders(top: Path, created: list[Path]) -> None:
+    """fsync every folder under ``top`` (itself included), then the parent of each created folder (its entry)."""
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True):
+        _fsync(folder)
+    _fsync(top)
+    for parent in sorted({folder.parent for folder in created}, reverse=True):
+        _fsync(parent)
 
 
 def persist(checkpoint, checkpoint_dir_name: str):

@@ -81,7 +81,8 @@ def _seed(seed: int, rank: int, step: int) -> None:
 
 def _build(cfg: Config, device, rank: int, world: int, newest_checkpoint):
     """Model, DDP wrapper, EMA, optimiser and (step, epoch), resumed from Ray's checkpoint or the
-    driver's newer ``newest_checkpoint`` (``checkpointing.newest``)."""
+    driver's newer ``newest_checkpoint``: chosen by rank 0 alone, the same on every rank
+    (``checkpointing.resume_state``)."""
     import ray.train
     import ray.train.torch
 
@@ -93,19 +94,18 @@ def _build(cfg: Config, device, rank: int, world: int, newest_checkpoint):
     ema = EMA(raw, cfg.optim.ema_decay)
     optimizer = build_optimizer(cfg, raw)
     step, epoch = 0, 0
-    checkpoint = checkpointing.newest(ray.train.get_checkpoint(), newest_checkpoint)
-    if checkpoint:
-        state = checkpointing.read_for_resume(checkpoint, device)
+    state = checkpointing.resume_state(ray.train.get_checkpoint(), newest_checkpoint, device, rank, world)
+    if state:
         raw.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch = state["train_state"]["step"], state["train_state"]["epoch"] + 1
         if rank == 0:
             checkpointing.set_rng_state(state["rng"])
-            log.info("resumed from step %d (%s)", step, state.get("path", checkpoint.path))
+            log.info("resumed from step %d (%s)", step, state["path"])
     elif cfg.run.init_from:
         _init_from(cfg.run.init_from, raw, ema, device, rank)
-    if not (checkpoint and rank == 0):
+    if not (state and rank == 0):
         _seed(cfg.trainer.seed, rank, step)
     # DDP compares strides literally and warns once (six lines) when a 1x1 conv's channels_last gradient
     # differs from its bucket view only along size-1 dims: the same memory order, nothing to fix

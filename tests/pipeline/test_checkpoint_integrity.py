@@ -143,11 +143,72 @@ def test_resume_fails_clearly_when_no_checkpoint_verifies(tmp_path):
         checkpointing.read_for_resume(Checkpoint.from_directory(str(newest)), "cpu")
 
 
-def test_checkpoints_of_older_versions_still_load(tmp_path, caplog):
-    folder = make_checkpoint(tmp_path, 2)
-    (folder / checkpointing.MARKER).write_text("ok\n")
-    assert checkpointing.read(folder)["train_state"]["step"] == 2
-    assert "no checksums" in caplog.text
+def test_an_old_format_marker_is_refused_and_not_complete(tmp_path):
+    """A bare "ok" COMPLETE (versions before checksums) proves nothing about the files: such a folder
+    is not loaded, not listed as complete, and a resume falls back past it."""
+    from ray.train import Checkpoint
+
+    make_checkpoint(tmp_path, 2)
+    folder = make_checkpoint(tmp_path, 4)
+    for old in ("ok\n", '{"files": {}}', '{"format": 1}', "[]"):
+        (folder / checkpointing.MARKER).write_text(old)
+        with pytest.raises(checkpointing.CheckpointError, match="not a format-1 marker"):
+            checkpointing.read(folder)
+        with pytest.raises(checkpointing.CheckpointError, match="not a format-1 marker"):
+            checkpointing.read_model_only(folder)
+        assert checkpointing.latest(tmp_path) == tmp_path / "checkpoint_000002"
+        state = checkpointing.read_for_resume(Checkpoint.from_directory(str(folder)), "cpu")
+        assert state["train_state"]["step"] == 2 and state["path"] == str(tmp_path / "checkpoint_000002")
+
+
+def test_upload_into_a_local_run_folder_fsyncs_before_and_after_complete(tmp_path, monkeypatch):
+    """The copy a resume reads survives a power cut: every file, the checkpoint folder and the folders
+    that name the new ones (the run folder, the storage folder it was created in) are fsynced while
+    COMPLETE does not exist yet; then COMPLETE and the checkpoint folder."""
+    import pyarrow.fs
+
+    source = make_checkpoint(tmp_path / "local", 2)
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    destination = storage / "run" / "checkpoint_000002"
+    events = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        events.append((os.readlink(f"/proc/self/fd/{fd}"), (destination / checkpointing.MARKER).exists()))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    checkpointing.upload(source, pyarrow.fs.LocalFileSystem(), str(destination))
+    before = {path for path, sealed in events if not sealed}
+    after = {path for path, sealed in events if sealed}
+    assert {str(destination / name) for name in checkpointing.FILES} <= before
+    assert {str(destination), str(destination.parent), str(storage)} <= before
+    assert {str(destination / checkpointing.MARKER), str(destination)} <= after
+    checkpointing.verify(destination)
+    # a second checkpoint into the existing run folder: its own files and folder, and the run folder
+    events.clear()
+    checkpointing.upload(source, pyarrow.fs.LocalFileSystem(), str(storage / "run" / "checkpoint_000004"))
+    synced = {path for path, _ in events}
+    assert {str(storage / "run" / "checkpoint_000004"), str(storage / "run")} <= synced
+
+
+def test_resume_state_on_one_worker(tmp_path):
+    """One worker (no process group): the newer of Ray's and the driver's checkpoint, with the
+    fallback; the state names the folder it was read from."""
+    from ray.train import Checkpoint
+
+    assert checkpointing.resume_state(None, None, "cpu", 0, 1) is None
+    older = Checkpoint.from_directory(str(make_checkpoint(tmp_path, 2)))
+    newer = Checkpoint.from_directory(str(make_checkpoint(tmp_path, 4)))
+    state = checkpointing.resume_state(older, newer, "cpu", 0, 1)
+    assert state["train_state"]["step"] == 4 and state["path"] == newer.path
+    truncate(tmp_path / "checkpoint_000004" / "model.pt")
+    state = checkpointing.resume_state(older, newer, "cpu", 0, 1)
+    assert state["train_state"]["step"] == 2 and state["path"] == older.path
+    truncate(tmp_path / "checkpoint_000002" / "model.pt")
+    with pytest.raises(checkpointing.CheckpointError, match="no earlier complete checkpoint"):
+        checkpointing.resume_state(older, newer, "cpu", 0, 1)
 
 
 # ------------------------------------------------------------------------------ S3 (moto)
