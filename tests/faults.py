@@ -11,7 +11,8 @@ What is here, each acting on this machine only:
   can be stopped and started again on the same port.
 * ``FaultyS3Proxy``: a small HTTP reverse proxy on 127.0.0.1 in front of an S3 endpoint (moto) that
   answers the requests a rule picks with an S3 error instead of forwarding them, and records every
-  request, so a test can tell a retried write from a lost one.
+  request (and, with ``by_process``, the client process behind it: ``ReadFaultsForOneProcess`` makes
+  one worker's reads fail), so a test can tell a retried write from a lost one.
 * ``write_malicious_pt``: a ``.pt`` file whose unpickling would run code (it writes a marker file).
 * listening sockets of a set of PIDs (to check what binds to which address), and a raw gRPC call
   with or without Ray's token (to check that a service refuses clients without it).
@@ -294,13 +295,21 @@ class FaultyS3Proxy:
     status to answer it with an S3 error document instead (503 -> ``ServiceUnavailable``, which
     the AWS SDK and Ray treat as retryable). Every request is recorded in ``log`` as
     ``(time, method, path, status)``. Use as a context manager; ``url`` is its endpoint.
+
+    ``by_process=True``: each request's client process is found (the local PID owning the socket,
+    psutil), passed to the rule as a third argument ``rule(method, path, pid)`` and recorded in
+    ``pids`` (one entry per ``log`` entry), so a fault can hit one worker process only.
     """
 
-    def __init__(self, upstream: str, rule: Callable[[str, str], int | None] | None = None) -> None:
+    def __init__(self, upstream: str, rule: Callable[..., int | None] | None = None, *,
+                 by_process: bool = False) -> None:  # fmt: skip
         parsed = urllib.parse.urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.rule = rule
         self.log: list[tuple[float, str, str, int]] = []
+        self.by_process = by_process
+        self.pids: list[int | None] = []  # by_process: the client PID of each log entry
+        self._client_pids: dict[int, int | None] = {}  # client port -> PID (a connection serves many requests)
         self._lock = threading.Lock()
         proxy = self
 
@@ -326,8 +335,11 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                pid = proxy.client_pid(self.client_address[1]) if proxy.by_process else None
                 with proxy._lock:
-                    status = proxy.rule(self.command, self.path) if proxy.rule else None
+                    status = None
+                    if proxy.rule:
+                        status = proxy.rule(self.command, self.path, *((pid,) if proxy.by_process else ()))
                 if status:
                     code = _S3_CODES.get(status, "InternalError")
                     doc = (
@@ -340,7 +352,7 @@ class FaultyS3Proxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(doc)
-                    proxy._record(self.command, self.path, status)
+                    proxy._record(self.command, self.path, status, pid)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 if body or self.command in ("PUT", "POST"):
@@ -361,7 +373,7 @@ class FaultyS3Proxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)
-                    proxy._record(self.command, self.path, resp.status)
+                    proxy._record(self.command, self.path, resp.status, pid)
                 finally:
                     conn.close()
 
@@ -373,9 +385,22 @@ class FaultyS3Proxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="faulty-s3-proxy")  # fmt: skip
 
-    def _record(self, method: str, path: str, status: int) -> None:
+    def _record(self, method: str, path: str, status: int, pid: int | None = None) -> None:
         with self._lock:
             self.log.append((time.time(), method, path, status))
+            if self.by_process:
+                self.pids.append(pid)
+
+    def client_pid(self, port: int) -> int | None:
+        """The PID of the local process whose socket from 127.0.0.1:``port`` is connected to this proxy."""
+        import psutil
+
+        if port not in self._client_pids:
+            mine = self._server.server_address[1]
+            self._client_pids[port] = next((c.pid for c in psutil.net_connections(kind="tcp")
+                                            if c.laddr and c.laddr.port == port and c.raddr
+                                            and c.raddr.port == mine and c.pid), None)  # fmt: skip
+        return self._client_pids[port]
 
     def __enter__(self) -> FaultyS3Proxy:
         self._thread.start()
@@ -428,6 +453,47 @@ class CheckpointWriteFaults:
 
     def folder(self, number: int) -> str:
         return self.folders[number - 1]
+
+
+class ReadFaultsForOneProcess:
+    """A ``FaultyS3Proxy(by_process=True)`` rule: one process cannot read a checkpoint folder.
+
+    GETs (objects and listings) under the folder ``failing`` fail with 503 for one client process only,
+    for as long as it lives (the AWS SDK's retries fail too, so its read fails): the ``reader``-th
+    process to GET there, processes counted in the order of their first GET. Every other process reads
+    normally. GETs under the folders ``refused`` are answered 403 for every process (not retried), and
+    counted in ``refused_reads``. Requests of ``ignore`` (default: this process, e.g. a driver that
+    runs here) are neither counted nor failed.
+    """
+
+    def __init__(self, failing: str, refused: Iterable[str] = (), reader: int = 2,
+                 ignore: Iterable[int] = ()) -> None:  # fmt: skip
+        self.failing, self.refused, self.reader = failing, tuple(refused), reader
+        self.ignore = set(ignore) or {os.getpid()}
+        self.readers: list[int] = []  # processes in the order of their first GET under ``failing``
+        self.failed: Counter = Counter()  # GETs failed, per object or listing
+        self.refused_reads: list[tuple[int | None, str]] = []  # (pid, path)
+
+    @property
+    def faulted(self) -> int | None:
+        """The process whose reads fail (once it has tried one)."""
+        return self.readers[self.reader - 1] if len(self.readers) >= self.reader else None
+
+    def __call__(self, method: str, path: str, pid: int | None) -> int | None:
+        if method != "GET" or pid in self.ignore:
+            return None
+        key = urllib.parse.unquote(path)
+        if any(f"/{folder}/" in key for folder in self.refused):
+            self.refused_reads.append((pid, key))
+            return 403
+        if f"/{self.failing}/" not in key:
+            return None
+        if pid is not None and pid not in self.readers:
+            self.readers.append(pid)
+        if pid is not None and pid == self.faulted:
+            self.failed[key] += 1
+            return 503
+        return None
 
 
 # ---------------------------------------------------------------------------------- pickles
