@@ -91,7 +91,7 @@ def cmd_import_official(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pipeline.evaluation.bench import main as bench_main
+    from pipeline.bench.bench import main as bench_main
 
     return bench_main(args)
 
@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     set_env_defaults()  # before anything imports ray.data: it reads its switches at import time
     from pipeline.config import ConfigError
+    from pipeline.core.checkpointing import CheckpointError
     from pipeline.data import DataError
-    from pipeline.training.checkpointing import CheckpointError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

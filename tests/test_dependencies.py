@@ -16,7 +16,7 @@ from tests.conftest import REPO
 
 FIRST_PARTY = {"bfn", "pipeline", "tune_spaces"}
 # the official BFN code's top-level modules: `bfn bench device` puts its checkout on sys.path
-OFFICIAL_CODE = {("pipeline/evaluation/bench_device.py", name) for name in ("model", "networks", "probability")}
+OFFICIAL_CODE = {("pipeline/bench/device.py", name) for name in ("model", "networks", "probability")}
 
 
 def declared(*groups: str) -> set[str]:

@@ -1,6 +1,6 @@
 """`bfn eval` and `bfn sample`: a checkpoint's NLL on a split, and samples, without Ray.
 
-Checkpoints are read weights-only (pipeline.training.checkpointing); the model is rebuilt from the
+Checkpoints are read weights-only (pipeline.core.checkpointing); the model is rebuilt from the
 config stored beside the weights, so a checkpoint evaluates the network it was trained with.
 """
 
@@ -16,9 +16,9 @@ import torch
 from bfn import NLLEstimate
 from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, apply_overrides
+from pipeline.core import checkpointing
+from pipeline.core.build import build_model
 from pipeline.evaluation import figures
-from pipeline.training import checkpointing
-from pipeline.training.build import build_model
 
 log = logging.getLogger(__name__)
 

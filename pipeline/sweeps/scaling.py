@@ -78,7 +78,7 @@ def measure(cfg, train_rows: int | None = None) -> dict[str, Any]:
     import torch
 
     from bfn.networks import count_parameters
-    from pipeline.training.build import build_model
+    from pipeline.core.build import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)

@@ -113,7 +113,7 @@ def _validate_point(cfg: Config, sample: Mapping[str, Any], build: bool) -> None
     if build:
         import torch
 
-        from pipeline.training.build import build_model
+        from pipeline.core.build import build_model
 
         with torch.device("meta"):
             build_model(candidate)

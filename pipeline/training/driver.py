@@ -149,7 +149,7 @@ def check_resume(cfg: Config) -> tuple[Any, str] | None:
     ``run.init_from`` must be a readable checkpoint and is ignored once the run has its own.
     Returns (the run folder's pyarrow filesystem, the path on it of its newest complete checkpoint),
     or None when it has none."""
-    from pipeline.training import checkpointing
+    from pipeline.core import checkpointing
 
     filesystem, folder = _run_filesystem(cfg)
     found = checkpointing.latest_config(filesystem, folder)
@@ -174,7 +174,7 @@ def check_resume(cfg: Config) -> tuple[Any, str] | None:
 
 
 def _check_init_from(cfg: Config) -> None:
-    from pipeline.training import checkpointing
+    from pipeline.core import checkpointing
 
     try:
         saved = checkpointing.read_for_init(cfg.run.init_from, map_location="meta")["config"]
@@ -283,7 +283,7 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
     from ray.train.torch import TorchTrainer
 
     from bfn.networks import count_parameters
-    from pipeline.training.build import build_model
+    from pipeline.core.build import build_model
     from pipeline.training.worker import train_fn_per_worker
 
     manifest = preflight(cfg)

@@ -5,7 +5,7 @@ released ``mnist_ema.pt``: the whole BFN module's state dict, network keys prefi
 weights-only, reads the official YAML config it was trained with, converts both (the network and
 its weights with ``bfn.networks.official``; the data, flow, head and optimiser settings onto this
 project's config keys and presets with ``config_overrides`` here) and writes a checkpoint folder
-with ``pipeline.training.checkpointing.save``: the weights go to both the model and the EMA, the
+with ``pipeline.core.checkpointing.save``: the weights go to both the model and the EMA, the
 optimiser state is fresh (AdamW from the config), and config.json is a full project config
 composed from the Hydra tree, so ``bfn eval`` / ``bfn sample`` (and ``bfn train`` resuming from it)
 accept the folder.
@@ -25,7 +25,7 @@ from typing import Any
 from bfn.networks import NETWORKS, official
 from bfn.networks.official import OfficialConfigError, boolean, component, integer, number
 from pipeline.config import DATASETS, Config, ConfigError, compose
-from pipeline.training import checkpointing
+from pipeline.core import checkpointing
 
 __all__ = ["PRESET_OF_CLASS", "config_overrides", "experiment_for", "hydra_overrides", "import_official",
            "project_config"]  # fmt: skip
@@ -243,7 +243,7 @@ def _read_official(checkpoint_path: Path, yaml_path: Path) -> tuple[Mapping, dic
 
 def _converted_model(cfg: Config, official_config: dict, state: Mapping, checkpoint_path: Path, yaml_path: Path):
     """The project BFN of ``cfg`` carrying the official weights."""
-    from pipeline.training.build import build_model
+    from pipeline.core.build import build_model
 
     try:
         model = build_model(cfg)
@@ -272,7 +272,7 @@ def import_official(
     ``data.uri=...``). ``out_dir`` must not exist or be empty. Returns ``out_dir``.
     """
     from bfn import EMA
-    from pipeline.training.build import build_optimizer
+    from pipeline.core.build import build_optimizer
 
     checkpoint_path, yaml_path, out_dir = Path(checkpoint_path), Path(official_yaml_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -31,10 +31,11 @@ from bfn import EMA
 from bfn.networks import count_parameters
 from pipeline import data as data_lib
 from pipeline.config import Config
+from pipeline.core import checkpointing
+from pipeline.core.build import build_model, build_optimizer, lr_at
 from pipeline.evaluation import figures
 from pipeline.tracking import MLflowTracker, NullTracker
-from pipeline.training import checkpointing, steps
-from pipeline.training.build import build_model, build_optimizer, lr_at
+from pipeline.training import steps
 from pipeline.training.cadence import Cadence
 from pipeline.training.progress import Progress, Window, all_mean
 

@@ -49,7 +49,7 @@ import pytest
 
 from pipeline import data as data_lib
 from pipeline.config import load
-from pipeline.training import checkpointing
+from pipeline.core import checkpointing
 from tests.faults import (
     CheckpointWriteFaults,
     FaultyS3Proxy,
@@ -515,7 +515,7 @@ def test_a_read_failing_on_rank_1_only_resumes_both_ranks_from_the_same_checkpoi
     import torch
 
     from bfn import EMA
-    from pipeline.training.build import build_model, build_optimizer
+    from pipeline.core.build import build_model, build_optimizer
     from tests.servers import TEST_CREDENTIALS
 
     every, total = 2, 6

@@ -108,7 +108,7 @@ def test_fine_tuning_starts_a_new_run_from_another_runs_weights(ray_local, mnist
     are the source checkpoint's. With a vanishing lr its weights stay the source's, not a fresh net's."""
     import torch
 
-    from pipeline.training import checkpointing
+    from pipeline.core import checkpointing
     from pipeline.training.driver import fit
 
     extra = ("trainer.max_steps=3", "trainer.val_every=3", "trainer.checkpoint_every=3", "eval.num_samples=0")

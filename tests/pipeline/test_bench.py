@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.evaluation.bench import bench_step
+from pipeline.bench.bench import bench_step
 
 
 def test_bench_step_measures_both_sides(capsys):
@@ -27,7 +27,7 @@ def test_device_bench_runs_the_paper_step_path_on_cpu(capsys):
 def test_flops_are_counted_for_a_forward_and_backward():
     import torch
 
-    from pipeline.evaluation.bench_device import example_batch, ours, train_flops
+    from pipeline.bench.device import example_batch, ours, train_flops
 
     _, model, _, _ = ours("mnist", torch.device("cpu"), ["net=mnist_unet_tiny"])
     one, two = (train_flops(model, example_batch("mnist", b, "cpu")) for b in (1, 2))
@@ -39,7 +39,7 @@ def test_cpu_meter_attributes_core_time_to_roles(monkeypatch):
     role's share of all cores over a span read from the samples inside it."""
     import os
 
-    from pipeline.evaluation import bench
+    from pipeline.bench import bench
 
     assert bench._role(["ray::RayTrainWorker", ""], 1) == "training worker"
     assert bench._role(["/venv/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=x"], 1) == "Ray daemons"

@@ -21,8 +21,8 @@ import torch
 
 from bfn import EMA
 from pipeline.config import compose, load
-from pipeline.training import checkpointing
-from pipeline.training.build import build_model, build_optimizer
+from pipeline.core import checkpointing
+from pipeline.core.build import build_model, build_optimizer
 
 
 def make_checkpoint(root: Path, step: int) -> Path:

@@ -9,7 +9,7 @@ import torch
 
 from bfn import EMA
 from pipeline.config import load
-from pipeline.training.build import build_model, build_optimizer
+from pipeline.core.build import build_model, build_optimizer
 from pipeline.training.steps import train_step
 from pipeline.training.worker import CompiledStep
 

@@ -10,7 +10,7 @@ import torch
 
 from bfn.networks import count_parameters
 from pipeline.config import CONF_DIR, SECTIONS, Config, ConfigError, compose, flatten, load, net_presets
-from pipeline.training.build import build_model, build_optimizer
+from pipeline.core.build import build_model, build_optimizer
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("best_"))
 PAPER = {  # preset: (network parameters in millions, data shape)

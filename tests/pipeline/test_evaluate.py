@@ -13,9 +13,9 @@ import torch
 from bfn import EMA
 from pipeline import data as data_lib
 from pipeline.config import compose, load
+from pipeline.core import checkpointing
+from pipeline.core.build import build_model, build_optimizer
 from pipeline.evaluation.evaluate import evaluate, sample
-from pipeline.training import checkpointing
-from pipeline.training.build import build_model, build_optimizer
 from tests.conftest import REPO
 from tests.pipeline.test_data import write_idx_folder
 

@@ -23,9 +23,9 @@ import yaml
 from bfn.networks import NETWORKS
 from bfn.networks.official import OfficialConfigError, network_spec
 from pipeline.config import Config, ConfigError, compose
+from pipeline.core import checkpointing
+from pipeline.core.build import build_optimizer
 from pipeline.evaluation.evaluate import load_model
-from pipeline.training import checkpointing
-from pipeline.training.build import build_optimizer
 from pipeline.training.official import config_overrides, hydra_overrides, import_official
 from tests.bfn.official_fixtures import (
     OFFICIAL_YAMLS,

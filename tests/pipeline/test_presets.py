@@ -222,7 +222,7 @@ def test_the_comparison_catches_a_drift():
 def test_the_continuous_16_bin_model_scores_its_reconstruction_on_16_bins_at_0_7_sigma_1():
     import torch
 
-    from pipeline.training.build import build_model
+    from pipeline.core.build import build_model
 
     cfg = load(["experiment=cifar10_continuous_16"])
     with torch.device("meta"):

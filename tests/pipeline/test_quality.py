@@ -17,11 +17,11 @@ from bfn import EMA
 from pipeline import data as data_lib
 from pipeline.cli import main as bfn_main
 from pipeline.config import Config, ConfigError, compose, load
+from pipeline.core import checkpointing
+from pipeline.core.build import build_model, build_optimizer
 from pipeline.evaluation.quality import classifier as clf
 from pipeline.evaluation.quality import metrics as qm
 from pipeline.evaluation.quality.hook import quality_point
-from pipeline.training import checkpointing
-from pipeline.training.build import build_model, build_optimizer
 from tests.conftest import REPO
 from tests.pipeline.test_data import write_idx_folder
 

@@ -29,8 +29,9 @@ import pytest
 
 from bfn import EMA
 from pipeline.config import ConfigError, compose, load
-from pipeline.training import checkpointing, driver
-from pipeline.training.build import build_model, build_optimizer
+from pipeline.core import checkpointing
+from pipeline.core.build import build_model, build_optimizer
+from pipeline.training import driver
 from pipeline.training.lease import LEASE_FILE, Lease, LeaseError, experiment_differences, lost_to
 from tests.conftest import REPO
 

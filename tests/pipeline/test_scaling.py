@@ -193,7 +193,7 @@ def test_plan_measures_n_d_c(tmp_path):
         assert any(o.startswith("++net.kwargs.model_channels=") for o in e["overrides"])
     from bfn.networks import count_parameters
     from pipeline.config import load
-    from pipeline.training.build import build_model
+    from pipeline.core.build import build_model
 
     cfg = load(["experiment=smoke", *entries[2]["overrides"]])
     assert count_parameters(build_model(cfg).net, non_embedding=True) == entries[2]["N"]

@@ -33,8 +33,8 @@ import pytest
 
 from bfn import EMA
 from pipeline.config import ConfigError, compose, load
-from pipeline.training import checkpointing
-from pipeline.training.build import build_model, build_optimizer
+from pipeline.core import checkpointing
+from pipeline.core.build import build_model, build_optimizer
 from tests.conftest import REPO
 from tests.faults import write_malicious_pt
 from tests.servers import free_port

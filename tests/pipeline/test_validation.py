@@ -7,8 +7,8 @@ import math
 import torch
 
 from pipeline.config import load
+from pipeline.core.build import build_model
 from pipeline.training import steps
-from pipeline.training.build import build_model
 
 
 def test_continuous_time_nll_is_l_inf_plus_reconstruction_by_hand():

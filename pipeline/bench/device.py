@@ -82,7 +82,7 @@ def train_flops(model, x: torch.Tensor) -> int:
 
 def ours(name: str, device, overrides: list[str]):
     from pipeline.config import load
-    from pipeline.training.build import build_model, build_optimizer
+    from pipeline.core.build import build_model, build_optimizer
 
     cfg = load([f"experiment={NETWORKS[name][0]}", *overrides])
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def _time_interleaved(fns: dict, steps: int, warmup: int = 3) -> dict[str, float
 
 def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[str, float]:
     from pipeline.config import load
-    from pipeline.training.build import build_model, build_optimizer
+    from pipeline.core.build import build_model, build_optimizer
     from pipeline.training.steps import train_step
 
     torch.set_num_threads(threads)
@@ -174,7 +174,7 @@ def _plain_throughput(uri: str, steps: int, batch_size: int = 32, threads: int =
     """The same step in one process with the plain pyarrow reader (no Ray); its share of the cores."""
     from pipeline import data as data_lib
     from pipeline.config import load
-    from pipeline.training.build import build_model, build_optimizer
+    from pipeline.core.build import build_model, build_optimizer
     from pipeline.training.steps import train_step
 
     torch.set_num_threads(threads)
@@ -277,7 +277,7 @@ def bench_pipeline(steps: int = 60) -> dict[str, float]:
 
 def main(args) -> int:
     if args.which == "device":
-        from pipeline.evaluation.bench_device import main as device_main
+        from pipeline.bench.device import main as device_main
 
         return device_main(args)
     if args.which in ("all", "step"):
