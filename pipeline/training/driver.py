@@ -101,7 +101,10 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.run.ray_address, **quiet)
     else:
         secure_local_ray(cfg)
-        ray.init(num_cpus=cfg.run.ray_num_cpus, object_store_memory=768 * 1024**2, include_dashboard=True,
+        # "local": always a runtime of our own, never whatever cluster the machine's bootstrap file names
+        # (a killed `ray start` left it behind); joining a cluster is what run.ray_address is for
+        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, object_store_memory=768 * 1024**2,
+                 include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True, **quiet)  # fmt: skip
     logs.restore()
 

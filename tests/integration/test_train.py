@@ -179,3 +179,31 @@ def test_what_a_person_sees_from_bfn_train(mnist_shards, tmp_path):
     progress = [line for line in out.splitlines() if "[bfn] step " in line]
     assert len(progress) == 3 and "step 6/6" in progress[-1] and "ETA" in progress[0], progress  # log_every 2
     assert "validation at step 6" in out and "NLL bound" in out and "finished at step 6" in out
+
+
+@pytest.mark.standalone
+def test_a_stale_ray_cluster_on_the_machine_is_never_joined(mnist_shards, tmp_path):
+    """A bootstrap file naming a cluster that is gone (a killed `ray start`, a crashed session) must not
+    make `bfn train` try to join it: an embedded runtime always starts its own (run.ray_address joins)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import REPO
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bfnst-"))  # short: Ray's Unix sockets live below it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens on port 9
+        args = ["experiment=smoke", "run.name=stale", f"data.uri={mnist_shards}", "trainer.max_steps=2",
+                f"run.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                f"tracking.artifact_location={tmp_path / 'a'}"]  # fmt: skip
+        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, text=True,
+                                capture_output=True, timeout=600, env=env)  # fmt: skip
+        out = result.stdout + result.stderr
+        assert result.returncode == 0, out[-3000:]
+        assert "finished at step 2" in out and "existing cluster" not in out
+        assert (ray_tmp / "ray" / "ray_current_cluster").read_text() == "127.0.0.1:9"  # the other one untouched
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
