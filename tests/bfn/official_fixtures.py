@@ -8,6 +8,7 @@ small fixture's, so the data/flow/optimiser sections are the paper's.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 from pathlib import Path
 
@@ -94,3 +95,11 @@ def project_output(net: torch.nn.Module, net_inputs: torch.Tensor, t: torch.Tens
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|."""
     return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def edited(config: dict, section: str, **parameters) -> dict:
+    """A copy of an official config with ``parameters`` set in ``model.<section>`` (or top-level ``section``)."""
+    config = copy.deepcopy(config)
+    node = config["model"][section] if section in config["model"] else config[section]
+    node.get("parameters", node).update(parameters)
+    return config

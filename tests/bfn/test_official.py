@@ -27,6 +27,7 @@ from bfn.networks.official import OfficialCheckpointError, OfficialConfigError
 from tests.bfn.official_fixtures import (
     OFFICIAL_YAMLS,
     SMALL,
+    edited,
     official_yaml,
     option_configs,
     option_fixture,
@@ -227,13 +228,6 @@ def test_errors_are_value_errors():
     assert issubclass(OfficialCheckpointError, ValueError)
 
 
-def _edit(config: dict, section: str, **parameters) -> dict:
-    config = copy.deepcopy(config)
-    node = config["model"][section] if section in config["model"] else config[section]
-    node.get("parameters", node).update(parameters)
-    return config
-
-
 @pytest.mark.parametrize(
     ("name", "section", "change", "named"),
     [
@@ -252,7 +246,7 @@ def _edit(config: dict, section: str, **parameters) -> dict:
     ],
 )  # fmt: skip
 def test_network_config_errors_name_the_key(name, section, change, named):
-    config = _edit(small_config(name), section, **change)
+    config = edited(small_config(name), section, **change)
     with _raises_naming(named, OfficialConfigError):
         official.network_spec(config)
 
@@ -277,7 +271,7 @@ FLOW_CLASSES = {
     ],
 )  # fmt: skip
 def test_flow_options_the_project_lacks_are_refused(yaml_name, section, change, named):
-    config = _edit(official_yaml(yaml_name), section, **change)
+    config = edited(official_yaml(yaml_name), section, **change)
     with _raises_naming(f"model.{section}.parameters.{named}", OfficialConfigError):
         official.component(config["model"], section, FLOW_CLASSES[section])
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import logging
 import os
 import pickle
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
@@ -70,46 +68,6 @@ def sha256(path: Path) -> str:
 
 def all_rows(out: str, name: str) -> dict:
     return {split: rows_digest(*read_raw(out, split, name)) for split in ("train", "val", "test")}
-
-
-# ------------------------------------------------------------------------------------------------
-# a file server on 127.0.0.1
-# ------------------------------------------------------------------------------------------------
-
-
-class _Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    requests: list[str] = []
-    send_length = True
-
-    def do_GET(self):  # noqa: N802 - the http.server hook
-        type(self).requests.append(self.path)
-        body = self.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        if self.send_length:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_files(monkeypatch):
-    """(handler class: put bytes into .files, read .requests; base URL) of a server on 127.0.0.1."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    handler = type("Handler", (_Files,), {"files": {}, "requests": [], "send_length": True})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield handler, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ refused with errors naming the file and the key.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -30,6 +29,7 @@ from pipeline.training.official import config_overrides, hydra_overrides, import
 from tests.bfn.official_fixtures import (
     OFFICIAL_YAMLS,
     SMALL,
+    edited,
     official_yaml,
     project_output,
     relative_error,
@@ -229,13 +229,6 @@ def test_official_configs_map_to_project_settings(yaml_name):
     Config.from_dict(compose(hydra_overrides(overrides)))  # every mapped key is a valid project setting
 
 
-def _edit(config: dict, section: str, **parameters) -> dict:
-    config = copy.deepcopy(config)
-    node = config["model"][section] if section in config["model"] else config[section]
-    node.get("parameters", node).update(parameters)
-    return config
-
-
 @pytest.mark.parametrize(
     ("yaml_name", "section", "change", "named"),
     [
@@ -254,7 +247,7 @@ def _edit(config: dict, section: str, **parameters) -> dict:
     ],
 )  # fmt: skip
 def test_flow_and_data_options_the_project_lacks_are_refused(yaml_name, section, change, named):
-    config = _edit(official_yaml(yaml_name), section, **change)
+    config = edited(official_yaml(yaml_name), section, **change)
     with pytest.raises(OfficialConfigError, match=re.escape(named)):
         config_overrides(config)
 

@@ -17,12 +17,10 @@ and nothing else (fast; no Ray).
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import logging
 import random
-import threading
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,6 @@ from pipeline import cli, logs, secrets
 from pipeline import data as D
 from pipeline.config import compose
 from pipeline.data import sources
-from tests.pipeline import test_data_sources
 from tests.pipeline.test_data_sources import build_cifar_archive, sha256
 
 FAST = settings(max_examples=150, deadline=None)
@@ -214,22 +211,8 @@ def test_log_masking_survives_reconfiguration_and_covers_tracebacks(monkeypatch)
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def file_server(monkeypatch):
-    """The data tests' file server on 127.0.0.1: (handler class with .files and .requests, base URL)."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    handler = type("Handler", (test_data_sources._Files,), {"files": {}, "requests": [], "send_length": True})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield handler, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
-def test_data_prepare_from_a_signed_url_keeps_its_credentials_out(tmp_path, file_server, monkeypatch, capsys):
-    handler, base = file_server
+def test_data_prepare_from_a_signed_url_keeps_its_credentials_out(tmp_path, http_files, monkeypatch, capsys):
+    handler, base = http_files
     built = build_cifar_archive(tmp_path / "src")
     monkeypatch.setitem(sources.CANONICAL_ARCHIVES["cifar10"], "sha256", sha256(built["archive"]))
     monkeypatch.delenv("BFN_DATA_CACHE", raising=False)
