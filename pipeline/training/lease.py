@@ -352,10 +352,11 @@ class Lease:
         self.release()
 
 
-def lost_to(run_folder: str, holder_id: str) -> str | None:
+def lost_to(run_folder: str, holder_id: str, file: LocalLeaseFile | S3LeaseFile | None = None) -> str | None:
     """Why the run holding lease ``holder_id`` must stop (its folder's lease is gone or another run's), or
-    None while it holds it (or the lease cannot be read now: its checkpoint write would fail as well)."""
-    file = lease_file(run_folder)
+    None while it holds it (or the lease cannot be read now: its checkpoint write would fail as well).
+    ``file``: the folder's ``lease_file``, for a caller that checks often (default: made here)."""
+    file = file or lease_file(run_folder)
     if file is None:
         return None
     try:

@@ -16,6 +16,7 @@ partial epoch is seen in a different order. Other ranks reseed from (seed, rank,
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -37,6 +38,7 @@ from pipeline.evaluation import figures
 from pipeline.tracking import MLflowTracker, NullTracker
 from pipeline.training import steps
 from pipeline.training.cadence import Cadence
+from pipeline.training.lease import lease_file, lost_to
 from pipeline.training.progress import Progress, Window, all_mean
 
 log = logging.getLogger(__name__)
@@ -307,14 +309,18 @@ def _report(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics, tracke
                          checkpoint_upload_fn=checkpointing.persist)  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1)
+def _lease_file(run_folder: str):
+    """One lease file (an S3 client) per worker process, not one per report."""
+    return lease_file(run_folder)
+
+
 def _lease_lost(lease: dict | None, rank: int, world: int) -> str | None:
     """Rank 0 reads the run folder's lease; every rank learns whether another run took it over (the same
     decision everywhere: ``report`` is a barrier). Returns the reason on rank 0, "lost" on the others."""
     if not lease:
         return None
-    from pipeline.training.lease import lost_to
-
-    reason = lost_to(lease["run_folder"], lease["id"]) if rank == 0 else None
+    reason = lost_to(lease["run_folder"], lease["id"], _lease_file(lease["run_folder"])) if rank == 0 else None
     if all_mean(torch.tensor([float(reason is not None)], dtype=torch.float64), world).item() == 0:
         return None
     if rank == 0:
