@@ -268,7 +268,8 @@ def test_embedded_ray_is_loopback_only_with_a_fresh_token(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     train.init_ray(load(["experiment=smoke"]))
     kwargs, env = calls[0]
-    assert kwargs["dashboard_host"] == "127.0.0.1" and "address" not in kwargs
+    # address="local": an embedded runtime starts its own Ray, never a cluster found on the machine
+    assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["address"] == "local"
     assert env[train.LOOPBACK_ENV] == "0"
     assert "RAY_AUTH_MODE" not in env  # unset: ray.init enables token mode and reloads its settings
     token = Path(env["RAY_AUTH_TOKEN_PATH"])
