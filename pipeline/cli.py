@@ -208,9 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import set_env_defaults
+    from pipeline.training.driver import ray_env_at_entry
 
-    set_env_defaults()  # before anything imports ray.data: it reads its switches at import time
+    # before anything imports ray: Ray reads its node address (loopback) and ray.data its switches then
+    ray_env_at_entry()
     from pipeline.config import ConfigError
     from pipeline.core.checkpointing import CheckpointError
     from pipeline.data import DataError

@@ -12,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
-for _key, _value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's node address 127.0.0.1: it listens on loopback only
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
-    "GIT_PYTHON_REFRESH": "quiet",
-}.items():
-    os.environ.setdefault(_key, _value)
+from pipeline.training.driver import ray_env_at_entry
+
+ray_env_at_entry()  # what `bfn` sets before anything imports ray (loopback node address, quiet switches)
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -36,16 +30,15 @@ def ray_local(tmp_path_factory):
     """
     import ray
 
-    from pipeline.training.driver import embedded_ray_env
+    from pipeline.training.driver import embedded_ray_env, ray_temp_root
 
     embedded_ray_env()  # token auth with a fresh token, as `bfn train` runs it
-    ray_tmp = Path("/tmp") / f"bfn-ray-{os.getpid()}"
-    ray_tmp.mkdir(parents=True, exist_ok=True)
     ray.init(
+        address="local",  # never a cluster some bootstrap file on the machine names
         num_cpus=4,
         object_store_memory=512 * 1024**2,
         include_dashboard=True,
-        _temp_dir=str(ray_tmp),
+        _temp_dir=str(ray_temp_root() / "ray"),  # the private temp root of `bfn train`
         log_to_driver=True,
     )
     yield tmp_path_factory.mktemp("ray_storage")

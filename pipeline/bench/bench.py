@@ -149,12 +149,12 @@ class CpuMeter:
         return {role: value / capacity for role, value in sorted(used.items(), key=lambda kv: -kv[1])}
 
 
-def _fit_throughput(overrides: list[str], root: Path) -> dict:
+def _fit_throughput(overrides: list[str], root: Path, user: list[str]) -> dict:
     from pipeline.config import load
     from pipeline.training.driver import fit
 
     cfg = load([
-        "experiment=mnist_local", "tracking=none", f"run.storage_path={root / 'ray'}",
+        "experiment=mnist_local", *user, "tracking=none", f"run.storage_path={root / 'ray'}",
         "trainer.val_every=100000", "eval.val_batches=1", "eval.nll_steps=0", "eval.num_samples=0",
         "trainer.checkpoint_every=100000", *overrides,
     ])  # fmt: skip
@@ -170,7 +170,8 @@ def _fit_throughput(overrides: list[str], root: Path) -> dict:
             "cpu": meter.shares(logged[0], logged[-1])}  # fmt: skip
 
 
-def _plain_throughput(uri: str, steps: int, batch_size: int = 32, threads: int = 2) -> dict[str, float]:
+def _plain_throughput(uri: str, steps: int, user: list[str], batch_size: int = 32,
+                      threads: int = 2) -> dict[str, float]:  # fmt: skip
     """The same step in one process with the plain pyarrow reader (no Ray); its share of the cores."""
     from pipeline import data as data_lib
     from pipeline.config import load
@@ -178,7 +179,7 @@ def _plain_throughput(uri: str, steps: int, batch_size: int = 32, threads: int =
     from pipeline.training.steps import train_step
 
     torch.set_num_threads(threads)
-    cfg = load(["experiment=mnist_local"])
+    cfg = load(["experiment=mnist_local", *user])
     model, batches = build_model(cfg), data_lib.iter_batches(uri, "train", "mnist", batch_size=batch_size)
     ema, optimizer = EMA(model, cfg.optim.ema_decay), build_optimizer(cfg, model)
 
@@ -210,26 +211,29 @@ def _data_throughput(uri: str, seconds: float = 10.0) -> float:
     return rows / (time.perf_counter() - started)
 
 
-def bench_pipeline(steps: int = 60) -> dict[str, float]:
+def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[str, float]:
     """Plain loop, Ray Train (1 worker, then 2), plain loop again with Ray stopped: the plain rate
-    is the mean of the two runs around the Ray fits, so a drift of the machine's speed hits both."""
-    import ray
-
+    is the mean of the two runs around the Ray fits, so a drift of the machine's speed hits both.
+    ``overrides``: Hydra overrides of the mnist_local preset (data.uri=..., net=...)."""
     from pipeline.config import load
     from pipeline.training.driver import init_ray
 
-    cfg = load(["experiment=mnist_local", f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"])
+    user = list(overrides or [])
+    cfg = load(["experiment=mnist_local", *user, f"trainer.max_steps={steps}",
+                f"trainer.log_every={max(steps // 6, 1)}"])  # fmt: skip
     uri = cfg.data.uri
     with tempfile.TemporaryDirectory(prefix="bfn-bench-") as folder:
         root = Path(folder)
         common = [f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
-        before = _plain_throughput(uri, steps)
+        before = _plain_throughput(uri, steps, user)
         init_ray(cfg)
-        one = _fit_throughput([*common, "trainer=cpu_1", "run.name=bench1"], root)
-        two = _fit_throughput([*common, "run.name=bench2"], root)
+        import ray  # after init_ray: an embedded runtime's settings are read when ray is imported
+
+        one = _fit_throughput([*common, "trainer=cpu_1", "run.name=bench1"], root, user)
+        two = _fit_throughput([*common, "run.name=bench2"], root, user)
         data = _data_throughput(uri)
         ray.shutdown()
-        after = _plain_throughput(uri, steps)
+        after = _plain_throughput(uri, steps, user)
     plain = (before["samples_per_s"] + after["samples_per_s"]) / 2
     worker_share = one["cpu"].get("training worker", float("nan"))
     plain_share = (before["cpu_share"] + after["cpu_share"]) / 2
@@ -283,5 +287,5 @@ def main(args) -> int:
     if args.which in ("all", "step"):
         bench_step(args.steps)
     if args.which in ("all", "pipeline"):
-        bench_pipeline(max(args.steps * 3, 12))
+        bench_pipeline(max(args.steps * 3, 12), args.overrides)
     return 0

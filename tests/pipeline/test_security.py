@@ -1,4 +1,4 @@
-"""Unsafe input is refused and secrets stay secret (fast; no Ray).
+"""Unsafe input is refused and secrets stay secret (fast; no Ray, except the standalone tests below).
 
 * Checkpoints are loaded weights-only: a .pt whose unpickling would run code (it would write a
   marker file) is refused by `checkpointing.read` (what a resume calls), `bfn eval` and `bfn sample`
@@ -13,6 +13,11 @@
 * run.name is one plain folder name (no ".", "..", hidden or path-like names).
 * Every server the project starts binds to 127.0.0.1: the embedded Ray's dashboard and the local
   stack's moto, MLflow and Ray head (their command lines, captured without starting them).
+* The embedded Ray: its temp root is a folder only this user can enter (/tmp/bfn-ray-<uid>, 0700, or
+  a private RAY_TMPDIR); a process that imported ray before the loopback setting refuses to start it.
+  Standalone (a pytest process of their own): `bfn train`, `tune`, `scaling run --concurrent 2` and
+  `bench pipeline`, each started as a user starts it with a bootstrap file naming a dead cluster in
+  its RAY_TMPDIR, run a runtime of their own whose every listening socket is on loopback.
 
 The end-to-end versions (a real run with sentinel secrets in its environment, its MLflow store,
 checkpoints, output and Ray logs searched; the listening sockets of a live embedded Ray) are in
@@ -23,9 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -253,9 +262,8 @@ def test_config_errors_do_not_echo_credentials():
 
 def test_embedded_ray_is_loopback_only_with_a_fresh_token(monkeypatch):
     """init_ray for an embedded runtime: dashboard on 127.0.0.1, every other service on loopback
-    (Ray's node address), token auth on with a token file of mode 0600 that nobody else made."""
-    import stat
-
+    (Ray's node address), token auth on with a token file of mode 0600 that nobody else made, a
+    runtime of its own (address "local") under the user's private temp root."""
     import ray
 
     from pipeline.training import driver as train
@@ -263,13 +271,16 @@ def test_embedded_ray_is_loopback_only_with_a_fresh_token(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, dict(os.environ))))
-    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", train.LOOPBACK_ENV):
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", train.LOOPBACK_ENV, "RAY_TMPDIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     train.init_ray(load(["experiment=smoke"]))
     kwargs, env = calls[0]
     # address="local": an embedded runtime starts its own Ray, never a cluster found on the machine
     assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["address"] == "local"
+    root = Path(f"/tmp/bfn-ray-{os.getuid()}")
+    assert kwargs["_temp_dir"] == str(root / "ray") and env["RAY_TMPDIR"] == str(root)
+    assert stat.S_IMODE(root.lstat().st_mode) == 0o700 and root.lstat().st_uid == os.getuid()
     assert env[train.LOOPBACK_ENV] == "0"
     assert "RAY_AUTH_MODE" not in env  # unset: ray.init enables token mode and reloads its settings
     token = Path(env["RAY_AUTH_TOKEN_PATH"])
@@ -304,12 +315,193 @@ def test_joining_a_cluster_leaves_auth_and_addresses_alone(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, dict(os.environ))))
     monkeypatch.delenv(train.LOOPBACK_ENV, raising=False)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "cluster-token-from-the-user")
     train.init_ray(load(["experiment=smoke", "run.ray_address=auto"]))
     kwargs, env = calls[0]
     # only the address (and, when the CLI owns logging, how loud Ray is): no auth, no local addresses
     assert kwargs["address"] == "auto" and set(kwargs) <= {"address", "logging_level", "logging_config"}
     assert train.LOOPBACK_ENV not in env and env["RAY_AUTH_TOKEN"] == "cluster-token-from-the-user"
+    assert "RAY_TMPDIR" not in env  # `auto` finds a local cluster through Ray's default temp folder
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_embedded_ray_temp_root_is_private_to_this_user(monkeypatch):
+    """Ray makes every folder below its temp root world-writable (0777), so the root must be a folder
+    nobody else can enter: /tmp/bfn-ray-<uid> is made 0700 and closed again when found open; a name
+    someone else made first, a symlink, a RAY_TMPDIR open to others or too long for Ray's Unix sockets
+    is refused with an error naming it."""
+    from pipeline.training import driver as train
+
+    base = Path(tempfile.mkdtemp(prefix="bfnr-", dir="/tmp"))  # short: the root's length is checked
+    try:
+        monkeypatch.setattr(train, "RAY_ROOT_BASE", base)
+        monkeypatch.delenv("RAY_TMPDIR", raising=False)
+        uid = os.getuid()
+        root = train.ray_temp_root()
+        assert root == base / f"bfn-ray-{uid}" and _mode(root) == 0o700 and root.lstat().st_uid == uid
+        root.chmod(0o777)  # as Ray leaves the folders it makes
+        assert train.ray_temp_root() == root and _mode(root) == 0o700
+        taken = base / f"bfn-ray-{uid + 1}"  # another user's name, made first by us
+        taken.mkdir(mode=0o700)
+        monkeypatch.setattr(train.os, "getuid", lambda: uid + 1)
+        with pytest.raises(ConfigError, match=rf"{taken} belongs to uid {uid}, not to this user \(uid {uid + 1}\)"):
+            train.ray_temp_root()
+        monkeypatch.undo()
+        monkeypatch.setattr(train, "RAY_ROOT_BASE", base)
+        cases = {"link": "is not a folder", "open": r"is open to other users \(mode 0755\)",
+                 "x" * 40: "at most 32 characters"}  # fmt: skip
+        (base / "link").symlink_to(root)
+        (base / "open").mkdir(mode=0o755)
+        (base / "open").chmod(0o755)
+        for name, message in cases.items():
+            monkeypatch.setenv("RAY_TMPDIR", str(base / name))
+            with pytest.raises(ConfigError, match=rf"RAY_TMPDIR={base / name}.* {message}"):
+                train.ray_temp_root()
+        assert _mode(base / "open") == 0o755 and not (base / ("x" * 40)).exists()  # a user's folder is not changed
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_open_ray_tmpdir_stops_bfn_train_before_ray_starts(monkeypatch, tmp_path):
+    import ray
+
+    from pipeline.training import driver as train
+
+    shared = Path(tempfile.mkdtemp(prefix="bfns-", dir="/tmp"))
+    try:
+        shared.chmod(0o777)
+        monkeypatch.setenv("RAY_TMPDIR", str(shared))
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+        with pytest.raises(ConfigError, match=rf"RAY_TMPDIR={shared} is open to other users \(mode 0777\)"):
+            train.init_ray(load(["experiment=smoke"]))
+        assert list(shared.iterdir()) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_an_embedded_runtime_refuses_to_start_when_ray_was_imported_too_early(tmp_path):
+    """A process that imported ray before the loopback setting would start Ray on the network
+    address: init_ray refuses (RuntimeError, before ray.init) instead of warning."""
+    code = ("import os; os.environ.pop('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', None); import ray\n"
+            "ray.init = lambda **kwargs: print('ray.init called')\n"
+            "from pipeline.config import load; from pipeline.training.driver import init_ray\n"
+            "init_ray(load(['experiment=smoke']))")  # fmt: skip
+    env = {**os.environ, "RAY_TMPDIR": str(tempfile.mkdtemp(prefix="bfni-", dir="/tmp"))}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert out.returncode == 1 and "ray.init called" not in out.stdout, out.stderr[-2000:]
+    assert "RuntimeError: ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set" in out.stderr
+
+
+# ------------------------------------------------------- every command that starts Ray (standalone)
+
+
+@pytest.fixture(scope="module")
+def ray_commands(tmp_path_factory) -> dict[str, list[str]]:
+    """The commands that start an embedded Ray, each at its smallest (argv after `bfn`); everything they
+    write goes to a temporary folder."""
+    from pipeline import data as data_lib
+    from pipeline.sweeps import scaling
+
+    root = tmp_path_factory.mktemp("ray_commands")
+    shards = root / "mnist"
+    data_lib.prepare("mnist", str(shards), progress=False)
+    machine = [f"data.uri={shards}", f"paths.runs_dir={root / 'runs'}", f"run.storage_path={root / 'ray'}",
+               f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'artifacts'}"]
+    small = ["experiment=smoke", "trainer=cpu_1", "trainer.max_steps=1", "eval.num_samples=0", *machine]
+    plan = scaling.make_plan("listen", small, widths=[8, 16], depths=[1], steps=[1])
+    plan_path = scaling.write_plan(plan, root / "plan.json")
+    return {
+        "train": ["train", *small, "tracking=none", "run.name=listen"],
+        "tune": ["tune", *small, "tracking=none", "space=lr", "num_samples=1", "max_concurrent=1",
+                 "driver_cpus=0.5"],
+        "scaling": ["scaling", "run", str(plan_path), "--concurrent", "2"],
+        "bench": ["bench", "pipeline", "--steps", "1", f"data.uri={shards}", "net=mnist_unet_tiny"],
+    }
+
+
+def _ray_is_up(driver: int, sockets: list[tuple[int, str, int]], commands: dict[int, str]) -> bool:
+    """The driver has connected (its core worker listens) and the node's services listen."""
+    listening = {commands[pid] for pid, _, _ in sockets}
+    return any(pid == driver for pid, _, _ in sockets) and all(
+        any(name in command for command in listening) for name in ("gcs_server", "raylet", "dashboard/agent.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.standalone
+@pytest.mark.parametrize("command", ["train", "tune", "scaling", "bench"])
+def test_every_command_starts_its_own_ray_on_loopback_only(ray_commands, command, tmp_path):
+    """`bfn train`, `tune`, `scaling run --concurrent 2` and `bench pipeline` as a user runs them: every
+    listening socket of the embedded runtime they start is on loopback (the loopback setting is made at
+    CLI entry, before anything imports ray), and the runtime is their own, under RAY_TMPDIR, although a
+    bootstrap file there names a cluster that is gone (a killed `ray start`): it is neither joined nor
+    changed. Each command is stopped (by PID) once its runtime is up. `bfn eval`, `sample` and
+    `quality` start no Ray at all (test_the_commands_without_ray_never_import_it)."""
+    from tests.faults import command_line, is_loopback, kill_pids, listening_sockets, pids_matching
+
+    argv = ray_commands[command]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bfnl-", dir="/tmp"))  # short: Ray's Unix sockets live below it
+    (ray_tmp / "ray").mkdir()
+    stale = f"127.0.0.1:{free_port()}"  # nothing listens there
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(stale)
+    marker = f"BFN_LISTEN_TEST={uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX"))}
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=tmp_path, env=env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    pids: list[int] = []
+    try:
+        deadline, seen = time.monotonic() + 240, set()
+        while True:
+            assert proc.poll() is None, f"`bfn {command}` exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no Ray runtime within 240 s:\n{log.read_text()[-3000:]}"
+            pids = sorted({proc.pid, *pids_matching(marker=marker, session=proc.pid, path=str(ray_tmp))})
+            sockets = listening_sockets(pids)
+            commands = {pid: command_line(pid) for pid in pids}
+            if _ray_is_up(proc.pid, sockets, commands):
+                break
+            time.sleep(0.3)
+        time.sleep(2)  # what starts right after the driver connects (workers, agents' servers)
+        for _ in range(2):
+            pids = sorted({proc.pid, *pids_matching(marker=marker, session=proc.pid, path=str(ray_tmp))})
+            commands.update({pid: command_line(pid) for pid in pids if pid not in commands})
+            seen |= set(listening_sockets(pids))
+            time.sleep(0.5)
+    finally:
+        kill_pids(sorted(set(pids) | {proc.pid} | set(pids_matching(marker=marker))))
+        proc.wait(timeout=30)
+        sessions = sorted(p.name for p in (ray_tmp / "ray").glob("session_2*"))
+        bootstrap = (ray_tmp / "ray" / "ray_current_cluster").read_text()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    exposed = [(commands[pid].split(" ")[0], ip, port) for pid, ip, port in seen if not is_loopback(ip)]
+    # torch's rendezvous store (TCPStore) on a Train worker listens on every interface; it is not Ray's
+    assert [name for name, _, _ in exposed if "RayTrainWorker" not in name] == [], exposed
+    assert len(seen) >= 8 and len(sessions) == 1 and bootstrap == stale, (seen, sessions, bootstrap)
+    gcs = [commands[pid] for pid, _, _ in seen if "gcs_server" in commands[pid]]
+    assert gcs and all(f"{ray_tmp}/ray/{sessions[0]}" in c for c in gcs), gcs  # its own session, its own root
+
+
+def test_the_commands_without_ray_never_import_it():
+    """`bfn eval`, `sample`, `quality`, `data` and `import-official` run without Ray: their modules do not import it."""
+    code = ("import sys\n"
+            "import pipeline.cli, pipeline.evaluation.evaluate, pipeline.evaluation.quality.table\n"
+            "import pipeline.training.official, pipeline.data\n"
+            "pipeline.cli.build_parser()\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 def test_local_stack_binds_every_server_to_loopback(tmp_path, monkeypatch):
