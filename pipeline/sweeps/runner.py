@@ -9,8 +9,8 @@ reserves its own workers; ``data_cpus`` stay free for Ray Data tasks (without th
 cluster hangs instead of failing).
 
 Two Tune callbacks run in the sweep's driver: the placement-group reaper (``placement_groups``)
-and the recorder of the Tune state's sha256 (``tune_state``), which writes to the MLflow run set
-by ``recording_state``. The callbacks are pickled into the Tune state, so they hold no settings
+and the recorder of the Tune state's sha256 at every save (``tune_state``), which writes to the
+MLflow run set by ``recording_state``. The callbacks are pickled into the Tune state, so they hold no settings
 (a tracking URI may carry credentials); the recorder reads its target from this process.
 """
 
@@ -175,50 +175,71 @@ class PlacementGroupReaper(tune.Callback):
             log.warning("placement group clean-up failed (%s)", store.masked(error))
 
 
-_STATE_TARGET: dict[str, Any] = {}  # uri, run_id, path, filesystem of this process's sweep
+_STATE_TARGET: dict[str, Any] = {}  # uri, run_id, path, filesystem, base, recent of this process's sweep
 
 
 class TuneStateRecorder(tune.Callback):
-    """After Tune saves its state (on_step_end follows it), record the state's sha256 in the
-    sweep's parent run when it changed, at most every ``every_s`` seconds."""
+    """Records the sha256 of the Tune state as Tune saves it (``tune_state``): Tune asks its
+    callbacks for their state while it saves, after writing everything else and before the
+    upload, so ``get_state`` hashes the staging folder then and returns None (no state of its own,
+    so no callback file is written after the hash)."""
 
-    def __init__(self, every_s: float = 3.0) -> None:
-        self.every_s, self.last = every_s, 0.0
+    _trials: list = []
 
-    def on_step_end(self, iteration, trials, **info):
-        if _STATE_TARGET and time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            record_state_now()
+    def on_step_begin(self, iteration, trials, **info):
+        self._trials = trials  # Tune's own list: the trials it adds later in the step appear in it
+
+    def get_state(self):
+        if _STATE_TARGET and self._trials:
+            record_save(self._trials[0].storage.experiment_driver_staging_path)
+        return None
+
+    def __getstate__(self):
+        return {}  # pickled into tuner.pkl before any trial exists; never carries the live list
 
 
-def record_state_now() -> None:
-    """Hash the Tune state and write it to the parent run when it changed (warn on failure)."""
+def record_save(staging: str) -> None:
+    """Write the digest of the storage as it will be once ``staging`` is uploaded to the parent
+    run (warn once on failure: resuming will then need trust_storage=true)."""
     from pipeline.sweeps import tune_state
 
     target = _STATE_TARGET
-    if not target:
-        return
     try:
-        record = tune_state.record_of(tune_state.state_files(target["path"], target["filesystem"]))
-        if record != target.get("recorded"):
+        record = tune_state.record_of(tune_state.expected(target["base"], staging), target["recent"])
+        if record["digest"] != (target["recent"] or [None])[0]:
             store.record_state(target["uri"], target["run_id"], record)
-            target["recorded"] = record
+            target["recent"] = [record["digest"], *record["recent"].split()]
     except Exception as error:
-        log.warning("could not record the Tune state's sha256 (%s); resuming this sweep will need "
-                    "trust_storage=true", store.masked(error))  # fmt: skip
+        if not target.get("warned"):
+            target["warned"] = True
+            log.warning("could not record the Tune state's sha256 (%s); resuming this sweep will need "
+                        "trust_storage=true", store.masked(error))  # fmt: skip
+
+
+def note_tuner_pkl() -> None:
+    """The Tuner wrote tuner.pkl into the storage itself, straight before this call: hash it."""
+    from pipeline.sweeps import tune_state
+
+    if _STATE_TARGET:
+        files = tune_state.state_files(_STATE_TARGET["path"], _STATE_TARGET["filesystem"])
+        _STATE_TARGET["base"]["tuner.pkl"] = files["tuner.pkl"]
 
 
 @contextlib.contextmanager
-def recording_state(uri: str | None, run_id: str | None, path: str, filesystem=None):
-    """While the block runs, TuneStateRecorder records into ``run_id``; once more at the end."""
+def recording_state(uri: str | None, run_id: str | None, path: str, filesystem=None, *, resume: bool = False):
+    """While the block runs, TuneStateRecorder records into ``run_id``. A resumed sweep starts from
+    the storage's files (checked by ``tune_state.verify`` just before, or trusted by the user)."""
+    from pipeline.sweeps import tune_state
+
     if not (uri and run_id):
         yield
         return
-    _STATE_TARGET.update(uri=uri, run_id=run_id, path=path, filesystem=filesystem)
+    base = tune_state.state_files(path, filesystem) if resume else {}
+    _STATE_TARGET.update(uri=uri, run_id=run_id, path=path, filesystem=filesystem, base=base,
+                         recent=[tune_state.digest(base)] if resume else [])  # fmt: skip
     try:
         yield
     finally:
-        record_state_now()
         _STATE_TARGET.clear()
 
 
@@ -250,6 +271,7 @@ def run_tune(*, name: str, storage_path: str, settings: TrialSettings, param_spa
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                       verbose=1, callbacks=[PlacementGroupReaper(), TuneStateRecorder()]),
         )  # fmt: skip
+        note_tuner_pkl()
     return tuner.fit()
 
 

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "bfn.sweep", "bfn.trial_id", "bfn.role"
 GRID_TAG, GRID_ROLE_TAG, ENTRY_TAG = "bfn.scaling", "bfn.scaling_role", "bfn.scaling_entry"
-STATE_TAGS = {"digest": "bfn.tune_state_sha256", "files": "bfn.tune_state_files", "top": "bfn.tune_state_top"}
+STATE_TAGS = {"digest": "bfn.tune_state_sha256", "recent": "bfn.tune_state_recent", "files": "bfn.tune_state_files",
+              "top": "bfn.tune_state_top"}  # fmt: skip
 FINAL_NLL = "scaling/nll"
 GRID_NUMBERS = ("N", "N_total", "D", "D_unique", "C", "C_measured", "width", "depth", "steps", "fraction")
 

@@ -229,7 +229,7 @@ def run(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Locat
              opts.mode, opts.scheduler, opts.search, {k: describe(v) for k, v in space.items()})
     max_t = opts.max_t or cfg.trainer.max_steps
     uri = cfg.tracking.uri if parent else None
-    with runner.recording_state(uri, settings.parent_run_id, where.path, where.filesystem):
+    with runner.recording_state(uri, settings.parent_run_id, where.path, where.filesystem, resume=opts.resume):
         grid = runner.run_tune(name=where.name, storage_path=where.storage, settings=settings, param_space=space,
                                num_samples=opts.num_samples, metric=opts.metric, mode=opts.mode,
                                max_concurrent=max_concurrent, driver_cpus=opts.driver_cpus,

@@ -3,11 +3,16 @@
 `bfn tune resume=true` hands the sweep's storage folder to ``Tuner.restore``, which unpickles
 ``tuner.pkl``, ``trainable.pkl``, the searcher and callback states and the trials' pickled
 errors, and decodes pickles embedded in ``experiment_state-*.json``: whoever can write that
-folder can run code in the driver. So the driver records the sha256 of every such file in the
-sweep's MLflow parent run whenever Tune saves its state (and once more when the sweep ends),
-and a resume first checks the folder against that record and refuses on any difference. The
-record lives in MLflow, a separate system from the storage; the storage must still be trusted
-not to be changed between a check and the restore that follows it (seconds).
+folder can run code in the driver. So the driver records, at every save, the sha256 of what Tune
+itself wrote: Tune saves into a staging folder in the driver's private Ray temp root and then
+uploads that folder over the storage, so the storage after the upload is "what it held before +
+the staging folder" (``expected``), hashed in the process that wrote it before the upload
+starts. The record keeps the last ``RECENT`` digests: a crash between a save and the end of its
+upload leaves the storage at an earlier save, which Tune wrote too. A resume first checks the
+folder against that record and refuses on any other content (a file planted during the sweep is
+never recorded). The record lives in MLflow, a separate system from the storage; the storage
+must still be trusted not to be changed between a check and the restore that follows it
+(seconds).
 
 Pure apart from the filesystem: pyarrow and hashlib. The MLflow side is ``store``'s.
 """
@@ -54,6 +59,14 @@ def state_files(path: str, filesystem=None) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+RECENT = 8  # digests kept: a save whose upload is still running when the next one comes is skipped by Tune
+
+
+def expected(base: dict[str, str], staging: str) -> dict[str, str]:
+    """The storage's state files once Tune's upload of ``staging`` (copied over it) is done."""
+    return {**base, **state_files(staging)}
+
+
 def digest(files: dict[str, str]) -> str:
     """One sha256 over every (path, sha256) pair: the value recorded and compared."""
     lines = "".join(f"{name}\t{sha}\n" for name, sha in sorted(files.items()))
@@ -74,7 +87,7 @@ def check(files: dict[str, str], recorded: dict | None, where: str) -> None:
         raise ConfigError(f"resume: no sha256 of the Tune state at {where} is recorded in the sweep's MLflow "
                           f"run (tracking off, MLflow unreachable while it ran, or a sweep from an older "
                           f"version). {why}. If you trust that folder, pass trust_storage=true")  # fmt: skip
-    if digest(files) == recorded["digest"]:
+    if digest(files) in accepted(recorded):
         return
     changed = _differences(files, recorded)
     raise ConfigError(f"resume: the Tune state at {where} differs from the sha256 recorded in the sweep's "
@@ -94,13 +107,21 @@ def _differences(files: dict[str, str], recorded: dict) -> str:
     return (f"a file in a trial folder: {recorded.get('files')} files recorded, {len(files)} now")
 
 
-def record_of(files: dict[str, str]) -> dict:
-    """What is written to the parent run (``store.record_state``)."""
-    return {"digest": digest(files), "files": len(files), "top": top_level(files)}
+def accepted(recorded: dict) -> list[str]:
+    """The digests a resume accepts: the newest save's and those of the saves before it."""
+    return [recorded["digest"], *(recorded.get("recent") or "").split()]
+
+
+def record_of(files: dict[str, str], before: list[str] = ()) -> dict:
+    """What is written to the parent run (``store.record_state``): the digest of ``files``, and
+    the ``RECENT`` - 1 digests ``before`` it (newest first) under "recent"."""
+    now = digest(files)
+    recent = [d for d in before if d != now][: RECENT - 1]
+    return {"digest": now, "recent": " ".join(recent), "files": len(files), "top": top_level(files)}
 
 
 def verify(cfg, sweep_name: str, path: str, filesystem=None) -> None:
-    """Before ``Tuner.restore``: the sweep's Tune state at ``path`` must match the sha256 recorded
+    """Before ``Tuner.restore``: the sweep's Tune state at ``path`` must match a sha256 recorded
     in its MLflow parent run. Raises ConfigError otherwise; reads the files, unpickles nothing."""
     from pipeline.sweeps import store
 

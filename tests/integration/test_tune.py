@@ -13,6 +13,9 @@
   separable from an untrained network at step 4. Then: the MLflow parent/child runs, the summary
   artifacts, the exported best preset re-trained with `bfn train experiment=best_...`, a planted
   `tuner.pkl` refused by `resume=true` before Tune loads it, and `resume=true` on the finished sweep.
+* A sweep driver SIGKILLed right after a Tune save (faults tier): a subprocess `bfn tune` whose
+  Ray save path kills it once after the upload ended, once before it began; `resume=true` accepts
+  the storage and the sweep ends.
 * The orphan placement-group reaper (the one use of Ray's private API) on this Ray version.
 * A tiny real scaling grid: 3 widths x 2 step counts of the tiny MNIST U-Net, trained 2 at a
   time through Tune, read back from MLflow, fitted, plotted. Six Train runs take 3-8 minutes on
@@ -26,12 +29,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from pipeline import data as data_lib
+from tests.conftest import REPO
+from tests.faults import kill_pids, pids_matching
 
 pytestmark = pytest.mark.slow
 
@@ -196,6 +207,67 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
     assert sorted(r["trial_id"] for r in resumed["rows"]) == sorted(by_trial)
     assert resumed["parent_run_id"] == result["parent_run_id"]
     assert len(client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 4
+
+
+# A `bfn tune` driver that SIGKILLs itself at Tune's first save while a trial runs: right after the
+# save's upload to the storage ended ("after"), or after Tune wrote and hashed the state but before
+# the upload began ("before"). The fault goes in through Ray's own save path, not the project's.
+KILLER = """
+import os, signal, sys
+from pipeline.training import driver
+driver.ray_env_at_entry()  # what `bfn` does before anything imports ray
+from ray.tune.execution import experiment_state
+from pipeline import cli
+
+mode, original = sys.argv[1], experiment_state._ExperimentCheckpointManager.sync_up_experiment_state
+
+def sync_up(self, save_fn, force=False, wait=False):
+    saved = []
+    def save():
+        save_fn()
+        saved.append(any(t.status == "RUNNING" for t in save_fn.__self__.get_trials()))
+        if mode == "before" and saved[-1]:
+            os.kill(os.getpid(), signal.SIGKILL)
+    original(self, save, force=force, wait=wait)
+    if saved and saved[-1]:
+        self._storage.syncer.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+experiment_state._ExperimentCheckpointManager.sync_up_experiment_state = sync_up
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_sweep_driver_killed_right_after_a_save_resumes(ray_local, machine, tmp_path, when):
+    """The sweep's driver dies by SIGKILL right after a Tune save (its upload done, or not begun):
+    `resume=true` accepts the storage, because the sha256 was recorded as Tune saved (a recorder
+    that hashed the storage every few seconds left the newest save unrecorded), and the sweep ends."""
+    from pipeline.sweeps import tune as T
+
+    name = f"killed-{when}"
+    args = [*SMOKE_1W, *machine, "space=lr", "num_samples=1", "driver_cpus=0.5", f"sweep={name}"]
+    tag, ray_tmp = uuid.uuid4().hex, Path(tempfile.mkdtemp(prefix="bfnk-", dir="/tmp"))  # short: Unix sockets
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    env.update(BFN_FAULT_TEST=tag, RAY_TMPDIR=str(ray_tmp), TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONPATH=str(REPO))
+    log_file = tmp_path / "driver.log"
+    with open(log_file, "wb") as out:
+        driver = subprocess.Popen([sys.executable, "-c", KILLER, when, "tune", *args], cwd=REPO, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
+    try:
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        kill_pids(pids_matching(marker=f"BFN_FAULT_TEST={tag}"))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert driver.returncode == -signal.SIGKILL, log_file.read_text(errors="replace")[-3000:]
+
+    resumed = T.sweep([*args, "resume=true"])
+    assert [r["status"] for r in resumed["rows"]] == ["completed"] and resumed["rows"][0]["step"] == 8
 
 
 @pytest.mark.skipif(not os.environ.get("BFN_TEST_SCALING_GRID"),
