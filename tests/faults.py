@@ -309,7 +309,6 @@ class FaultyS3Proxy:
         self.log: list[tuple[float, str, str, int]] = []
         self.by_process = by_process
         self.pids: list[int | None] = []  # by_process: the client PID of each log entry
-        self._client_pids: dict[int, int | None] = {}  # client port -> PID (a connection serves many requests)
         self._lock = threading.Lock()
         proxy = self
 
@@ -333,9 +332,16 @@ class FaultyS3Proxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(length) if length else b""
 
+            def _client_pid(self) -> int | None:
+                # once per connection (it serves many requests); never per port: a later process
+                # can reuse the port of a closed connection
+                if not hasattr(self, "_pid"):
+                    self._pid = proxy.client_pid(self.client_address[1])
+                return self._pid
+
             def _handle(self) -> None:
                 body = self._body()
-                pid = proxy.client_pid(self.client_address[1]) if proxy.by_process else None
+                pid = self._client_pid() if proxy.by_process else None
                 with proxy._lock:
                     status = None
                     if proxy.rule:
@@ -395,12 +401,9 @@ class FaultyS3Proxy:
         """The PID of the local process whose socket from 127.0.0.1:``port`` is connected to this proxy."""
         import psutil
 
-        if port not in self._client_pids:
-            mine = self._server.server_address[1]
-            self._client_pids[port] = next((c.pid for c in psutil.net_connections(kind="tcp")
-                                            if c.laddr and c.laddr.port == port and c.raddr
-                                            and c.raddr.port == mine and c.pid), None)  # fmt: skip
-        return self._client_pids[port]
+        mine = self._server.server_address[1]
+        return next((c.pid for c in psutil.net_connections(kind="tcp")
+                     if c.laddr and c.laddr.port == port and c.raddr and c.raddr.port == mine and c.pid), None)  # fmt: skip
 
     def __enter__(self) -> FaultyS3Proxy:
         self._thread.start()

@@ -54,6 +54,7 @@ from tests.faults import (
     CheckpointWriteFaults,
     FaultyS3Proxy,
     MLflowServer,
+    ReadFaultsForOneProcess,
     command_line,
     complete_checkpoints,
     grpc_status,
@@ -501,6 +502,63 @@ def test_checkpoint_upload_faults_on_s3(ray_local, shards, tmp_path):
     print(f"\n[storage outage] folder 2: {rule.transient[2]} PUTs failed ({sorted(Path(p).name for p in failed)}), "
           f"then stored; folder 3 left half-written, run restarted from step {resumed}; "
           f"{time.time() - started:.0f} s for the whole run")  # fmt: skip
+
+
+def test_a_read_failing_on_rank_1_only_resumes_both_ranks_from_the_same_checkpoint(ray_local, shards, tmp_path,
+                                                                                  capfd):  # fmt: skip
+    """2 workers resume from S3 (moto behind the proxy), whose run folder holds complete checkpoints at
+    steps 2 and 4. Rank 1's reads of the step-4 folder fail (503 past the SDK's retries) and rank 0's
+    do not. Rank 0 alone chooses; rank 1 cannot read its choice, so the attempt fails on both ranks
+    and FailureConfig retries it: both ranks then load step 4. No worker ever loads step 2 (reads of
+    it are refused, so a rank that fell back would fail at once instead of training diverged)."""
+    import pyarrow.fs
+    import torch
+
+    from bfn import EMA
+    from pipeline.core.build import build_model, build_optimizer
+    from tests.servers import TEST_CREDENTIALS
+
+    every, total = 2, 6
+    folders = {step: f"checkpoint_2000-01-01_00-00-{step:02d}.000000" for step in (2, 4)}
+    rule = ReadFaultsForOneProcess(folders[4], refused=[folders[2]])
+    with moto_s3() as endpoint, FaultyS3Proxy(endpoint, rule, by_process=True) as proxy, aws_env(proxy.url):
+        create_bucket(endpoint, "bfn")
+        cfg = load(overrides(tmp_path, shards, "agree", f"trainer.max_steps={total}",
+                             f"trainer.checkpoint_every={every}", "trainer.max_failures=1",
+                             "run.storage_path=s3://bfn/ray"))  # fmt: skip
+        s3 = pyarrow.fs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", region="us-east-1",
+                                     access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                     secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        for step, name in folders.items():  # what an earlier run of this config left (straight to moto)
+            torch.manual_seed(step)
+            model = build_model(cfg)
+            state = {"step": step, "epoch": 0, "run_name": "agree"}
+            local = checkpointing.save(tmp_path / "local" / name, model=model, ema=EMA(model, cfg.optim.ema_decay),
+                                       optimizer=build_optimizer(cfg, model), train_state=state, config=cfg.raw)
+            checkpointing.upload(local, s3, f"bfn/ray/agree/{name}")
+        summary = fit_with_watchdog(cfg)
+
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert summary["step"] == total
+    assert rule.refused_reads == [], f"a rank fell back to the older checkpoint: {rule.refused_reads}"
+    faulted = rule.faulted
+    assert faulted is not None and sum(rule.failed.values()) >= 3, (rule.readers, rule.failed)
+    model_reads = [(pid, s) for (_, m, p, s), pid in zip(proxy.log, proxy.pids, strict=True)
+                   if m == "GET" and p.split("?")[0].endswith(f"/{folders[4]}/model.pt")]  # fmt: skip
+    loaded = {pid for pid, s in model_reads if 200 <= s < 300}  # 206: ranged GETs
+    # attempt 1: rank 0 (the first reader) loaded step 4, rank 1 (the faulted process) could not;
+    # attempt 2: two new processes, both loaded step 4
+    assert rule.readers[0] in loaded and faulted not in loaded, (rule.readers, model_reads)
+    assert len(rule.readers) == 4 and set(rule.readers[2:]) <= loaded, (rule.readers, model_reads)
+    assert re.search(rf"pid={faulted}\b.*rank 1 cannot read \S*{folders[4]}", text), text[-4000:]
+    assert re.findall(r"\[bfn\] resumed from step (\d+)", text) == ["4"], text[-4000:]
+    assert "previous complete checkpoint" not in text
+    rows = sqlite_metric_rows(tmp_path / "mlflow.db", "train/loss")
+    assert sorted(s for s, _ in rows) == list(range(5, total + 1))
+    print(f"\n[one rank's read fails] rank 1 (pid {faulted}) could not read the step-4 checkpoint "
+          f"({sum(rule.failed.values())} GETs failed); the attempt failed on both ranks and the retry "
+          f"resumed both from step 4")
 
 
 # ------------------------------------------------------------------------------- numerics
