@@ -402,8 +402,8 @@ class FaultyS3Proxy:
         import psutil
 
         mine = self._server.server_address[1]
-        return next((c.pid for c in psutil.net_connections(kind="tcp")
-                     if c.laddr and c.laddr.port == port and c.raddr and c.raddr.port == mine and c.pid), None)  # fmt: skip
+        ours = (c for c in psutil.net_connections(kind="tcp") if c.laddr and c.raddr and c.pid)
+        return next((c.pid for c in ours if c.laddr.port == port and c.raddr.port == mine), None)
 
     def __enter__(self) -> FaultyS3Proxy:
         self._thread.start()
