@@ -107,35 +107,59 @@ def n_step_loss_discrete(
     mean, std = flow.sender_mean_std(x, alpha)  # (B, D, K), (B, 1, 1)
     if y is None:
         y = mean + std * torch.randn(num_samples, *mean.shape, device=x.device)
-    log_sender = normal_log_prob(y, mean, std).sum(-1)  # (S, B, D)
-    log_receiver = discrete_receiver_log_prob(y, dist.probs, alpha.unsqueeze(-1), receiver)
-    return num_steps * (log_sender - log_receiver).mean(0).mean(-1)
+    # ln p_S(y) - ln p_R(y) with sum_j ln N(y_j | -alpha, alpha K) cancelled before summing over K:
+    # the two sums are huge and nearly equal for large K, and float32 would lose the difference
+    alpha = alpha.unsqueeze(-1)  # (B, 1, 1)
+    index = x.unsqueeze(-1).expand_as(y[..., :1])
+    log_sender = _log_hit_over_miss(y, alpha, flow.num_classes).gather(-1, index).squeeze(-1)  # over miss
+    log_ratio = log_sender - _log_receiver_over_miss(y, dist.probs, alpha, receiver)  # (S, B, D)
+    return num_steps * log_ratio.mean(0).mean(-1)
 
 
 def discrete_receiver_log_prob(y: Tensor, probs: Tensor, alpha: Tensor | float, receiver: str):
     """ln p_R(y) per dimension, summed over the K coordinates of y: (..., D, K) -> (..., D).
 
     Every component shares the std sqrt(alpha K); component m has mean alpha (K - 1) in coordinate
-    m and -alpha elsewhere. Both receivers are exact rewrites of the mixtures in the module
-    docstring that never build a (..., K, K) tensor per sample. ``alpha`` broadcasts against y.
+    m and -alpha elsewhere. ``alpha`` broadcasts against y.
     """
     K = probs.shape[-1]
-    std = (K * alpha) ** 0.5
-    log_hit = normal_log_prob(y, alpha * (K - 1), std)  # coordinate j under component m = j
-    log_miss = normal_log_prob(y, -alpha, std)  # coordinate j under any other component
+    log_miss = normal_log_prob(y, -alpha, (K * alpha) ** 0.5)  # coordinate j under a component m != j
+    return log_miss.sum(-1) + _log_receiver_over_miss(y, probs, alpha, receiver)
+
+
+def _log_hit_over_miss(y: Tensor, alpha: Tensor | float, K: int) -> Tensor:
+    """ln N(y_j | alpha (K - 1), alpha K) - ln N(y_j | -alpha, alpha K), exactly: y_j - alpha (K - 2) / 2."""
+    return y - alpha * (K - 2) / 2
+
+
+def _log_receiver_over_miss(y: Tensor, probs: Tensor, alpha: Tensor | float, receiver: str) -> Tensor:
+    """ln p_R(y) - sum_j ln N(y_j | -alpha, alpha K), (..., D, K) -> (..., D), in O(K) per coordinate.
+
+    Both receivers are exact rewrites of the mixtures in the module docstring: no (..., K, K)
+    tensor is ever built, so K = 50,257 fits. With d_j = ln hit_j - ln miss_j, the paper's joint
+    mixture is logsumexp_m(ln w_m + d_m); the reference's per-coordinate one is
+    sum_j logaddexp(ln w_j + d_j, ln sum_{m != j} w_m).
+    """
     log_weights = categorical_log_weights(probs)  # (..., D, K)
+    d = _log_hit_over_miss(y, alpha, probs.shape[-1])
     if receiver == "paper":
-        return log_miss.sum(-1) + torch.logsumexp(log_weights + log_hit - log_miss, -1)
-    log_rest = _log_sum_of_others(log_weights)  # ln sum_{m != j} w_m
-    return torch.logaddexp(log_weights + log_hit, log_rest + log_miss).sum(-1)
+        return torch.logsumexp(log_weights + d, -1)
+    return torch.logaddexp(log_weights + d, _log_sum_of_others(log_weights)).sum(-1)
 
 
 def _log_sum_of_others(log_weights: Tensor) -> Tensor:
-    """ln sum_{m != j} exp(log_weights_m) for every j, (..., K)."""
-    K = log_weights.shape[-1]
-    eye = torch.eye(K, dtype=torch.bool, device=log_weights.device)
-    masked = log_weights.unsqueeze(-2).masked_fill(eye, float("-inf"))  # (..., K, K)
-    return torch.logsumexp(masked, dim=-1)
+    """ln sum_{m != j} w_m = ln(1 - w_j) for every j of normalised log weights, (..., K), in O(K).
+
+    log1p(-w_j) is well conditioned wherever w_j <= 1/2, which holds for every j but the largest
+    weight's; there the sum is taken without it. The weights' sum is taken as exactly 1, not
+    recomputed: its rounding error would enter all K terms alike and add up over K.
+    """
+    top = log_weights.argmax(dim=-1, keepdim=True)
+    is_top = torch.zeros_like(log_weights, dtype=torch.bool).scatter_(-1, top, True)
+    # the largest weight is replaced before log1p: its branch is unused, and 1 - w may be 0
+    weights = torch.where(is_top, 0.0, log_weights.exp())
+    without_top = torch.logsumexp(log_weights.masked_fill(is_top, float("-inf")), dim=-1, keepdim=True)
+    return torch.where(is_top, without_top, torch.log1p(-weights))
 
 
 def reconstruction_loss_discrete(dist, x: Tensor) -> Tensor:
