@@ -1,4 +1,4 @@
-"""The driver's MLflow run of a fit: opened (or resumed) before Ray starts, closed after the fit.
+"""The driver's MLflow run of a fit: opened (or resumed) before the TorchTrainer starts, closed after it.
 
 Rank 0 logs the training metrics into the same run from its worker (``pipeline.tracking``); what the
 driver logs here is the run's description: its config, tags, data manifest and final checkpoint.
