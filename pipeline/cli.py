@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.training.driver import ray_env_at_entry
+    from pipeline.training.ray_runtime import ray_env_at_entry
 
     # before anything imports ray: Ray reads its node address (loopback) and ray.data its switches then
     ray_env_at_entry()

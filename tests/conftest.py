@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.training.driver import ray_env_at_entry
+from pipeline.training.ray_runtime import ray_env_at_entry
 
 ray_env_at_entry()  # what `bfn` sets before anything imports ray (loopback node address, quiet switches)
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -30,7 +30,7 @@ def ray_local(tmp_path_factory):
     """
     import ray
 
-    from pipeline.training.driver import embedded_ray_env, ray_temp_root
+    from pipeline.training.ray_runtime import embedded_ray_env, ray_temp_root
 
     embedded_ray_env()  # token auth with a fresh token, as `bfn train` runs it
     ray.init(

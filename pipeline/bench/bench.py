@@ -216,7 +216,7 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
     is the mean of the two runs around the Ray fits, so a drift of the machine's speed hits both.
     ``overrides``: Hydra overrides of the mnist_local preset (data.uri=..., net=...)."""
     from pipeline.config import load
-    from pipeline.training.driver import init_ray
+    from pipeline.training.ray_runtime import init_ray
 
     user = list(overrides or [])
     cfg = load(["experiment=mnist_local", *user, f"trainer.max_steps={steps}",

@@ -203,9 +203,9 @@ def read_model_only(folder: str | Path, *, ema: bool = True, map_location="cpu")
 
 def latest(run_folder: str | Path) -> Path | None:
     """The newest complete checkpoint_* folder under a Ray Train run folder (local storage)."""
-    import pyarrow.fs
+    from pipeline.core import storage
 
-    found = complete_checkpoints(pyarrow.fs.LocalFileSystem(), str(Path(run_folder).resolve()))
+    found = complete_checkpoints(*storage.resolve(Path(run_folder)))
     return Path(found[0][1]) if found else None
 
 
@@ -354,13 +354,9 @@ def resume_state(handed, found, device, rank: int, world: int) -> dict[str, Any]
 def read_for_init(source: str, map_location="cpu") -> dict[str, Any]:
     """``run.init_from``: the model and EMA weights (and config) of another run's checkpoint
     folder (local path or s3:// URI), verified; the optimiser, RNG and step are not taken."""
-    import pyarrow.fs
+    from pipeline.core import storage
 
-    if "://" in source:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(source)
-    else:
-        filesystem, path = pyarrow.fs.LocalFileSystem(), str(Path(source).resolve())
-    state = _read_at(filesystem, path, map_location)
+    state = _read_at(*storage.resolve(source), map_location)
     return {"model": state["model"], "ema": state["ema"], "config": state["config"]}
 
 

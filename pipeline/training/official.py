@@ -34,6 +34,7 @@ __all__ = ["PRESET_OF_CLASS", "config_overrides", "experiment_for", "hydra_overr
 PRESET_OF_CLASS = {"GPT": "text8_transformer", "UNetModel": "mnist_unet", "UNetVDM": "cifar_unet_vdm"}
 # the official data.dataset names -> this project's data.name
 OFFICIAL_DATASETS = {"bin_mnist": "mnist", "cifar10": "cifar10", "text8": "text8"}
+FLOW_PARAMETERS = "model.bayesian_flow.parameters"  # where the official flow's settings sit
 
 
 def config_overrides(config: Mapping) -> dict[str, Any]:
@@ -55,40 +56,58 @@ def config_overrides(config: Mapping) -> dict[str, Any]:
     name = OFFICIAL_DATASETS[dataset]
     out: dict[str, Any] = {"data.name": name}
     out.update(_flow_overrides(model, data))
-
-    arch, kwargs = official.network_spec(config)
-    spec_cls = model["net"]["class_name"]  # validated by network_spec
-    if (spec_cls == "GPT") != (name == "text8"):
-        raise OfficialConfigError(f"model.net.class_name={spec_cls}: does not fit data.dataset={dataset}")
-    if name == "text8":
-        seq_len = integer("data.seq_len", data.get("seq_len", kwargs["seq_len"]), 1)
-        if seq_len > kwargs["seq_len"]:
-            raise OfficialConfigError(f"data.seq_len={seq_len} exceeds the net's seq_len={kwargs['seq_len']}")
-        if kwargs["num_classes"] != out["flow.num_classes"]:
-            raise OfficialConfigError(
-                f"model.input_adapter.parameters.vocab_size={kwargs['num_classes']} must equal"
-                f" model.bayesian_flow.parameters.n_classes={out['flow.num_classes']}"
-            )
-        out["data.seq_len"] = seq_len
-    else:
-        shape = (kwargs["image_size"], kwargs["image_size"], kwargs["in_channels"])
-        if shape != DATASETS[name].shape:
-            raise OfficialConfigError(
-                f"model.input_adapter: images of shape {list(shape)} do not fit data.dataset="
-                f"{dataset} ({list(DATASETS[name].shape)})"
-            )
-        expected_height = {"bernoulli": 1, "delta": 1, "discretized_normal": 2}.get(out["flow.head"])
-        if out["flow.head"] == "categorical":
-            expected_height = out["flow.num_classes"]
-        if kwargs["out_height"] != expected_height:
-            raise OfficialConfigError(
-                f"model.output_adapter.parameters.output_height={kwargs['out_height']}: the"
-                f" {out['flow.head']} output needs {expected_height}"
-            )
-    out.update({"net.name": PRESET_OF_CLASS[spec_cls], "net.arch": arch,
-                "net.kwargs": {k: v for k, v in kwargs.items() if k not in NETWORKS[arch].data_keys}})  # fmt: skip
+    out.update(_network_overrides(config, data, out))
     out.update(_optimizer_overrides(config))
     return out
+
+
+def _network_overrides(config: Mapping, data: Mapping, flow: dict[str, Any]) -> dict[str, Any]:
+    """net.* (and text8's data.seq_len) of the official network, checked against the data and the flow
+    overrides ``flow`` already made (its data.name, flow.num_classes, flow.head)."""
+    arch, kwargs = official.network_spec(config)
+    spec_cls = official.model_section(config)["net"]["class_name"]  # validated by network_spec
+    name, dataset = flow["data.name"], data.get("dataset")
+    if (spec_cls == "GPT") != (name == "text8"):
+        raise OfficialConfigError(f"model.net.class_name={spec_cls}: does not fit data.dataset={dataset}")
+    out: dict[str, Any] = {}
+    if name == "text8":
+        out["data.seq_len"] = _text8_seq_len(data, kwargs, flow["flow.num_classes"])
+    else:
+        _check_images(kwargs, name, dataset, flow)
+    out.update({"net.name": PRESET_OF_CLASS[spec_cls], "net.arch": arch,
+                "net.kwargs": {k: v for k, v in kwargs.items() if k not in NETWORKS[arch].data_keys}})  # fmt: skip
+    return out
+
+
+def _text8_seq_len(data: Mapping, kwargs: dict, num_classes: int) -> int:
+    """data.seq_len of a text8 config: at most the transformer's, whose vocabulary is the flow's classes."""
+    seq_len = integer("data.seq_len", data.get("seq_len", kwargs["seq_len"]), 1)
+    if seq_len > kwargs["seq_len"]:
+        raise OfficialConfigError(f"data.seq_len={seq_len} exceeds the net's seq_len={kwargs['seq_len']}")
+    if kwargs["num_classes"] != num_classes:
+        raise OfficialConfigError(
+            f"model.input_adapter.parameters.vocab_size={kwargs['num_classes']} must equal"
+            f" model.bayesian_flow.parameters.n_classes={num_classes}"
+        )
+    return seq_len
+
+
+def _check_images(kwargs: dict, name: str, dataset: str, flow: dict[str, Any]) -> None:
+    """An image network's input shape fits the dataset and its output height fits the flow's head."""
+    shape = (kwargs["image_size"], kwargs["image_size"], kwargs["in_channels"])
+    if shape != DATASETS[name].shape:
+        raise OfficialConfigError(
+            f"model.input_adapter: images of shape {list(shape)} do not fit data.dataset="
+            f"{dataset} ({list(DATASETS[name].shape)})"
+        )
+    expected_height = {"bernoulli": 1, "delta": 1, "discretized_normal": 2}.get(flow["flow.head"])
+    if flow["flow.head"] == "categorical":
+        expected_height = flow["flow.num_classes"]
+    if kwargs["out_height"] != expected_height:
+        raise OfficialConfigError(
+            f"model.output_adapter.parameters.output_height={kwargs['out_height']}: the"
+            f" {flow['flow.head']} output needs {expected_height}"
+        )
 
 
 def _flow_overrides(model: Mapping, data: Mapping) -> dict[str, Any]:
@@ -97,52 +116,59 @@ def _flow_overrides(model: Mapping, data: Mapping) -> dict[str, Any]:
     loss_name, loss = component(model, "loss", ("CtsBayesianFlowLoss", "DiscreteBayesianFlowLoss"))
     head_name, head = component(model, "distribution_factory", (
         "BernoulliFactory", "CategoricalFactory", "DeltaFactory", "DiscretizedNormalFactory"))  # fmt: skip
-    f = "model.bayesian_flow.parameters"
     if flow_name == "DiscreteBayesianFlow":
-        if loss_name != "DiscreteBayesianFlowLoss" or head_name not in ("BernoulliFactory", "CategoricalFactory"):
-            raise OfficialConfigError(
-                "model.loss / model.distribution_factory: a DiscreteBayesianFlow needs"
-                " DiscreteBayesianFlowLoss with a Bernoulli or Categorical factory"
-            )
-        k = integer(f"{f}.n_classes", flow["n_classes"], 2)
-        sqrt_beta = float(number(f"{f}.max_sqrt_beta", flow["max_sqrt_beta"]))
-        if head_name == "BernoulliFactory" and k != 2:
-            raise OfficialConfigError(f"model.distribution_factory: Bernoulli needs n_classes=2, got {k}")
-        return {"flow.kind": "discrete", "flow.num_classes": k, "flow.beta_1": sqrt_beta**2,
-                "flow.receiver": "reference", "flow.num_mc_samples": 10, "flow.sigma_1": None,
-                "flow.noise_prediction": None, "flow.reconstruction_std_scale": None, "data.num_bins": None,
-                "flow.head": "bernoulli" if head_name == "BernoulliFactory" else "categorical"}  # fmt: skip
+        return _discrete_flow_overrides(flow, loss_name, head_name)
     if loss_name != "CtsBayesianFlowLoss" or head_name not in ("DeltaFactory", "DiscretizedNormalFactory"):
         raise OfficialConfigError(
             "model.loss / model.distribution_factory: a CtsBayesianFlow needs CtsBayesianFlowLoss"
             " with a Delta or DiscretizedNormal factory"
         )
-    min_variance = float(number(f"{f}.min_variance", flow["min_variance"]))
+    min_variance = float(number(f"{FLOW_PARAMETERS}.min_variance", flow["min_variance"]))
     if not 0 < min_variance < 1:
-        raise OfficialConfigError(f"{f}.min_variance={min_variance}: must lie in (0, 1)")
+        raise OfficialConfigError(f"{FLOW_PARAMETERS}.min_variance={min_variance}: must lie in (0, 1)")
     data_bins = integer("data.num_bins", data.get("num_bins", 256), 2)
     noise_prediction = boolean("model.loss.parameters.noise_pred", loss["noise_pred"])
     out = {"flow.kind": "continuous", "flow.num_classes": None, "flow.beta_1": None, "flow.receiver": None,
            "flow.sigma_1": math.sqrt(min_variance), "data.num_bins": data_bins,
            "flow.noise_prediction": noise_prediction}  # fmt: skip
+    out.update(_continuous_head_overrides(head_name, head, min_variance, data_bins))
+    return out
+
+
+def _discrete_flow_overrides(flow: Mapping, loss_name: str, head_name: str) -> dict[str, Any]:
+    """flow.* of an official DiscreteBayesianFlow with its loss and Bernoulli or categorical head."""
+    if loss_name != "DiscreteBayesianFlowLoss" or head_name not in ("BernoulliFactory", "CategoricalFactory"):
+        raise OfficialConfigError(
+            "model.loss / model.distribution_factory: a DiscreteBayesianFlow needs"
+            " DiscreteBayesianFlowLoss with a Bernoulli or Categorical factory"
+        )
+    k = integer(f"{FLOW_PARAMETERS}.n_classes", flow["n_classes"], 2)
+    sqrt_beta = float(number(f"{FLOW_PARAMETERS}.max_sqrt_beta", flow["max_sqrt_beta"]))
+    if head_name == "BernoulliFactory" and k != 2:
+        raise OfficialConfigError(f"model.distribution_factory: Bernoulli needs n_classes=2, got {k}")
+    return {"flow.kind": "discrete", "flow.num_classes": k, "flow.beta_1": sqrt_beta**2,
+            "flow.receiver": "reference", "flow.num_mc_samples": 10, "flow.sigma_1": None,
+            "flow.noise_prediction": None, "flow.reconstruction_std_scale": None, "data.num_bins": None,
+            "flow.head": "bernoulli" if head_name == "BernoulliFactory" else "categorical"}  # fmt: skip
+
+
+def _continuous_head_overrides(head_name: str, head: Mapping, min_variance: float, data_bins: int) -> dict[str, Any]:
+    """flow.head and its settings for a continuous flow: a discretised normal on the data's bins, or a
+    point estimate (delta) with the official reconstruction term."""
     if head_name == "DiscretizedNormalFactory":
         bins = integer("model.distribution_factory.parameters.num_bins", head["num_bins"], 2)
         if bins != data_bins:  # the project's head and reconstruction use the data's bins
             raise OfficialConfigError(f"model.distribution_factory.parameters.num_bins={bins}: the project "
                                       f"needs it equal to data.num_bins={data_bins}")  # fmt: skip
-        out.update({"flow.head": "discretized_normal", "flow.num_mc_samples": 10,
-                    "flow.reconstruction_std_scale": None})  # fmt: skip
-    else:
-        # the official reconstruction term of a point estimate: N(x_hat, sigma_1) on 256 bins,
-        # or on 16 bins with 0.7 sigma_1 when min_variance == 1e-3 (hard-coded there)
-        sixteen = min_variance == 1e-3
-        if (16 if sixteen else 256) != data_bins:
-            raise OfficialConfigError(f"data.num_bins={data_bins}: the official delta reconstruction "
-                                      f"uses {16 if sixteen else 256} bins here; the project needs them "
-                                      "equal")  # fmt: skip
-        out.update({"flow.head": "delta", "flow.num_mc_samples": None,
-                    "flow.reconstruction_std_scale": 0.7 if sixteen else 1.0})  # fmt: skip
-    return out
+        return {"flow.head": "discretized_normal", "flow.num_mc_samples": 10, "flow.reconstruction_std_scale": None}
+    # the official reconstruction term of a point estimate: N(x_hat, sigma_1) on 256 bins,
+    # or on 16 bins with 0.7 sigma_1 when min_variance == 1e-3 (hard-coded there)
+    sixteen = min_variance == 1e-3
+    if (16 if sixteen else 256) != data_bins:
+        raise OfficialConfigError(f"data.num_bins={data_bins}: the official delta reconstruction "
+                                  f"uses {16 if sixteen else 256} bins here; the project needs them "
+                                  "equal")  # fmt: skip
+    return {"flow.head": "delta", "flow.num_mc_samples": None, "flow.reconstruction_std_scale": 0.7 if sixteen else 1.0}
 
 
 def _optimizer_overrides(config: Mapping) -> dict[str, Any]:

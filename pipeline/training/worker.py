@@ -9,6 +9,9 @@ writes checkpoints.
 The step itself never waits on the device: losses, gradient norms and the skip decision stay on the
 device and are read once per log interval (``Window``).
 
+What a checkpoint holds and the loop advances is a ``TrainState`` (model, EMA, optimiser, step, epoch);
+what stays fixed for the launch (config, rank, device, tracker) is a ``WorkerContext``.
+
 Resume semantics: model, EMA, optimiser, step, epoch and rank 0's RNG come back exactly; the data
 stream restarts at a fresh pass over the shard (Ray Data cannot seek into a stream), so at most one
 partial epoch is seen in a different order. Other ranks reseed from (seed, rank, step).
@@ -28,18 +31,18 @@ from typing import Any
 
 import torch
 
-from bfn import EMA
 from bfn.networks import count_parameters
 from pipeline import data as data_lib
 from pipeline.config import Config
 from pipeline.core import checkpointing
-from pipeline.core.build import build_model, build_optimizer, lr_at
+from pipeline.core.build import lr_at
 from pipeline.evaluation import figures
 from pipeline.tracking import MLflowTracker, NullTracker
-from pipeline.training import steps
-from pipeline.training.cadence import Cadence
+from pipeline.training import steps, train_state
+from pipeline.training.cadence import Actions, Cadence
 from pipeline.training.lease import lease_file, lost_to
 from pipeline.training.progress import Progress, Window, all_mean
+from pipeline.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,20 @@ class Runtime:
     verbose: bool = False
     newest_checkpoint: Any = None  # ray.train.Checkpoint: the run folder's newest complete one at launch
     lease: dict | None = None  # the driver's run-folder lease ({run_folder, id}): checked before each report
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What stays fixed for this worker during a launch: the config, its place in the group, its device,
+    where rank 0 writes samples and curves, and its tracker (a ``NullTracker`` except on rank 0)."""
+
+    cfg: Config
+    runtime: Runtime
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    tracker: MLflowTracker | NullTracker
 
 
 def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
@@ -78,54 +95,19 @@ def _model_batch(cfg: Config, x: torch.Tensor, rank: int, step: int) -> torch.Te
     return data_lib.to_model(x, cfg.data.name, seq_len=cfg.data.seq_len, generator=generator)
 
 
-def _seed(seed: int, rank: int, step: int) -> None:
-    torch.manual_seed(seed * 1_000_003 + rank * 7919 + step)
-
-
-def _build(cfg: Config, device, rank: int, world: int, newest_checkpoint):
-    """Model, DDP wrapper, EMA, optimiser and (step, epoch), resumed from Ray's checkpoint or the
-    driver's newer ``newest_checkpoint``: chosen by rank 0 alone, the same on every rank
-    (``checkpointing.resume_state``)."""
-    import ray.train
+def _build(cfg: Config, device, *, rank: int, world: int, newest_checkpoint) -> tuple[TrainState, CompiledStep]:
+    """The train state, resumed or initialised (``train_state.restore``), and the step that trains it
+    (on the DDP wrapper of its model when there are several workers)."""
     import ray.train.torch
 
-    torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every launch (and rank)
-    raw = build_model(cfg).to(device)
-    # values are checked where data enters (every shard before Ray starts, driver.preflight) and the
-    # data layer can only produce valid ones, so the step does not read batches back to the host
-    raw.check_values = False
-    ema = EMA(raw, cfg.optim.ema_decay)
-    optimizer = build_optimizer(cfg, raw)
-    step, epoch = 0, 0
-    state = checkpointing.resume_state(ray.train.get_checkpoint(), newest_checkpoint, device, rank, world)
-    if state:
-        raw.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch = state["train_state"]["step"], state["train_state"]["epoch"] + 1
-        if rank == 0:
-            checkpointing.set_rng_state(state["rng"])
-            log.info("resumed from step %d (%s)", step, state["path"])
-    elif cfg.run.init_from:
-        _init_from(cfg.run.init_from, raw, ema, device, rank)
-    if not (state and rank == 0):
-        _seed(cfg.trainer.seed, rank, step)
+    state = train_state.new_state(cfg, device)
+    train_state.restore(cfg, state, newest_checkpoint, device=device, rank=rank, world=world)
     # DDP compares strides literally and warns once (six lines) when a 1x1 conv's channels_last gradient
     # differs from its bucket view only along size-1 dims: the same memory order, nothing to fix
     # (tests/bfn/test_networks.py::test_gradients_are_laid_out_like_their_parameters)
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    model = ray.train.torch.prepare_model(raw) if world > 1 else raw
-    return raw, CompiledStep(model, cfg.trainer.compile, rank), ema, optimizer, step, epoch
-
-
-def _init_from(folder: str, raw, ema: EMA, device, rank: int) -> None:
-    """A new run starting from another checkpoint's weights (fine-tuning): model and EMA from its
-    raw and EMA weights, read weights-only; optimiser state and step start fresh."""
-    state = checkpointing.read_for_init(folder, map_location=device)
-    raw.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    if rank == 0:
-        log.info("initialised from the weights of %s (a new run: fresh optimiser, step 0)", folder)
+    model = ray.train.torch.prepare_model(state.model) if world > 1 else state.model
+    return state, CompiledStep(model, cfg.trainer.compile, rank)
 
 
 class CompiledStep:
@@ -172,85 +154,113 @@ def _configure_logging(rank: int, verbose: bool) -> None:
 
 
 def train_fn_per_worker(loop_config: dict) -> dict | None:
+    """What Ray Train runs on every worker: the run to ``trainer.max_steps`` (or its time budget); rank 0
+    returns the summary the driver gets (``Result.return_value``), the other ranks None."""
+    cfg, runtime = Config.from_dict(loop_config["config"]), Runtime(**loop_config["runtime"])
+    ctx, state, step_fn = _start(cfg, runtime)
+    train_iter = _batches(_shard("train"), cfg.data.batch_size // ctx.world, ctx.device, state.epoch,
+                          seed=cfg.trainer.seed * 7919 + ctx.rank)  # fmt: skip
+    cadence = Cadence.from_config(cfg.trainer)
+    progress = Progress(cfg.trainer.max_steps, cfg.trainer.max_minutes * 60, first_step=state.step)
+    state.model.train()
+    if ctx.rank == 0 and state.step == 0:  # the untrained model's numbers: the baseline every curve starts at
+        baseline = _validate_and_sample(ctx, state.ema.model, 0, samples=False)
+        ctx.tracker.log_metrics(baseline, 0)
+        progress.history["val/loss"].append((0, baseline["val/loss"]))
+    window = Window(ctx.device)  # throughput windows include data waits, not validation/checkpoints
+    progress.loop_started = window.started
+
+    while state.step < cfg.trainer.max_steps:
+        _advance(ctx, state, step_fn, train_iter, window)
+        actions = cadence.actions(state.step)
+        metrics: dict[str, float] = {}
+        if actions.log:
+            metrics, actions = _log_and_check(ctx, state, window, progress, cadence, actions)
+        if ctx.rank == 0 and actions.validate:
+            metrics.update(_validate_and_sample(ctx, state.ema.model, state.step))
+            progress.history["val/loss"].append((state.step, metrics["val/loss"]))
+        if actions.report:
+            lost = _lease_lost(runtime.lease, ctx.rank, ctx.world)
+            if lost:  # returned, not raised: a worker error would be retried (FailureConfig) into the same folder
+                ctx.tracker.finish("FAILED")
+                return {"lease_lost": lost, "step": state.step} if ctx.rank == 0 else None
+            _report(ctx, state, metrics, progress, checkpoint=actions.checkpoint)
+            window.started = time.perf_counter()
+        if actions.last:
+            break
+    return _finish(ctx, state, progress)
+
+
+def _shard(name: str):
+    """This worker's shard of the dataset ``name`` (Ray Train's ``get_dataset_shard``)."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(name)
+
+
+def _start(cfg: Config, runtime: Runtime) -> tuple[WorkerContext, TrainState, CompiledStep]:
+    """This worker's context (logging, threads, device, tracker) and its train state, built or resumed."""
     import ray.data
     import ray.train
     import ray.train.torch
 
-    cfg, runtime = Config.from_dict(loop_config["config"]), Runtime(**loop_config["runtime"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ray_context = ray.train.get_context()
+    rank, world = ray_context.get_world_rank(), ray_context.get_world_size()
     _configure_logging(rank, runtime.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    raw, step_fn, ema, optimizer, step, epoch = _build(cfg, device, rank, world, runtime.newest_checkpoint)
-
+    state, step_fn = _build(cfg, device, rank=rank, world=world, newest_checkpoint=runtime.newest_checkpoint)
     tracker = NullTracker()
     if rank == 0 and cfg.tracking.enabled and runtime.mlflow_run_id:
         tracker = MLflowTracker(cfg.tracking.uri, runtime.mlflow_run_id)
     run_dir = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
-    per_worker = cfg.data.batch_size // world
-    train_iter = _batches(ray.train.get_dataset_shard("train"), per_worker, device, epoch,
-                          seed=cfg.trainer.seed * 7919 + rank)  # fmt: skip
-    cadence = Cadence.from_config(cfg.trainer)
-    progress = Progress(cfg.trainer.max_steps, cfg.trainer.max_minutes * 60, first_step=step)
-    raw.train()
-    if rank == 0 and step == 0:  # the untrained model's numbers: the baseline every curve starts at
-        baseline = _validate_and_sample(cfg, ema.model, 0, run_dir, tracker, device, samples=False)
-        tracker.log_metrics(baseline, 0)
-        progress.history["val/loss"].append((0, baseline["val/loss"]))
-    window = Window(device)  # throughput windows include data waits, not validation/checkpoints
-    progress.loop_started = window.started
-
-    while step < cfg.trainer.max_steps:
-        epoch, stored = next(train_iter)
-        x = _model_batch(cfg, stored, rank, step)
-        result = step_fn(raw, x, optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=lr_at(cfg, step),
-                         amp=cfg.trainer.amp)  # fmt: skip
-        window.add(result)
-        step += 1
-        actions = cadence.actions(step)
-        metrics: dict[str, float] = {}
-        if actions.log:
-            metrics, stats = _log_window(cfg, window, progress, step, epoch, rank, world)
-            stop = should_stop(cfg, stats, progress, step, rank, world)
-            if stop == "bad_steps":
-                metrics["train/bad_run"] = stats["worst_run"]
-                _abort_bad_steps(cfg, run_dir, rank, raw, ema, optimizer, step, epoch, metrics, tracker)
-            if stop == "time" and not actions.last:
-                actions = cadence.actions(step, stop=True)
-        if rank == 0 and actions.validate:
-            metrics.update(_validate_and_sample(cfg, ema.model, step, run_dir, tracker, device))
-            progress.history["val/loss"].append((step, metrics["val/loss"]))
-        if actions.report:
-            lost = _lease_lost(runtime.lease, rank, world)
-            if lost:  # returned, not raised: a worker error would be retried (FailureConfig) into the same folder
-                tracker.finish("FAILED")
-                return {"lease_lost": lost, "step": step} if rank == 0 else None
-            _report(cfg, rank, raw, ema, optimizer, step, epoch, loop_config["config"], metrics, tracker,
-                    progress, checkpoint=actions.checkpoint)  # fmt: skip
-            window.started = time.perf_counter()
-        if actions.last:
-            break
-    return _finish(cfg, rank, raw, step, run_dir, tracker, progress)
+    ctx = WorkerContext(cfg, runtime, rank=rank, world=world, device=device, run_dir=run_dir, tracker=tracker)
+    return ctx, state, step_fn
 
 
-def _log_window(cfg: Config, window: Window, progress: Progress, step: int, epoch: int, rank: int,
-                world: int) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+def _advance(ctx: WorkerContext, state: TrainState, step_fn: CompiledStep, train_iter, window: Window) -> None:
+    """One optimiser step on the next batch: the state moves one step on, the result joins the window."""
+    cfg = ctx.cfg
+    state.epoch, stored = next(train_iter)
+    x = _model_batch(cfg, stored, ctx.rank, state.step)
+    result = step_fn(state.model, x, state.optimizer, state.ema, grad_clip=cfg.optim.grad_clip,
+                     lr=lr_at(cfg, state.step), amp=cfg.trainer.amp)  # fmt: skip
+    window.add(result)
+    state.step += 1
+
+
+def _log_and_check(ctx: WorkerContext, state: TrainState, window: Window, progress: Progress, cadence: Cadence,
+                   actions: Actions) -> tuple[dict[str, float], Actions]:  # fmt: skip
+    """At a log step: the window's metrics, then whether the run stops (too many bad steps raise; the
+    time budget makes this step the last). Returns (metrics, the actions of this step)."""
+    metrics, stats = _log_window(ctx, state, window, progress)
+    stop = should_stop(ctx.cfg, stats, progress, state.step, ctx.rank, ctx.world)
+    if stop == "bad_steps":
+        metrics["train/bad_run"] = stats["worst_run"]
+        _abort_bad_steps(ctx, state, metrics)
+    if stop == "time" and not actions.last:
+        actions = cadence.actions(state.step, stop=True)
+    return metrics, actions
+
+
+def _log_window(ctx: WorkerContext, state: TrainState, window: Window,
+                progress: Progress) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
     """The window's train metrics and one progress line; returns (metrics, the window's stats)."""
-    stats = window.read(world)
+    cfg, step = ctx.cfg, state.step
+    stats = window.read(ctx.world)
     progress.skipped_total += int(stats["skipped"])
     metrics = {
-        "train/loss": stats["loss"], "lr": lr_at(cfg, step - 1), "epoch": epoch,
+        "train/loss": stats["loss"], "lr": lr_at(cfg, step - 1), "epoch": state.epoch,
         "train/samples_per_s": stats["good"] * cfg.data.batch_size / max(stats["seconds"], 1e-9),
         "train/grad_norm": stats["grad_norm"], "train/skipped_steps": progress.skipped_total,
     }  # fmt: skip
     progress.history["train/loss"].append((step, stats["loss"]))
     progress.throughput.append(metrics["train/samples_per_s"])
     progress.logged_at.append(time.time())
-    if rank == 0:
+    if ctx.rank == 0:
         log.info("step %d/%d | loss %.4f | %.1f samples/s | epoch %d | ETA %s", step, cfg.trainer.max_steps,
-                 stats["loss"], metrics["train/samples_per_s"], epoch, progress.eta(step))  # fmt: skip
+                 stats["loss"], metrics["train/samples_per_s"], state.epoch, progress.eta(step))  # fmt: skip
     return metrics, stats
 
 
@@ -271,41 +281,38 @@ def should_stop(cfg: Config, stats: dict[str, float], progress: Progress, step: 
     return None
 
 
-def _abort_bad_steps(cfg, run_dir: Path, rank, raw, ema, optimizer, step, epoch, metrics, tracker) -> None:
+def _abort_bad_steps(ctx: WorkerContext, state: TrainState, metrics: dict[str, float]) -> None:
     """Stop the run. Rank 0 keeps the blown-up state as a diagnostic outside Ray's checkpoint
     history, so a rerun never resumes from it."""
-    message = (f"{int(metrics['train/bad_run'])} consecutive non-finite steps at step {step} (grad norm "
+    message = (f"{int(metrics['train/bad_run'])} consecutive non-finite steps at step {state.step} (grad norm "
                f"{metrics['train/grad_norm']}).")
-    if rank == 0:
-        folder = run_dir / "diagnostic" / f"step_{step:08d}"
-        checkpointing.save(folder, model=raw, ema=ema, optimizer=optimizer,
-                           train_state={"step": step, "epoch": epoch, "diagnostic": True}, config=cfg.raw)  # fmt: skip
-        tracker.log_metrics(metrics, step)
-        tracker.set_tags({"bfn.diagnostic_checkpoint": str(folder)})
-        tracker.finish("FAILED")
+    if ctx.rank == 0:
+        folder = ctx.run_dir / "diagnostic" / f"step_{state.step:08d}"
+        state.save(folder, config=ctx.cfg.raw, extra={checkpointing.DIAGNOSTIC_KEY: True})
+        ctx.tracker.log_metrics(metrics, state.step)
+        ctx.tracker.set_tags({"bfn.diagnostic_checkpoint": str(folder)})
+        ctx.tracker.finish("FAILED")
         message += f" The weights are kept for inspection at {folder} (never resumed from)."
     raise BadStepsError(f"{message} Lower optim.lr, check the data, or raise trainer.max_bad_steps.")
 
 
-def _report(cfg, rank, raw, ema, optimizer, step, epoch, config, metrics, tracker, progress, *,
+def _report(ctx: WorkerContext, state: TrainState, metrics: dict[str, float], progress: Progress, *,
             checkpoint: bool) -> None:  # fmt: skip
     """Every rank reports on the same steps (a barrier); rank 0 logs and attaches the checkpoint."""
     import ray.train
 
     if metrics:
-        tracker.log_metrics(metrics, step)
+        ctx.tracker.log_metrics(metrics, state.step)
         progress.last.update(metrics)
         # every report carries the latest validation metrics, so a Tune scheduler watching a val/
         # metric finds it in each result
         metrics = {**{k: v for k, v in progress.last.items() if k.startswith("val/")}, **metrics}
     with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
         saved = None
-        if checkpoint and rank == 0:
-            train_state = {"step": step, "epoch": epoch, "run_name": cfg.run.name}
-            checkpointing.save(folder, model=raw, ema=ema, optimizer=optimizer, train_state=train_state,
-                               config=config)  # fmt: skip
+        if checkpoint and ctx.rank == 0:
+            state.save(folder, config=ctx.cfg.raw, extra={"run_name": ctx.cfg.run.name})
             saved = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({**metrics, "step": step}, checkpoint=saved,
+        ray.train.report({**metrics, "step": state.step}, checkpoint=saved,
                          checkpoint_upload_fn=checkpointing.persist)  # fmt: skip
 
 
@@ -328,25 +335,25 @@ def _lease_lost(lease: dict | None, rank: int, world: int) -> str | None:
     return reason or "lost"
 
 
-def _finish(cfg: Config, rank: int, raw, step: int, run_dir: Path, tracker, progress: Progress) -> dict | None:
-    if rank != 0:
+def _finish(ctx: WorkerContext, state: TrainState, progress: Progress) -> dict | None:
+    """Rank 0's end of the run: the curves figure, the final tags, and the summary returned to the driver."""
+    if ctx.rank != 0:
         return None
-    curves = figures.save_curves(progress.history, run_dir / "curves.png", f"{cfg.run.name}")
+    tracker = ctx.tracker
+    curves = figures.save_curves(progress.history, ctx.run_dir / "curves.png", f"{ctx.cfg.run.name}")
     tracker.log_artifact(curves, "figures")
-    tracker.set_tags({"bfn.final_step": step})
+    tracker.set_tags({"bfn.final_step": state.step})
     tracker.finish()
-    return {**progress.last, "step": step, "run_dir": str(run_dir), "skipped_steps": progress.skipped_total,
+    return {**progress.last, "step": state.step, "run_dir": str(ctx.run_dir), "skipped_steps": progress.skipped_total,
             "tracking_lost_points": tracker.lost_points, "tracking_lost_calls": tracker.lost_calls,
             "samples_per_s_windows": progress.throughput, "windows_logged_at": progress.logged_at,
-            "num_parameters": count_parameters(raw.net)}  # fmt: skip
+            "num_parameters": count_parameters(state.model.net)}  # fmt: skip
 
 
-def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, tracker, device,
-                         samples: bool = True) -> dict:  # fmt: skip
+def _validate_and_sample(ctx: WorkerContext, ema_model, step: int, *, samples: bool = True) -> dict:
     """Rank 0: EMA validation (loss, NLL in each unit) and a sample grid/text file."""
-    import ray.train
-
-    val = ray.train.get_dataset_shard("val")
+    cfg, device = ctx.cfg, ctx.device
+    val = _shard("val")
     generator = data_lib.batch_generator(cfg.trainer.seed, 0, data_lib.VALIDATION_STEP, device)
     batches = (data_lib.to_model(b["x"], cfg.data.name, seq_len=cfg.data.seq_len, generator=generator)
                for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device))  # fmt: skip
@@ -356,17 +363,26 @@ def _validate_and_sample(cfg: Config, ema_model, step: int, run_dir: Path, track
     metrics = {"val/loss": result["loss"], "val/loss_bits_per_dim": result["loss"] / math.log(2)}
     metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
     log.info("%s", steps.validation_table(step, result, cfg.eval.nll_steps, cfg.eval.unit))
-    if cfg.eval.num_samples and samples:
-        generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed)
+    if samples:
+        metrics.update(_samples(ctx, ema_model, step))
+    metrics["val/seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def _samples(ctx: WorkerContext, ema_model, step: int) -> dict[str, float]:
+    """Rank 0 at a validation step: a seeded sample grid (or text file), and sample quality against
+    network calls per sampler when ``eval.quality_samplers`` asks for it."""
+    cfg, metrics = ctx.cfg, {}
+    if cfg.eval.num_samples:
+        generator = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed)
         drawn = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
-        path = figures.save_samples(drawn, cfg.data.name, run_dir / "samples" / f"step_{step:08d}")
-        tracker.log_artifact(path, "samples")
+        path = figures.save_samples(drawn, cfg.data.name, ctx.run_dir / "samples" / f"step_{step:08d}")
+        ctx.tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
-    if samples and cfg.eval.quality_samplers:  # sample quality against network calls, per sampler
+    if cfg.eval.quality_samplers:
         from pipeline.evaluation.quality import quality_point
 
-        metrics.update(quality_point(ema_model, cfg, step, run_dir / "quality"))
-        for path in sorted((run_dir / "quality").glob(f"*_step{step:08d}.*")):
-            tracker.log_artifact(path, "quality")
-    metrics["val/seconds"] = time.perf_counter() - started
+        metrics.update(quality_point(ema_model, cfg, step, ctx.run_dir / "quality"))
+        for path in sorted((ctx.run_dir / "quality").glob(f"*_step{step:08d}.*")):
+            ctx.tracker.log_artifact(path, "quality")
     return metrics

@@ -159,8 +159,8 @@ def test_key_lists_derive_from_the_schema():
     """Which keys a resume may change and which shape the weights are metadata on the schema's fields,
     so the lists cannot name a key the schema does not have (the old init_from list named flow.num_bins)."""
     from pipeline.config import is_under, keys_marked
-    from pipeline.training.driver import WEIGHT_KEYS
     from pipeline.training.lease import RESUMABLE
+    from pipeline.training.resume import WEIGHT_KEYS
 
     schema = set(SECTIONS) | {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert keys_marked("resumable") == RESUMABLE and keys_marked("weights") == WEIGHT_KEYS

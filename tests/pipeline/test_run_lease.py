@@ -31,7 +31,7 @@ from bfn import EMA
 from pipeline.config import ConfigError, compose, load
 from pipeline.core import checkpointing
 from pipeline.core.build import build_model, build_optimizer
-from pipeline.training import driver
+from pipeline.training import driver, ray_runtime, resume
 from pipeline.training.lease import LEASE_FILE, Lease, LeaseError, experiment_differences, lost_to
 from tests.conftest import REPO
 
@@ -47,7 +47,7 @@ time.sleep(120)
 @pytest.fixture
 def no_env_changes(monkeypatch):
     """fit() configures the embedded Ray's environment first; keep that inside the test."""
-    for key in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", driver.LOOPBACK_ENV):
+    for key in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", ray_runtime.LOOPBACK_ENV):
         monkeypatch.setenv(key, "x")
         monkeypatch.delenv(key)
 
@@ -190,7 +190,7 @@ def test_rerun_with_a_changed_learning_rate_is_refused_naming_it(tmp_path, no_en
 def test_rerun_may_change_run_length_and_machine(tmp_path):
     write_checkpoint(tmp_path, "exp", 4)
     cfg = load(overrides(tmp_path, "exp", "trainer.max_steps=99", "trainer=cpu_1", "eval.nll_steps=3"))
-    driver.check_resume(cfg)  # no error
+    resume.check_resume(cfg)  # no error
 
 
 def test_experiment_differences_names_keys_and_ignores_machine_keys():
@@ -203,11 +203,11 @@ def test_experiment_differences_names_keys_and_ignores_machine_keys():
 
 def test_init_from_must_be_a_checkpoint_of_the_same_model(tmp_path, no_env_changes):
     source = write_checkpoint(tmp_path, "pretrain", 6)
-    driver.check_resume(load(overrides(tmp_path, "finetune", f"run.init_from={source}", "optim.lr=0.01")))
+    resume.check_resume(load(overrides(tmp_path, "finetune", f"run.init_from={source}", "optim.lr=0.01")))
     with pytest.raises(ConfigError, match="run.init_from: .*net"):
-        driver.check_resume(load(overrides(tmp_path, "other", f"run.init_from={source}", "net=mnist_unet_small")))
+        resume.check_resume(load(overrides(tmp_path, "other", f"run.init_from={source}", "net=mnist_unet_small")))
     with pytest.raises(ConfigError, match="run.init_from: checkpoint folder not found"):
-        driver.check_resume(load(overrides(tmp_path, "x", f"run.init_from={tmp_path / 'nope'}")))
+        resume.check_resume(load(overrides(tmp_path, "x", f"run.init_from={tmp_path / 'nope'}")))
     weights = checkpointing.read_for_init(str(source))
     assert set(weights) == {"model", "ema", "config"}
 

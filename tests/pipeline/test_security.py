@@ -139,7 +139,7 @@ def test_no_secret_reaches_mlflow_params_tags_or_store(tmp_path, monkeypatch):
     side) logs the resolved config and tags to a sqlite store; nothing secret is in it."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.training.driver import start_tracking
+    from pipeline.training.tracking_run import start_tracking
 
     env = {"AWS_SECRET_ACCESS_KEY": SECRET + "-aws", "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
            "AWS_SESSION_TOKEN": SECRET + "-session", "MLFLOW_TRACKING_TOKEN": SECRET + "-mlflow",
@@ -166,7 +166,7 @@ def test_a_signed_source_url_in_a_manifest_never_reaches_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipeline import data
-    from pipeline.training.driver import end_tracking, start_tracking
+    from pipeline.training.tracking_run import end_tracking, start_tracking
 
     out = tmp_path / "cifar10"
     data.prepare("cifar10", str(out), source=None, progress=False)
@@ -266,22 +266,22 @@ def test_embedded_ray_is_loopback_only_with_a_fresh_token(monkeypatch):
     runtime of its own (address "local") under the user's private temp root."""
     import ray
 
-    from pipeline.training import driver as train
+    from pipeline.training import ray_runtime
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, dict(os.environ))))
-    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", train.LOOPBACK_ENV, "RAY_TMPDIR"):
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", ray_runtime.LOOPBACK_ENV, "RAY_TMPDIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    train.init_ray(load(["experiment=smoke"]))
+    ray_runtime.init_ray(load(["experiment=smoke"]))
     kwargs, env = calls[0]
     # address="local": an embedded runtime starts its own Ray, never a cluster found on the machine
     assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["address"] == "local"
     root = Path(f"/tmp/bfn-ray-{os.getuid()}")
     assert kwargs["_temp_dir"] == str(root / "ray") and env["RAY_TMPDIR"] == str(root)
     assert stat.S_IMODE(root.lstat().st_mode) == 0o700 and root.lstat().st_uid == os.getuid()
-    assert env[train.LOOPBACK_ENV] == "0"
+    assert env[ray_runtime.LOOPBACK_ENV] == "0"
     assert "RAY_AUTH_MODE" not in env  # unset: ray.init enables token mode and reloads its settings
     token = Path(env["RAY_AUTH_TOKEN_PATH"])
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
@@ -291,37 +291,37 @@ def test_embedded_ray_is_loopback_only_with_a_fresh_token(monkeypatch):
 def test_embedded_ray_sets_ray_trains_local_defaults_unless_the_user_did(monkeypatch):
     """No preemption watcher and a 0.5 s controller poll in an embedded runtime (start-up, see
     docs/benchmarks.md); a value the user exported wins."""
-    from pipeline.training import driver as train
+    from pipeline.training import ray_runtime
 
-    for key in (train.LOOPBACK_ENV, "GLOO_SOCKET_IFNAME", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE",
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):  # fmt: skip
+    for key in (ray_runtime.LOOPBACK_ENV, "GLOO_SOCKET_IFNAME", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN",
+                "RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):  # fmt: skip
         monkeypatch.setenv(key, os.environ.get(key, ""))  # restored (or removed) after the test
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
-    train.embedded_ray_env()
+    ray_runtime.embedded_ray_env()
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    train.embedded_ray_env()
+    ray_runtime.embedded_ray_env()
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
 
 
 def test_joining_a_cluster_leaves_auth_and_addresses_alone(monkeypatch):
     import ray
 
-    from pipeline.training import driver as train
+    from pipeline.training import ray_runtime
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, dict(os.environ))))
-    monkeypatch.delenv(train.LOOPBACK_ENV, raising=False)
+    monkeypatch.delenv(ray_runtime.LOOPBACK_ENV, raising=False)
     monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "cluster-token-from-the-user")
-    train.init_ray(load(["experiment=smoke", "run.ray_address=auto"]))
+    ray_runtime.init_ray(load(["experiment=smoke", "run.ray_address=auto"]))
     kwargs, env = calls[0]
     # only the address (and, when the CLI owns logging, how loud Ray is): no auth, no local addresses
     assert kwargs["address"] == "auto" and set(kwargs) <= {"address", "logging_level", "logging_config"}
-    assert train.LOOPBACK_ENV not in env and env["RAY_AUTH_TOKEN"] == "cluster-token-from-the-user"
+    assert ray_runtime.LOOPBACK_ENV not in env and env["RAY_AUTH_TOKEN"] == "cluster-token-from-the-user"
     assert "RAY_TMPDIR" not in env  # `auto` finds a local cluster through Ray's default temp folder
 
 
@@ -334,24 +334,24 @@ def test_embedded_ray_temp_root_is_private_to_this_user(monkeypatch):
     nobody else can enter: /tmp/bfn-ray-<uid> is made 0700 and closed again when found open; a name
     someone else made first, a symlink, a RAY_TMPDIR open to others or too long for Ray's Unix sockets
     is refused with an error naming it."""
-    from pipeline.training import driver as train
+    from pipeline.training import ray_runtime
 
     base = Path(tempfile.mkdtemp(prefix="bfnr-", dir="/tmp"))  # short: the root's length is checked
     try:
-        monkeypatch.setattr(train, "RAY_ROOT_BASE", base)
+        monkeypatch.setattr(ray_runtime, "RAY_ROOT_BASE", base)
         monkeypatch.delenv("RAY_TMPDIR", raising=False)
         uid = os.getuid()
-        root = train.ray_temp_root()
+        root = ray_runtime.ray_temp_root()
         assert root == base / f"bfn-ray-{uid}" and _mode(root) == 0o700 and root.lstat().st_uid == uid
         root.chmod(0o777)  # as Ray leaves the folders it makes
-        assert train.ray_temp_root() == root and _mode(root) == 0o700
+        assert ray_runtime.ray_temp_root() == root and _mode(root) == 0o700
         taken = base / f"bfn-ray-{uid + 1}"  # another user's name, made first by us
         taken.mkdir(mode=0o700)
-        monkeypatch.setattr(train.os, "getuid", lambda: uid + 1)
+        monkeypatch.setattr(ray_runtime.os, "getuid", lambda: uid + 1)
         with pytest.raises(ConfigError, match=rf"{taken} belongs to uid {uid}, not to this user \(uid {uid + 1}\)"):
-            train.ray_temp_root()
+            ray_runtime.ray_temp_root()
         monkeypatch.undo()
-        monkeypatch.setattr(train, "RAY_ROOT_BASE", base)
+        monkeypatch.setattr(ray_runtime, "RAY_ROOT_BASE", base)
         cases = {"link": "is not a folder", "open": r"is open to other users \(mode 0755\)",
                  "x" * 40: "at most 32 characters"}  # fmt: skip
         (base / "link").symlink_to(root)
@@ -360,7 +360,7 @@ def test_embedded_ray_temp_root_is_private_to_this_user(monkeypatch):
         for name, message in cases.items():
             monkeypatch.setenv("RAY_TMPDIR", str(base / name))
             with pytest.raises(ConfigError, match=rf"RAY_TMPDIR={base / name}.* {message}"):
-                train.ray_temp_root()
+                ray_runtime.ray_temp_root()
         assert _mode(base / "open") == 0o755 and not (base / ("x" * 40)).exists()  # a user's folder is not changed
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -369,7 +369,7 @@ def test_embedded_ray_temp_root_is_private_to_this_user(monkeypatch):
 def test_an_open_ray_tmpdir_stops_bfn_train_before_ray_starts(monkeypatch, tmp_path):
     import ray
 
-    from pipeline.training import driver as train
+    from pipeline.training import ray_runtime
 
     shared = Path(tempfile.mkdtemp(prefix="bfns-", dir="/tmp"))
     try:
@@ -378,7 +378,7 @@ def test_an_open_ray_tmpdir_stops_bfn_train_before_ray_starts(monkeypatch, tmp_p
         monkeypatch.setattr(ray, "is_initialized", lambda: False)
         monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
         with pytest.raises(ConfigError, match=rf"RAY_TMPDIR={shared} is open to other users \(mode 0777\)"):
-            train.init_ray(load(["experiment=smoke"]))
+            ray_runtime.init_ray(load(["experiment=smoke"]))
         assert list(shared.iterdir()) == []
     finally:
         shutil.rmtree(shared, ignore_errors=True)
@@ -389,7 +389,7 @@ def test_an_embedded_runtime_refuses_to_start_when_ray_was_imported_too_early(tm
     address: init_ray refuses (RuntimeError, before ray.init) instead of warning."""
     code = ("import os; os.environ.pop('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', None); import ray\n"
             "ray.init = lambda **kwargs: print('ray.init called')\n"
-            "from pipeline.config import load; from pipeline.training.driver import init_ray\n"
+            "from pipeline.config import load; from pipeline.training.ray_runtime import init_ray\n"
             "init_ray(load(['experiment=smoke']))")  # fmt: skip
     env = {**os.environ, "RAY_TMPDIR": str(tempfile.mkdtemp(prefix="bfni-", dir="/tmp"))}
     try:
@@ -598,7 +598,7 @@ def test_credentials_to_a_plain_http_host_are_warned_about(monkeypatch, caplog):
     """A tracking URI with credentials over plain http to another host: a warning (masked), and no
     request is made here (the tracker is replaced by one that fails)."""
     from pipeline.secrets import plain_http_to_remote
-    from pipeline.training import driver
+    from pipeline.training import tracking_run
 
     assert plain_http_to_remote("http://mlflow.internal:5000") and plain_http_to_remote("http://10.1.2.3:5000")
     assert not plain_http_to_remote("http://127.0.0.1:5000") and not plain_http_to_remote("https://mlflow.internal")
@@ -607,7 +607,7 @@ def test_credentials_to_a_plain_http_host_are_warned_about(monkeypatch, caplog):
     def unreachable(*args, **kwargs):
         raise ConnectionError("no server in this test")
 
-    monkeypatch.setattr(driver.MLflowTracker, "start", unreachable)
+    monkeypatch.setattr(tracking_run.MLflowTracker, "start", unreachable)
     cfg = load(["experiment=smoke", "tracking=mlflow_server", f"tracking.uri=http://bfn:{SECRET}@mlflow.internal:5000"])
-    assert driver.start_tracking(cfg, 1, {"splits": {"train": 1}}) is None
+    assert tracking_run.start_tracking(cfg, 1, {"splits": {"train": 1}}) is None
     assert "plain http to another host" in caplog.text and SECRET not in caplog.text

@@ -23,7 +23,8 @@ import pytest
 
 from pipeline.config import load
 from pipeline.tracking import MLflowTracker
-from pipeline.training import driver
+from pipeline.training import resume, tracking_run
+from pipeline.training.lease import Lease
 from tests.faults import FaultyS3Proxy, MLflowServer
 
 MANIFEST = {"dataset": "mnist", "splits": {"train": {"rows": 10, "shards": []}}}
@@ -80,14 +81,14 @@ def test_a_resume_that_changes_max_steps_keeps_one_run_and_records_the_new_value
     after the params (tags, the data manifest) reach the run; nothing is lost."""
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
     cfg = config(store, tmp_path, "resumed")
-    lease = driver.Lease(driver.run_folder(cfg)).acquire()
+    lease = Lease(resume.run_folder(cfg)).acquire()
     try:
-        first = driver.start_tracking(cfg, 123, MANIFEST, lease, resume=False)
-        assert driver.end_tracking(first, {"tracking_lost_calls": 0})["tracking_lost_calls"] == 0
+        first = tracking_run.start_tracking(cfg, 123, MANIFEST, lease, resume=False)
+        assert tracking_run.end_tracking(first, {"tracking_lost_calls": 0})["tracking_lost_calls"] == 0
         more_rows = {**MANIFEST, "splits": {"train": {"rows": 20, "shards": []}}}
-        second = driver.start_tracking(config(store, tmp_path, "resumed", "trainer.max_steps=12"), 123, more_rows,
+        second = tracking_run.start_tracking(config(store, tmp_path, "resumed", "trainer.max_steps=12"), 123, more_rows,
                                        lease, resume=True)  # fmt: skip
-        summary = driver.end_tracking(second, {"checkpoint": "/somewhere/checkpoint_2"})
+        summary = tracking_run.end_tracking(second, {"checkpoint": "/somewhere/checkpoint_2"})
     finally:
         lease.release()
     assert second.run_id == first.run_id
@@ -107,25 +108,25 @@ def test_a_deleted_run_folder_gets_a_new_mlflow_run_not_the_finished_one(store, 
     cfg = config(store, tmp_path, "deleted")
     runs = []
     for attempt in range(2):
-        lease, newest = driver.claim_run(cfg)
+        lease, newest = resume.claim_run(cfg)
         try:
-            tracker = driver.start_tracking(cfg, 123, MANIFEST, lease, resume=newest is not None)
+            tracker = tracking_run.start_tracking(cfg, 123, MANIFEST, lease, resume=newest is not None)
             tracker.log_metrics({"train/loss": 1.0 + attempt}, 1)
             tracker.finish()
-            driver.end_tracking(tracker, {})
+            tracking_run.end_tracking(tracker, {})
         finally:
             lease.release()
         runs.append(tracker.run_id)
-        shutil.rmtree(driver.run_folder(cfg))  # the user deletes the run folder
+        shutil.rmtree(resume.run_folder(cfg))  # the user deletes the run folder
     assert runs[0] != runs[1]
     history = client(store["uri"]).get_metric_history(runs[0], "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0)]  # one training on the old run's axis
     assert client(store["uri"]).get_run(runs[0]).info.status == "FINISHED"
     assert any(re.search(rf"{runs[0]}.*not continued.*holds no checkpoint", r.getMessage()) for r in caplog.records)
-    lease = driver.Lease(driver.run_folder(cfg)).acquire()
+    lease = Lease(resume.run_folder(cfg)).acquire()
     try:  # a resume in that folder (a checkpoint of the second training): the second run again
         again = MLflowTracker.start(store["uri"], "deleted", "deleted", resume=True,
-                                    owner={"holder": "x", "run_folder": driver.run_folder(cfg)})  # fmt: skip
+                                    owner={"holder": "x", "run_folder": resume.run_folder(cfg)})  # fmt: skip
     finally:
         lease.release()
     assert again.run_id == runs[1]
@@ -170,10 +171,10 @@ def test_driver_calls_that_failed_at_the_start_are_delivered_or_counted_at_the_e
                 as proxy:  # fmt: skip
             cfg = load(["experiment=smoke", "run.name=healed", f"run.storage_path={tmp_path / 'ray'}",
                         "tracking=mlflow_server", f"tracking.uri={proxy.url}"])  # fmt: skip
-            tracker = driver.start_tracking(cfg, 123, MANIFEST)
+            tracker = tracking_run.start_tracking(cfg, 123, MANIFEST)
             assert tracker.pending  # params, tags and the manifest wait for the server
             failing["on"] = False
-            summary = driver.end_tracking(tracker, {"checkpoint": "/x/checkpoint_1", "tracking_lost_calls": 0})
+            summary = tracking_run.end_tracking(tracker, {"checkpoint": "/x/checkpoint_1", "tracking_lost_calls": 0})
             assert summary["tracking_lost_calls"] == 0 and not tracker.pending
             run = client(server.url).get_run(tracker.run_id)
             assert run.data.params["trainer.max_steps"] == str(cfg.trainer.max_steps)
@@ -190,12 +191,12 @@ def test_driver_calls_that_failed_at_the_start_are_delivered_or_counted_at_the_e
             failing["on"] = True
             cfg = load(["experiment=smoke", "run.name=down", f"run.storage_path={tmp_path / 'ray'}",
                         "tracking=mlflow_server", f"tracking.uri={proxy.url}"])  # fmt: skip
-            down = driver.start_tracking(cfg, 123, MANIFEST)
+            down = tracking_run.start_tracking(cfg, 123, MANIFEST)
             queued = len(down.pending)
             assert queued >= 3
         # the proxy is closed: the tracking server is unreachable at the end of the fit
         caplog.clear()
-        summary = driver.end_tracking(down, {"checkpoint": "/x/checkpoint_1", "tracking_lost_calls": 2})
+        summary = tracking_run.end_tracking(down, {"checkpoint": "/x/checkpoint_1", "tracking_lost_calls": 2})
     assert summary["tracking_lost_calls"] == 2 + queued + 1  # the worker's, the start's, the final_checkpoint tag
     assert down.lost_calls == queued + 1 and not down.pending
     messages = " ".join(r.getMessage() for r in caplog.records)
