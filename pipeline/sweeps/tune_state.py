@@ -23,13 +23,14 @@ import hashlib
 import json
 import posixpath
 
+from pyarrow import fs
+
 from pipeline.config import ConfigError
+from pipeline.sweeps import store
 
 
 def _filesystem(path: str, filesystem=None):
     """(pyarrow filesystem, path on it) of a local folder or URI, or of a path on ``filesystem``."""
-    from pyarrow import fs
-
     if filesystem is not None:
         return filesystem, path
     if "://" in path:
@@ -44,8 +45,6 @@ def _is_restore_file(relative: str) -> bool:
 
 def state_files(path: str, filesystem=None) -> dict[str, str]:
     """{path relative to the experiment folder: sha256} of the files a restore unpickles."""
-    from pyarrow import fs
-
     filesystem, root = _filesystem(path, filesystem)
     root = root.rstrip("/")
     infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -123,8 +122,6 @@ def record_of(files: dict[str, str], before: list[str] = ()) -> dict:
 def verify(cfg, sweep_name: str, path: str, filesystem=None) -> None:
     """Before ``Tuner.restore``: the sweep's Tune state at ``path`` must match a sha256 recorded
     in its MLflow parent run. Raises ConfigError otherwise; reads the files, unpickles nothing."""
-    from pipeline.sweeps import store
-
     recorded = None
     if cfg.tracking.enabled:
         try:
