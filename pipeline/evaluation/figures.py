@@ -65,7 +65,7 @@ def pyplot():
     font_log = logging.getLogger("matplotlib.font_manager")
     if font_log.level == logging.NOTSET and logging.getLogger("matplotlib").level == logging.NOTSET:
         font_log.setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg") and the font log's level
 
     return plt
 
