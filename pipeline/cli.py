@@ -12,31 +12,34 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline import data, logs, secrets
+from pipeline.config import ConfigError, compose, load
+from pipeline.core.checkpointing import CheckpointError
+from pipeline.data import DataError
+from pipeline.evaluation.evaluate import evaluate, sample
+from pipeline.evaluation.quality.table import quality
+from pipeline.training.driver import fit, print_summary
+from pipeline.training.official import import_official
+from pipeline.training.ray_runtime import ray_env_at_entry
+
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
 
 
 def cmd_train(args) -> int:
-    from pipeline.config import load
-    from pipeline.training.driver import fit, print_summary
-
     cfg = load(args.overrides)
     print_summary(cfg, fit(cfg))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from pipeline.evaluation.evaluate import evaluate
-
     evaluate(args.checkpoint, args.overrides, split=args.split, num_steps=args.steps, repeats=args.repeats,
              max_batches=args.max_batches, use_ema=not args.raw_weights, target_se=args.target_se)  # fmt: skip
     return 0
 
 
 def cmd_sample(args) -> int:
-    from pipeline.evaluation.evaluate import sample
-
     path = sample(args.checkpoint, num=args.num, num_steps=args.steps, nfe=args.nfe, sampler=args.sampler,
                   seed=args.seed, out=args.out, use_ema=not args.raw_weights, grid=args.grid)  # fmt: skip
     logging.getLogger(__name__).info("samples written to %s", path)
@@ -44,8 +47,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_quality(args) -> int:
-    from pipeline.evaluation.quality.table import quality
-
     _, table = quality(args.checkpoint, args.overrides, samplers=args.sampler, nfe=args.nfe, num=args.num,
                        seeds=args.seeds, batch_size=args.batch_size, out=args.out, cache=args.cache,
                        device=args.device, use_ema=not args.raw_weights, grid=args.grid)  # fmt: skip
@@ -54,9 +55,6 @@ def cmd_quality(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from pipeline import data
-    from pipeline.config import compose
-
     out = args.out
     if out is None:
         out = str(Path(compose([])["paths"]["data_dir"]) / args.dataset)
@@ -72,8 +70,6 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_verify(args) -> int:
-    from pipeline import data
-
     manifest = data.verify(args.uri)
     rows = {split: info["rows"] for split, info in manifest["splits"].items()}
     print(f"{args.uri}: {manifest['dataset']} OK ({rows} rows, {manifest['verified']['shards']} shards checked)")
@@ -81,8 +77,6 @@ def cmd_data_verify(args) -> int:
 
 
 def cmd_import_official(args) -> int:
-    from pipeline.training.official import import_official
-
     folder = import_official(args.checkpoint, args.config, args.out, overrides=args.overrides)
     print(f"imported {args.checkpoint} -> {folder}\n"
           f"  evaluate:  bfn eval {folder}\n  sample:    bfn sample {folder}\n"
@@ -91,6 +85,7 @@ def cmd_import_official(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    # lazy, after ray_env_at_entry: Ray reads its node address at import (bench imports ray)
     from pipeline.bench.bench import main as bench_main
 
     return bench_main(args)
@@ -208,14 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.training.ray_runtime import ray_env_at_entry
-
     # before anything imports ray: Ray reads its node address (loopback) and ray.data its switches then
     ray_env_at_entry()
-    from pipeline.config import ConfigError
-    from pipeline.core.checkpointing import CheckpointError
-    from pipeline.data import DataError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse leaves overrides given after the options (`bfn eval CKPT --steps 0 data.uri=...`) over
@@ -223,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from pipeline import logs, secrets
-
     logs.configure(args.verbose)
     secrets.register_environment()  # this environment's secrets: masked by value in logs, MLflow and manifests
     secrets.install_log_masking()

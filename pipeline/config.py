@@ -31,6 +31,7 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 import bfn.samplers
+from bfn.networks import NETWORKS, constructor_args
 from pipeline.secrets import MASK, is_secret_key, mask_params
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -90,6 +91,11 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
         _fail("net.name", f"names the network preset the config was composed from (net={choices['net']}); "
               "choose a network with the group, net=<preset>", net.get("name"))  # fmt: skip
     return absolutize(resolved)
+
+
+def default_runs_dir() -> Path:
+    """runs/ of the environment running the command (BFN_RUNS_DIR / BFN_ROOT), as `bfn train` uses."""
+    return Path(compose([])["paths"]["runs_dir"])
 
 
 def absolutize(config: dict) -> dict:
@@ -213,6 +219,13 @@ def check_count(flag: str, value: int | str, low: int, why: str = "") -> int:
     return number
 
 
+def parse_grid(grid: str | None, flag: str = "--grid") -> str | None:
+    """The BFN-Solvers' time grid (bfn.samplers.GRIDS) or None (the flow's default); ConfigError names ``flag``."""
+    if grid is not None and grid not in bfn.samplers.GRIDS:
+        raise ConfigError(f"{flag}: must be one of {', '.join(bfn.samplers.GRIDS)} (got {grid!r})")
+    return grid
+
+
 def _applies(key: str, value: Any, used: bool, choice: str, reason: str) -> bool:
     """Null where the setup does not use ``key``, set where it does; ``choice`` is the config value
     that decides, ``reason`` says why. Returns ``used`` (whether to check the value itself)."""
@@ -322,13 +335,9 @@ class NetConfig:
 
     @property
     def kind(self) -> str:
-        from bfn.networks import NETWORKS
-
         return NETWORKS[self.arch].kind
 
     def validate(self, config: Config) -> None:
-        from bfn.networks import NETWORKS, constructor_args
-
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             _fail("net.name", "must be a preset name (letters, digits, '-', '_', '.')", self.name)
         _choice("net.arch", self.arch, NETWORKS)

@@ -34,7 +34,7 @@ def ray_init_kwargs() -> dict:
     """``ray.init`` arguments that keep Ray's INFO lines (driver, Train controller, workers) out
     of a person's terminal unless -v, when the CLI owns logging; the worker then sets up its own
     progress logging."""
-    import ray
+    import ray  # lazy: every command configures logging, and those without Ray never import it
 
     if not _configured or _configured["verbose"]:
         return {}

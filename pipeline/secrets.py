@@ -17,12 +17,14 @@ or to reuse an existing file (whose permissions and owner it would otherwise inh
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 MASK = "***"
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key)", re.I)
@@ -189,9 +191,6 @@ def write_secret_file(path: str | Path, text: str) -> Path:
 
 def plain_http_to_remote(url: str) -> bool:
     """True for an http:// URL whose host is not loopback: credentials sent there travel in clear."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     if parts.scheme != "http":
         return False

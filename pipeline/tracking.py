@@ -74,6 +74,7 @@ class RunInUseError(RuntimeError):
 def is_permanent(error: BaseException) -> bool:
     """True for an MLflow error that a retry cannot fix (``PERMANENT_ERRORS``); connection errors,
     5xx (``INTERNAL_ERROR``), ``TEMPORARILY_UNAVAILABLE`` and rate limits are temporary."""
+    # lazy: every `bfn` command imports tracking (via the driver); mlflow would add ~1.2 s to each
     from mlflow.exceptions import MlflowException
 
     return isinstance(error, MlflowException) and error.error_code in PERMANENT_ERRORS
@@ -110,7 +111,7 @@ class NullTracker:
 class MLflowTracker:
     def __init__(self, uri: str, run_id: str, *, max_buffer: int = 100_000,
                  retry_every: float = 5.0) -> None:  # fmt: skip
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: see is_permanent
 
         _quick_http_defaults()
         self.client = MlflowClient(tracking_uri=uri)
@@ -139,7 +140,7 @@ class MLflowTracker:
         (a training from step 0) a new run is made, except that a run no writer claimed yet and that
         holds no metrics (made beforehand by a sweep, with its tags) is taken. The writer is recorded
         on the run."""
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: see is_permanent
 
         _quick_http_defaults()
         client = MlflowClient(tracking_uri=uri)
@@ -220,7 +221,7 @@ class MLflowTracker:
     def log_params(self, params: dict) -> None:
         """Log params the run does not hold yet; one it holds with another value (a resume that changed
         it: MLflow refuses to change a param) is kept and its new value recorded as a tag."""
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: see is_permanent
 
         values = {key: str(value)[:6000] for key, value in mask_params(params).items()}
         changed = {key: value for key, value in values.items() if self.logged_params.get(key, value) != value}
@@ -239,7 +240,7 @@ class MLflowTracker:
             self._call_or_queue("set_tag", self.client.set_tag, self.run_id, key, str(value))
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: see is_permanent
 
         now = int(time.time() * 1000)
         for key, value in metrics.items():

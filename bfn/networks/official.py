@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import build_network as build_arch
 from .layers import fourier_position_features
 from .transformer import sinusoidal_positions
 
@@ -464,8 +465,6 @@ def _vdm_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
 
 def build_network(config: Mapping, device: torch.device | str | None = None) -> nn.Module:
     """The project network equivalent to the official config, freshly initialised."""
-    from . import build_network as build_arch
-
     arch, kwargs = network_spec(config)
     try:
         if device is None:

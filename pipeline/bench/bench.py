@@ -16,12 +16,22 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
+import ray
 import torch
 
 from bfn import EMA
+from pipeline import data as data_lib
+from pipeline.bench.device import main as device_main
+from pipeline.config import load
+from pipeline.core.build import build_model, build_optimizer
+from pipeline.training.driver import fit
+from pipeline.training.ray_runtime import init_ray
+from pipeline.training.steps import train_step
 
 
 def _time_interleaved(fns: dict, steps: int, warmup: int = 3) -> dict[str, float]:
@@ -40,10 +50,6 @@ def _time_interleaved(fns: dict, steps: int, warmup: int = 3) -> dict[str, float
 
 
 def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[str, float]:
-    from pipeline.config import load
-    from pipeline.core.build import build_model, build_optimizer
-    from pipeline.training.steps import train_step
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = load(["experiment=mnist_local"])
@@ -101,15 +107,11 @@ class CpuMeter:
     that the share of the cores each role had over a time span can be read afterwards."""
 
     def __init__(self, interval: float = 2.0) -> None:
-        import threading
-
         self.interval, self.samples, self.roles = interval, [], {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
 
     def _snapshot(self) -> tuple[float, dict[int, float]]:
-        import psutil
-
         seconds = {}
         for proc in psutil.process_iter(["pid"]):
             try:
@@ -150,9 +152,6 @@ class CpuMeter:
 
 
 def _fit_throughput(overrides: list[str], root: Path, user: list[str]) -> dict:
-    from pipeline.config import load
-    from pipeline.training.driver import fit
-
     cfg = load([
         "experiment=mnist_local", *user, "tracking=none", f"run.storage_path={root / 'ray'}",
         "trainer.val_every=100000", "eval.val_batches=1", "eval.nll_steps=0", "eval.num_samples=0",
@@ -173,11 +172,6 @@ def _fit_throughput(overrides: list[str], root: Path, user: list[str]) -> dict:
 def _plain_throughput(uri: str, steps: int, user: list[str], batch_size: int = 32,
                       threads: int = 2) -> dict[str, float]:  # fmt: skip
     """The same step in one process with the plain pyarrow reader (no Ray); its share of the cores."""
-    from pipeline import data as data_lib
-    from pipeline.config import load
-    from pipeline.core.build import build_model, build_optimizer
-    from pipeline.training.steps import train_step
-
     torch.set_num_threads(threads)
     cfg = load(["experiment=mnist_local", *user])
     model, batches = build_model(cfg), data_lib.iter_batches(uri, "train", "mnist", batch_size=batch_size)
@@ -199,8 +193,6 @@ def _plain_throughput(uri: str, steps: int, user: list[str], batch_size: int = 3
 
 def _data_throughput(uri: str, seconds: float = 10.0) -> float:
     """Rows/s Ray Data delivers to a no-op loop (batching; MNIST is preprocessed by the driver, see ray_dataset)."""
-    from pipeline import data as data_lib
-
     ds = data_lib.ray_dataset(uri, "train", "mnist", seed=0)
     rows, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -215,9 +207,6 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
     """Plain loop, Ray Train (1 worker, then 2), plain loop again with Ray stopped: the plain rate
     is the mean of the two runs around the Ray fits, so a drift of the machine's speed hits both.
     ``overrides``: Hydra overrides of the mnist_local preset (data.uri=..., net=...)."""
-    from pipeline.config import load
-    from pipeline.training.ray_runtime import init_ray
-
     user = list(overrides or [])
     cfg = load(["experiment=mnist_local", *user, f"trainer.max_steps={steps}",
                 f"trainer.log_every={max(steps // 6, 1)}"])  # fmt: skip
@@ -227,8 +216,6 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
         common = [f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
         before = _plain_throughput(uri, steps, user)
         init_ray(cfg)
-        import ray  # after init_ray: an embedded runtime's settings are read when ray is imported
-
         one = _fit_throughput([*common, "trainer=cpu_1", "run.name=bench1"], root, user)
         two = _fit_throughput([*common, "run.name=bench2"], root, user)
         data = _data_throughput(uri)
@@ -281,8 +268,6 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
 
 def main(args) -> int:
     if args.which == "device":
-        from pipeline.bench.device import main as device_main
-
         return device_main(args)
     if args.which in ("all", "step"):
         bench_step(args.steps)

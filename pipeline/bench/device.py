@@ -23,8 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from bfn import EMA
+from pipeline.config import load
+from pipeline.core.build import build_model, build_optimizer
+from pipeline.training.steps import train_step
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +74,6 @@ def example_batch(name: str, batch_size: int, device) -> torch.Tensor:
 
 def train_flops(model, x: torch.Tensor) -> int:
     """FLOPs of one forward + backward of the network at this batch (counted, not estimated)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     inputs = model.flow.net_inputs(model.flow.sample(model.check_data(x), torch.rand(x.shape[0], 1,
                                    device=x.device)), model.data_shape)  # fmt: skip
     t = torch.rand(x.shape[0], device=x.device)
@@ -81,9 +84,6 @@ def train_flops(model, x: torch.Tensor) -> int:
 
 
 def ours(name: str, device, overrides: list[str]):
-    from pipeline.config import load
-    from pipeline.core.build import build_model, build_optimizer
-
     cfg = load([f"experiment={NETWORKS[name][0]}", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
@@ -93,10 +93,9 @@ def ours(name: str, device, overrides: list[str]):
 
 def official(name: str, checkout: Path, device):
     """The official model and optimiser built from its own config (its code imported from ``checkout``)."""
-    import yaml
-
     sys.path.insert(0, str(checkout))
-    import model as official_model  # noqa: PLC0415 (the official code's top-level modules)
+    # lazy: the official code's top-level modules, importable only once its checkout is on sys.path
+    import model as official_model  # noqa: PLC0415
     import networks as official_networks
     import probability as official_probability
     from networks import adapters as official_adapters
@@ -125,8 +124,6 @@ def _autocast(device):
 
 def bench_network(name: str, batch_size: int, device, *, steps: int, warmup: int, sample_steps: int,
                   overrides: list[str], checkout: Path | None) -> dict[str, float]:  # fmt: skip
-    from pipeline.training.steps import train_step
-
     cfg, model, optimizer, ema = ours(name, device, overrides)
     x = example_batch(name, batch_size, device)
     flops = train_flops(model, x)

@@ -47,6 +47,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from pipeline.secrets import write_secret_file
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,6 @@ def moto_argv(port: int) -> list[str]:
 
 def start_time(pid: int) -> float | None:
     """When ``pid`` started (guards against PID reuse), or None if it does not exist."""
-    import psutil
-
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -107,8 +107,6 @@ def start_time(pid: int) -> float | None:
 
 def alive(pid: int, started: float | None = None) -> bool:
     """``pid`` runs (not a zombie) and, if ``started`` is given, is the process that started then."""
-    import psutil
-
     try:
         process = psutil.Process(pid)
         running = process.status() != psutil.STATUS_ZOMBIE
@@ -120,8 +118,6 @@ def alive(pid: int, started: float | None = None) -> bool:
 def stack_pids(sessions: set[int], marker: str | None) -> list[int]:
     """Live PIDs (not this process) in one of ``sessions`` or with ``MARKER_ENV=marker`` in their
     environment."""
-    import psutil
-
     found = []
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
@@ -135,8 +131,6 @@ def stack_pids(sessions: set[int], marker: str | None) -> list[int]:
 def terminate(pids: list[int], grace: float) -> list[int]:
     """SIGTERM ``pids``, SIGKILL those left after ``grace`` s; returns the PIDs that needed SIGKILL.
     Our own children are reaped, so none is left as a zombie."""
-    import psutil
-
     processes = []
     for pid in pids:
         with contextlib.suppress(psutil.Error):
@@ -371,7 +365,7 @@ def up(root_dir: str | os.PathLike, *, num_cpus: int = 4, object_store_memory: i
 
 def create_bucket(s3_url: str, bucket: str) -> None:
     """Create ``bucket`` on the S3 server at ``s3_url`` (moto: the dummy credentials)."""
-    import boto3
+    import boto3  # lazy: ~0.25 s on every `bfn` command (build_parser imports this module), for `bfn stack up`
 
     credentials = S3_DUMMY_CREDENTIALS
     boto3.client("s3", endpoint_url=s3_url, region_name=credentials["AWS_DEFAULT_REGION"],

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pathspec
+
 from pipeline.secrets import credential_values, has_credential, is_secret_env_name, is_secret_key, strip_credentials
 
 log = logging.getLogger(__name__)
@@ -118,8 +120,6 @@ def pip_requirements(path: str | None) -> list[str]:
 
 def working_dir_size(root: Path, excludes: list[str]) -> tuple[int, dict[str, int]]:
     """Bytes that would be uploaded from ``root`` (excludes + .gitignore), per top-level entry."""
-    import pathspec
-
     patterns = list(excludes)
     gitignore = root / ".gitignore"
     if gitignore.is_file():

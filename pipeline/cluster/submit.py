@@ -178,6 +178,7 @@ def connect(address: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT, *, al
                           "--allow-plain-http on a network you trust")  # fmt: skip
     if probe(address, timeout) == "token" and not token:
         raise MissingTokenError(_missing_token_message(address))
+    # lazy: build_parser imports this module for every command (those without Ray never import it)
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -267,7 +268,7 @@ def _describe(submission: Submission, address: str, image: str | None) -> None:
 
 
 def _send(client, submission: Submission, job_id: str, address: str) -> str:
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError  # lazy, as in connect
 
     try:
         return client.submit_job(entrypoint=submission.entrypoint, submission_id=job_id,

@@ -35,13 +35,17 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs
 import torch
+import torch.distributed as dist
 
+from pipeline.core import storage as core_storage
 from pipeline.secrets import mask_config
 
 log = logging.getLogger(__name__)
@@ -203,9 +207,7 @@ def read_model_only(folder: str | Path, *, ema: bool = True, map_location="cpu")
 
 def latest(run_folder: str | Path) -> Path | None:
     """The newest complete checkpoint_* folder under a Ray Train run folder (local storage)."""
-    from pipeline.core import storage
-
-    found = complete_checkpoints(*storage.resolve(Path(run_folder)))
+    found = complete_checkpoints(*core_storage.resolve(Path(run_folder)))
     return Path(found[0][1]) if found else None
 
 
@@ -219,8 +221,6 @@ def complete_checkpoints(filesystem, run_folder: str) -> list[tuple[int, str]]:
     """(step, path) of the checkpoint_* folders of a run folder that have a COMPLETE of the current
     format and a readable train_state.json not flagged ``diagnostic``, newest first; ``filesystem``:
     a pyarrow filesystem (local or S3)."""
-    import pyarrow.fs
-
     try:
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(run_folder.rstrip("/"), allow_not_found=True))
     except OSError as error:
@@ -243,8 +243,6 @@ def complete_checkpoints(filesystem, run_folder: str) -> list[tuple[int, str]]:
 
 def _read_at(filesystem, path: str, map_location) -> dict[str, Any]:
     """``read`` for a checkpoint on any pyarrow filesystem; a remote one is downloaded first."""
-    import pyarrow.fs
-
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
         return read(path, map_location)
     with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
@@ -309,8 +307,6 @@ def resume_state(handed, found, device, rank: int, world: int) -> dict[str, Any]
     every rank raises CheckpointError, so the attempt fails (FailureConfig retries it) instead of
     resuming the ranks from different checkpoints. ``handed``: Ray's checkpoint of this worker
     (``ray.train.get_checkpoint()``); ``found``: the driver's newest complete one (both may be None)."""
-    import torch.distributed as dist
-
     together = world > 1 and dist.is_initialized()
     state, decision = None, None
     if rank == 0 or not together:
@@ -354,9 +350,7 @@ def resume_state(handed, found, device, rank: int, world: int) -> dict[str, Any]
 def read_for_init(source: str, map_location="cpu") -> dict[str, Any]:
     """``run.init_from``: the model and EMA weights (and config) of another run's checkpoint
     folder (local path or s3:// URI), verified; the optimiser, RNG and step are not taken."""
-    from pipeline.core import storage
-
-    state = _read_at(*storage.resolve(source), map_location)
+    state = _read_at(*core_storage.resolve(source), map_location)
     return {"model": state["model"], "ema": state["ema"], "config": state["config"]}
 
 
@@ -385,10 +379,6 @@ def upload(source: str | Path, filesystem, destination: str) -> None:
     COMPLETE is written, then COMPLETE and its folder; a power cut never leaves a COMPLETE naming
     files that did not reach the disk.
     """
-    import shutil
-
-    import pyarrow.fs
-
     source = Path(source)
     files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: (p.name == MARKER, str(p)))
     local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
@@ -436,6 +426,7 @@ def persist(checkpoint, checkpoint_dir_name: str):
     the run's storage (local or S3) and return it as a ``ray.train.Checkpoint`` there. A failed
     upload raises: Ray's retry (3 attempts for AWS errors) runs, and if storage stays down the
     report fails and the run restarts from the last complete checkpoint (FailureConfig)."""
+    # the CLI imports this module before ray_env_at_entry: Ray reads its node address at import
     import ray.train
 
     storage = ray.train.get_context().get_storage()

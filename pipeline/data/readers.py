@@ -136,6 +136,7 @@ def _map_bundles(blocks: list[pa.Table], rows: int) -> list[pa.Table]:
 
 def _tensor_block(batch: dict[str, np.ndarray]) -> pa.Table:
     """A Ray Data block of ``{"x": (B, ...) array}``, as a map_batches task would return it."""
+    # lazy: pipeline.data serves `bfn data`, eval, sample and quality, which run without Ray and never import it
     from ray.data.extensions import ArrowTensorArray
 
     return pa.table({column: ArrowTensorArray.from_numpy(values) for column, values in batch.items()})
@@ -155,7 +156,7 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
     ``seq_len``: when given, must match the text8 manifest.
     The rows are not model-ready: apply ``to_model`` to each batch. Needs a running Ray (or starts one).
     """
-    import ray.data
+    import ray.data  # lazy: pipeline.data is imported by the commands that run without Ray, which never import it
 
     seed = 0 if seed is None else int(seed)
     fs, paths, man = _split_paths(uri, split, name, seq_len)

@@ -46,6 +46,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
+from torch.utils.data import random_split
 
 from pipeline.data import sources
 from pipeline.data.manifest import FORMAT_VERSION, expected_schema, schema_to_json
@@ -83,9 +85,6 @@ def reference_split(n: int, val_fraction: float = VAL_FRACTION, seed: int = REFE
     torch floors ``n * fraction`` for each part and hands the remainder out round-robin from the
     first part, then slices one ``torch.randperm(n, generator)``: train is its head, val its tail.
     """
-    import torch
-    from torch.utils.data import random_split
-
     train, val = random_split(range(n), [1.0 - val_fraction, val_fraction],
                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
     return np.asarray(train.indices, np.int64), np.asarray(val.indices, np.int64)

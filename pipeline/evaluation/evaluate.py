@@ -14,8 +14,17 @@ from pathlib import Path
 import torch
 
 from bfn import NLLEstimate
+from bfn.samplers import sample as draw
 from pipeline import data as data_lib
-from pipeline.config import Config, ConfigError, apply_overrides
+from pipeline.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    check_count,
+    default_runs_dir,
+    parse_grid,
+    parse_samplers,
+)
 from pipeline.core import checkpointing
 from pipeline.core.build import build_model
 from pipeline.evaluation import figures
@@ -131,10 +140,6 @@ def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", see
     Every sampler makes nfe - 1 updates and one last call for the result, so ``num_steps`` n (the
     paper's number of steps, the older flag) means nfe = n + 1; give one of the two (default n = 100).
     """
-    from bfn.samplers import sample as draw
-    from pipeline.config import check_count, parse_samplers
-    from pipeline.evaluation.quality.table import default_runs_dir, parse_grid
-
     if num_steps is not None and nfe is not None:
         raise ConfigError(f"--steps and --nfe: give one of them (nfe = steps + 1; got {num_steps}, {nfe})")
     if nfe is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 TEXT8_ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # id 0 = space
 
@@ -22,8 +23,6 @@ def to_uint8_images(samples: torch.Tensor, data_name: str) -> np.ndarray:
 
 def save_image_grid(images: np.ndarray, path: str | Path, *, scale: int = 3) -> Path:
     """Tile (N, H, W, C) uint8 images into a roughly square PNG grid (1-pixel gaps)."""
-    from PIL import Image
-
     n, h, w, c = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -59,13 +58,14 @@ def pyplot():
     """matplotlib.pyplot on the Agg backend. Its first import on a machine builds the font cache and
     logs "generated new fontManager" at INFO, which a Train worker's root logger would print: that
     notice is kept from a person unless someone set matplotlib's logging (``bfn -v``)."""
+    # lazy: matplotlib (~0.25 s) is for curves only (eval, sample and quality never plot); pyplot after use("Agg")
     import matplotlib
 
     matplotlib.use("Agg")
     font_log = logging.getLogger("matplotlib.font_manager")
     if font_log.level == logging.NOTSET and logging.getLogger("matplotlib").level == logging.NOTSET:
         font_log.setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg") and the font log's level
 
     return plt
 

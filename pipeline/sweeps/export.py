@@ -13,6 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+
 from pipeline.config import CONF_DIR, ConfigError, compose, flatten
 
 # sections that describe the machine, not the experiment: never written into an exported preset
@@ -25,9 +29,6 @@ PINNED_PATH_KEYS = ("paths.root", "paths.data_dir", "paths.runs_dir", "data.uri"
 
 def _choices(overrides: list[str]) -> dict[str, str]:
     """Hydra's group choices (data, net, ...) of a composition."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
     return {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
@@ -52,8 +53,6 @@ def preset_yaml(overrides: list[str], preset_name: str, *, searchpath: list[str]
     """An override-only experiment preset reproducing the config composed from ``overrides``
     (machine keys aside): group overrides where the choice differs from train.yaml's defaults,
     then every value that differs from that group composition."""
-    import yaml
-
     groups = ("data", "flow", "net", "optim", "trainer", "eval")
     target = _choices(overrides)
     default = _choices(list(searchpath))

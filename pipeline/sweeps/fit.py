@@ -58,7 +58,7 @@ def _terms(theta, x: tuple) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def _fit_once(kind: str, x: tuple, log_l: np.ndarray, starts: list[np.ndarray]):
-    from scipy.optimize import least_squares
+    from scipy.optimize import least_squares  # lazy: ~0.3 s; build_parser imports fit (via scaling) for every command
 
     residual = lambda th: _terms(th, x)[0] - log_l  # noqa: E731
     jacobian = lambda th: np.stack(_terms(th, x)[1], axis=1)  # noqa: E731

@@ -14,15 +14,15 @@ logs a warning (``runner.PlacementGroupReaper``); ``tests/integration/test_tune.
 
 from __future__ import annotations
 
+import ray
+from ray._private.state import state
+from ray.core.generated import gcs_pb2
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
 
 def reap_orphan_placement_groups() -> int:
     """Remove the placement groups whose creator actor died (not detached, not yet removed, not
     created by a driver); returns how many were removed. Needs a connected Ray driver."""
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     removed = 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         data = gcs_pb2.PlacementGroupTableData.FromString(raw)

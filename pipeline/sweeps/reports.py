@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.figures import pyplot
 from pipeline.sweeps.fit import PARAMS, compute_optimal, law, law_name, reliability_warnings
 
 
@@ -23,20 +24,11 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -68,6 +60,7 @@ def write_summary(rows: list[dict], space: dict, metric: str, out_dir: Path, bes
 
 
 def _sweep_panel(ax, key: str, domain, rows: list[dict], metric: str, best) -> None:
+    # lazy: tune_spaces imports ray; this module stays Ray-free (scaling, imported by build_parser, imports it)
     from tune_spaces.common import is_log_scale
 
     values = [r["params"][key] for r in rows]
@@ -96,14 +89,14 @@ def _sweep_panel(ax, key: str, domain, rows: list[dict], metric: str, best) -> N
 def plot_sweep(rows: list[dict], space: dict, metric: str, path: Path, best) -> Path:
     """One panel per searched key: the metric against the sampled value (log x for log domains);
     filled = ran to the end, hollow = stopped early, star = best."""
-    from tune_spaces.common import support
+    from tune_spaces.common import support  # lazy: as in _sweep_panel
 
     def varies(domain) -> bool:
         info = support(domain)
         return info["kind"] != "values" or len(set(map(str, info["values"]))) > 1
 
     keys = [k for k in space if varies(space[k])] or list(space)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         _sweep_panel(ax, key, space[key], rows, metric, best)
@@ -181,7 +174,7 @@ def _against(ax, xs, ys, groups, curve, grid, cmap, label: str) -> None:
 def plot_fit(nd: dict, c: dict, runs: list[dict], path: Path, prediction: dict | None = None,
              title: str = "") -> Path:  # fmt: skip
     """L(N, D) against N and against D, and L(C) with the compute-optimal frontier."""
-    plt = _pyplot()
+    plt = pyplot()
     f_nd, f_c = law("ND", nd["params"]), law("C", c["params"])
     n_all, d_all = np.array([r["N"] for r in runs]), np.array([r["D"] for r in runs])
     c_all, l_all = np.array([r[c["compute_key"]] for r in runs]), np.array([r["nll"] for r in runs])

@@ -21,13 +21,20 @@ import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import Searcher
 
 from pipeline.config import ConfigError, flatten, load, set_env_defaults
-from pipeline.sweeps import store
+from pipeline.sweeps import store, tune_state
 from pipeline.sweeps.export import PINNED_PATH_KEYS
+from pipeline.training.driver import fit
+from pipeline.training.ray_runtime import init_ray
+from tune_spaces.common import hydra_value, to_overrides
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +80,6 @@ def fitting_trials(cluster: dict, per_trial: dict[str, float], data_cpus: float)
 
 def start_ray(cfg, driver_cpus: float, data_cpus: float, wanted: int) -> dict:
     """Start (or join) Ray with room for ``wanted`` concurrent trials; return its resources."""
-    import ray
-
-    from pipeline.training.driver import init_ray
-
     if not ray.is_initialized() and not cfg.run.ray_address:
         need = math.ceil(wanted * trial_resources(cfg, driver_cpus)["CPU"] + data_cpus)
         cpus = max(cfg.run.ray_num_cpus or 0, need)
@@ -106,8 +109,6 @@ def concurrency(cfg, *, driver_cpus: float, data_cpus: float, requested: int, to
 
 def pin_paths(cfg) -> list[str]:
     """Overrides pinning the driver's absolute paths (Tune trials run in their own folders)."""
-    from tune_spaces.common import hydra_value
-
     flat = flatten(cfg.raw)
     return [f"{k}={hydra_value(flat[k])}" for k in PINNED_PATH_KEYS if flat.get(k) is not None]
 
@@ -116,8 +117,6 @@ def pin_paths(cfg) -> list[str]:
 def _metric_callback(metric: str):
     """A TuneReportCallback that forwards only the reports carrying ``metric`` (Tune rejects a
     result without the metric it optimises; training reports before the first validation)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     class MetricReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metric in metrics[0]:
@@ -128,8 +127,6 @@ def _metric_callback(metric: str):
 
 def trial_overrides(settings: TrialSettings, config: dict, trial_id: str) -> tuple[list[str], str, dict, dict]:
     """(overrides, run name, MLflow tags, MLflow params) of one trial."""
-    from tune_spaces.common import to_overrides
-
     sampled = {k: v for k, v in config.items() if not k.startswith("_")}
     overrides = [*settings.overrides, *to_overrides(sampled)]
     tags = {store.SWEEP_TAG: settings.sweep, store.TRIAL_TAG: trial_id, store.ROLE_TAG: "trial"}
@@ -145,8 +142,6 @@ def trial_overrides(settings: TrialSettings, config: dict, trial_id: str) -> tup
 
 def run_trial(config: dict, settings: TrialSettings) -> None:
     """One Tune trial: compose + validate, open its MLflow run, fit with Tune reporting."""
-    from pipeline.training.driver import fit
-
     set_env_defaults()
     overrides, run_name, tags, params = trial_overrides(settings, config, tune.get_context().get_trial_id())
     cfg = load(overrides)
@@ -168,6 +163,7 @@ class PlacementGroupReaper(tune.Callback):
             return
         self.last = time.monotonic()
         try:
+            # lazy, inside the try: a Ray upgrade that breaks its private API costs a warning, not the sweep
             from pipeline.sweeps.placement_groups import reap_orphan_placement_groups
 
             self.removed += reap_orphan_placement_groups()
@@ -201,8 +197,6 @@ class TuneStateRecorder(tune.Callback):
 def record_save(staging: str) -> None:
     """Write the digest of the storage as it will be once ``staging`` is uploaded to the parent
     run (warn once on failure: resuming will then need trust_storage=true)."""
-    from pipeline.sweeps import tune_state
-
     target = _STATE_TARGET
     try:
         record = tune_state.record_of(tune_state.expected(target["base"], staging), target["recent"])
@@ -218,8 +212,6 @@ def record_save(staging: str) -> None:
 
 def note_tuner_pkl() -> None:
     """The Tuner wrote tuner.pkl into the storage itself, straight before this call: hash it."""
-    from pipeline.sweeps import tune_state
-
     if _STATE_TARGET:
         files = tune_state.state_files(_STATE_TARGET["path"], _STATE_TARGET["filesystem"])
         _STATE_TARGET["base"]["tuner.pkl"] = files["tuner.pkl"]
@@ -229,8 +221,6 @@ def note_tuner_pkl() -> None:
 def recording_state(uri: str | None, run_id: str | None, path: str, filesystem=None, *, resume: bool = False):
     """While the block runs, TuneStateRecorder records into ``run_id``. A resumed sweep starts from
     the storage's files (checked by ``tune_state.verify`` just before, or trusted by the user)."""
-    from pipeline.sweeps import tune_state
-
     if not (uri and run_id):
         yield
         return
@@ -257,8 +247,6 @@ def run_tune(*, name: str, storage_path: str, settings: TrialSettings, param_spa
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_filesystem)  # fmt: skip
     else:
-        from ray.tune.search import Searcher
-
         # Tune applies max_concurrent_trials to a Searcher only; a BasicVariantGenerator takes
         # its own max_concurrent (set by the caller)
         limit = max_concurrent if search_alg is None or isinstance(search_alg, Searcher) else None
@@ -277,7 +265,5 @@ def run_tune(*, name: str, storage_path: str, settings: TrialSettings, param_spa
 
 def experiment_exists(path: str, storage_filesystem=None) -> bool:
     if "://" not in path and storage_filesystem is None:
-        from pathlib import Path
-
         return Path(path).is_dir() and any(Path(path).iterdir())
     return tune.Tuner.can_restore(path, storage_filesystem=storage_filesystem)

@@ -37,6 +37,7 @@ another (``fit`` calls) or ``--concurrent`` at a time as Tune trials (``runner``
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import logging
@@ -48,10 +49,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import ConfigError, load
-from pipeline.sweeps import store
+from bfn.networks import count_parameters
+from pipeline import data as data_lib
+from pipeline.config import Config, ConfigError, load, set_env_defaults
+from pipeline.core.build import build_model
+from pipeline.sweeps import reports, store
 from pipeline.sweeps.fit import ScalingError, compute_optimal, fit_law, law, predict_budget
+from pipeline.sweeps.reports import plan_table
+from pipeline.training.driver import fit
+from pipeline.training.resume import storage
 
 log = logging.getLogger(__name__)
 NLL_METRIC = "val/nll_bits_per_dim"  # an NLL bound in every setup (continuous-time when nll_steps is 0)
@@ -61,9 +70,6 @@ __all__ = ["ScalingError", "compute_optimal", "fit_grid", "law", "make_plan", "m
 # ============================================================================ plan
 def _forward_flops(model, cfg) -> int:
     """Counted forward FLOPs (matmul/conv) of the network on one example, on the meta device."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     shape = cfg.data.data_shape
     with torch.device("meta"):
         text = cfg.data.name == "text8"  # the transformer takes probabilities (B, L, K)
@@ -75,11 +81,6 @@ def _forward_flops(model, cfg) -> int:
 
 def measure(cfg, train_rows: int | None = None) -> dict[str, Any]:
     """N, D, D_unique, C, C_measured of a validated config (network built on the meta device)."""
-    import torch
-
-    from bfn.networks import count_parameters
-    from pipeline.core.build import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     n = count_parameters(model.net, non_embedding=True)
@@ -95,7 +96,8 @@ def measure(cfg, train_rows: int | None = None) -> dict[str, Any]:
 
 def _axes(cfg, widths, depths, steps, fractions) -> tuple[str, dict, list]:
     """(family, its FAMILIES entry, the grid's axes) with the config's own values as defaults."""
-    from tune_spaces.architecture import FAMILIES, family_of
+    # lazy: build_parser imports this module for every command, and commands without Ray never import it
+    from tune_spaces.architecture import FAMILIES, family_of  # (tune_spaces imports ray.tune)
 
     family = family_of(cfg.net.name)
     if family is None:
@@ -110,8 +112,7 @@ def make_plan(name: str, overrides: Sequence[str], *, widths: Sequence[int] | No
               depths: Sequence[int] | None = None, steps: Sequence[int] | None = None,
               fractions: Sequence[float] | None = None) -> dict:  # fmt: skip
     """The grid (width x depth x steps x fraction) over a base config, with N, D, C per point."""
-    from pipeline import data as data_lib
-    from pipeline.config import Config
+    # lazy, as in _axes: runner and tune_spaces import ray
     from pipeline.sweeps.runner import pin_paths
     from tune_spaces.common import apply_to_dict, to_overrides
 
@@ -143,8 +144,6 @@ def make_plan(name: str, overrides: Sequence[str], *, widths: Sequence[int] | No
 
 
 def write_plan(plan: dict, out: str | Path) -> Path:
-    from pipeline.sweeps.reports import plan_table
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(plan, indent=1))
@@ -158,7 +157,7 @@ def _run_name(plan: dict, entry: dict) -> str:
 
 
 def _planned(plan: dict, entry: dict):
-    from pipeline.sweeps.runner import PlannedRun
+    from pipeline.sweeps.runner import PlannedRun  # lazy, as in _axes: runner imports ray
 
     return PlannedRun(overrides=list(entry["overrides"]), run_name=_run_name(plan, entry),
                       tags=store.grid_tags(plan["name"], entry["id"]),
@@ -169,8 +168,6 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
     """Train every grid point (skipping those already finished in MLflow unless ``force``):
     sequential ``fit`` calls, or ``concurrent`` at a time as Tune trials (no scheduler). Returns
     [{"id", "nll", "run_id"}] for every point of the plan."""
-    from pipeline.config import set_env_defaults
-
     set_env_defaults()
     track = plan["tracking"]
     if not track["enabled"]:
@@ -192,8 +189,6 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
 
 
 def _run_one_by_one(plan: dict, todo: list[dict], configs: dict) -> None:
-    from pipeline.training.driver import fit
-
     for entry in todo:
         cfg, planned = configs[entry["id"]], _planned(plan, entry)
         store.open_run(cfg, planned.run_name, planned.tags, planned.params, required=True)
@@ -205,11 +200,11 @@ def _run_one_by_one(plan: dict, todo: list[dict], configs: dict) -> None:
 
 def _run_with_tune(plan: dict, todo: list[dict], first_cfg, concurrent: int) -> None:
     """The grid points as Tune trials (a grid over entry ids, FIFO, no early stopping)."""
+    # lazy, as in _axes
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     from pipeline.sweeps import runner
-    from pipeline.training.driver import storage
 
     driver_cpus, data_cpus = 0.5, 1.0
     try:
@@ -251,8 +246,6 @@ def fit_grid(uri: str, experiment: str, name: str, *, budget: float | None = Non
              artifact_location: str | None = None) -> dict:  # fmt: skip
     """Read the grid ``name`` back from MLflow, fit both laws with bootstrap CIs, write the
     plot and tables to ``out_dir`` and log them to an MLflow run ``scaling-fit-<name>``."""
-    from pipeline.sweeps import reports
-
     runs = store.read_grid(uri, experiment, name, data_axis=data_axis)
     nd = fit_law(runs, "ND", n_boot=n_boot, seed=seed)
     c = fit_law(runs, "C", n_boot=n_boot, seed=seed, compute_key="C" if compute == "6ND" else "C_measured")
@@ -278,8 +271,6 @@ def _floats(text: str | None) -> list[float] | None:
 
 
 def cmd_plan(args) -> int:
-    from pipeline.sweeps.reports import plan_table
-
     plan = make_plan(args.name, args.overrides, widths=_ints(args.widths), depths=_ints(args.depths),
                      steps=_ints(args.steps), fractions=_floats(args.fractions))  # fmt: skip
     cfg = load(args.overrides)
@@ -318,7 +309,7 @@ def _guard(fn):
     """One masked line and exit status 2 for a refused plan or fit, or an MLflow failure."""
 
     def wrapped(args) -> int:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # lazy: mlflow adds ~1.2 s to every `bfn` command
 
         try:
             return fn(args)
@@ -332,8 +323,6 @@ def _guard(fn):
 
 
 def register(subparsers) -> None:
-    import argparse
-
     p = subparsers.add_parser("scaling", help="scaling laws: plan a grid, train it, fit L(N, D), L(C)",
                               description=__doc__.split("\n\n")[1] if __doc__ else None,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip

@@ -21,7 +21,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pipeline.config import Config, ConfigError, flatten
+import torch
+from ray.tune.search.sample import Domain
+
+from bfn.networks import DATA_KEYS, NETWORKS, constructor_args
+from pipeline.config import Config, ConfigError, flatten, net_presets
+from pipeline.core.build import build_model
+from tune_spaces.common import apply_to_dict, corner_samples, is_grid, representative_values, support
 
 SCHEDULE_KEYS = ("flow.beta_1", "flow.sigma_1")
 NLL_BOUND = re.compile(r"^val/nll_[a-z_]+$")
@@ -31,10 +37,6 @@ def net_constraints(cfg: Config, space: Mapping) -> tuple[set[str], dict[str, li
     """(extra keys, allowed values) for ``key_problems``: the constructor arguments of the
     networks the space can select (``net.kwargs.<arg>``, data-dependent ones left out) and the
     presets of the config's network kind (``net.name``)."""
-    from bfn.networks import DATA_KEYS, NETWORKS, constructor_args
-    from pipeline.config import net_presets
-    from tune_spaces.common import support
-
     presets = net_presets()
     archs = [cfg.net.arch]
     if "net.name" in space:
@@ -48,10 +50,6 @@ def net_constraints(cfg: Config, space: Mapping) -> tuple[set[str], dict[str, li
 
 
 def _entry_problems(key: str, domain: Any, allowed: Mapping[str, list]) -> list[str]:
-    from ray.tune.search.sample import Domain
-
-    from tune_spaces.common import is_grid, support
-
     info = support(domain)
     if info["kind"] == "values":
         if not info["values"]:
@@ -97,9 +95,6 @@ def key_problems(space: Mapping[str, Any], config: Mapping, *, extra_keys: Itera
 def trial_dict(raw: Mapping, sample: Mapping[str, Any]) -> dict:
     """The config a trial composes (base overrides + ``to_overrides(sample)``), built on the resolved
     base config: ``net.name`` is a Hydra group that brings its architecture and arguments."""
-    from pipeline.config import net_presets
-    from tune_spaces.common import apply_to_dict
-
     base = dict(raw)
     if "net.name" in sample:
         base["net"] = dict(net_presets()[sample["net.name"]])
@@ -111,18 +106,12 @@ def _validate_point(cfg: Config, sample: Mapping[str, Any], build: bool) -> None
     device when ``build``."""
     candidate = Config.from_dict(trial_dict(cfg.raw, sample))
     if build:
-        import torch
-
-        from pipeline.core.build import build_model
-
         with torch.device("meta"):
             build_model(candidate)
 
 
 def value_problems(cfg: Config, space: Mapping[str, Any]) -> list[str]:
     """Each value alone through the config's validation; then the corners, validated and built."""
-    from tune_spaces.common import corner_samples, representative_values
-
     problems = []
     for key, domain in space.items():
         for value in representative_values(domain, limit=64):

@@ -18,6 +18,9 @@ import math
 import os
 from typing import Any
 
+from pipeline.sweeps.fit import ScalingError
+from pipeline.tracking import HTTP_DEFAULTS, MLflowTracker, git_sha, mask_secrets
+
 log = logging.getLogger(__name__)
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "bfn.sweep", "bfn.trial_id", "bfn.role"
@@ -30,17 +33,14 @@ GRID_NUMBERS = ("N", "N_total", "D", "D_unique", "C", "C_measured", "width", "de
 
 def masked(error: BaseException | str) -> str:
     """An error's text with credentials (``user:pass@`` in URIs, access keys) replaced by ***."""
-    from pipeline.tracking import mask_secrets
-
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     return mask_secrets({"error": text})["error"]
 
 
 def _client(uri: str):
     """A client with the tracker's short HTTP retries (MLflow's own default waits minutes)."""
+    # lazy: scaling imports this module for every `bfn` command (build_parser); mlflow would add ~1.2 s
     from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import HTTP_DEFAULTS
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -60,8 +60,6 @@ def open_run(cfg, run_name: str, tags: dict, params: dict | None = None, *, requ
     """Create (or reopen, by name) the run a training will log to, with its tags and params.
     ``fit()`` reopens it by name, so the tags stay on the run it logs to. Unless ``required``, a
     failure is a warning: tracking never stops training."""
-    from pipeline.tracking import MLflowTracker
-
     try:
         tracker = MLflowTracker.start(cfg.tracking.uri, cfg.tracking.experiment, run_name,
                                       artifact_location=cfg.tracking.artifact_location, tags=tags)  # fmt: skip
@@ -78,8 +76,6 @@ def open_run(cfg, run_name: str, tags: dict, params: dict | None = None, *, requ
 # ---------------------------------------------------------------------------------- sweeps
 def start_parent(cfg, sweep_name: str, params: dict, note: str, *, resume: bool):
     """The sweep's parent run (reopened on resume; params are logged once, at the start)."""
-    from pipeline.tracking import git_sha
-
     if not cfg.tracking.enabled:
         return None
     tags = {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep"}
@@ -148,7 +144,7 @@ def close_trial_runs(cfg, sweep_name: str, rows: list[dict]) -> None:
 def record_state(uri: str, run_id: str, record: dict) -> None:
     """Write the Tune state's hashes (``tune_state``) onto the parent run, as tags (they change
     as the sweep goes; params cannot)."""
-    from mlflow.entities import RunTag
+    from mlflow.entities import RunTag  # lazy: as in _client
 
     _client(uri).log_batch(run_id, tags=[RunTag(tag, str(record[key])) for key, tag in STATE_TAGS.items()])
 
@@ -190,8 +186,6 @@ def finalize_point(uri: str, run_id: str, metric: str, params: dict) -> float:
     """Record a trained grid point's final validation NLL (the last value of ``metric``) as the
     metric ``scaling/nll`` (NaN when it never validated), and its params when a run made by an
     older plan lacks them."""
-    from pipeline.tracking import MLflowTracker
-
     client = _client(uri)
     logged = client.get_run(run_id).data.params if params else {}
     missing = {k: v for k, v in params.items() if k not in logged}
@@ -213,8 +207,6 @@ def _param(run, key: str) -> float:
 def read_grid(uri: str, experiment: str, grid: str, *, data_axis: str = "seen") -> list[dict]:
     """The grid's runs: [{"run_id", "name", "status", "N", "D", "C", "C_measured", "nll", "metric"}]
     sorted by (N, D). ``data_axis="unique"``: D is the distinct training data (D_unique)."""
-    from pipeline.sweeps.fit import ScalingError
-
     runs = grid_runs(uri, experiment, grid)
     if not runs:
         raise ScalingError(f"no runs tagged {GRID_TAG}={grid} in experiment {experiment!r} at "
@@ -234,8 +226,6 @@ def log_fit(uri: str, experiment: str, grid: str, nd: dict, c: dict, prediction:
             files: dict, artifact_location: str | None) -> str:  # fmt: skip
     """The fit as its own run (role ``fit``): parameters and intervals as metrics, tables and plot
     as artifacts. Returns its run id."""
-    from pipeline.tracking import MLflowTracker
-
     tracker = MLflowTracker.start(uri, experiment, f"scaling-fit-{grid}", artifact_location=artifact_location,
                                   tags={GRID_TAG: grid, GRID_ROLE_TAG: "fit"})  # fmt: skip
     metrics = {f"fit/ND/{k}": v for k, v in nd["params"].items()}

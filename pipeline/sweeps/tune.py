@@ -32,10 +32,12 @@ the resume first checks the stored state against the sha256 recorded in the pare
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from pipeline.config import Config, ConfigError, load, set_env_defaults
+from pipeline.sweeps import reports, store, tune_state
+from pipeline.sweeps.export import export_preset
+from pipeline.sweeps.store import masked
+from pipeline.training.driver import preflight
+from pipeline.training.ray_runtime import secure_local_ray
+from pipeline.training.resume import storage
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +112,7 @@ def parse_args(args: list[str]) -> tuple[SweepOptions, list[str]]:
         else:
             overrides.append(arg)
     if not values.get("space"):
-        from tune_spaces import SPACES
+        from tune_spaces import SPACES  # lazy: tune_spaces imports ray (see prepare)
 
         raise ConfigError(f"space: required, one of {', '.join(sorted(SPACES))} (join with '+')")
     opts = SweepOptions(**values)
@@ -131,8 +139,9 @@ def parse_args(args: list[str]) -> tuple[SweepOptions, list[str]]:
 # ------------------------------------------------------------------------------- before Ray
 def prepare(opts: SweepOptions, cfg: Config) -> dict:
     """The search space, checked with the metric against the composed config; the data checked too."""
+    # lazy: build_parser imports this module for every command, and commands without Ray never import it;
+    # these import ray (tune_spaces: ray.tune domains)
     from pipeline.sweeps.spaces import check_objective, check_space
-    from pipeline.training.driver import preflight
     from tune_spaces import get_space
     from tune_spaces.common import is_grid
 
@@ -159,8 +168,7 @@ class Location:
 def locate(cfg, opts: SweepOptions) -> Location:
     """Where the sweep's Tune state lives; refuse a name clash, a resume of nothing, and a resume
     whose state differs from the sha256 recorded in MLflow."""
-    from pipeline.sweeps import runner, tune_state
-    from pipeline.training.driver import storage
+    from pipeline.sweeps import runner  # lazy: imports ray (see prepare)
 
     name = opts.sweep or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{cfg.run.name}-{opts.space}")
     storage_path, filesystem = storage(cfg)
@@ -183,7 +191,7 @@ def locate(cfg, opts: SweepOptions) -> Location:
 def _scheduler(cfg, opts: SweepOptions, max_t: int):
     if opts.scheduler != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler  # lazy: see prepare
 
     grace = opts.grace_period or max(cfg.trainer.val_every, cfg.trainer.log_every)
     # a trial that reaches max_t = trainer.max_steps ends by itself (cleanly: its Train run
@@ -194,17 +202,17 @@ def _scheduler(cfg, opts: SweepOptions, max_t: int):
 
 def _search_alg(opts: SweepOptions, max_concurrent: int):
     if opts.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # lazy: see prepare (and optuna: only for search=optuna)
 
         return OptunaSearch(seed=opts.seed)
     # a SearchGenerator: Tune ignores max_concurrent_trials for it, so it gets its own
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator  # lazy: see prepare
 
     return BasicVariantGenerator(random_state=opts.seed, max_concurrent=max_concurrent)
 
 
 def _parent_params(opts: SweepOptions, space: dict, overrides: list[str]) -> dict:
-    from tune_spaces.common import describe
+    from tune_spaces.common import describe  # lazy: see prepare
 
     params = {f"tune.{k}": v for k, v in dataclasses.asdict(opts).items()}
     params.update({f"space.{k}": describe(v) for k, v in space.items()})
@@ -214,7 +222,8 @@ def _parent_params(opts: SweepOptions, space: dict, overrides: list[str]) -> dic
 
 def run(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Location):
     """Start the parent run and Ray, run (or restore) the trials; (settings, parent, results, max_concurrent)."""
-    from pipeline.sweeps import runner, store
+    # lazy: see prepare
+    from pipeline.sweeps import runner
     from tune_spaces.common import describe, is_grid
 
     total = opts.num_samples * math.prod(len(v["grid_search"]) for v in space.values() if is_grid(v))
@@ -275,8 +284,7 @@ def _safe(text: str) -> str:
 
 def report(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Location, settings, rows) -> dict:
     """Close the trial runs, write the summary and plot, export the best trial as a preset."""
-    from pipeline.sweeps import reports, runner, store
-    from pipeline.sweeps.export import export_preset
+    from pipeline.sweeps import runner  # lazy: see prepare
 
     try:
         store.close_trial_runs(cfg, where.name, rows)
@@ -297,13 +305,9 @@ def report(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Lo
 
 def sweep(args: list[str]) -> dict:
     """The whole `bfn tune` command; returns a summary (rows, best, paths, parent run id)."""
-    from pipeline.sweeps import store
-
     set_env_defaults()
     opts, overrides = parse_args(args)
     started = time.perf_counter()
-    from pipeline.training.driver import secure_local_ray
-
     cfg = load(overrides)
     secure_local_ray(cfg)  # before ray is imported: an embedded runtime then binds loopback only
     space = prepare(opts, cfg)
@@ -328,11 +332,7 @@ def sweep(args: list[str]) -> dict:
 
 # --------------------------------------------------------------------------------------- CLI
 def cmd_tune(args) -> int:
-    import sys
-
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.sweeps.store import masked
+    from mlflow.exceptions import MlflowException  # lazy: mlflow adds ~1.2 s to every `bfn` command
 
     try:
         sweep(list(args.args))
@@ -343,8 +343,6 @@ def cmd_tune(args) -> int:
 
 
 def register(subparsers) -> None:
-    import argparse
-
     p = subparsers.add_parser(
         "tune", help="hyper-parameter sweep (Ray Tune: ASHA, random/Optuna) over bfn train",
         description=__doc__.split("\n\n")[1] if __doc__ else None,

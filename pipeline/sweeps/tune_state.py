@@ -23,18 +23,11 @@ import hashlib
 import json
 import posixpath
 
+from pyarrow import fs
+
 from pipeline.config import ConfigError
-
-
-def _filesystem(path: str, filesystem=None):
-    """(pyarrow filesystem, path on it) of a local folder or URI, or of a path on ``filesystem``."""
-    from pyarrow import fs
-
-    if filesystem is not None:
-        return filesystem, path
-    if "://" in path:
-        return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), path
+from pipeline.core.storage import resolve
+from pipeline.sweeps import store
 
 
 def _is_restore_file(relative: str) -> bool:
@@ -44,9 +37,7 @@ def _is_restore_file(relative: str) -> bool:
 
 def state_files(path: str, filesystem=None) -> dict[str, str]:
     """{path relative to the experiment folder: sha256} of the files a restore unpickles."""
-    from pyarrow import fs
-
-    filesystem, root = _filesystem(path, filesystem)
+    filesystem, root = resolve(path, filesystem)
     root = root.rstrip("/")
     infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
     out = {}
@@ -123,8 +114,6 @@ def record_of(files: dict[str, str], before: list[str] = ()) -> dict:
 def verify(cfg, sweep_name: str, path: str, filesystem=None) -> None:
     """Before ``Tuner.restore``: the sweep's Tune state at ``path`` must match a sha256 recorded
     in its MLflow parent run. Raises ConfigError otherwise; reads the files, unpickles nothing."""
-    from pipeline.sweeps import store
-
     recorded = None
     if cfg.tracking.enabled:
         try:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from bfn.networks import count_parameters
 from pipeline import data as data_lib
 from pipeline import logs
 from pipeline.config import Config
+from pipeline.core.build import build_model
 from pipeline.secrets import mask_text
 from pipeline.training.lease import Lease, LeaseError
 from pipeline.training.ray_runtime import init_ray, secure_local_ray
@@ -46,6 +50,7 @@ def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
 
 
 def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: list | None) -> dict:
+    # the CLI imports this module before ray_env_at_entry: Ray reads its node address at import
     import ray.train
 
     manifest = preflight(cfg)
@@ -77,11 +82,6 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
 
 def _count_parameters(cfg: Config) -> int:
     """The network's parameter count, built on the meta device (no memory, no initialisation)."""
-    import torch
-
-    from bfn.networks import count_parameters
-    from pipeline.core.build import build_model
-
     with torch.device("meta"):
         return count_parameters(build_model(cfg).net)
 
@@ -89,6 +89,7 @@ def _count_parameters(cfg: Config) -> int:
 def _datasets(cfg: Config) -> dict:
     """The train and val Ray datasets, seeded; blocks reach the workers in a fixed order, so a seeded
     launch sees the same batches."""
+    # the CLI imports this module before ray_env_at_entry: Ray reads its node address at import
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -105,6 +106,8 @@ def _datasets(cfg: Config) -> dict:
 def _trainer(cfg: Config, loop_config: dict, datasets: dict, callbacks: list | None):
     """The TorchTrainer of this run: ``worker.train_fn_per_worker`` on ``trainer.num_workers`` workers,
     writing into the run folder's storage."""
+    # the CLI imports this module before ray_env_at_entry: Ray reads its node address at import (the
+    # worker's module imports ray too)
     import ray.train
     from ray.train.torch import TorchTrainer
 

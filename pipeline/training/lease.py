@@ -39,6 +39,9 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+from botocore.exceptions import ClientError
+
 from pipeline.config import ConfigError, flatten, is_under, keys_marked
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,7 @@ class S3LeaseFile:
     """Compare-and-swap on an S3 object with conditional requests; the version is its ETag."""
 
     def __init__(self, bucket: str, key: str) -> None:
+        # boto3 (~0.3 s) only for a lease on s3://
         import boto3
 
         self.client = boto3.client("s3")  # endpoint and credentials from the environment
@@ -139,7 +143,6 @@ class S3LeaseFile:
         return status in (404, 409, 412) or error.response.get("Error", {}).get("Code") == "NoSuchKey"
 
     def _put(self, data: bytes, key: str | None = None, **condition) -> str | None:
-        from botocore.exceptions import ClientError
 
         try:
             return self.client.put_object(Bucket=self.bucket, Key=key or self.key, Body=data, **condition)["ETag"]
@@ -176,7 +179,6 @@ class S3LeaseFile:
         return self._checked(data, self._put(data, IfNoneMatch="*"))
 
     def read(self) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
 
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key)
@@ -190,7 +192,6 @@ class S3LeaseFile:
         return self._checked(data, self._put(data, IfMatch=version))
 
     def delete(self, version: str) -> None:
-        from botocore.exceptions import ClientError
 
         with contextlib.suppress(ClientError):  # gone or taken over: not ours to delete
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
@@ -208,7 +209,6 @@ def lease_file(run_folder: str) -> LocalLeaseFile | S3LeaseFile | None:
 
 # ------------------------------------------------------------------------------------- lease
 def _process_started(pid: int) -> float | None:
-    import psutil
 
     try:
         return psutil.Process(pid).create_time()

@@ -22,10 +22,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from bfn import EMA
 from bfn.networks import NETWORKS, official
 from bfn.networks.official import OfficialConfigError, boolean, component, integer, number
 from pipeline.config import DATASETS, Config, ConfigError, compose
 from pipeline.core import checkpointing
+from pipeline.core.build import build_model, build_optimizer
 
 __all__ = ["PRESET_OF_CLASS", "config_overrides", "experiment_for", "hydra_overrides", "import_official",
            "project_config"]  # fmt: skip
@@ -216,6 +221,7 @@ def experiment_for(overrides: Mapping[str, Any]) -> str:
 
 def _hydra_value(value: Any) -> str:
     """A value in Hydra's override grammar (the sweeps' own writer); a value it cannot carry is a ConfigError."""
+    # tune_spaces imports ray.tune, and the CLI imports this module before ray_env_at_entry
     from tune_spaces.common import hydra_value
 
     try:
@@ -250,9 +256,6 @@ def project_config(overrides: Mapping[str, Any], extra: Sequence[str] = ()) -> d
 
 def _read_official(checkpoint_path: Path, yaml_path: Path) -> tuple[Mapping, dict]:
     """The official state dict (weights-only) and its YAML; errors name the file."""
-    import torch
-    import yaml
-
     state = checkpointing.load_tensors(checkpoint_path)  # weights-only: no pickled code runs
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise checkpointing.CheckpointError(
@@ -269,8 +272,6 @@ def _read_official(checkpoint_path: Path, yaml_path: Path) -> tuple[Mapping, dic
 
 def _converted_model(cfg: Config, official_config: dict, state: Mapping, checkpoint_path: Path, yaml_path: Path):
     """The project BFN of ``cfg`` carrying the official weights."""
-    from pipeline.core.build import build_model
-
     try:
         model = build_model(cfg)
     except ValueError as error:  # a network option the project network refuses
@@ -297,9 +298,6 @@ def import_official(
     ``overrides``: further Hydra overrides of the project config (e.g. ``run.name=...``,
     ``data.uri=...``). ``out_dir`` must not exist or be empty. Returns ``out_dir``.
     """
-    from bfn import EMA
-    from pipeline.core.build import build_optimizer
-
     checkpoint_path, yaml_path, out_dir = Path(checkpoint_path), Path(official_yaml_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise checkpointing.CheckpointError(f"{out_dir} exists and is not an empty folder: not overwritten")

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import stat
 import sys
@@ -42,7 +43,6 @@ def _local_token() -> Path:
     """This process's token file for embedded runtimes (one per process: Ray caches the token)."""
     global _local_token_path
     if _local_token_path is None or not _local_token_path.exists():
-        import secrets
 
         folder = Path(tempfile.mkdtemp(prefix="bfn-ray-auth-"))  # mode 0700
         atexit.register(shutil.rmtree, folder, True)
@@ -126,6 +126,7 @@ def embedded_ray_env() -> None:
 
 def init_ray(cfg: Config) -> None:
     secure_local_ray(cfg)  # before ray is imported (nothing to do when joining a cluster or when Ray runs)
+    # configured first: Ray reads its node address at import
     import ray
 
     if ray.is_initialized():

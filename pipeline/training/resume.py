@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, is_under, keys_marked
+from pipeline.core import checkpointing
 from pipeline.core import storage as core_storage
 from pipeline.secrets import mask_text
 from pipeline.training.lease import Lease, experiment_differences
@@ -55,8 +56,6 @@ def check_resume(cfg: Config) -> tuple[Any, str] | None:
     ``run.init_from`` must be a readable checkpoint and is ignored once the run has its own.
     Returns (the run folder's pyarrow filesystem, the path on it of its newest complete checkpoint),
     or None when it has none."""
-    from pipeline.core import checkpointing
-
     filesystem, folder = core_storage.resolve(run_folder(cfg))
     found = checkpointing.latest_config(filesystem, folder)
     if found is None:
@@ -80,7 +79,6 @@ def check_resume(cfg: Config) -> tuple[Any, str] | None:
 
 
 def _check_init_from(cfg: Config) -> None:
-    from pipeline.core import checkpointing
 
     try:
         saved = checkpointing.read_for_init(cfg.run.init_from, map_location="meta")["config"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.train
 import torch
 
 from bfn import BFN, EMA
@@ -66,8 +67,6 @@ def restore(cfg: Config, state: TrainState, newest_checkpoint, *, device, rank: 
     """Resume ``state`` from Ray's checkpoint or the driver's newer ``newest_checkpoint`` (chosen by rank 0
     alone, the same on every rank: ``checkpointing.resume_state``), or start it from ``run.init_from``'s
     weights; then seed the ranks that did not get their RNG back."""
-    import ray.train
-
     saved = checkpointing.resume_state(ray.train.get_checkpoint(), newest_checkpoint, device, rank, world)
     if saved:
         state.load(saved)

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.data
+import ray.train
+import ray.train.torch
 import torch
 
 from bfn.networks import count_parameters
@@ -37,6 +40,7 @@ from pipeline.config import Config
 from pipeline.core import checkpointing
 from pipeline.core.build import lr_at
 from pipeline.evaluation import figures
+from pipeline.evaluation.quality import quality_point
 from pipeline.tracking import MLflowTracker, NullTracker
 from pipeline.training import steps, train_state
 from pipeline.training.cadence import Actions, Cadence
@@ -98,8 +102,6 @@ def _model_batch(cfg: Config, x: torch.Tensor, rank: int, step: int) -> torch.Te
 def _build(cfg: Config, device, *, rank: int, world: int, newest_checkpoint) -> tuple[TrainState, CompiledStep]:
     """The train state, resumed or initialised (``train_state.restore``), and the step that trains it
     (on the DDP wrapper of its model when there are several workers)."""
-    import ray.train.torch
-
     state = train_state.new_state(cfg, device)
     train_state.restore(cfg, state, newest_checkpoint, device=device, rank=rank, world=world)
     # DDP compares strides literally and warns once (six lines) when a 1x1 conv's channels_last gradient
@@ -193,17 +195,11 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
 
 def _shard(name: str):
     """This worker's shard of the dataset ``name`` (Ray Train's ``get_dataset_shard``)."""
-    import ray.train
-
     return ray.train.get_dataset_shard(name)
 
 
 def _start(cfg: Config, runtime: Runtime) -> tuple[WorkerContext, TrainState, CompiledStep]:
     """This worker's context (logging, threads, device, tracker) and its train state, built or resumed."""
-    import ray.data
-    import ray.train
-    import ray.train.torch
-
     ray_context = ray.train.get_context()
     rank, world = ray_context.get_world_rank(), ray_context.get_world_size()
     _configure_logging(rank, runtime.verbose)
@@ -299,8 +295,6 @@ def _abort_bad_steps(ctx: WorkerContext, state: TrainState, metrics: dict[str, f
 def _report(ctx: WorkerContext, state: TrainState, metrics: dict[str, float], progress: Progress, *,
             checkpoint: bool) -> None:  # fmt: skip
     """Every rank reports on the same steps (a barrier); rank 0 logs and attaches the checkpoint."""
-    import ray.train
-
     if metrics:
         ctx.tracker.log_metrics(metrics, state.step)
         progress.last.update(metrics)
@@ -380,7 +374,6 @@ def _samples(ctx: WorkerContext, ema_model, step: int) -> dict[str, float]:
         ctx.tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
     if cfg.eval.quality_samplers:
-        from pipeline.evaluation.quality import quality_point
 
         metrics.update(quality_point(ema_model, cfg, step, ctx.run_dir / "quality"))
         for path in sorted((ctx.run_dir / "quality").glob(f"*_step{step:08d}.*")):

@@ -214,8 +214,8 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
 # the upload began ("before"). The fault goes in through Ray's own save path, not the project's.
 KILLER = """
 import os, signal, sys
-from pipeline.training import driver
-driver.ray_env_at_entry()  # what `bfn` does before anything imports ray
+from pipeline.training.ray_runtime import ray_env_at_entry
+ray_env_at_entry()  # what `bfn` does before anything imports ray
 from ray.tune.execution import experiment_state
 from pipeline import cli
 

@@ -20,18 +20,12 @@ import torch
 
 import bfn.samplers
 from pipeline import data as data_lib
-from pipeline.config import ConfigError, check_count, parse_nfe, parse_samplers
+from pipeline.config import check_count, default_runs_dir, parse_grid, parse_nfe, parse_samplers
 from pipeline.evaluation import figures
+from pipeline.evaluation.evaluate import load_model
 from pipeline.evaluation.quality import metrics as qm
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------- parsing
-def parse_grid(grid: str | None, flag: str = "--grid") -> str | None:
-    if grid is not None and grid not in bfn.samplers.GRIDS:
-        raise ConfigError(f"{flag}: must be one of {', '.join(bfn.samplers.GRIDS)} (got {grid!r})")
-    return grid
 
 
 # -------------------------------------------------------------------------------------- sampling
@@ -150,19 +144,10 @@ def _solver_grid(model, grid: str | None) -> str:
             f"{solver.DEFAULT_T_START:g}; paper: the paper's sampler, uniform steps, last call at t = 1")
 
 
-def default_runs_dir() -> Path:
-    """runs/ of the environment running the command (BFN_RUNS_DIR / BFN_ROOT), as `bfn train` uses."""
-    from pipeline.config import compose
-
-    return Path(compose([])["paths"]["runs_dir"])
-
-
 def quality(checkpoint, overrides=(), *, samplers, nfe, num: int = 256, seeds: int = 3, batch_size: int = 256,
             out=None, cache=None, device: str | None = None, use_ema: bool = True, grid: str | None = None
             ) -> tuple[list[Row], str]:  # fmt: skip
     """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text)."""
-    from pipeline.evaluation.evaluate import load_model
-
     samplers, nfes, grid = parse_samplers(samplers), parse_nfe(nfe), parse_grid(grid)
     num, seeds, batch_size = (check_count(f, v, 1) for f, v in (("--num", num), ("--seeds", seeds),
                                                                  ("--batch-size", batch_size)))  # fmt: skip
