@@ -58,3 +58,26 @@ def test_cpu_meter_attributes_core_time_to_roles(monkeypatch):
     assert shares == {"training worker": 18 / 20, "Ray Data actors": 0.5 / 20, "Ray daemons": 0.5 / 20}
     assert list(shares)[0] == "training worker"  # largest first
     assert meter.shares(11.0, 19.0) == {}  # fewer than two samples inside
+
+
+def test_an_idle_worker_that_becomes_the_training_worker_is_filed_as_one(monkeypatch):
+    """Ray starts a worker process as ray::IDLE and renames it when it becomes an actor: the meter
+    must not keep the first name (it filed the training worker under idle workers)."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from pipeline.bench import bench
+
+    title = ["ray::IDLE"]
+    proc = SimpleNamespace(pid=4242, cpu_times=lambda: SimpleNamespace(user=1.0, system=0.0), cmdline=lambda: title)
+    monkeypatch.setattr(psutil, "process_iter", lambda attrs=None: [proc])
+    meter = bench.CpuMeter()
+    meter._snapshot()
+    assert meter.roles[4242] == bench.IDLE
+    title[:] = ["ray::RayTrainWorker.run_train_fn"]
+    meter._snapshot()
+    assert meter.roles[4242] == "training worker"
+    title[:] = ["ray::IDLE"]  # a role, once known, is kept (an actor's process is never reused)
+    meter._snapshot()
+    assert meter.roles[4242] == "training worker"
