@@ -1,6 +1,9 @@
 """Config: compose the Hydra tree (pipeline/conf), validate it once against one typed schema, and
 hand Ray a plain dict.
 
+(Longer than 500 lines because it is the one schema: every config group's dataclass and its checks,
+so each key's rule and metadata read in one place.)
+
 ``compose(overrides)`` returns the resolved config as a plain dict with absolute paths;
 ``Config.from_dict`` turns it into the typed sections below and validates them. The dataclasses are
 the schema: every key of the YAML tree is a field, and every check raises ``ConfigError`` naming

@@ -1,5 +1,8 @@
 """Fault injection for the fault-tolerance and security tests (tests/integration/test_faults.py).
 
+(Longer than 500 lines: every fault injector of the fault tests, each small, kept in one module the
+tests import.)
+
 What is here, each acting on this machine only:
 
 * processes: find them by PID -- an environment marker they inherited, their session id, or a

@@ -135,3 +135,14 @@ def test_bfn_knows_no_pipeline_config_keys_or_presets():
     preset names belong in pipeline/ (e.g. the official-config mapping, pipeline/training/official.py)."""
     found = pipeline_knowledge_in(REPO / "bfn")
     assert not found, "pipeline knowledge in bfn/:\n" + "\n".join(found)
+
+
+def test_long_modules_say_why_at_their_top():
+    """No module over 500 lines without a reason in the first lines of its docstring (STYLE)."""
+    long = []
+    for package in ("bfn", "pipeline", "tune_spaces", "tests"):
+        for path in (REPO / package).rglob("*.py"):
+            text = path.read_text()
+            if text.count("\n") > 500 and "Longer than 500 lines" not in "\n".join(text.splitlines()[:8]):
+                long.append(str(path.relative_to(REPO)))
+    assert long == [], f"over 500 lines without a reason at the top: {long}"

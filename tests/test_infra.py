@@ -2,6 +2,8 @@
 MLflow servers authenticate, pods are hardened, images are pinned (`bfn submit` / `bfn stack`:
 tests/test_submit.py). No Ray, no servers.
 
+(Longer than 500 lines: one check per infra/ file kind, fast and independent.)
+
 What "not exposed" means here: nothing publishes the Ray dashboard/job API or MLflow beyond
 127.0.0.1 or the cluster network. On VMs (cluster.yaml) the dashboard binds 127.0.0.1 and the
 security group opens no port for it; with Compose, ports are published on 127.0.0.1 only; on

@@ -1,5 +1,8 @@
 """Raw sources: where the canonical files come from, verified downloads, and their parsers.
 
+(Longer than 500 lines because each of the three datasets' download, verification and parser sit
+together; split per dataset they would repeat the verified-download code.)
+
 ``locate`` turns a ``source`` (None = the bundled files under ``data/raw``; ``"download"`` = the
 canonical public file; a URL; a local archive file; a folder) into a local path, and ``load``
 parses it into numpy arrays: MNIST IDX (.gz or raw), the CIFAR-10 python pickles (read by a

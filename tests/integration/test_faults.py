@@ -1,5 +1,8 @@
 """Faults injected for real into the training path (Ray Train workers, MLflow, S3 on moto).
 
+(Longer than 500 lines: each fault is one long real run; they share fixtures and the README fault
+table's order.)
+
 Each test breaks something the way it breaks in production and checks what survives:
 
 * a Train worker (rank 0, the one that logs and checkpoints) is SIGKILLed mid-run;

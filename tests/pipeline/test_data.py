@@ -1,5 +1,7 @@
 """Tests of the data layer (pipeline/data/): prepare -> verify -> read, preprocessing, errors.
 
+(Longer than 500 lines: the data layer's tests, one per rule of the manifest and the readers.)
+
 Fast tests use small generated IDX files plus the bundled CIFAR-10 subset and text8 prefix; one
 test prepares the real bundled MNIST (about 3 s). The ``slow`` tests use the session ``ray_local``
 runtime and a moto S3 server. Sources and downloads: test_data_sources.py; the manifest schema:

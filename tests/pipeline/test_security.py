@@ -1,5 +1,7 @@
 """Unsafe input is refused and secrets stay secret (fast; no Ray, except the standalone tests below).
 
+(Longer than 500 lines: one test per safety finding, grouped by what they protect.)
+
 * Checkpoints are loaded weights-only: a .pt whose unpickling would run code (it would write a
   marker file) is refused by `checkpointing.read` (what a resume calls), `bfn eval` and `bfn sample`
   with CheckpointError / exit status 2, and the marker never appears. The payload is first shown to
