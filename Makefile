@@ -44,7 +44,8 @@ run: $(STAMP)  ## the main job: ~10 min binarized-MNIST BFN on a local 2-worker 
 bench: $(STAMP)  ## benchmarks: training step vs bare network, Ray loop vs plain loop
 	$(BIN)/bfn bench
 
-lint: $(STAMP)  ## ruff and the layer contracts (import-linter, pyproject.toml)
+lint: $(STAMP)  ## ruff (format and lint) and the layer contracts (import-linter, pyproject.toml)
+	$(BIN)/ruff format --check bfn pipeline tune_spaces tests
 	$(BIN)/ruff check bfn pipeline tune_spaces tests
 	$(BIN)/lint-imports
 

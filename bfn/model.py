@@ -71,8 +71,7 @@ class BFN(nn.Module):
         Shape and dtype always; values (range, finiteness) when ``check_values`` is on."""
         if tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(
-                f"data shape must be (batch, {', '.join(map(str, self.data_shape))}), "
-                f"got {tuple(x.shape)}"
+                f"data shape must be (batch, {', '.join(map(str, self.data_shape))}), got {tuple(x.shape)}"
             )
         if self.discrete:
             if x.dtype.is_floating_point or x.dtype == torch.bool:
@@ -91,13 +90,9 @@ class BFN(nn.Module):
         if self.discrete:
             K = self.flow.num_classes
             if x.min() < 0 or x.max() >= K:
-                raise ValueError(
-                    f"discrete data must lie in [0, {K - 1}], got [{x.min().item()}, {x.max().item()}]"
-                )
+                raise ValueError(f"discrete data must lie in [0, {K - 1}], got [{x.min().item()}, {x.max().item()}]")
         elif x.min() < -1 or x.max() > 1 or not torch.isfinite(x).all():
-            raise ValueError(
-                f"continuous data must lie in [-1, 1], got [{x.min().item()}, {x.max().item()}]"
-            )
+            raise ValueError(f"continuous data must lie in [-1, 1], got [{x.min().item()}, {x.max().item()}]")
 
     def output_distribution(self, params, t: Tensor):
         """Run the network on input params at t (B, 1) and build p_O. Loss math stays float32."""
@@ -144,12 +139,15 @@ class BFN(nn.Module):
         with self._no_autocast(t):
             if self.discrete:
                 return losses.n_step_loss_discrete(
-                    self.flow, dist, x, t, num_steps,
-                    num_samples=self.num_mc_samples, receiver=self.receiver,
+                    self.flow,
+                    dist,
+                    x,
+                    t,
+                    num_steps,
+                    num_samples=self.num_mc_samples,
+                    receiver=self.receiver,
                 )
-            return losses.n_step_loss_continuous(
-                self.flow, dist, x, t, num_steps, num_samples=self.num_mc_samples
-            )
+            return losses.n_step_loss_continuous(self.flow, dist, x, t, num_steps, num_samples=self.num_mc_samples)
 
     def bound_loss(self, x: Tensor, num_steps: int) -> Tensor:
         """The loss term of the NLL bound per example (B,): L^n for n >= 1, L^inf for n = 0.
@@ -209,8 +207,14 @@ class BFN(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return samplers.sample(
-            self, batch_size, sampler=sampler, nfe=num_steps + 1, generator=generator,
-            device=device, return_sample=return_sample, t_start=t_start,
+            self,
+            batch_size,
+            sampler=sampler,
+            nfe=num_steps + 1,
+            generator=generator,
+            device=device,
+            return_sample=return_sample,
+            t_start=t_start,
         )
 
 
@@ -226,8 +230,6 @@ def _check_pairing(flow, head) -> None:
             raise ValueError(f"{K}-class data need a categorical head, got {type(head).__name__}")
     elif isinstance(flow, ContinuousFlow):
         if not isinstance(head, DiscretizedNormalHead | DeltaHead):
-            raise ValueError(
-                f"continuous data need a discretized-normal or delta head, got {type(head).__name__}"
-            )
+            raise ValueError(f"continuous data need a discretized-normal or delta head, got {type(head).__name__}")
     else:
         raise ValueError(f"flow must be a ContinuousFlow or DiscreteFlow, got {type(flow).__name__}")

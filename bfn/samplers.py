@@ -116,8 +116,14 @@ def sample(
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     device = device or _model_device(model)
     return SAMPLERS[sampler](
-        model, num_samples, int(nfe),
-        generator=generator, device=device, return_sample=return_sample, t_start=t_start, grid=grid,
+        model,
+        num_samples,
+        int(nfe),
+        generator=generator,
+        device=device,
+        return_sample=return_sample,
+        t_start=t_start,
+        grid=grid,
     )
 
 
@@ -173,7 +179,11 @@ def sde2(model: BFN, num_samples: int, nfe: int, **kwargs) -> Tensor:
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "paper": paper, "ode1": ode1, "ode2": ode2, "sde1": sde1, "sde2": sde2,
+    "paper": paper,
+    "ode1": ode1,
+    "ode2": ode2,
+    "sde1": sde1,
+    "sde2": sde2,
 }
 
 
@@ -181,8 +191,9 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 GRIDS = ("uniform", "logsnr")
 
 
-def solver_times(nfe: int, t_start: float, grid: str = "uniform",
-                 solver: ContinuousSolver | DiscreteSolver | None = None) -> list[float]:  # fmt: skip
+def solver_times(
+    nfe: int, t_start: float, grid: str = "uniform", solver: ContinuousSolver | DiscreteSolver | None = None
+) -> list[float]:
     """The ``nfe`` call times from t_start: BFN-Solver's uniform grid, or uniform in ``solver``'s
     log-SNR up to t = 1 (one call: t_start alone)."""
     if not 0.0 < t_start < 1.0:
@@ -213,16 +224,21 @@ def _solve(
     """Run a BFN-Solver: nfe - 1 solver steps on ``solver_times``, then the last prediction."""
     device = device or _model_device(model)
     solver = make_solver(model.flow)
-    times = solver_times(nfe, solver.DEFAULT_T_START if t_start is None else t_start,
-                         solver.DEFAULT_GRID if grid is None else grid, solver)  # fmt: skip
+    times = solver_times(
+        nfe,
+        solver.DEFAULT_T_START if t_start is None else t_start,
+        solver.DEFAULT_GRID if grid is None else grid,
+        solver,
+    )
     state = solver.initial_state(num_samples, model.num_dims, times[0], generator, device)
     previous = None  # (time, prediction) of the call before, for the second-order steps
     for j in range(nfe - 1):
         prediction = solver.prediction(_output(model, solver, state, times[j]))
         noise = _standard_normal(state, generator) if stochastic else None
         with torch.autocast(device_type=state.device.type, enabled=False):
-            state = solver.step(state, prediction, times[j], times[j + 1],
-                                previous=previous if order == 2 else None, noise=noise)
+            state = solver.step(
+                state, prediction, times[j], times[j + 1], previous=previous if order == 2 else None, noise=noise
+            )
         previous = (times[j], prediction)
     dist = _output(model, solver, state, times[nfe - 1])
     return _result(model, dist, num_samples, generator, return_sample)
@@ -295,8 +311,16 @@ class ContinuousSolver:
     def prediction(self, dist) -> Tensor:
         return dist.data_mean.float()  # (B, D)
 
-    def step(self, mean: Tensor, prediction: Tensor, s: float, t: float, *,
-             previous: tuple[float, Tensor] | None = None, noise: Tensor | None = None) -> Tensor:
+    def step(
+        self,
+        mean: Tensor,
+        prediction: Tensor,
+        s: float,
+        t: float,
+        *,
+        previous: tuple[float, Tensor] | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
         """mu_s -> mu_t (s < t): an ODE step, or an SDE step when ``noise`` (B, D) is given."""
         alpha_s, sigma_s, lambda_s = self.coefficients(s)
         alpha_t, sigma_t, lambda_t = self.coefficients(t)
@@ -351,8 +375,16 @@ class DiscreteSolver:
     def prediction(self, dist) -> Tensor:
         return dist.probs.float()  # (B, D, K)
 
-    def step(self, logits: Tensor, prediction: Tensor, s: float, t: float, *,
-             previous: tuple[float, Tensor] | None = None, noise: Tensor | None = None) -> Tensor:
+    def step(
+        self,
+        logits: Tensor,
+        prediction: Tensor,
+        s: float,
+        t: float,
+        *,
+        previous: tuple[float, Tensor] | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
         """y_s -> y_t (s < t): an ODE step, or an SDE step when ``noise`` (B, D, K) is given."""
         K, beta_1 = self.num_classes, self.beta_1
         drift = K * prediction - 1

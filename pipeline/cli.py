@@ -34,22 +34,50 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    evaluate(args.checkpoint, args.overrides, split=args.split, num_steps=args.steps, repeats=args.repeats,
-             max_batches=args.max_batches, use_ema=not args.raw_weights, target_se=args.target_se)  # fmt: skip
+    evaluate(
+        args.checkpoint,
+        args.overrides,
+        split=args.split,
+        num_steps=args.steps,
+        repeats=args.repeats,
+        max_batches=args.max_batches,
+        use_ema=not args.raw_weights,
+        target_se=args.target_se,
+    )
     return 0
 
 
 def cmd_sample(args) -> int:
-    path = sample(args.checkpoint, num=args.num, num_steps=args.steps, nfe=args.nfe, sampler=args.sampler,
-                  seed=args.seed, out=args.out, use_ema=not args.raw_weights, grid=args.grid)  # fmt: skip
+    path = sample(
+        args.checkpoint,
+        num=args.num,
+        num_steps=args.steps,
+        nfe=args.nfe,
+        sampler=args.sampler,
+        seed=args.seed,
+        out=args.out,
+        use_ema=not args.raw_weights,
+        grid=args.grid,
+    )
     logging.getLogger(__name__).info("samples written to %s", path)
     return 0
 
 
 def cmd_quality(args) -> int:
-    _, table = quality(args.checkpoint, args.overrides, samplers=args.sampler, nfe=args.nfe, num=args.num,
-                       seeds=args.seeds, batch_size=args.batch_size, out=args.out, cache=args.cache,
-                       device=args.device, use_ema=not args.raw_weights, grid=args.grid)  # fmt: skip
+    _, table = quality(
+        args.checkpoint,
+        args.overrides,
+        samplers=args.sampler,
+        nfe=args.nfe,
+        num=args.num,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        out=args.out,
+        cache=args.cache,
+        device=args.device,
+        use_ema=not args.raw_weights,
+        grid=args.grid,
+    )
     print(table)  # the table is the command's result
     return 0
 
@@ -78,9 +106,11 @@ def cmd_data_verify(args) -> int:
 
 def cmd_import_official(args) -> int:
     folder = import_official(args.checkpoint, args.config, args.out, overrides=args.overrides)
-    print(f"imported {args.checkpoint} -> {folder}\n"
-          f"  evaluate:  bfn eval {folder}\n  sample:    bfn sample {folder}\n"
-          f"  fine-tune: bfn train experiment=... run.name=NEW run.init_from={folder}")  # fmt: skip
+    print(
+        f"imported {args.checkpoint} -> {folder}\n"
+        f"  evaluate:  bfn eval {folder}\n  sample:    bfn sample {folder}\n"
+        f"  fine-tune: bfn train experiment=... run.name=NEW run.init_from={folder}"
+    )
     return 0
 
 
@@ -99,12 +129,23 @@ def _add_train_and_eval(sub) -> None:
     p = sub.add_parser("eval", help="NLL of a checkpoint (n-step loss L^n or continuous-time L∞, + reconstruction)")
     p.add_argument("checkpoint", help="checkpoint folder (local)")
     p.add_argument("--split", default="test")
-    p.add_argument("--steps", default=None,
-                   help="n of the n-step loss L^n; 0 or inf: the continuous-time loss L∞ (default: eval.nll_steps)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="passes over the split (default: eval.nll_repeats); the cap with --target-se")
-    p.add_argument("--target-se", type=float, default=None,
-                   help="repeat passes until the NLL's standard error (in eval.unit) is at most this")
+    p.add_argument(
+        "--steps",
+        default=None,
+        help="n of the n-step loss L^n; 0 or inf: the continuous-time loss L∞ (default: eval.nll_steps)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="passes over the split (default: eval.nll_repeats); the cap with --target-se",
+    )
+    p.add_argument(
+        "--target-se",
+        type=float,
+        default=None,
+        help="repeat passes until the NLL's standard error (in eval.unit) is at most this",
+    )
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     _overrides(p)
@@ -120,12 +161,18 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument("--num", default=64, help="number of samples")
     p.add_argument("--sampler", default="paper", help="paper, ode1, ode2, sde1 or sde2 (see bfn/samplers.py)")
     p.add_argument("--nfe", default=None, help="network calls (>= 1); nfe = steps + 1 for every sampler")
-    p.add_argument("--steps", default=None,
-                   help="updates before the last call (default 100, i.e. --nfe 101); give --steps or --nfe")
+    p.add_argument(
+        "--steps",
+        default=None,
+        help="updates before the last call (default 100, i.e. --nfe 101); give --steps or --nfe",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help=GRID_HELP)
-    p.add_argument("--out", default=None,
-                   help="output path stem (default: runs/samples/RUN_CKPT_SAMPLER_nfeN_seedS; never the checkpoint)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output path stem (default: runs/samples/RUN_CKPT_SAMPLER_nfeN_seedS; never the checkpoint)",
+    )
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_sample)
 
@@ -137,8 +184,11 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument("--seeds", default=3, help="seeds 0..N-1; cells show mean ± standard deviation over them")
     p.add_argument("--batch-size", default=256, help="samples drawn per batch")
     p.add_argument("--grid", default=None, help=GRID_HELP)
-    p.add_argument("--out", default=None,
-                   help="output stem: writes STEM.csv, STEM.md and STEM_samples/ (default: runs/quality/RUN_CKPT)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output stem: writes STEM.csv, STEM.md and STEM_samples/ (default: runs/quality/RUN_CKPT)",
+    )
     p.add_argument("--cache", default=None, help="classifier cache folder (default: runs/quality/classifiers)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
@@ -152,10 +202,14 @@ def _add_data_and_import(sub) -> None:
     q = data_sub.add_parser("prepare", help="raw data -> Parquet shards + manifest")
     q.add_argument("dataset", choices=["mnist", "cifar10", "text8"])
     q.add_argument("--out", default=None, help="folder or s3://bucket/prefix (default: data/shards/NAME)")
-    q.add_argument("--source", default=None, metavar="FILE|FOLDER|URL|bundled|download",
-                   help="an archive (cifar-10-python.tar.gz, text8.zip), a folder holding the files, a URL, "
-                        "'bundled' (data/raw) or 'download' (the canonical file, sha256-checked); default: "
-                        "bundled for mnist (complete), download for cifar10 and text8")  # fmt: skip
+    q.add_argument(
+        "--source",
+        default=None,
+        metavar="FILE|FOLDER|URL|bundled|download",
+        help="an archive (cifar-10-python.tar.gz, text8.zip), a folder holding the files, a URL, "
+        "'bundled' (data/raw) or 'download' (the canonical file, sha256-checked); default: "
+        "bundled for mnist (complete), download for cifar10 and text8",
+    )
     q.add_argument("--seq-len", type=int, default=256, help="text8 window length")
     q.set_defaults(func=cmd_data_prepare)
     q = data_sub.add_parser("verify", help="check a prepared dataset's manifest, shards and checksums")
@@ -172,12 +226,20 @@ def _add_data_and_import(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
-    p.add_argument("which", nargs="?", default="all", choices=["all", "step", "pipeline", "device"],
-                   help="device: the paper networks' step and sampler on --device (beside --official)")
+    p.add_argument(
+        "which",
+        nargs="?",
+        default="all",
+        choices=["all", "step", "pipeline", "device"],
+        help="device: the paper networks' step and sampler on --device (beside --official)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--device", default="cuda", help="device mode: cuda or cpu")
-    p.add_argument("--networks", default="text8:416,text8:64,cifar10:32,cifar10:128,mnist:512",
-                   help="device mode: NAME[:BATCH],... of text8, cifar10, mnist")
+    p.add_argument(
+        "--networks",
+        default="text8:416,text8:64,cifar10:32,cifar10:128,mnist:512",
+        help="device mode: NAME[:BATCH],... of text8, cifar10, mnist",
+    )
     p.add_argument("--official", default=None, help="device mode: a checkout of the official BFN code")
     p.add_argument("--warmup", type=int, default=4, help="device mode: untimed steps first")
     p.add_argument("--sample-steps", type=int, default=100, help="device mode: sampler steps")
@@ -192,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train_and_eval, _add_sample_and_quality, _add_data_and_import, _add_bench):
         add(sub)
-    for module in ("pipeline.sweeps.tune", "pipeline.sweeps.scaling", "pipeline.cluster.submit",
-                   "pipeline.cluster.devstack"):  # fmt: skip
+    for module in (
+        "pipeline.sweeps.tune",
+        "pipeline.sweeps.scaling",
+        "pipeline.cluster.submit",
+        "pipeline.cluster.devstack",
+    ):
         try:
             importlib.import_module(module).register(sub)
         except ModuleNotFoundError as error:

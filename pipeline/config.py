@@ -91,8 +91,12 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
         raise ConfigError(f"config: {error}".replace("\n", " ")) from None
     net = resolved.get("net")
     if isinstance(net, dict) and choices.get("net") and net.get("name") != choices["net"]:
-        _fail("net.name", f"names the network preset the config was composed from (net={choices['net']}); "
-              "choose a network with the group, net=<preset>", net.get("name"))  # fmt: skip
+        _fail(
+            "net.name",
+            f"names the network preset the config was composed from (net={choices['net']}); "
+            "choose a network with the group, net=<preset>",
+            net.get("name"),
+        )
     return absolutize(resolved)
 
 
@@ -103,19 +107,26 @@ def default_runs_dir() -> Path:
 
 def absolutize(config: dict) -> dict:
     """Make the local paths absolute: Ray Train workers chdir to their own folder."""
+
     def local(path: str | None) -> str | None:
         if not path or "://" in str(path):  # empty: left for validation to name
             return path
         return str(Path(path).expanduser().resolve())
 
-    for section, key in (("paths", "root"), ("paths", "data_dir"), ("paths", "runs_dir"),
-                         ("data", "uri"), ("run", "storage_path"), ("run", "init_from"),
-                         ("tracking", "artifact_location")):  # fmt: skip
+    for section, key in (
+        ("paths", "root"),
+        ("paths", "data_dir"),
+        ("paths", "runs_dir"),
+        ("data", "uri"),
+        ("run", "storage_path"),
+        ("run", "init_from"),
+        ("tracking", "artifact_location"),
+    ):
         if isinstance(config.get(section), dict) and config[section].get(key) is not None:
             config[section][key] = local(config[section][key])
     uri = config.get("tracking", {}).get("uri")
     if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        config["tracking"]["uri"] = "sqlite:///" + local(uri[len("sqlite:///"):])
+        config["tracking"]["uri"] = "sqlite:///" + local(uri[len("sqlite:///") :])
     return config
 
 
@@ -146,8 +157,16 @@ def net_presets() -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------- value checks
-def _number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:  # fmt: skip
+def _number(
+    key: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         _fail(key, "must be a finite number", value)
     if integer and int(value) != value:
@@ -195,8 +214,10 @@ def parse_samplers(text: str | list[str], flag: str = "--sampler", *, several: b
     known = sorted(bfn.samplers.SAMPLERS)
     for name in names:
         if name not in bfn.samplers.SAMPLERS or (len(names) > 1 and not several):
-            raise ConfigError(f"{flag}: must be one of {', '.join(known)}"
-                              f"{', or a comma-separated list of them' if several else ''} (got {text!r})")  # fmt: skip
+            raise ConfigError(
+                f"{flag}: must be one of {', '.join(known)}"
+                f"{', or a comma-separated list of them' if several else ''} (got {text!r})"
+            )
     if not names:
         raise ConfigError(f"{flag}: name at least one sampler ({', '.join(known)})")
     return list(dict.fromkeys(names))
@@ -277,8 +298,11 @@ class DataConfig:
         _number("data.val_batch_size", self.val_batch_size, low=1, integer=True)
         workers = config.trainer.num_workers
         if self.batch_size % workers:
-            _fail("data.batch_size", f"is the global batch: must be divisible by trainer.num_workers={workers}",
-                  self.batch_size)  # fmt: skip
+            _fail(
+                "data.batch_size",
+                f"is the global batch: must be divisible by trainer.num_workers={workers}",
+                self.batch_size,
+            )
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -308,8 +332,9 @@ class FlowConfig:
         kind, head = f"flow.kind={self.kind}", f"flow.head={self.head}"
         if _applies("flow.num_classes", self.num_classes, discrete, kind, "classes of discrete data"):
             if self.num_classes != data.num_classes:
-                _fail("flow.num_classes", f"must be {data.num_classes} for data.name={config.data.name}",
-                      self.num_classes)  # fmt: skip
+                _fail(
+                    "flow.num_classes", f"must be {data.num_classes} for data.name={config.data.name}", self.num_classes
+                )
             if self.head == "bernoulli" and self.num_classes != 2:
                 _fail("flow.head", f"{self.num_classes}-class data need categorical", self.head)
         if _applies("flow.beta_1", self.beta_1, discrete, kind, "discrete schedule; continuous uses flow.sigma_1"):
@@ -320,11 +345,21 @@ class FlowConfig:
             _flag("flow.noise_prediction", self.noise_prediction)
         if _applies("flow.receiver", self.receiver, discrete, kind, "the n-step receiver of discrete data"):
             _choice("flow.receiver", self.receiver, ("reference", "paper"))
-        if _applies("flow.num_mc_samples", self.num_mc_samples, not delta, head,
-                    "sender draws of the n-step loss; the delta output's is closed-form"):  # fmt: skip
+        if _applies(
+            "flow.num_mc_samples",
+            self.num_mc_samples,
+            not delta,
+            head,
+            "sender draws of the n-step loss; the delta output's is closed-form",
+        ):
             _number("flow.num_mc_samples", self.num_mc_samples, low=1, integer=True)
-        if _applies("flow.reconstruction_std_scale", self.reconstruction_std_scale, delta, head,
-                    "width of the delta output's reconstruction; other heads score the data directly"):  # fmt: skip
+        if _applies(
+            "flow.reconstruction_std_scale",
+            self.reconstruction_std_scale,
+            delta,
+            head,
+            "width of the delta output's reconstruction; other heads score the data directly",
+        ):
             _number("flow.reconstruction_std_scale", self.reconstruction_std_scale, low=0, low_open=True)
 
 
@@ -346,8 +381,12 @@ class NetConfig:
         _choice("net.arch", self.arch, NETWORKS)
         network, need = NETWORKS[self.arch], DATASETS[config.data.name].network_kind
         if network.kind != need:
-            _fail("net.arch", f"takes {network.kind} data; data.name={config.data.name} needs a network for "
-                  f"{need} data (net=<preset>)", self.arch)  # fmt: skip
+            _fail(
+                "net.arch",
+                f"takes {network.kind} data; data.name={config.data.name} needs a network for "
+                f"{need} data (net=<preset>)",
+                self.arch,
+            )
         if not isinstance(self.kwargs, dict):
             _fail("net.kwargs", "must be a mapping of constructor arguments", self.kwargs)
         takes = [a for a in constructor_args(self.arch) if a not in network.data_keys]
@@ -355,8 +394,11 @@ class NetConfig:
             if key in network.data_keys:
                 _fail(f"net.kwargs.{key}", "is set from the data and flow groups; remove it", value)
             if key not in takes:
-                _fail(f"net.kwargs.{key}", f"is not an argument of {network.cls.__name__}; it takes "
-                      f"{', '.join(takes)}", value)  # fmt: skip
+                _fail(
+                    f"net.kwargs.{key}",
+                    f"is not an argument of {network.cls.__name__}; it takes {', '.join(takes)}",
+                    value,
+                )
 
 
 @dataclass(frozen=True)
@@ -402,8 +444,7 @@ class TrainerConfig:
     def validate(self, config: Config) -> None:
         _number("trainer.num_workers", self.num_workers, low=1, integer=True)
         _number("trainer.cpus_per_worker", self.cpus_per_worker, low=0, low_open=True)
-        for key in ("max_steps", "log_every", "val_every", "checkpoint_every", "num_to_keep",
-                    "max_bad_steps"):  # fmt: skip
+        for key in ("max_steps", "log_every", "val_every", "checkpoint_every", "num_to_keep", "max_bad_steps"):
             _number(f"trainer.{key}", getattr(self, key), low=1, integer=True)
         _number("trainer.max_failures", self.max_failures, low=-1, integer=True)
         _number("trainer.max_minutes", self.max_minutes, low=0)
@@ -411,8 +452,9 @@ class TrainerConfig:
         for key in ("use_gpu", "amp", "compile"):
             _flag(f"trainer.{key}", getattr(self, key))
         if self.amp and not self.use_gpu:
-            _fail("trainer.amp", "bf16 autocast runs on GPUs only and trainer.use_gpu is false; set it to false",
-                  self.amp)  # fmt: skip
+            _fail(
+                "trainer.amp", "bf16 autocast runs on GPUs only and trainer.use_gpu is false; set it to false", self.amp
+            )
 
 
 @dataclass(frozen=True)
@@ -428,8 +470,11 @@ class RunConfig:
     def validate(self, config: Config) -> None:
         # a name is one folder below run.storage_path: never "." / ".." / hidden, at most 128 characters
         if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
-            _fail("run.name", "must start with a letter or digit, then letters, digits, '-', '_' or '.' "
-                  "(at most 128 characters)", self.name)  # fmt: skip
+            _fail(
+                "run.name",
+                "must start with a letter or digit, then letters, digits, '-', '_' or '.' (at most 128 characters)",
+                self.name,
+            )
         _uri("run.storage_path", self.storage_path)
         if self.ray_address is not None:
             _text("run.ray_address", self.ray_address)
@@ -488,13 +533,22 @@ class EvalConfig:
         name, text = config.data.name, config.data.name == "text8"
         _choice("eval.unit", self.unit, UNITS)
         if (self.unit == "bits/char" and not text) or (self.unit == "nats/image" and text):
-            _fail("eval.unit", f"does not fit data.name={name} (bits/char is for text8, nats/image for images; "
-                  f"eval={name} sets the reference's)", self.unit)  # fmt: skip
+            _fail(
+                "eval.unit",
+                f"does not fit data.name={name} (bits/char is for text8, nats/image for images; "
+                f"eval={name} sets the reference's)",
+                self.unit,
+            )
         _number("eval.nll_steps", self.nll_steps, low=0, integer=True)
         if self.target_se is not None:
             _number("eval.target_se", self.target_se, low=0, low_open=True)
-        if _applies("eval.text8_stride", self.text8_stride, text, f"data.name={name}",
-                    "window stride of text8's evaluation; eval=text8 sets 1, every offset"):  # fmt: skip
+        if _applies(
+            "eval.text8_stride",
+            self.text8_stride,
+            text,
+            f"data.name={name}",
+            "window stride of text8's evaluation; eval=text8 sets 1, every offset",
+        ):
             _number("eval.text8_stride", self.text8_stride, low=1, integer=True)
         for key in ("val_batches", "num_samples"):
             _number(f"eval.{key}", getattr(self, key), low=0, integer=True)
@@ -504,10 +558,16 @@ class EvalConfig:
 
 # validation order: later sections' checks read the earlier ones (data -> flow -> net ...)
 SECTIONS = {
-    "trainer": TrainerConfig, "paths": PathsConfig, "data": DataConfig, "flow": FlowConfig,
-    "net": NetConfig, "optim": OptimConfig, "run": RunConfig, "tracking": TrackingConfig,
+    "trainer": TrainerConfig,
+    "paths": PathsConfig,
+    "data": DataConfig,
+    "flow": FlowConfig,
+    "net": NetConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+    "tracking": TrackingConfig,
     "eval": EvalConfig,
-}  # fmt: skip
+}
 # The training driver still hands its runtime values to the workers inside the loop config.
 
 

@@ -17,9 +17,11 @@ def verbose() -> bool:
 def configure(verbose: bool) -> None:
     """Root logging for the driver: ``[bfn] message`` at INFO (with levels and DEBUG under -v)."""
     _configured["verbose"] = verbose
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="[bfn] %(levelname)s %(message)s" if verbose else "[bfn] %(message)s",
-                        force=True)  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="[bfn] %(levelname)s %(message)s" if verbose else "[bfn] %(message)s",
+        force=True,
+    )
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     # urllib3 warns on every retry of a request whose failure bfn reports itself, in one line

@@ -33,8 +33,10 @@ SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|a
 SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PASS|KEY|API_?KEY|CREDENTIALS?)$", re.I)
 _STOP = r"\s\"<>\\"  # characters that end a URI in running text (a quote ' may be part of a password)
 _USERINFO = rf"(?<=://)[^/?#{_STOP}]*@"  # greedy: the host follows the last '@' (a password may hold one)
-_QUERY_NAME = (rf"[^=&#{_STOP}]*(?:token|secret|passw(?:or)?d|credential|signature|api[_-]?key|access[_-]?key)"
-               rf"[^=&#{_STOP}]*|sig|key|pwd|pass|auth|apikey")  # fmt: skip
+_QUERY_NAME = (
+    rf"[^=&#{_STOP}]*(?:token|secret|passw(?:or)?d|credential|signature|api[_-]?key|access[_-]?key)"
+    rf"[^=&#{_STOP}]*|sig|key|pwd|pass|auth|apikey"
+)
 SECRET_VALUE = re.compile(
     rf"(?P<userinfo>{_USERINFO})"
     rf"|(?P<query>(?<=[?&])(?i:{_QUERY_NAME})=)[^&#{_STOP}]+"
@@ -83,7 +85,7 @@ def credential_values(text: str) -> list[str]:
             user, colon, password = match["userinfo"][:-1].partition(":")
             found.append(password if colon else user)
         elif match["query"] is not None:
-            found.append(match[0][len(match["query"]):])
+            found.append(match[0][len(match["query"]) :])
         else:
             found.append(match[0])
     return [value for value in found if value and value != MASK]
@@ -108,8 +110,11 @@ def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """Secret values of ``environ`` (default ``os.environ``): variables named like a secret, and
     the credentials inside any value (a tracking URI's password, a query token)."""
     environ = os.environ if environ is None else environ
-    values = [value for name, value in environ.items()
-              if value and is_secret_env_name(name) and value.lower() not in _SETTING_WORDS]  # fmt: skip
+    values = [
+        value
+        for name, value in environ.items()
+        if value and is_secret_env_name(name) and value.lower() not in _SETTING_WORDS
+    ]
     return values + [found for value in environ.values() for found in credential_values(value)]
 
 
@@ -168,8 +173,14 @@ def mask_params(params: dict[str, Any]) -> dict[str, Any]:
 def mask_config(config: Any) -> Any:
     """A nested config (dicts, lists, scalars) with the same masking as ``mask_params``."""
     if isinstance(config, dict):
-        return {key: (MASK if is_secret_key(str(key)) and value not in (None, "") and not isinstance(value, dict)
-                      else mask_config(value)) for key, value in config.items()}  # fmt: skip
+        return {
+            key: (
+                MASK
+                if is_secret_key(str(key)) and value not in (None, "") and not isinstance(value, dict)
+                else mask_config(value)
+            )
+            for key, value in config.items()
+        }
     if isinstance(config, list | tuple):
         return [mask_config(value) for value in config]
     return mask_text(config) if isinstance(config, str) else config

@@ -51,14 +51,27 @@ RUN_NAME_TAG = "bfn.run_name"
 OWNER_TAG, RUN_FOLDER_TAG = "bfn.owner", "bfn.run_folder"
 RESUMED_TAG = "bfn.resumed."  # + a param's key: its value on a resume that changed it
 # MLflow error codes of a request the server refused: sending it again gets the same answer
-PERMANENT_ERRORS = frozenset({
-    "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-    "NOT_FOUND", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "NOT_IMPLEMENTED",
-})
+PERMANENT_ERRORS = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_ALREADY_EXISTS",
+        "ALREADY_EXISTS",
+        "RESOURCE_DOES_NOT_EXIST",
+        "NOT_FOUND",
+        "BAD_REQUEST",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "CUSTOMER_UNAUTHORIZED",
+        "NOT_IMPLEMENTED",
+    }
+)
 mask_secrets = mask_params  # the name the rest of the project imports
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                 # MLflow prints "View run ... at: <tracking URI>" when a run ends, credentials included
-                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # fmt: skip
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # MLflow prints "View run ... at: <tracking URI>" when a run ends, credentials included
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 
 
 def _quick_http_defaults() -> None:
@@ -86,8 +99,7 @@ def git_sha() -> str:
         return os.environ["BFN_GIT_SHA"]
     try:
         root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)  # fmt: skip
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -109,8 +121,7 @@ class NullTracker:
 
 
 class MLflowTracker:
-    def __init__(self, uri: str, run_id: str, *, max_buffer: int = 100_000,
-                 retry_every: float = 5.0) -> None:  # fmt: skip
+    def __init__(self, uri: str, run_id: str, *, max_buffer: int = 100_000, retry_every: float = 5.0) -> None:
         from mlflow.tracking import MlflowClient  # lazy: see is_permanent
 
         _quick_http_defaults()
@@ -129,8 +140,16 @@ class MLflowTracker:
         self._next_try = 0.0
 
     @staticmethod
-    def start(uri: str, experiment: str, run_name: str, *, artifact_location: str | None = None,
-              tags: dict | None = None, owner: dict | None = None, resume: bool = True) -> MLflowTracker:  # fmt: skip
+    def start(
+        uri: str,
+        experiment: str,
+        run_name: str,
+        *,
+        artifact_location: str | None = None,
+        tags: dict | None = None,
+        owner: dict | None = None,
+        resume: bool = True,
+    ) -> MLflowTracker:
         """Open the run named ``run_name``, creating the experiment on first use.
 
         Without ``owner`` the newest run of that name is reopened (or created). With ``owner``
@@ -149,8 +168,12 @@ class MLflowTracker:
             experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
         else:
             experiment_id = found.experiment_id
-        runs = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                                  max_results=1000, order_by=["attributes.start_time DESC"])  # fmt: skip
+        runs = client.search_runs(
+            [experiment_id],
+            f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+        )
         owner = {key: mask_text(str(value)) for key, value in owner.items()} if owner else None
         owner_tags = {OWNER_TAG: owner["holder"], RUN_FOLDER_TAG: owner["run_folder"]} if owner else {}
         newest = runs[0] if runs else None
@@ -175,8 +198,12 @@ class MLflowTracker:
         except Exception as error:  # any tracking failure: warn, never kill training
             if not is_permanent(error):
                 if not self._failing:
-                    log.warning("MLflow %s failed (%s: %s); buffering and retrying", what, type(error).__name__,
-                                mask_text(str(error))[:200])  # fmt: skip (the URL may hold credentials)
+                    log.warning(
+                        "MLflow %s failed (%s: %s); buffering and retrying",
+                        what,
+                        type(error).__name__,
+                        mask_text(str(error))[:200],
+                    )  # masked: the URL may hold credentials
                 self._failing = True
                 return False
             self._drop(what, error, points)
@@ -195,8 +222,12 @@ class MLflowTracker:
         level = logging.DEBUG if kind in self._refused else logging.WARNING
         self._refused.add(kind)
         dropped = f"{what} of {points} metric points" if points else what
-        log.log(level, "MLflow refused %s (%s); a retry cannot fix it: dropped, the calls after it go on",
-                dropped, mask_text(str(error))[:500])  # fmt: skip
+        log.log(
+            level,
+            "MLflow refused %s (%s); a retry cannot fix it: dropped, the calls after it go on",
+            dropped,
+            mask_text(str(error))[:500],
+        )
 
     def _call_or_queue(self, what: str, fn, *args, **kwargs) -> bool:
         """Run a non-metric call now if nothing is queued before it, else queue it (order kept);
@@ -227,8 +258,9 @@ class MLflowTracker:
         changed = {key: value for key, value in values.items() if self.logged_params.get(key, value) != value}
         if changed:
             listed = "; ".join(f"{key}: {self.logged_params[key]} -> {value}" for key, value in changed.items())
-            log.info("MLflow keeps a run's first params; changed by this resume (tags %s<key>): %s",
-                     RESUMED_TAG, listed)  # fmt: skip
+            log.info(
+                "MLflow keeps a run's first params; changed by this resume (tags %s<key>): %s", RESUMED_TAG, listed
+            )
             self.set_tags({f"{RESUMED_TAG}{key}": value for key, value in changed.items()})
         items = [Param(key, value) for key, value in values.items() if key not in self.logged_params]
         self.logged_params.update({param.key: param.value for param in items})
@@ -290,16 +322,24 @@ class MLflowTracker:
             self.lost_points += len(self.buffer)
             self.lost_calls += len(self.pending)
             lost = ", ".join(sorted({what for what, _ in self.pending}))
-            log.warning("MLflow: %d metric points and %d other calls (%s) could not be delivered and are lost",
-                        len(self.buffer), len(self.pending), lost or "none")  # fmt: skip
+            log.warning(
+                "MLflow: %d metric points and %d other calls (%s) could not be delivered and are lost",
+                len(self.buffer),
+                len(self.pending),
+                lost or "none",
+            )
             self.buffer.clear()
             self.pending.clear()
         if self._spool:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
         if self.lost_points or self.lost_calls:
-            log.warning("MLflow: %d metric points and %d other calls were lost in all (buffer full, server "
-                        "down, or refused by the server)", self.lost_points, self.lost_calls)  # fmt: skip
+            log.warning(
+                "MLflow: %d metric points and %d other calls were lost in all (buffer full, server "
+                "down, or refused by the server)",
+                self.lost_points,
+                self.lost_calls,
+            )
 
 
 def _choose_run(client, runs: list, run_name: str, owner: dict, resume: bool):
@@ -323,8 +363,12 @@ def _choose_run(client, runs: list, run_name: str, owner: dict, resume: bool):
             reason += f"; the run was left RUNNING by a writer that died ({mine[0].data.tags.get(OWNER_TAG)}): KILLED"
     else:
         reason = f"it belongs to another run folder ({runs[0].data.tags.get(RUN_FOLDER_TAG)})"
-    log.info("MLflow run %s (%r) is not continued: %s. A new MLflow run starts", (mine or runs)[0].info.run_id,
-             run_name, reason)  # fmt: skip
+    log.info(
+        "MLflow run %s (%r) is not continued: %s. A new MLflow run starts",
+        (mine or runs)[0].info.run_id,
+        run_name,
+        reason,
+    )
     return None
 
 

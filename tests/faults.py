@@ -44,8 +44,9 @@ from tests.servers import HOST, free_port, venv_bin, wait_for_http
 # ----------------------------------------------------------------------------------- waiting
 
 
-def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.2,
-               what: str = "condition") -> object:  # fmt: skip
+def wait_until(
+    predicate: Callable[[], object], *, timeout: float, interval: float = 0.2, what: str = "condition"
+) -> object:
     """Poll ``predicate`` until it returns something truthy (returned); TimeoutError otherwise."""
     deadline = time.monotonic() + timeout
     while True:
@@ -69,8 +70,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def pids_matching(*, marker: str | None = None, session: int | None = None,
-                  path: str | None = None) -> list[int]:  # fmt: skip
+def pids_matching(*, marker: str | None = None, session: int | None = None, path: str | None = None) -> list[int]:
     """Live PIDs (other than this process) that have ``marker`` (``KEY=VALUE``) in their
     environment, or belong to session ``session``, or have ``path`` in their command line."""
     import psutil
@@ -81,9 +81,11 @@ def pids_matching(*, marker: str | None = None, session: int | None = None,
         with contextlib.suppress(psutil.Error, OSError):
             if process.pid == os.getpid() or process.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if (session is not None and os.getsid(process.pid) == session) \
-                    or (marker and process.environ().get(key) == value) \
-                    or (path and path in " ".join(process.cmdline())):  # fmt: skip
+            if (
+                (session is not None and os.getsid(process.pid) == session)
+                or (marker and process.environ().get(key) == value)
+                or (path and path in " ".join(process.cmdline()))
+            ):
                 found.append(process.pid)
     return found
 
@@ -172,8 +174,11 @@ def train_worker_pids() -> list[int]:
     # the address of *this* runtime: without it the state API looks for "the" local Ray and fails
     # with "Found multiple active Ray instances" when other runtimes share the machine
     address = f"http://{ray._private.worker.get_dashboard_url()}"
-    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                         raise_on_missing_output=False)  # fmt: skip
+    actors = list_actors(
+        address=address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )
     return sorted(int(a.pid) for a in actors if a.pid and alive(int(a.pid)))
 
 
@@ -226,8 +231,9 @@ def sqlite_metric_rows(db: Path, key: str) -> list[tuple[int, int]]:
         return []
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
         try:
-            rows = conn.execute("SELECT step, timestamp FROM metrics WHERE key = ? ORDER BY timestamp, step",
-                                (key,)).fetchall()  # fmt: skip
+            rows = conn.execute(
+                "SELECT step, timestamp FROM metrics WHERE key = ? ORDER BY timestamp, step", (key,)
+            ).fetchall()
         except sqlite3.OperationalError:  # schema not created yet, or locked
             return []
     return [(int(s), int(t)) for s, t in rows]
@@ -247,14 +253,26 @@ class MLflowServer:
         self.starts = 0
 
     def start(self, timeout: float = 180.0) -> None:
-        argv = [venv_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}",
-                "--artifacts-destination", str(self.root / "artifacts"), "--host", HOST,
-                "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        argv = [
+            venv_bin("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.db}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.starts += 1
         with open(self.root / f"server-{self.starts}.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         try:
             wait_for_http(f"{self.url}/health", timeout=timeout, proc=self.proc)
         except Exception:
@@ -286,8 +304,16 @@ def port_open(port: int, host: str = HOST) -> bool:
 
 # ------------------------------------------------------------------------------- S3 faults
 
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-               "upgrade", "content-length"}  # fmt: skip
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+}
 _S3_CODES = {500: "InternalError", 503: "ServiceUnavailable", 403: "AccessDenied"}
 
 
@@ -304,8 +330,9 @@ class FaultyS3Proxy:
     ``pids`` (one entry per ``log`` entry), so a fault can hit one worker process only.
     """
 
-    def __init__(self, upstream: str, rule: Callable[..., int | None] | None = None, *,
-                 by_process: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, upstream: str, rule: Callable[..., int | None] | None = None, *, by_process: bool = False
+    ) -> None:
         parsed = urllib.parse.urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.rule = rule
@@ -391,8 +418,7 @@ class FaultyS3Proxy:
         self._server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://{HOST}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="faulty-s3-proxy")  # fmt: skip
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="faulty-s3-proxy")
 
     def _record(self, method: str, path: str, status: int, pid: int | None = None) -> None:
         with self._lock:
@@ -432,8 +458,12 @@ class CheckpointWriteFaults:
 
     PATTERN = re.compile(r"/(checkpoint_[^/?]+)/([^/?]+)")
 
-    def __init__(self, transient: dict[int, int] | None = None, broken: Iterable[int] = (),
-                 fail: Iterable[str] = ("optimizer.pt",)) -> None:  # fmt: skip
+    def __init__(
+        self,
+        transient: dict[int, int] | None = None,
+        broken: Iterable[int] = (),
+        fail: Iterable[str] = ("optimizer.pt",),
+    ) -> None:
         self.transient = dict(transient or {})
         self.broken = set(broken)
         self.fail = set(fail)
@@ -472,8 +502,7 @@ class ReadFaultsForOneProcess:
     runs here) are neither counted nor failed.
     """
 
-    def __init__(self, failing: str, refused: Iterable[str] = (), reader: int = 2,
-                 ignore: Iterable[int] = ()) -> None:  # fmt: skip
+    def __init__(self, failing: str, refused: Iterable[str] = (), reader: int = 2, ignore: Iterable[int] = ()) -> None:
         self.failing, self.refused, self.reader = failing, tuple(refused), reader
         self.ignore = set(ignore) or {os.getpid()}
         self.readers: list[int] = []  # processes in the order of their first GET under ``failing``

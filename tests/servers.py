@@ -33,18 +33,37 @@ from pipeline.cluster.devstack import (
     wait_until,
 )
 
-__all__ = ["HOST", "TEST_CREDENTIALS", "aws_env", "create_bucket", "free_port", "moto_s3", "s3_env", "server_process",
-           "stop_process", "venv_bin", "wait_for_http"]  # fmt: skip
+__all__ = [
+    "HOST",
+    "TEST_CREDENTIALS",
+    "aws_env",
+    "create_bucket",
+    "free_port",
+    "moto_s3",
+    "s3_env",
+    "server_process",
+    "stop_process",
+    "venv_bin",
+    "wait_for_http",
+]
 # the dev stack's dummies, plus a session token and region so that no real profile's leaks in
 TEST_CREDENTIALS = {**S3_DUMMY_CREDENTIALS, "AWS_SESSION_TOKEN": "testing", "AWS_REGION": "us-east-1"}
 
 
-def wait_for_http(url: str, *, timeout: float = 30.0, proc: subprocess.Popen | None = None,
-                  ok_status: Sequence[int] = (200,)) -> None:  # fmt: skip
+def wait_for_http(
+    url: str, *, timeout: float = 30.0, proc: subprocess.Popen | None = None, ok_status: Sequence[int] = (200,)
+) -> None:
     """Poll ``url`` until it answers with one of ``ok_status``; StackError (a RuntimeError) at once
     if ``proc`` exits, or after ``timeout`` s."""
-    wait_until(url, lambda: http_status(url, timeout=2)[0] in ok_status, timeout=timeout, proc=proc, log_path=None,
-               what=f"an HTTP {'/'.join(map(str, ok_status))} answer", interval=0.1)  # fmt: skip
+    wait_until(
+        url,
+        lambda: http_status(url, timeout=2)[0] in ok_status,
+        timeout=timeout,
+        proc=proc,
+        log_path=None,
+        what=f"an HTTP {'/'.join(map(str, ok_status))} answer",
+        interval=0.1,
+    )
 
 
 def stop_process(proc: subprocess.Popen, *, grace: float = 10.0) -> None:

@@ -6,6 +6,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 FORBIDDEN_IN_BFN = ("ray", "mlflow", "hydra", "omegaconf", "pipeline", "tune_spaces", "boto3", "pyarrow")
@@ -45,19 +47,23 @@ def test_tune_spaces_import_neither_bfn_nor_pipeline():
         assert not names & {"bfn", "pipeline"}, f"{path} imports {names & {'bfn', 'pipeline'}}"
 
 
-def test_ruff_is_clean():
+@pytest.mark.parametrize("command", [["format", "--check"], ["check"]])
+def test_ruff_is_clean(command):
+    """`ruff format` and `ruff check` as `make lint` runs them (the version is pinned in pyproject)."""
     ruff = REPO / ".venv" / "bin" / "ruff"
     exe = str(ruff) if ruff.exists() else "ruff"
-    result = subprocess.run([exe, "check", "bfn", "pipeline", "tune_spaces", "tests"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [exe, *command, "bfn", "pipeline", "tune_spaces", "tests"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:]
 
 
 def test_import_contracts_hold():
     """The layers written in pyproject.toml ([tool.importlinter]), checked by import-linter."""
     lint = REPO / ".venv" / "bin" / "lint-imports"
-    result = subprocess.run([str(lint) if lint.exists() else "lint-imports", "--no-cache"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(lint) if lint.exists() else "lint-imports", "--no-cache"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "Contracts: 3 kept, 0 broken." in result.stdout, result.stdout[-2000:]
 
@@ -114,8 +120,10 @@ def pipeline_knowledge_in(root) -> list[str]:
         source = path.read_text()
         # one token never spans code like flow.sigma_1 (NAME . NAME): only strings and comments can hold a key
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
-            found += [f"{path}:{token.start[0] + token.string.count(chr(10), 0, m.start())}: {m.group(0)}"
-                      for m in config_key.finditer(token.string)]  # fmt: skip
+            found += [
+                f"{path}:{token.start[0] + token.string.count(chr(10), 0, m.start())}: {m.group(0)}"
+                for m in config_key.finditer(token.string)
+            ]
         for number, line in enumerate(source.splitlines(), 1):
             found += [f"{path}:{number}: preset {m.group(0)}" for m in preset.finditer(line)]
     return found

@@ -18,8 +18,12 @@ def _blocks(tree: ast.AST):
     for node in ast.walk(tree):
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
-        for body in (getattr(n, field) for n in ast.walk(node) for field in ("body", "orelse", "finalbody")
-                     if isinstance(getattr(n, field, None), list)):  # fmt: skip
+        for body in (
+            getattr(n, field)
+            for n in ast.walk(node)
+            for field in ("body", "orelse", "finalbody")
+            if isinstance(getattr(n, field, None), list)
+        ):
             run: list[ast.stmt] = []
             for statement in [*body, None]:
                 if isinstance(statement, ast.Import | ast.ImportFrom):
@@ -52,10 +56,12 @@ def test_the_parser_loads_neither_ray_nor_the_heavy_optional_modules():
     """What every `bfn` command imports before it runs (cli, its parser and the command modules it
     registers) loads no ray (it must come after ray_env_at_entry), no mlflow (~1.2 s) and none of the
     optional heavy modules kept lazy for one function (matplotlib, scipy, boto3, optuna)."""
-    code = ("import sys\n"
-            "import pipeline.cli\n"
-            "pipeline.cli.build_parser()\n"
-            "heavy = ('ray', 'mlflow', 'matplotlib', 'scipy', 'boto3', 'optuna')\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))")  # fmt: skip
+    code = (
+        "import sys\n"
+        "import pipeline.cli\n"
+        "pipeline.cli.build_parser()\n"
+        "heavy = ('ray', 'mlflow', 'matplotlib', 'scipy', 'boto3', 'optuna')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

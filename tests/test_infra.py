@@ -27,9 +27,24 @@ INFRA = REPO / "infra"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 DOCKERFILE_INSTRUCTIONS = {
-    "FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "EXPOSE", "ENTRYPOINT", "CMD",
-    "LABEL", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD",
-}  # fmt: skip
+    "FROM",
+    "ARG",
+    "ENV",
+    "RUN",
+    "COPY",
+    "ADD",
+    "WORKDIR",
+    "USER",
+    "EXPOSE",
+    "ENTRYPOINT",
+    "CMD",
+    "LABEL",
+    "VOLUME",
+    "SHELL",
+    "HEALTHCHECK",
+    "STOPSIGNAL",
+    "ONBUILD",
+}
 K8S_KINDS_WITHOUT_SPEC = {"ServiceAccount", "ConfigMap", "Secret"}
 PUBLIC_KINDS = {"Ingress", "Route", "Gateway", "HTTPRoute"}
 
@@ -94,11 +109,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def dockerfiles() -> list[Path]:
-    return sorted(
-        p
-        for p in INFRA.rglob("Dockerfile*")
-        if p.is_file() and not p.name.endswith(".dockerignore")
-    )
+    return sorted(p for p in INFRA.rglob("Dockerfile*") if p.is_file() and not p.name.endswith(".dockerignore"))
 
 
 def dockerfile_args(path: Path) -> dict[str, str]:
@@ -111,9 +122,7 @@ def dockerfile_args(path: Path) -> dict[str, str]:
 
 
 def expand(text: str, args: dict[str, str]) -> str:
-    return re.sub(
-        r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text
-    )
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
 def all_images() -> list[tuple[Path, str]]:
@@ -210,9 +219,11 @@ def test_ray_cluster_dashboard_private_and_token_auth():
     head_cmds = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmds
     all_cmds = " ".join(
-        config["head_start_ray_commands"] + config["worker_start_ray_commands"]
-        + config.get("setup_commands", []) + config.get("head_setup_commands", [])
-    )  # fmt: skip
+        config["head_start_ray_commands"]
+        + config["worker_start_ray_commands"]
+        + config.get("setup_commands", [])
+        + config.get("head_setup_commands", [])
+    )
     assert "0.0.0.0" not in all_cmds
     for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token" in c for c in cmds)
@@ -287,8 +298,9 @@ def test_k8s_nothing_public():
         assert "LoadBalancer" not in text and "NodePort" not in text, where
     # every namespace-local server is behind a NetworkPolicy
     policies = [d for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"]
-    covered = [p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in policies
-               if p["spec"]["podSelector"]]  # fmt: skip (the default-deny policy selects every pod)
+    covered = [
+        p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in policies if p["spec"]["podSelector"]
+    ]  # the default-deny policy selects every pod, so it has no name here
     assert {"bfn-ray", "bfn-rayjob", "bfn-mlflow"} <= set(covered)
 
 
@@ -365,8 +377,10 @@ def test_every_mlflow_server_uses_basic_auth_with_secrets_from_secrets():
     compose = yaml.safe_load((INFRA / "mlflow" / "compose.yaml").read_text())
     mlflow = compose["services"]["mlflow"]
     command = " ".join(mlflow["command"])
-    for variable, secret in (("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask_secret_key"),
-                             ("MLFLOW_AUTH_ADMIN_PASSWORD", "admin_password")):  # fmt: skip
+    for variable, secret in (
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask_secret_key"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "admin_password"),
+    ):
         assert f'export {variable}="$$(cat /run/secrets/{secret})"' in command
         assert secret in mlflow["secrets"] and compose["secrets"][secret]["file"].startswith("./secrets/")
         assert variable not in mlflow["environment"]
@@ -440,9 +454,12 @@ def test_network_policies_deny_by_default_and_admit_ray_pods_only():
 
 # images still pinned by tag only, and why: our own images get their digest when they are pushed
 # (deploy time); for the two base images no digest could be confirmed here (no registry access).
-UNPINNED_IMAGES = {"nvidia/cuda:13.0.2-base-ubuntu24.04", "ghcr.io/astral-sh/uv:0.13.8",
-                   "registry.example.com/bfn/bfn-ray:0.1.0-py3.11-ray2.60.0-torch2.13.0-cu130",
-                   "registry.example.com/bfn/bfn-mlflow:3.17.2"}  # fmt: skip
+UNPINNED_IMAGES = {
+    "nvidia/cuda:13.0.2-base-ubuntu24.04",
+    "ghcr.io/astral-sh/uv:0.13.8",
+    "registry.example.com/bfn/bfn-ray:0.1.0-py3.11-ray2.60.0-torch2.13.0-cu130",
+    "registry.example.com/bfn/bfn-mlflow:3.17.2",
+}
 
 
 def test_images_without_a_digest_are_exactly_the_documented_ones():
@@ -500,6 +517,14 @@ def test_images_pinned_and_versions_consistent_with_pyproject():
 
 def test_infra_readme_walks_laptop_to_cluster():
     text = (INFRA / "README.md").read_text()
-    for needle in ("bfn stack up", "bfn submit", "ray up", "ray dashboard", "RAY_AUTH_TOKEN",
-                   "kubectl", "bfn jobs logs", "bfn stack down"):  # fmt: skip
+    for needle in (
+        "bfn stack up",
+        "bfn submit",
+        "ray up",
+        "ray dashboard",
+        "RAY_AUTH_TOKEN",
+        "kubectl",
+        "bfn jobs logs",
+        "bfn stack down",
+    ):
         assert needle in text, needle

@@ -201,9 +201,15 @@ def test_unknown_subcommand(argv, capsys):
 
 def test_registered_subcommands_set_func():
     parser = _parser()
-    for argv in (["submit", "train", "experiment=smoke", "run.name=x"], ["jobs", "list"],
-                 ["jobs", "logs", "j1"], ["jobs", "stop", "j1"], ["stack", "up"],
-                 ["stack", "down"], ["stack", "status"]):  # fmt: skip
+    for argv in (
+        ["submit", "train", "experiment=smoke", "run.name=x"],
+        ["jobs", "list"],
+        ["jobs", "logs", "j1"],
+        ["jobs", "stop", "j1"],
+        ["stack", "up"],
+        ["stack", "down"],
+        ["stack", "status"],
+    ):
         args = parser.parse_args(argv)
         assert callable(args.func), argv
     args = parser.parse_args(["submit", "tune", "a=1", "b=2", "--address", "http://x:1"])
@@ -219,8 +225,9 @@ def _submit_no_wait(api, monkeypatch, tmp_path, *extra: str, overrides=("experim
     (workdir / "pipeline" / "__init__.py").write_text("")
     monkeypatch.setattr(submit, "REPO_ROOT", workdir)
     monkeypatch.setenv("RAY_AUTH_TOKEN", api.token)
-    args = _parser().parse_args(["submit", "train", *overrides, "--address", api.address, "--no-wait",
-                                 "--job-id", "bfn-test-1", *extra])  # fmt: skip
+    args = _parser().parse_args(
+        ["submit", "train", *overrides, "--address", api.address, "--no-wait", "--job-id", "bfn-test-1", *extra]
+    )
     return args.func(args)
 
 
@@ -256,8 +263,11 @@ def test_submit_sends_token_header_env_and_masks_secrets(no_token_env, monkeypat
 
 
 def test_submit_keeps_credentials_home_unless_asked(no_token_env, monkeypatch):
-    for key, value in {"AWS_SECRET_ACCESS_KEY": "sentinel-aws-secret", "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
-                       "MLFLOW_TRACKING_PASSWORD": "sentinel-mlflow-password"}.items():  # fmt: skip
+    for key, value in {
+        "AWS_SECRET_ACCESS_KEY": "sentinel-aws-secret",
+        "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
+        "MLFLOW_TRACKING_PASSWORD": "sentinel-mlflow-password",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     with FakeJobAPI() as api:
@@ -267,9 +277,14 @@ def test_submit_keeps_credentials_home_unless_asked(no_token_env, monkeypatch):
     assert job["runtime_env"]["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"  # settings still go
 
 
-@pytest.mark.parametrize("override", ["tracking.uri=http://bfn:sentinel-cfg-pass@mlflow.internal:5000",
-                                      "run.ray_address=ray://u:sentinel-cfg-pass@127.0.0.1:10001",
-                                      "+aws.secret_access_key=sentinel-cfg-pass"])  # fmt: skip
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tracking.uri=http://bfn:sentinel-cfg-pass@mlflow.internal:5000",
+        "run.ray_address=ray://u:sentinel-cfg-pass@127.0.0.1:10001",
+        "+aws.secret_access_key=sentinel-cfg-pass",
+    ],
+)
 def test_submit_refuses_credentials_in_overrides(no_token_env, monkeypatch, capsys, override):
     """The entrypoint is stored with the job: a credential in a config value never reaches the
     job spec, nor the output."""
@@ -284,10 +299,12 @@ def test_submit_refuses_credentials_in_overrides(no_token_env, monkeypatch, caps
 
 def _url_credentials_env(monkeypatch) -> dict[str, str]:
     """Settings `bfn submit` forwards, each carrying a credential in another form."""
-    env = {"MLFLOW_TRACKING_URI": "https://bfn:sentinel-uri-pass@mlflow.example.com",  # user:password
-           "AWS_ENDPOINT_URL": "http://sentinel-uri-token@127.0.0.1:9000",  # a token alone as userinfo
-           "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000/?X-Amz-Security-Token=sentinel-uri-query&v=2",
-           "BFN_STORAGE_PATH": "s3://:sentinel-uri-empty-user@bfn-runs/runs"}  # fmt: skip
+    env = {
+        "MLFLOW_TRACKING_URI": "https://bfn:sentinel-uri-pass@mlflow.example.com",  # user:password
+        "AWS_ENDPOINT_URL": "http://sentinel-uri-token@127.0.0.1:9000",  # a token alone as userinfo
+        "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000/?X-Amz-Security-Token=sentinel-uri-query&v=2",
+        "BFN_STORAGE_PATH": "s3://:sentinel-uri-empty-user@bfn-runs/runs",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
@@ -322,9 +339,16 @@ def test_submit_strips_credentials_from_forwarded_urls_unless_asked(no_token_env
     assert "sentinel" not in shown and "anyone holding the cluster token can read them" in shown
 
 
-@pytest.mark.parametrize("item", ["HF_TOKEN=sentinel-env-token", "MY_API_KEY", "DB_PASSWORD=sentinel-env-pass",
-                                  "DATABASE_URL=postgresql://app:sentinel-env-pass@db.internal/bfn",
-                                  "SIGNED=https://b.s3.amazonaws.com/k?X-Amz-Signature=sentinel-env-sig"])  # fmt: skip
+@pytest.mark.parametrize(
+    "item",
+    [
+        "HF_TOKEN=sentinel-env-token",
+        "MY_API_KEY",
+        "DB_PASSWORD=sentinel-env-pass",
+        "DATABASE_URL=postgresql://app:sentinel-env-pass@db.internal/bfn",
+        "SIGNED=https://b.s3.amazonaws.com/k?X-Amz-Signature=sentinel-env-sig",
+    ],
+)
 def test_submit_refuses_env_credentials_unless_asked(no_token_env, monkeypatch, capsys, item):
     """`--env` is typed on purpose: a credential there is refused (naming it and the flag) rather
     than stripped, so the job never starts half-configured; with --forward-credentials it goes."""
@@ -343,12 +367,17 @@ def test_submit_refuses_env_credentials_unless_asked(no_token_env, monkeypatch, 
     assert "sentinel" not in "".join(capsys.readouterr())
 
 
-@pytest.mark.parametrize("override", ["tracking.uri=https://ghp_sentinelToken0123@mlflow.example.com",
-                                      "tracking.uri=https://:sentinel-empty-user@mlflow.example.com",
-                                      "run.ray_address=ray://bfn:p@ss-sentinel@127.0.0.1:10001",
-                                      "data.uri=https://b.s3.amazonaws.com/d?X-Amz-Signature=sentinel0sig",
-                                      "data.uri=https://h/d?X-Amz-Credential=sentinel%2F20260101%2Fus-east-1",
-                                      "+run.note=ASIAIOSFODNN7SENTINEL"])  # fmt: skip
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tracking.uri=https://ghp_sentinelToken0123@mlflow.example.com",
+        "tracking.uri=https://:sentinel-empty-user@mlflow.example.com",
+        "run.ray_address=ray://bfn:p@ss-sentinel@127.0.0.1:10001",
+        "data.uri=https://b.s3.amazonaws.com/d?X-Amz-Signature=sentinel0sig",
+        "data.uri=https://h/d?X-Amz-Credential=sentinel%2F20260101%2Fus-east-1",
+        "+run.note=ASIAIOSFODNN7SENTINEL",
+    ],
+)
 @pytest.mark.parametrize("flag", [(), ("--forward-credentials",)], ids=["", "forward-credentials"])
 def test_submit_refuses_every_credential_form_in_overrides(no_token_env, monkeypatch, capsys, override, flag):
     """The entrypoint is stored with the job and listed by `bfn jobs list`: an override carrying a

@@ -50,8 +50,9 @@ def get_space(name: str) -> dict:
     space: dict = {}
     for part in name.split("+"):
         if part not in SPACES:
-            raise ValueError(f"space: unknown space {part!r}; one of {', '.join(sorted(SPACES))} "
-                             f"(join several with '+')")  # fmt: skip
+            raise ValueError(
+                f"space: unknown space {part!r}; one of {', '.join(sorted(SPACES))} (join several with '+')"
+            )
         for key, domain in SPACES[part]().items():
             if key in space:
                 raise ValueError(f"space: {key} appears in more than one of {name}")

@@ -14,26 +14,32 @@ from ray import tune
 FAMILIES: dict[str, dict] = {
     "mnist_unet": {
         "presets": ["mnist_unet_tiny", "mnist_unet_small"],
-        "width": "model_channels", "widths": [16, 32, 48],
-        "depth": "num_res_blocks", "depths": [1, 2],
+        "width": "model_channels",
+        "widths": [16, 32, 48],
+        "depth": "num_res_blocks",
+        "depths": [1, 2],
         "pinned": {"norm_groups": 8, "num_heads": 2},
         "dropout": (0.0, 0.5),
     },
     "cifar_unet_vdm": {
         "presets": ["cifar_unet_vdm_tiny", "cifar_unet_vdm_small"],
-        "width": "embedding_dim", "widths": [16, 32, 64],
-        "depth": "n_blocks", "depths": [1, 2, 4],
+        "width": "embedding_dim",
+        "widths": [16, 32, 64],
+        "depth": "n_blocks",
+        "depths": [1, 2, 4],
         "pinned": {"norm_groups": 8, "n_attention_heads": 1},
         "dropout": (0.0, 0.3),
     },
     "text8_transformer": {
         "presets": ["text8_transformer_tiny", "text8_transformer_small"],
-        "width": "n_embd", "widths": [32, 64, 128],
-        "depth": "n_layer", "depths": [2, 4],
+        "width": "n_embd",
+        "widths": [32, 64, 128],
+        "depth": "n_layer",
+        "depths": [2, 4],
         "pinned": {"n_head": 2},
         "dropout": (0.0, 0.2),
     },
-}  # fmt: skip
+}
 
 
 def family_of(net_name: str) -> str | None:

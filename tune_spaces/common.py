@@ -51,8 +51,14 @@ def support(domain: Any) -> dict[str, Any]:
         inner = sampler.sampler if isinstance(sampler, Quantized) else sampler
         integer = isinstance(domain, Integer)
         high = domain.upper - 1 if integer else domain.upper  # randint's upper bound is exclusive
-        return {"kind": "range", "low": domain.lower, "high": high, "integer": integer,
-                "log": isinstance(inner, LogUniform), "normal": isinstance(inner, Normal)}  # fmt: skip
+        return {
+            "kind": "range",
+            "low": domain.lower,
+            "high": high,
+            "integer": integer,
+            "log": isinstance(inner, LogUniform),
+            "normal": isinstance(inner, Normal),
+        }
     if isinstance(domain, Function):
         return {"kind": "opaque"}
     if isinstance(domain, Domain):
@@ -145,8 +151,11 @@ def describe(domain: Any) -> str:
     if info["kind"] == "values":
         return ("grid" if is_grid(domain) else "choice") + str(info["values"])
     if info["kind"] == "range":
-        kind = "lograndint" if info["integer"] and info["log"] else (
-            "randint" if info["integer"] else ("loguniform" if info["log"] else "uniform"))
+        kind = (
+            "lograndint"
+            if info["integer"] and info["log"]
+            else ("randint" if info["integer"] else ("loguniform" if info["log"] else "uniform"))
+        )
         return f"{kind}[{info['low']}, {info['high']}]"
     return type(domain).__name__
 

@@ -252,9 +252,7 @@ def cos_sin_embedding(timesteps: Tensor, dim: int, max_period: float = 10_000.0)
     return emb
 
 
-def sin_cos_embedding(
-    timesteps: Tensor, dim: int, max_timescale: float = 10_000.0, method: str = "exp"
-) -> Tensor:
+def sin_cos_embedding(timesteps: Tensor, dim: int, max_timescale: float = 10_000.0, method: str = "exp") -> Tensor:
     """VDM embedding: (B,) -> (B, dim) = [sin(t f_i), cos(t f_i)], ``dim`` even.
 
     Frequencies are log-spaced from 1 down to 1/max_timescale, both ends included:

@@ -86,44 +86,75 @@ _REQUIRED = object()
 
 # Constructor defaults of the official classes (their signatures at b62568e).
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "GPT": dict(vocab_size=_REQUIRED, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True,
-                skip=False, is_causal=False),
-    "UNetModel": dict(image_size=32, in_channels=3, model_channels=128, out_channels=128,
-                      num_res_blocks=3, attention_resolutions=(8, 16), dropout=0.0,
-                      channel_mult=(1, 2, 2, 2), conv_resample=True, dims=2, skip=True,
-                      num_classes=None, use_checkpoint=False, num_heads=4, num_heads_upsample=-1,
-                      use_scale_shift_norm=False, project_input=False),
-    "UNetVDM": dict(embedding_dim=128, n_blocks=32, n_attention_heads=1, dropout_prob=0.1,
-                    norm_groups=32, input_channels=3, use_fourier_features=True,
-                    attention_everywhere=False, image_size=32),
-    "TextInputAdapter": dict(vocab_size=_REQUIRED, seq_len=_REQUIRED, output_size=256,
-                             learn_pos_embedding=False),
-    "FourierImageInputAdapter": dict(input_channels=3, input_shape=(224, 224), n_freq_bands=64,
-                                     output_height=256, value_res=-1, mask_res=-1,
-                                     add_pos_feats=True, add_mask=True, learn_pos_feats=False,
-                                     pos_embed_size=32, init_scale=0.02),
-    "OutputAdapter": dict(input_height=_REQUIRED, output_channels=_REQUIRED,
-                          output_height=_REQUIRED),
+    "GPT": dict(
+        vocab_size=_REQUIRED, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True, skip=False, is_causal=False
+    ),
+    "UNetModel": dict(
+        image_size=32,
+        in_channels=3,
+        model_channels=128,
+        out_channels=128,
+        num_res_blocks=3,
+        attention_resolutions=(8, 16),
+        dropout=0.0,
+        channel_mult=(1, 2, 2, 2),
+        conv_resample=True,
+        dims=2,
+        skip=True,
+        num_classes=None,
+        use_checkpoint=False,
+        num_heads=4,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        project_input=False,
+    ),
+    "UNetVDM": dict(
+        embedding_dim=128,
+        n_blocks=32,
+        n_attention_heads=1,
+        dropout_prob=0.1,
+        norm_groups=32,
+        input_channels=3,
+        use_fourier_features=True,
+        attention_everywhere=False,
+        image_size=32,
+    ),
+    "TextInputAdapter": dict(vocab_size=_REQUIRED, seq_len=_REQUIRED, output_size=256, learn_pos_embedding=False),
+    "FourierImageInputAdapter": dict(
+        input_channels=3,
+        input_shape=(224, 224),
+        n_freq_bands=64,
+        output_height=256,
+        value_res=-1,
+        mask_res=-1,
+        add_pos_feats=True,
+        add_mask=True,
+        learn_pos_feats=False,
+        pos_embed_size=32,
+        init_scale=0.02,
+    ),
+    "OutputAdapter": dict(input_height=_REQUIRED, output_channels=_REQUIRED, output_height=_REQUIRED),
     "CtsBayesianFlow": dict(min_variance=1e-6),
-    "DiscreteBayesianFlow": dict(n_classes=_REQUIRED, min_sqrt_beta=1e-10, discretize=False,
-                                 epsilon=1e-6, max_sqrt_beta=1.0),
+    "DiscreteBayesianFlow": dict(
+        n_classes=_REQUIRED, min_sqrt_beta=1e-10, discretize=False, epsilon=1e-6, max_sqrt_beta=1.0
+    ),
     "CtsBayesianFlowLoss": dict(min_loss_variance=-1.0, noise_pred=True),
     "DiscreteBayesianFlowLoss": dict(),
     "BernoulliFactory": dict(),
     "CategoricalFactory": dict(),
     "DeltaFactory": dict(clip_range=1.0),
-    "DiscretizedNormalFactory": dict(num_bins=_REQUIRED, clip=True, min_std_dev=1e-3,
-                                     max_std_dev=10.0, min_prob=1e-5, log_dev=True),
-}  # fmt: skip
+    "DiscretizedNormalFactory": dict(
+        num_bins=_REQUIRED, clip=True, min_std_dev=1e-3, max_std_dev=10.0, min_prob=1e-5, log_dev=True
+    ),
+}
 
 # Official options the project fixes; any other value is refused.
 _FIXED = {
     "DiscreteBayesianFlow": {"min_sqrt_beta": 1e-10, "discretize": False, "epsilon": 1e-6},
     "CtsBayesianFlowLoss": {"min_loss_variance": None},  # any value <= 0 (off)
     "DeltaFactory": {"clip_range": 1.0},
-    "DiscretizedNormalFactory": {"clip": True, "min_std_dev": 1e-3, "max_std_dev": 10.0,
-                                 "min_prob": 1e-5},
-}  # fmt: skip
+    "DiscretizedNormalFactory": {"clip": True, "min_std_dev": 1e-3, "max_std_dev": 10.0, "min_prob": 1e-5},
+}
 
 
 # ----------------------------------------------------------------------------------- config parsing
@@ -157,9 +188,7 @@ def component(model: Mapping, section: str, allowed: tuple[str, ...], *, optiona
         raise OfficialConfigError(f"{key}: expected a mapping with class_name and parameters")
     name = node["class_name"]
     if name not in allowed:
-        raise OfficialConfigError(
-            f"{key}.class_name: {name!r} is not supported here (supported: {', '.join(allowed)})"
-        )
+        raise OfficialConfigError(f"{key}.class_name: {name!r} is not supported here (supported: {', '.join(allowed)})")
     given = node.get("parameters") or {}
     if not isinstance(given, Mapping):
         raise OfficialConfigError(f"{key}.parameters: expected a mapping")
@@ -183,18 +212,12 @@ def _check_fixed(prefix: str, name: str, params: dict) -> None:
         value = params[param]
         if fixed is None:  # an on/off threshold: only "off" (<= 0) is implemented
             if number(f"{prefix}.{param}", value) > 0:
-                raise OfficialConfigError(
-                    f"{prefix}.{param}={value!r}: the project implements only the default (off)"
-                )
+                raise OfficialConfigError(f"{prefix}.{param}={value!r}: the project implements only the default (off)")
         elif isinstance(fixed, bool):
             if not isinstance(value, bool) or value != fixed:
-                raise OfficialConfigError(
-                    f"{prefix}.{param}={value!r}: the project implements only {fixed!r}"
-                )
+                raise OfficialConfigError(f"{prefix}.{param}={value!r}: the project implements only {fixed!r}")
         elif number(f"{prefix}.{param}", value) != fixed:
-            raise OfficialConfigError(
-                f"{prefix}.{param}={value!r}: the project implements only the default {fixed!r}"
-            )
+            raise OfficialConfigError(f"{prefix}.{param}={value!r}: the project implements only the default {fixed!r}")
 
 
 def number(key: str, value: Any) -> float:
@@ -277,15 +300,16 @@ def _gpt_spec(model: Mapping) -> dict[str, Any]:
     if out_name is None:
         if vocab != num_classes:
             raise OfficialConfigError(
-                f"{p}.vocab_size={vocab} must equal {a}.vocab_size={num_classes}"
-                " when there is no output adapter"
+                f"{p}.vocab_size={vocab} must equal {a}.vocab_size={num_classes} when there is no output adapter"
             )
     else:
         o = "model.output_adapter.parameters"
         if integer(f"{o}.input_height", out["input_height"]) != vocab:
             raise OfficialConfigError(f"{o}.input_height must equal {p}.vocab_size={vocab}")
-        if (integer(f"{o}.output_channels", out["output_channels"]) != 1
-                or integer(f"{o}.output_height", out["output_height"]) != num_classes):  # fmt: skip
+        if (
+            integer(f"{o}.output_channels", out["output_channels"]) != 1
+            or integer(f"{o}.output_height", out["output_height"]) != num_classes
+        ):
             raise OfficialConfigError(
                 f"{o}: a text net's output adapter must give 1 channel of {num_classes} logits"
                 f" per token (output_channels=1, output_height={num_classes})"
@@ -294,11 +318,19 @@ def _gpt_spec(model: Mapping) -> dict[str, Any]:
     dropout = float(number(f"{p}.dropout", net["dropout"]))
     learn = boolean(f"{a}.learn_pos_embedding", adapter["learn_pos_embedding"])
     kwargs = dict(
-        num_classes=num_classes, seq_len=seq_len, n_layer=integer(f"{p}.n_layer", net["n_layer"], 1),
-        n_head=integer(f"{p}.n_head", net["n_head"], 1), n_embd=n_embd, dropout=dropout,
-        bias=boolean(f"{p}.bias", net["bias"]), skip=skip, is_causal=is_causal, adapter_bias=True,
-        learn_positions=learn, output_projection=output_projection,
-    )  # fmt: skip
+        num_classes=num_classes,
+        seq_len=seq_len,
+        n_layer=integer(f"{p}.n_layer", net["n_layer"], 1),
+        n_head=integer(f"{p}.n_head", net["n_head"], 1),
+        n_embd=n_embd,
+        dropout=dropout,
+        bias=boolean(f"{p}.bias", net["bias"]),
+        skip=skip,
+        is_causal=is_causal,
+        adapter_bias=True,
+        learn_positions=learn,
+        output_projection=output_projection,
+    )
     extra = {}
     if not learn:  # a persistent buffer in the official adapter, a computed one here
         extra["input_adapter.pos_embedding"] = ((seq_len, n_embd), lambda: sinusoidal_positions(seq_len, n_embd))
@@ -328,17 +360,35 @@ def _image_features(adapter: dict) -> dict[str, Any]:
     if add_pos:
         total += pos_height
     features = dict(
-        time=add_mask, time_frequency=float(mask_res) if add_mask and mask_res > 0 else 0.0, num_bands=bands,
+        time=add_mask,
+        time_frequency=float(mask_res) if add_mask and mask_res > 0 else 0.0,
+        num_bands=bands,
         positions=("learned" if learn else "fourier") if add_pos else "none",
-        position_dim=pos_dim, position_init_scale=init_scale,
+        position_dim=pos_dim,
+        position_init_scale=init_scale,
         out_features=output_height if output_height != total else None,
-    )  # fmt: skip
-    return dict(channels=channels, shape=shape, features=features, num_features=output_height,
-                learn=learn, add_pos=add_pos, bands=bands, pos_dim=pos_dim)  # fmt: skip
+    )
+    return dict(
+        channels=channels,
+        shape=shape,
+        features=features,
+        num_features=output_height,
+        learn=learn,
+        add_pos=add_pos,
+        bands=bands,
+        pos_dim=pos_dim,
+    )
 
 
-_FEATURE_DEFAULTS = dict(time=True, time_frequency=0.0, num_bands=64, positions="none",
-                         position_dim=32, position_init_scale=0.02, out_features=None)  # fmt: skip
+_FEATURE_DEFAULTS = dict(
+    time=True,
+    time_frequency=0.0,
+    num_bands=64,
+    positions="none",
+    position_dim=32,
+    position_init_scale=0.02,
+    out_features=None,
+)
 
 
 def _feature_kwargs(features: dict, *, default_time: bool) -> dict | None:
@@ -433,15 +483,20 @@ def _unet_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
     skip = boolean(f"{p}.skip", net["skip"])
     out_channels = integer(f"{p}.out_channels", net["out_channels"], 1)
     kwargs = dict(
-        model_channels=mc, out_channels=out_channels, channel_mult=list(mult),
+        model_channels=mc,
+        out_channels=out_channels,
+        channel_mult=list(mult),
         num_res_blocks=integer(f"{p}.num_res_blocks", net["num_res_blocks"], 1),
-        attention_resolutions=list(attention), dropout=float(number(f"{p}.dropout", net["dropout"])),
+        attention_resolutions=list(attention),
+        dropout=float(number(f"{p}.dropout", net["dropout"])),
         num_heads=integer(f"{p}.num_heads", net["num_heads"], 1),
-        num_heads_upsample=None if heads_up == -1 else heads_up, norm_groups=32, skip=skip,
+        num_heads_upsample=None if heads_up == -1 else heads_up,
+        norm_groups=32,
+        skip=skip,
         input_features=_feature_kwargs(feats["features"], default_time=True),
         project_input=project_input,
         scale_shift_norm=boolean(f"{p}.use_scale_shift_norm", net["use_scale_shift_norm"]),
-    )  # fmt: skip
+    )
     width = out_channels + ((mc if project_input else feats["num_features"]) if skip else 0)
     return kwargs, width
 
@@ -451,7 +506,8 @@ def _vdm_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
     dim = integer(f"{p}.embedding_dim", net["embedding_dim"], 1)
     fourier = boolean(f"{p}.use_fourier_features", net["use_fourier_features"])
     kwargs = dict(
-        embedding_dim=dim, n_blocks=integer(f"{p}.n_blocks", net["n_blocks"], 0),
+        embedding_dim=dim,
+        n_blocks=integer(f"{p}.n_blocks", net["n_blocks"], 0),
         n_attention_heads=integer(f"{p}.n_attention_heads", net["n_attention_heads"], 1),
         attention_everywhere=boolean(f"{p}.attention_everywhere", net["attention_everywhere"]),
         dropout=float(number(f"{p}.dropout_prob", net["dropout_prob"])),
@@ -459,7 +515,7 @@ def _vdm_kwargs(net: dict, feats: dict) -> tuple[dict, int]:
         fourier_exponents=[5.0, 6.0] if fourier else [],
         input_features=_feature_kwargs(feats["features"], default_time=False),
         time_frequencies="logspace",
-    )  # fmt: skip
+    )
     return kwargs, feats["num_features"] + dim
 
 
@@ -494,7 +550,7 @@ def strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             raise OfficialCheckpointError(
                 f"unknown key {key!r}: a whole-BFN state dict holds only the network's 'net.' keys"
             )
-        out[key[len("net."):]] = value
+        out[key[len("net.") :]] = value
     return out
 
 
@@ -502,18 +558,21 @@ def _official_key(cls: str, key: str) -> tuple[str, int]:
     """Official name of a project state-dict key, and how many trailing 1-dims its shape has
     there (attention projections are 1x1 convolutions in the official nets)."""
     if cls == "GPT":
-        for old, new in (("input_adapter.token_proj.", "input_adapter.inp_embedding."),
-                         ("input_adapter.time_proj.", "input_adapter.t_embedding."),
-                         ("input_adapter.position_embedding.", "input_adapter.pos_embedding."),
-                         ("blocks.", "transformer.h."), ("ln_f.", "transformer.ln_f."),
-                         ("output_proj.", "output_adapter.output_projection.")):  # fmt: skip
+        for old, new in (
+            ("input_adapter.token_proj.", "input_adapter.inp_embedding."),
+            ("input_adapter.time_proj.", "input_adapter.t_embedding."),
+            ("input_adapter.position_embedding.", "input_adapter.pos_embedding."),
+            ("blocks.", "transformer.h."),
+            ("ln_f.", "transformer.ln_f."),
+            ("output_proj.", "output_adapter.output_projection."),
+        ):
             if key.startswith(old):
-                return new + key[len(old):], 0
+                return new + key[len(old) :], 0
         return key, 0
     if key.startswith("head."):
-        return "output_adapter.output_projection." + key[len("head."):], 0
+        return "output_adapter.output_projection." + key[len("head.") :], 0
     if key.startswith("input_features.projection."):
-        return "input_adapter.output_projection." + key[len("input_features.projection."):], 0
+        return "input_adapter.output_projection." + key[len("input_features.projection.") :], 0
     if key == "input_features.positions":
         return "input_adapter.pos_feats", 0
     attention = re.search(r"\.(qkv|proj_out)\.weight$", key) is not None
@@ -522,11 +581,15 @@ def _official_key(cls: str, key: str) -> tuple[str, int]:
         key = re.sub(r"\.skip\.", ".skip_connection.", key)
         if key.startswith("down."):
             key = re.sub(r"^down\.(\d+)\.0\.conv\.", r"down.\1.0.op.", key)  # Downsample
-        for old, new in (("input_proj.", "input_projection."), ("time_mlp.", "time_embed."),
-                         ("down.", "input_blocks."), ("middle.", "middle_block."),
-                         ("up.", "output_blocks.")):  # fmt: skip
+        for old, new in (
+            ("input_proj.", "input_projection."),
+            ("time_mlp.", "time_embed."),
+            ("down.", "input_blocks."),
+            ("middle.", "middle_block."),
+            ("up.", "output_blocks."),
+        ):
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         return key, (1 if attention else 0)
     # UNetVDM
@@ -542,10 +605,13 @@ def _official_key(cls: str, key: str) -> tuple[str, int]:
     match = re.match(r"^(down|up)\.(\d+)\.(.+)$", key)
     if match:
         return f"{match.group(1)}_blocks.{match.group(2)}.resnet_block.{match.group(3)}", 0
-    for old, new in (("time_mlp.", "embed_conditioning."), ("mid1.", "mid_resnet_block_1."),
-                     ("mid2.", "mid_resnet_block_2.")):  # fmt: skip
+    for old, new in (
+        ("time_mlp.", "embed_conditioning."),
+        ("mid1.", "mid_resnet_block_1."),
+        ("mid2.", "mid_resnet_block_2."),
+    ):
         if key.startswith(old):
-            return new + key[len(old):], 0
+            return new + key[len(old) :], 0
     return key, 0
 
 
@@ -584,8 +650,7 @@ def convert_state_dict(
     for name, value in given.items():
         if name not in project_of and name not in spec["extra"]:
             raise OfficialCheckpointError(
-                f"unknown key {name!r}: the official {spec['cls']} of this config has no such"
-                " parameter or buffer"
+                f"unknown key {name!r}: the official {spec['cls']} of this config has no such parameter or buffer"
             )
         if not isinstance(value, Tensor):
             raise OfficialCheckpointError(f"key {name!r}: expected a tensor, got {type(value).__name__}")
@@ -593,8 +658,7 @@ def convert_state_dict(
     for name in expected:
         if name not in given:
             raise OfficialCheckpointError(
-                f"missing key {name!r}: the official {spec['cls']} of this config has it,"
-                " the checkpoint does not"
+                f"missing key {name!r}: the official {spec['cls']} of this config has it, the checkpoint does not"
             )
     for name, value in given.items():
         if tuple(value.shape) != expected[name]:

@@ -46,9 +46,7 @@ class TextInputAdapter(nn.Module):
     (seq_len, d) table (``position_embedding``, initialised N(0, 0.02)).
     """
 
-    def __init__(
-        self, num_classes: int, seq_len: int, width: int, bias: bool, learn_positions: bool = False
-    ):
+    def __init__(self, num_classes: int, seq_len: int, width: int, bias: bool, learn_positions: bool = False):
         super().__init__()
         self.seq_len = seq_len
         self.token_proj = nn.Linear(num_classes, width, bias=bias)
@@ -171,9 +169,7 @@ class TextTransformer(nn.Module):
             num_classes, seq_len, n_embd, bool(adapter_bias), learn_positions=bool(learn_positions)
         )
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(n_embd, n_head, dropout, bias, self.is_causal) for _ in range(n_layer)
-        )
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, self.is_causal) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, eps=1e-5, bias=bias)
         head_out = num_classes
         self.output_proj = None
@@ -228,9 +224,7 @@ class TextTransformer(nn.Module):
 
     def _check_input(self, theta: Tensor, t: Tensor) -> None:
         if theta.dim() != 3 or theta.shape[-1] != self.num_classes:
-            raise ValueError(
-                f"net_inputs must have shape (B, L, {self.num_classes}), got {tuple(theta.shape)}"
-            )
+            raise ValueError(f"net_inputs must have shape (B, L, {self.num_classes}), got {tuple(theta.shape)}")
         b, length, _ = theta.shape
         if length > self.seq_len:
             raise ValueError(f"sequence length {length} exceeds seq_len={self.seq_len}")

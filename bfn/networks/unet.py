@@ -51,14 +51,17 @@ class ResBlock(nn.Module):
     """
 
     def __init__(
-        self, ch_in: int, ch_out: int, emb_dim: int, dropout: float, groups: int,
+        self,
+        ch_in: int,
+        ch_out: int,
+        emb_dim: int,
+        dropout: float,
+        groups: int,
         scale_shift: bool = False,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.scale_shift = scale_shift
-        self.in_layers = nn.Sequential(
-            GroupNorm32(groups, ch_in), nn.SiLU(), nn.Conv2d(ch_in, ch_out, 3, padding=1)
-        )
+        self.in_layers = nn.Sequential(GroupNorm32(groups, ch_in), nn.SiLU(), nn.Conv2d(ch_in, ch_out, 3, padding=1))
         self.emb_proj = nn.Linear(emb_dim, 2 * ch_out if scale_shift else ch_out)
         self.out_layers = nn.Sequential(
             GroupNorm32(groups, ch_out),
@@ -168,9 +171,7 @@ class UNet(nn.Module):
         check_int("out_channels", out_channels)
         channel_mult = check_int_tuple("channel_mult", channel_mult)
         check_int("num_res_blocks", num_res_blocks)
-        attention_resolutions = check_int_tuple(
-            "attention_resolutions", attention_resolutions, allow_empty=True
-        )
+        attention_resolutions = check_int_tuple("attention_resolutions", attention_resolutions, allow_empty=True)
         dropout = check_dropout("dropout", dropout)
         check_int("num_heads", num_heads)
         num_heads_upsample = num_heads if num_heads_upsample is None else num_heads_upsample
@@ -179,8 +180,7 @@ class UNet(nn.Module):
         check_divides("norm_groups", norm_groups, "model_channels", model_channels)
         if image_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(
-                f"image_size={image_size} must be divisible by 2^(len(channel_mult)-1)"
-                f" = {2 ** (len(channel_mult) - 1)}"
+                f"image_size={image_size} must be divisible by 2^(len(channel_mult)-1) = {2 ** (len(channel_mult) - 1)}"
             )
         widths = [model_channels * mult for mult in channel_mult]
         attention_levels = [w for i, w in enumerate(widths) if 2**i in attention_resolutions]
@@ -193,20 +193,15 @@ class UNet(nn.Module):
         self.project_input = bool(project_input)
 
         emb_dim = 4 * model_channels
-        blocks = dict(emb_dim=emb_dim, dropout=dropout, groups=norm_groups,
-                      scale_shift=bool(scale_shift_norm))  # fmt: skip
+        blocks = dict(emb_dim=emb_dim, dropout=dropout, groups=norm_groups, scale_shift=bool(scale_shift_norm))
         attn = dict(num_heads=num_heads, norm_groups=norm_groups, qkv_layout="head_qkv")
         attn_up = dict(attn, num_heads=num_heads_upsample)
 
-        self.input_features = ImageInputFeatures(
-            in_channels, (image_size, image_size), **(input_features or {})
-        )
+        self.input_features = ImageInputFeatures(in_channels, (image_size, image_size), **(input_features or {}))
         num_features = self.input_features.num_features
         self.input_proj = nn.Linear(num_features, model_channels) if self.project_input else None
         input_width = model_channels if self.project_input else num_features
-        self.time_mlp = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         # Down path: every stage's output is kept for a skip connection.
         self.down = nn.ModuleList([Stage(nn.Conv2d(input_width, model_channels, 3, padding=1))])
@@ -224,9 +219,7 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
                 factor *= 2
 
-        self.middle = Stage(
-            ResBlock(ch, ch, **blocks), SpatialSelfAttention(ch, **attn), ResBlock(ch, ch, **blocks)
-        )
+        self.middle = Stage(ResBlock(ch, ch, **blocks), SpatialSelfAttention(ch, **attn), ResBlock(ch, ch, **blocks))
 
         # Up path: each stage consumes one skip connection (concatenated on channels).
         self.up = nn.ModuleList()

@@ -64,9 +64,7 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, ch_in: int, ch_out: int, cond_dim: int, dropout: float, groups: int):
         super().__init__()
-        self.net1 = nn.Sequential(
-            GroupNorm32(groups, ch_in), nn.SiLU(), nn.Conv2d(ch_in, ch_out, 3, padding=1)
-        )
+        self.net1 = nn.Sequential(GroupNorm32(groups, ch_in), nn.SiLU(), nn.Conv2d(ch_in, ch_out, 3, padding=1))
         self.cond_proj = zero_init_(nn.Linear(cond_dim, ch_out, bias=False))
         self.net2 = nn.Sequential(
             GroupNorm32(groups, ch_out),
@@ -145,9 +143,7 @@ class UNetVDM(nn.Module):
         self.input_features = None
         num_features = in_channels
         if input_features is not None:
-            self.input_features = ImageInputFeatures(
-                in_channels, (image_size, image_size), **input_features
-            )
+            self.input_features = ImageInputFeatures(in_channels, (image_size, image_size), **input_features)
             num_features = self.input_features.num_features
 
         cond_dim = 4 * embedding_dim
@@ -177,18 +173,14 @@ class UNetVDM(nn.Module):
         self.mid2 = ResnetBlock(d, d, **block)
         self.up = nn.ModuleList(ResnetBlock(2 * d, d, **block) for _ in range(n_blocks + 1))
         self.up_attn = nn.ModuleList(maybe_attention() for _ in range(n_blocks + 1))
-        self.conv_out = nn.Sequential(
-            GroupNorm32(norm_groups, d), nn.SiLU(), zero_init_(nn.Conv2d(d, d, 3, padding=1))
-        )
+        self.conv_out = nn.Sequential(GroupNorm32(norm_groups, d), nn.SiLU(), zero_init_(nn.Conv2d(d, d, 3, padding=1)))
         self.head = nn.Linear(num_features + d, in_channels * out_height)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """x: (B, H, W, C) float (the input mean mu); t: (B,) in [0, 1] -> (B, H, W, C, h)."""
         b, height, width, c = self._check_input(x)
         t = per_sample_time(t, b).float()
-        cond = self.time_mlp(
-            sin_cos_embedding((t + 0.001) * 1000.0, self.embedding_dim, method=self.time_frequencies)
-        )
+        cond = self.time_mlp(sin_cos_embedding((t + 0.001) * 1000.0, self.embedding_dim, method=self.time_frequencies))
         if self.input_features is not None:
             x = self.input_features(x, t)  # (B, H, W, F): replaces the input below
 

@@ -70,11 +70,15 @@ def bench_step(steps: int = 20, batch_size: int = 32, threads: int = 2) -> dict[
     results = _time_interleaved({"bare_net_fwd_bwd_s": bare, "train_step_s": step}, steps)
     results["step_over_bare"] = results["train_step_s"] / results["bare_net_fwd_bwd_s"]
     results["samples_per_s"] = batch_size / results["train_step_s"]
-    print(f"\n== training step: {cfg.net.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"params), batch {batch_size}, {threads} threads, median of {steps} ==")  # fmt: skip
+    print(
+        f"\n== training step: {cfg.net.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"params), batch {batch_size}, {threads} threads, median of {steps} =="
+    )
     print(f"  bare network fwd+bwd   {results['bare_net_fwd_bwd_s'] * 1e3:8.1f} ms   (1.00x, lower bound)")
-    print(f"  full training step     {results['train_step_s'] * 1e3:8.1f} ms   "
-          f"({results['step_over_bare']:.2f}x the bare net; {results['samples_per_s']:.0f} samples/s)")
+    print(
+        f"  full training step     {results['train_step_s'] * 1e3:8.1f} ms   "
+        f"({results['step_over_bare']:.2f}x the bare net; {results['samples_per_s']:.0f} samples/s)"
+    )
     print("  reference: the official code measured 380-410 ms for this step on these machines")
     return results
 
@@ -83,14 +87,29 @@ IDLE = "Ray idle workers"
 # roles of the processes on the machine, by the start of their command line (psutil's cmdline)
 _ROLES = (
     ("training worker", ("ray::RayTrainWorker",)),
-    ("Ray Train actors", ("ray::TrainController", "ray::PlacementGroupCleaner", "ray::SynchronizationActor",
-                          "ray::PreemptionWatcher")),
-    ("Ray Data actors", ("ray::_StatsActor", "ray::DatasetManager", "ray::SplitCoordinator",
-                         "ray::_AutoscalingCoordinatorActor")),
+    (
+        "Ray Train actors",
+        ("ray::TrainController", "ray::PlacementGroupCleaner", "ray::SynchronizationActor", "ray::PreemptionWatcher"),
+    ),
+    (
+        "Ray Data actors",
+        ("ray::_StatsActor", "ray::DatasetManager", "ray::SplitCoordinator", "ray::_AutoscalingCoordinatorActor"),
+    ),
     (IDLE, ("ray::IDLE",)),
-    ("Ray daemons", ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "ray::DashboardAgent",
-                     "ray::RuntimeEnvAgent", "ray-dashboard-")),
-)  # fmt: skip
+    (
+        "Ray daemons",
+        (
+            "raylet",
+            "gcs_server",
+            "dashboard",
+            "log_monitor",
+            "monitor.py",
+            "ray::DashboardAgent",
+            "ray::RuntimeEnvAgent",
+            "ray-dashboard-",
+        ),
+    ),
+)
 
 
 def _role(cmdline: list[str], pid: int) -> str:
@@ -154,11 +173,20 @@ class CpuMeter:
 
 
 def _fit_throughput(overrides: list[str], root: Path, user: list[str]) -> dict:
-    cfg = load([
-        "experiment=mnist_local", *user, "tracking=none", f"run.storage_path={root / 'ray'}",
-        "trainer.val_every=100000", "eval.val_batches=1", "eval.nll_steps=0", "eval.num_samples=0",
-        "trainer.checkpoint_every=100000", *overrides,
-    ])  # fmt: skip
+    cfg = load(
+        [
+            "experiment=mnist_local",
+            *user,
+            "tracking=none",
+            f"run.storage_path={root / 'ray'}",
+            "trainer.val_every=100000",
+            "eval.val_batches=1",
+            "eval.nll_steps=0",
+            "eval.num_samples=0",
+            "trainer.checkpoint_every=100000",
+            *overrides,
+        ]
+    )
     started = time.perf_counter()
     with CpuMeter() as meter:
         summary = fit(cfg)
@@ -167,12 +195,17 @@ def _fit_throughput(overrides: list[str], root: Path, user: list[str]) -> dict:
     steady = statistics.median(windows)
     loop_seconds = cfg.trainer.max_steps * cfg.data.batch_size / steady
     logged = summary["windows_logged_at"]  # the steady state: from the end of the first window to the last
-    return {"samples_per_s": steady, "wall_s": wall, "startup_s": max(wall - loop_seconds, 0.0),
-            "cpu": meter.shares(logged[0], logged[-1])}  # fmt: skip
+    return {
+        "samples_per_s": steady,
+        "wall_s": wall,
+        "startup_s": max(wall - loop_seconds, 0.0),
+        "cpu": meter.shares(logged[0], logged[-1]),
+    }
 
 
-def _plain_throughput(uri: str, steps: int, user: list[str], batch_size: int = 32,
-                      threads: int = 2) -> dict[str, float]:  # fmt: skip
+def _plain_throughput(
+    uri: str, steps: int, user: list[str], batch_size: int = 32, threads: int = 2
+) -> dict[str, float]:
     """The same step in one process with the plain pyarrow reader (no Ray); its share of the cores."""
     torch.set_num_threads(threads)
     cfg = load(["experiment=mnist_local", *user])
@@ -210,8 +243,9 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
     is the mean of the two runs around the Ray fits, so a drift of the machine's speed hits both.
     ``overrides``: Hydra overrides of the mnist_local preset (data.uri=..., net=...)."""
     user = list(overrides or [])
-    cfg = load(["experiment=mnist_local", *user, f"trainer.max_steps={steps}",
-                f"trainer.log_every={max(steps // 6, 1)}"])  # fmt: skip
+    cfg = load(
+        ["experiment=mnist_local", *user, f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
+    )
     uri = cfg.data.uri
     with tempfile.TemporaryDirectory(prefix="bfn-bench-") as folder:
         root = Path(folder)
@@ -240,7 +274,8 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
         "plain_cpu_share": plain_share,
         # samples per CPU-second of the training process itself: the loop's own host cost
         "per_cpu_ray_over_plain": (one["samples_per_s"] / worker_share) / (plain / plain_share)
-        if worker_share else None,
+        if worker_share
+        else None,
     }
     print(f"\n== pipeline: mnist_local preset, batch 32, {steps} steps per fit ==")
     print(
@@ -265,8 +300,10 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
     if results["per_cpu_ray_over_plain"] is None:
         print("  per CPU-second of the training process: not measured (no CPU sample found the training process)")
     else:
-        print(f"  per CPU-second of the training process, Ray Train's loop does "
-              f"{results['per_cpu_ray_over_plain']:.2f}x the plain loop's samples")  # fmt: skip
+        print(
+            f"  per CPU-second of the training process, Ray Train's loop does "
+            f"{results['per_cpu_ray_over_plain']:.2f}x the plain loop's samples"
+        )
     return results
 
 

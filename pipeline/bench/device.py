@@ -74,8 +74,9 @@ def example_batch(name: str, batch_size: int, device) -> torch.Tensor:
 
 def train_flops(model, x: torch.Tensor) -> int:
     """FLOPs of one forward + backward of the network at this batch (counted, not estimated)."""
-    inputs = model.flow.net_inputs(model.flow.sample(model.check_data(x), torch.rand(x.shape[0], 1,
-                                   device=x.device)), model.data_shape)  # fmt: skip
+    inputs = model.flow.net_inputs(
+        model.flow.sample(model.check_data(x), torch.rand(x.shape[0], 1, device=x.device)), model.data_shape
+    )
     t = torch.rand(x.shape[0], device=x.device)
     with FlopCounterMode(display=False) as counter:
         model.net(inputs, t).float().square().mean().backward()
@@ -105,15 +106,21 @@ def official(name: str, checkout: Path, device):
     def make(module, section, **extra):
         if section is None:
             return None
-        params = {k: float(v) if isinstance(v, str) and v.replace(".", "").replace("e-", "").isdigit() else v
-                  for k, v in (section.get("parameters") or {}).items()}  # fmt: skip
+        params = {
+            k: float(v) if isinstance(v, str) and v.replace(".", "").replace("e-", "").isdigit() else v
+            for k, v in (section.get("parameters") or {}).items()
+        }
         return getattr(module, section["class_name"])(**params, **extra)
 
     adapters = {k: make(official_adapters, config[k]) for k in ("input_adapter", "output_adapter")}
     net = make(official_networks, config["net"], data_adapters=adapters)
     flow = make(official_model, config["bayesian_flow"])
-    loss = make(official_model, config["loss"], bayesian_flow=flow,
-                distribution_factory=make(official_probability, config["distribution_factory"]))  # fmt: skip
+    loss = make(
+        official_model,
+        config["loss"],
+        bayesian_flow=flow,
+        distribution_factory=make(official_probability, config["distribution_factory"]),
+    )
     bfn = official_model.BFN(net=net, bayesian_flow=flow, loss=loss).to(device)
     return bfn, torch.optim.AdamW(bfn.parameters(), lr=1e-4, weight_decay=0.01)
 
@@ -122,8 +129,17 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def bench_network(name: str, batch_size: int, device, *, steps: int, warmup: int, sample_steps: int,
-                  overrides: list[str], checkout: Path | None) -> dict[str, float]:  # fmt: skip
+def bench_network(
+    name: str,
+    batch_size: int,
+    device,
+    *,
+    steps: int,
+    warmup: int,
+    sample_steps: int,
+    overrides: list[str],
+    checkout: Path | None,
+) -> dict[str, float]:
     cfg, model, optimizer, ema = ours(name, device, overrides)
     x = example_batch(name, batch_size, device)
     flops = train_flops(model, x)
@@ -137,15 +153,20 @@ def bench_network(name: str, batch_size: int, device, *, steps: int, warmup: int
         out.float().square().mean().backward()
 
     def step():
-        train_step(model, model, x, optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr,
-                   amp=device.type == "cuda")  # fmt: skip
+        train_step(
+            model, model, x, optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=cfg.optim.lr, amp=device.type == "cuda"
+        )
 
     def sample():
         with _autocast(device):
             model.sample(min(batch_size, 64), sample_steps)
 
-    result = {"bare_s": timed(bare, device, steps, warmup), "step_s": timed(step, device, steps, warmup),
-              "sample_s": timed(sample, device, max(steps // 5, 1), 1), "flops_per_step": float(flops)}  # fmt: skip
+    result = {
+        "bare_s": timed(bare, device, steps, warmup),
+        "step_s": timed(step, device, steps, warmup),
+        "sample_s": timed(sample, device, max(steps // 5, 1), 1),
+        "flops_per_step": float(flops),
+    }
     if checkout is not None:
         result.update(_official_times(name, checkout, x, device, steps, warmup, sample_steps, batch_size))
     return result
@@ -170,8 +191,10 @@ def _official_times(name, checkout, x, device, steps, warmup, sample_steps, batc
         with _autocast(device):
             model.sample((min(batch_size, 64), *NETWORKS[name][1]), sample_steps)
 
-    return {"official_step_s": timed(step, device, steps, warmup),
-            "official_sample_s": timed(sample, device, max(steps // 5, 1), 1)}  # fmt: skip
+    return {
+        "official_step_s": timed(step, device, steps, warmup),
+        "official_sample_s": timed(sample, device, max(steps // 5, 1), 1),
+    }
 
 
 def report(name: str, batch_size: int, r: dict[str, float], peak_tflops: float | None) -> None:
@@ -179,14 +202,23 @@ def report(name: str, batch_size: int, r: dict[str, float], peak_tflops: float |
     mfu = f", MFU {tflops / peak_tflops:.1%}" if peak_tflops else ""
     print(f"\n== {name}, batch {batch_size} ==")
     print(f"  bare network fwd+bwd  {r['bare_s'] * 1e3:9.1f} ms")
-    print(f"  training step         {r['step_s'] * 1e3:9.1f} ms   ({r['step_s'] / r['bare_s']:.2f}x the bare net; "
-          f"{tflops:.2f} TFLOP/s{mfu})")  # fmt: skip
+    print(
+        f"  training step         {r['step_s'] * 1e3:9.1f} ms   ({r['step_s'] / r['bare_s']:.2f}x the bare net; "
+        f"{tflops:.2f} TFLOP/s{mfu})"
+    )
     if "official_step_s" in r:
-        print(f"  official step         {r['official_step_s'] * 1e3:9.1f} ms   "
-              f"(ours is {r['official_step_s'] / r['step_s']:.2f}x the official speed)")  # fmt: skip
-    print(f"  sampling              {r['sample_s']:9.3f} s" + (
-        f"    (ours is {r['official_sample_s'] / r['sample_s']:.2f}x the official speed)"
-        if "official_sample_s" in r else ""))  # fmt: skip
+        print(
+            f"  official step         {r['official_step_s'] * 1e3:9.1f} ms   "
+            f"(ours is {r['official_step_s'] / r['step_s']:.2f}x the official speed)"
+        )
+    print(
+        f"  sampling              {r['sample_s']:9.3f} s"
+        + (
+            f"    (ours is {r['official_sample_s'] / r['sample_s']:.2f}x the official speed)"
+            if "official_sample_s" in r
+            else ""
+        )
+    )
 
 
 def main(args) -> int:
@@ -202,8 +234,15 @@ def main(args) -> int:
         if name not in NETWORKS:
             raise ValueError(f"--networks: {name!r} is not one of {', '.join(NETWORKS)}")
         batch_size = int(batch) if batch else {"text8": 416, "cifar10": 32, "mnist": 512}[name]
-        result = bench_network(name, batch_size, device, steps=args.steps, warmup=args.warmup,
-                               sample_steps=args.sample_steps, overrides=list(args.overrides),
-                               checkout=checkout)  # fmt: skip
+        result = bench_network(
+            name,
+            batch_size,
+            device,
+            steps=args.steps,
+            warmup=args.warmup,
+            sample_steps=args.sample_steps,
+            overrides=list(args.overrides),
+            checkout=checkout,
+        )
         report(name, batch_size, result, peak)
     return 0

@@ -1,5 +1,8 @@
 """A local development stack: Ray head (token auth) + MLflow server + S3 (moto), all on 127.0.0.1.
 
+(Longer than 500 lines: three servers' start, health checks and stop by PID,
+with the stack file that ties them together; `ruff format` spreads their argument lists.)
+
 ``up(root_dir)`` starts the three services as child processes, each in its own session, and
 writes ``root_dir/stack.json`` (PIDs, ports, URLs, the environment a client should export).
 ``down(root_dir)`` stops exactly those processes by PID -- never ``ray stop``/``pkill``, which would
@@ -57,14 +60,29 @@ TOKEN_FILE = "auth_token"
 MARKER_ENV = "BFN_LOCALSTACK_ID"
 HOST = "127.0.0.1"
 # moto accepts any credentials; these are the conventional dummies, not secrets.
-S3_DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+S3_DUMMY_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 MOTO_READY_PATH = "/moto-api/"  # moto's dashboard: it answers once the server serves requests
 _MAX_RAY_TEMP_DIR_LEN = 36  # unix socket paths must stay under 108 bytes; Ray adds about 70
 # Variables of the caller that must not leak into the services we start.
-_SCRUB_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-              "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", MARKER_ENV)  # fmt: skip
+_SCRUB_ENV = (
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    MARKER_ENV,
+)
 
 
 class StackError(RuntimeError):
@@ -179,8 +197,16 @@ def http_status(url: str, token: str | None = None, timeout: float = 3.0) -> tup
         return error.code, error.read()
 
 
-def wait_until(name: str, ready: Callable[[], bool], *, timeout: float, proc: subprocess.Popen | None,
-               log_path: Path | None, what: str, interval: float = 0.3) -> float:  # fmt: skip
+def wait_until(
+    name: str,
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    proc: subprocess.Popen | None,
+    log_path: Path | None,
+    what: str,
+    interval: float = 0.3,
+) -> float:
     """Poll ``ready`` until True (OSError/ValueError: not yet); StackError as soon as ``proc`` exits
     or after ``timeout`` s, with the tail of ``log_path``. Returns the seconds waited."""
     started = time.monotonic()
@@ -238,14 +264,33 @@ def _new_token(root: Path) -> Path:
 
 
 def _new_state(root: Path, ports: dict[str, int], bucket: str, token_path: Path) -> dict[str, Any]:
-    urls = {"ray_dashboard": f"http://{HOST}:{ports['dashboard']}", "mlflow": f"http://{HOST}:{ports['mlflow']}",
-            "s3": f"http://{HOST}:{ports['s3']}"}  # fmt: skip
-    env = {"RAY_API_SERVER_ADDRESS": urls["ray_dashboard"], "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token_path), "MLFLOW_TRACKING_URI": urls["mlflow"],
-           "AWS_ENDPOINT_URL": urls["s3"], "MLFLOW_S3_ENDPOINT_URL": urls["s3"], **S3_DUMMY_CREDENTIALS,
-           "BFN_STORAGE_PATH": f"s3://{bucket}/ray"}  # Ray Train checkpoints (run=cluster)  # fmt: skip
-    return {"id": uuid.uuid4().hex, "root_dir": str(root), "started_at": time.time(), "ports": ports, "urls": urls,
-            "bucket": bucket, "token_path": str(token_path), "services": {}, "env": env, "timings_s": {}}  # fmt: skip
+    urls = {
+        "ray_dashboard": f"http://{HOST}:{ports['dashboard']}",
+        "mlflow": f"http://{HOST}:{ports['mlflow']}",
+        "s3": f"http://{HOST}:{ports['s3']}",
+    }
+    env = {
+        "RAY_API_SERVER_ADDRESS": urls["ray_dashboard"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "MLFLOW_TRACKING_URI": urls["mlflow"],
+        "AWS_ENDPOINT_URL": urls["s3"],
+        "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
+        **S3_DUMMY_CREDENTIALS,
+        "BFN_STORAGE_PATH": f"s3://{bucket}/ray",
+    }  # Ray Train checkpoints (run=cluster)
+    return {
+        "id": uuid.uuid4().hex,
+        "root_dir": str(root),
+        "started_at": time.time(),
+        "ports": ports,
+        "urls": urls,
+        "bucket": bucket,
+        "token_path": str(token_path),
+        "services": {},
+        "env": env,
+        "timings_s": {},
+    }
 
 
 # --------------------------------------------------------------------------- up
@@ -263,74 +308,142 @@ class _Launcher:
     def launch(self, name: str, argv: list[str], env: dict[str, str], marked: bool = False) -> None:
         log_path = self.logs / f"{name}.log"
         with open(log_path, "ab") as log_file:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=self.root, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.root,
+                start_new_session=True,
+            )
         self.procs[name], self.launched_at[name] = proc, time.monotonic()
-        self.state["services"][name] = {"pid": proc.pid, "start_time": start_time(proc.pid), "argv": argv,
-                                        "log": str(log_path), "marked": marked}  # fmt: skip
+        self.state["services"][name] = {
+            "pid": proc.pid,
+            "start_time": start_time(proc.pid),
+            "argv": argv,
+            "log": str(log_path),
+            "marked": marked,
+        }
         _write_state(self.root, self.state)
 
     def wait(self, name: str, label: str, ready: Callable[[], bool], what: str, timeout: float) -> None:
-        wait_until(label, ready, timeout=timeout, proc=self.procs[name], log_path=self.logs / f"{name}.log",
-                   what=what)  # fmt: skip
+        wait_until(label, ready, timeout=timeout, proc=self.procs[name], log_path=self.logs / f"{name}.log", what=what)
         self.state["timings_s"][name] = time.monotonic() - self.launched_at[name]
 
 
 def _mlflow_argv(root: Path, bucket: str, port: int) -> list[str]:
-    return [venv_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", HOST, "--port", str(port),
-            "--workers", "1"]  # fmt: skip
+    return [
+        venv_bin("mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{bucket}/mlflow",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def _ray_argv(ports: dict[str, int], num_cpus: int, object_store_memory: int, ray_tmp: Path) -> list[str]:
-    return [venv_bin("ray"), "start", "--head", "--block", f"--port={ports['ray']}",
-            f"--ray-client-server-port={ports['ray_client']}",
-            f"--dashboard-agent-listen-port={ports['dashboard_agent']}", "--include-dashboard=true",
-            f"--dashboard-host={HOST}", f"--dashboard-port={ports['dashboard']}", f"--num-cpus={num_cpus}",
-            f"--object-store-memory={object_store_memory}", f"--temp-dir={ray_tmp}",
-            "--disable-usage-stats"]  # fmt: skip
+    return [
+        venv_bin("ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={ports['ray']}",
+        f"--ray-client-server-port={ports['ray_client']}",
+        f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
+        "--include-dashboard=true",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--num-cpus={num_cpus}",
+        f"--object-store-memory={object_store_memory}",
+        f"--temp-dir={ray_tmp}",
+        "--disable-usage-stats",
+    ]
 
 
 def _ray_env(base_env: dict[str, str], state: dict[str, Any], ray_tmp: Path) -> dict[str, str]:
-    return {**base_env,
-            MARKER_ENV: state["id"],  # inherited by every Ray process, so `down` can find them all
-            # job entrypoints (`python -m pipeline.cli ...`) must find this environment's python
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), base_env.get("PATH", "")]),
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"],
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1: Ray listens on loopback
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            "RAY_TMPDIR": str(ray_tmp), "AWS_ENDPOINT_URL": state["urls"]["s3"],
-            "MLFLOW_S3_ENDPOINT_URL": state["urls"]["s3"], **S3_DUMMY_CREDENTIALS}  # fmt: skip
+    return {
+        **base_env,
+        MARKER_ENV: state["id"],  # inherited by every Ray process, so `down` can find them all
+        # job entrypoints (`python -m pipeline.cli ...`) must find this environment's python
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), base_env.get("PATH", "")]),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": state["token_path"],
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1: Ray listens on loopback
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "RAY_TMPDIR": str(ray_tmp),
+        "AWS_ENDPOINT_URL": state["urls"]["s3"],
+        "MLFLOW_S3_ENDPOINT_URL": state["urls"]["s3"],
+        **S3_DUMMY_CREDENTIALS,
+    }
 
 
-def _start_services(launcher: _Launcher, state: dict[str, Any], num_cpus: int, object_store_memory: int,
-                    timeout: float) -> None:  # fmt: skip
+def _start_services(
+    launcher: _Launcher, state: dict[str, Any], num_cpus: int, object_store_memory: int, timeout: float
+) -> None:
     """moto first (MLflow needs the bucket), then MLflow and Ray in parallel (each takes seconds)."""
     root, ports, urls = launcher.root, state["ports"], state["urls"]
     base_env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
     launcher.launch("s3", moto_argv(ports["s3"]), base_env)
-    launcher.wait("s3", "moto S3 server", lambda: http_status(urls["s3"] + MOTO_READY_PATH)[0] < 500,
-                  f"{urls['s3']} answering", timeout)  # fmt: skip
+    launcher.wait(
+        "s3",
+        "moto S3 server",
+        lambda: http_status(urls["s3"] + MOTO_READY_PATH)[0] < 500,
+        f"{urls['s3']} answering",
+        timeout,
+    )
     create_bucket(urls["s3"], state["bucket"])
-    mlflow_env = {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
-                  **S3_DUMMY_CREDENTIALS}  # fmt: skip
+    mlflow_env = {
+        **base_env,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
+        **S3_DUMMY_CREDENTIALS,
+    }
     launcher.launch("mlflow", _mlflow_argv(root, state["bucket"], ports["mlflow"]), mlflow_env)
     ray_tmp = _ray_temp_dir(root, state["id"])
     ray_tmp.mkdir(parents=True, exist_ok=True)
     state["ray_temp_dir"] = str(ray_tmp)
-    launcher.launch("ray", _ray_argv(ports, num_cpus, object_store_memory, ray_tmp),
-                    _ray_env(base_env, state, ray_tmp), marked=True)  # fmt: skip
-    launcher.wait("mlflow", "MLflow server", lambda: http_status(urls["mlflow"] + "/health")[0] == 200,
-                  f"{urls['mlflow']}/health returning 200", timeout)  # fmt: skip
+    launcher.launch(
+        "ray", _ray_argv(ports, num_cpus, object_store_memory, ray_tmp), _ray_env(base_env, state, ray_tmp), marked=True
+    )
+    launcher.wait(
+        "mlflow",
+        "MLflow server",
+        lambda: http_status(urls["mlflow"] + "/health")[0] == 200,
+        f"{urls['mlflow']}/health returning 200",
+        timeout,
+    )
     token = Path(state["token_path"]).read_text()
-    launcher.wait("ray", "Ray head", lambda: http_status(urls["ray_dashboard"] + "/api/jobs/", token)[0] == 200,
-                  f"job API at {urls['ray_dashboard']}/api/jobs/ accepting the token", timeout)  # fmt: skip
+    launcher.wait(
+        "ray",
+        "Ray head",
+        lambda: http_status(urls["ray_dashboard"] + "/api/jobs/", token)[0] == 200,
+        f"job API at {urls['ray_dashboard']}/api/jobs/ accepting the token",
+        timeout,
+    )
 
 
-def up(root_dir: str | os.PathLike, *, num_cpus: int = 4, object_store_memory: int = 1024**3, bucket: str = "bfn",
-       timeout: float = 180.0, ray_port: int | None = None, dashboard_port: int | None = None,
-       mlflow_port: int | None = None, s3_port: int | None = None,
-       echo: Callable[[str], None] = log.info) -> dict[str, Any]:  # fmt: skip
+def up(
+    root_dir: str | os.PathLike,
+    *,
+    num_cpus: int = 4,
+    object_store_memory: int = 1024**3,
+    bucket: str = "bfn",
+    timeout: float = 180.0,
+    ray_port: int | None = None,
+    dashboard_port: int | None = None,
+    mlflow_port: int | None = None,
+    s3_port: int | None = None,
+    echo: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
     """Start S3 (moto), MLflow and a token-auth Ray head on 127.0.0.1; return the state dict.
 
     Every wait is bounded by ``timeout`` seconds; on any failure everything already started is
@@ -340,12 +453,18 @@ def up(root_dir: str | os.PathLike, *, num_cpus: int = 4, object_store_memory: i
     root.mkdir(parents=True, exist_ok=True)
     previous = load_state(root)
     if previous and any(alive(s["pid"], s.get("start_time")) for s in previous["services"].values()):
-        raise StackError(f"a stack is already running from {root} (see {root / STATE_FILE}); "
-                         f"run `bfn stack down --dir {root}` first")  # fmt: skip
+        raise StackError(
+            f"a stack is already running from {root} (see {root / STATE_FILE}); run `bfn stack down --dir {root}` first"
+        )
     started = time.monotonic()
-    ports = {"ray": ray_port or free_port(), "dashboard": dashboard_port or free_port(),
-             "ray_client": free_port(), "dashboard_agent": free_port(), "mlflow": mlflow_port or free_port(),
-             "s3": s3_port or free_port()}  # fmt: skip
+    ports = {
+        "ray": ray_port or free_port(),
+        "dashboard": dashboard_port or free_port(),
+        "ray_client": free_port(),
+        "dashboard_agent": free_port(),
+        "mlflow": mlflow_port or free_port(),
+        "s3": s3_port or free_port(),
+    }
     state = _new_state(root, ports, bucket, _new_token(root))
     try:
         _start_services(_Launcher(root, state), state, num_cpus, object_store_memory, timeout)
@@ -358,8 +477,10 @@ def up(root_dir: str | os.PathLike, *, num_cpus: int = 4, object_store_memory: i
     state["timings_s"]["total"] = time.monotonic() - started
     _write_state(root, state)
     urls = state["urls"]
-    echo(f"stack up in {state['timings_s']['total']:.1f}s: Ray dashboard {urls['ray_dashboard']}, "
-         f"MLflow {urls['mlflow']}, S3 {urls['s3']} (bucket {bucket})")  # fmt: skip
+    echo(
+        f"stack up in {state['timings_s']['total']:.1f}s: Ray dashboard {urls['ray_dashboard']}, "
+        f"MLflow {urls['mlflow']}, S3 {urls['s3']} (bucket {bucket})"
+    )
     return state
 
 
@@ -368,9 +489,13 @@ def create_bucket(s3_url: str, bucket: str) -> None:
     import boto3  # lazy: ~0.25 s on every `bfn` command (build_parser imports this module), for `bfn stack up`
 
     credentials = S3_DUMMY_CREDENTIALS
-    boto3.client("s3", endpoint_url=s3_url, region_name=credentials["AWS_DEFAULT_REGION"],
-                 aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)  # fmt: skip
+    boto3.client(
+        "s3",
+        endpoint_url=s3_url,
+        region_name=credentials["AWS_DEFAULT_REGION"],
+        aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
+    ).create_bucket(Bucket=bucket)
 
 
 # --------------------------------------------------------------------------- down / status
@@ -384,8 +509,11 @@ def down(root_dir: str | os.PathLike, *, echo: Callable[[str], None] = log.info,
         echo(f"no stack state at {root / STATE_FILE}; nothing to stop")
         return {}
     started = time.monotonic()
-    reports = {name: _stop_service(state["services"][name], state["id"], grace)
-               for name in ("ray", "mlflow", "s3") if name in state["services"]}  # fmt: skip
+    reports = {
+        name: _stop_service(state["services"][name], state["id"], grace)
+        for name in ("ray", "mlflow", "s3")
+        if name in state["services"]
+    }
     # a last sweep for anything carrying the marker (e.g. a Ray worker that changed session)
     stray = stack_pids(set(), state["id"])
     terminate(stray, 0)
@@ -411,16 +539,23 @@ def status(root_dir: str | os.PathLike) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         token = Path(state["token_path"]).read_text().strip()
     urls = state["urls"]
-    probes = {"ray": (urls["ray_dashboard"], "/api/jobs/"), "mlflow": (urls["mlflow"], "/health"),
-              "s3": (urls["s3"], MOTO_READY_PATH)}  # fmt: skip
+    probes = {
+        "ray": (urls["ray_dashboard"], "/api/jobs/"),
+        "mlflow": (urls["mlflow"], "/health"),
+        "s3": (urls["s3"], MOTO_READY_PATH),
+    }
     services = {}
     for name, svc in state["services"].items():
         base, probe = probes[name]
         healthy = False
         with contextlib.suppress(OSError, ValueError):
             healthy = http_status(base + probe, token if name == "ray" else None, timeout=2)[0] == 200
-        services[name] = {"pid": svc["pid"], "alive": alive(svc["pid"], svc.get("start_time")),
-                          "healthy": healthy, "url": base}  # fmt: skip
+        services[name] = {
+            "pid": svc["pid"],
+            "alive": alive(svc["pid"], svc.get("start_time")),
+            "healthy": healthy,
+            "url": base,
+        }
     running = bool(services) and all(s["alive"] and s["healthy"] for s in services.values())
     return {"running": running, "root_dir": str(root), "services": services, "env": state["env"]}
 
@@ -442,9 +577,16 @@ def _print_status(directory: str) -> int:
 def _cmd(args: argparse.Namespace) -> int:
     try:
         if args.stack_cmd == "up":
-            state = up(args.dir, num_cpus=args.num_cpus, bucket=args.bucket, timeout=args.timeout,
-                       ray_port=args.ray_port, dashboard_port=args.dashboard_port, mlflow_port=args.mlflow_port,
-                       s3_port=args.s3_port)  # fmt: skip
+            state = up(
+                args.dir,
+                num_cpus=args.num_cpus,
+                bucket=args.bucket,
+                timeout=args.timeout,
+                ray_port=args.ray_port,
+                dashboard_port=args.dashboard_port,
+                mlflow_port=args.mlflow_port,
+                s3_port=args.s3_port,
+            )
             print("# export these to use the stack (the token is read from RAY_AUTH_TOKEN_PATH):")
             print(export_lines(state))
             print(f"# then: bfn submit train experiment=smoke --address {state['urls']['ray_dashboard']}")
@@ -463,8 +605,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``stack {up,down,status}`` to a CLI's subparsers (each sets ``func=``)."""
     parser = subparsers.add_parser("stack", help="local dev stack: Ray head (token auth) + MLflow + S3 (moto)")
     sub = parser.add_subparsers(dest="stack_cmd", required=True, metavar="{up,down,status}")
-    for name, help_ in (("up", "start the stack"), ("down", "stop what `up` started, by PID"),
-                        ("status", "PIDs, health, and the env to export")):  # fmt: skip
+    for name, help_ in (
+        ("up", "start the stack"),
+        ("down", "stop what `up` started, by PID"),
+        ("status", "PIDs, health, and the env to export"),
+    ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--dir", default="runs/stack", help="state/log/data dir (default runs/stack)")
         if name == "up":

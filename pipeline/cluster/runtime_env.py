@@ -25,19 +25,47 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped to the cluster (gitignored paths are skipped as well).
-WORKING_DIR_EXCLUDES = [".venv/", "runs/", "outputs/", "data/shards/", ".git",  # a worktree's .git is a file
-                        "**/__pycache__/", ".pytest_cache/",
-                        ".hypothesis/", ".ruff_cache/", "*.egg-info/", "mlruns/", "mlflow.db", "*.pyc"]  # fmt: skip
+WORKING_DIR_EXCLUDES = [
+    ".venv/",
+    "runs/",
+    "outputs/",
+    "data/shards/",
+    ".git",  # a worktree's .git is a file
+    "**/__pycache__/",
+    ".pytest_cache/",
+    ".hypothesis/",
+    ".ruff_cache/",
+    "*.egg-info/",
+    "mlruns/",
+    "mlflow.db",
+    "*.pyc",
+]
 # Forwarded from the caller's environment when set: settings, no secrets.
-FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "BFN_STORAGE_PATH")  # Ray Train storage (s3://...), read by pipeline/conf/run/cluster.yaml  # fmt: skip
+FORWARD_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "BFN_STORAGE_PATH",
+)  # Ray Train storage (s3://...), read by pipeline/conf/run/cluster.yaml
 # Forwarded only with --forward-credentials.
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_USERNAME",
-                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")  # fmt: skip
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 SECRET_ENV = {*CREDENTIAL_ENV, "RAY_AUTH_TOKEN"}
-JOB_ENV_DEFAULTS = {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # quiet, unbuffered job logs  # fmt: skip
+JOB_ENV_DEFAULTS = {
+    "PYTHONUNBUFFERED": "1",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}  # quiet, unbuffered job logs
 MAX_WORKING_DIR_BYTES = 90 * 2**20  # Ray refuses packages over 100 MiB
 
 
@@ -52,13 +80,16 @@ def _is_secret(key: str) -> bool:
 
 
 def _credential_refused(what: str) -> SubmitError:
-    return SubmitError(f"{what} carries a credential, and Ray stores the job's env_vars where anyone holding the "
-                       "cluster token can read them: pass --forward-credentials to send it anyway, or better, give "
-                       "the cluster its own credentials (instance profile / IRSA)")  # fmt: skip
+    return SubmitError(
+        f"{what} carries a credential, and Ray stores the job's env_vars where anyone holding the "
+        "cluster token can read them: pass --forward-credentials to send it anyway, or better, give "
+        "the cluster its own credentials (instance profile / IRSA)"
+    )
 
 
-def job_env(extra: Iterable[str] = (), forward_credentials: bool = False,
-            environ: dict | None = None) -> tuple[dict[str, str], list[str]]:  # fmt: skip
+def job_env(
+    extra: Iterable[str] = (), forward_credentials: bool = False, environ: dict | None = None
+) -> tuple[dict[str, str], list[str]]:
     """env_vars for the job, and the secret values among them (to mask in anything printed).
 
     Without ``forward_credentials`` a forwarded setting loses the credentials inside it (a URL's
@@ -74,9 +105,12 @@ def job_env(extra: Iterable[str] = (), forward_credentials: bool = False,
             del env[key]
         else:
             env[key] = stripped
-        log.warning("%s holds credentials: %s, since Ray stores a job's env_vars where anyone holding the cluster "
-                    "token can read them; pass --forward-credentials to send them", key,
-                    "not forwarded" if key not in env else "forwarded without them")  # fmt: skip
+        log.warning(
+            "%s holds credentials: %s, since Ray stores a job's env_vars where anyone holding the cluster "
+            "token can read them; pass --forward-credentials to send them",
+            key,
+            "not forwarded" if key not in env else "forwarded without them",
+        )
     for item in extra:
         key, sep, value = item.partition("=")
         if not key:
@@ -146,19 +180,28 @@ def check_working_dir_size(root: Path, excludes: list[str]) -> int:
     total, per_top = working_dir_size(root, excludes)
     if total > MAX_WORKING_DIR_BYTES:
         listing = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(per_top.items(), key=lambda kv: -kv[1])[:5])
-        raise SubmitError(f"working_dir {root} would upload {total / 2**20:.0f} MiB (Ray's limit is about "
-                          f"{MAX_WORKING_DIR_BYTES // 2**20} MiB); largest: {listing}. Add --exclude PATTERN, or put "
-                          "data on S3 / in the image (--image)")  # fmt: skip
+        raise SubmitError(
+            f"working_dir {root} would upload {total / 2**20:.0f} MiB (Ray's limit is about "
+            f"{MAX_WORKING_DIR_BYTES // 2**20} MiB); largest: {listing}. Add --exclude PATTERN, or put "
+            "data on S3 / in the image (--image)"
+        )
     return total
 
 
-def build_runtime_env(env_vars: dict[str, str], image: str | None = None, pip: list[str] | None = None,
-                      working_dir: Path = REPO_ROOT, extra_excludes: Iterable[str] = ()) -> dict[str, Any]:  # fmt: skip
+def build_runtime_env(
+    env_vars: dict[str, str],
+    image: str | None = None,
+    pip: list[str] | None = None,
+    working_dir: Path = REPO_ROOT,
+    extra_excludes: Iterable[str] = (),
+) -> dict[str, Any]:
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if image:
         if pip:
-            raise SubmitError("--image and --pip-requirements cannot be combined (Ray's image_uri only allows "
-                              "env_vars); bake the requirements into the image")  # fmt: skip
+            raise SubmitError(
+                "--image and --pip-requirements cannot be combined (Ray's image_uri only allows "
+                "env_vars); bake the requirements into the image"
+            )
         runtime_env["image_uri"] = image
     else:
         runtime_env["working_dir"] = str(working_dir)

@@ -1,5 +1,8 @@
 """Submit ``bfn`` runs to a Ray cluster as Ray Jobs, and list / follow / stop them.
 
+(Longer than 500 lines: `bfn submit` and `bfn jobs`, which share the job
+client, the runtime environment and the credential checks.)
+
     bfn submit train experiment=smoke --address http://127.0.0.1:8265 \\
         [--image IMG | --pip-requirements | --requirements-file FILE] [--forward-credentials] [--no-wait]
     bfn jobs list --address URL
@@ -102,8 +105,10 @@ def resolve_address(address: str | None) -> str:
         env_address = os.environ.get("RAY_ADDRESS", "")
         address = env_address if env_address.startswith(("http://", "https://")) else None
     if not address:
-        raise SubmitError("no cluster address: pass --address http://HOST:PORT (the Ray dashboard / job API, "
-                          "8265 by default) or set RAY_API_SERVER_ADDRESS")  # fmt: skip
+        raise SubmitError(
+            "no cluster address: pass --address http://HOST:PORT (the Ray dashboard / job API, "
+            "8265 by default) or set RAY_API_SERVER_ADDRESS"
+        )
     if "://" not in address:
         address = "http://" + address
     return address.rstrip("/")
@@ -123,8 +128,9 @@ def resolve_token() -> tuple[str | None, str]:
         try:
             token = Path(path_env).expanduser().read_text().strip()
         except OSError as error:
-            raise MissingTokenError(f"missing token: RAY_AUTH_TOKEN_PATH={path_env} cannot be read "
-                                    f"({error.strerror})") from None  # fmt: skip
+            raise MissingTokenError(
+                f"missing token: RAY_AUTH_TOKEN_PATH={path_env} cannot be read ({error.strerror})"
+            ) from None
         if not token:
             raise MissingTokenError(f"missing token: RAY_AUTH_TOKEN_PATH={path_env} is empty")
         return token, f"RAY_AUTH_TOKEN_PATH={path_env}"
@@ -135,10 +141,12 @@ def resolve_token() -> tuple[str | None, str]:
 
 
 def _missing_token_message(address: str) -> str:
-    return (f"missing token: the Ray cluster at {address} has token authentication on, but no token was found. "
-            "Set RAY_AUTH_TOKEN=<token>, or RAY_AUTH_TOKEN_PATH=<file holding the token>, or put it in "
-            "~/.ray/auth_token (on the head node: `ray get-auth-token`; local stack: export "
-            "RAY_AUTH_TOKEN_PATH=<stack dir>/auth_token, as printed by `bfn stack up`)")  # fmt: skip
+    return (
+        f"missing token: the Ray cluster at {address} has token authentication on, but no token was found. "
+        "Set RAY_AUTH_TOKEN=<token>, or RAY_AUTH_TOKEN_PATH=<file holding the token>, or put it in "
+        "~/.ray/auth_token (on the head node: `ray get-auth-token`; local stack: export "
+        "RAY_AUTH_TOKEN_PATH=<stack dir>/auth_token, as printed by `bfn stack up`)"
+    )
 
 
 def probe(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> str:
@@ -153,8 +161,9 @@ def probe(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> str:
             return "unknown"
         if error.code in (401, 403):
             return "token"
-        raise UnreachableError(f"Ray job API at {address} answered HTTP {error.code} on {url}; "
-                               "is this a Ray dashboard address?") from None  # fmt: skip
+        raise UnreachableError(
+            f"Ray job API at {address} answered HTTP {error.code} on {url}; is this a Ray dashboard address?"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise UnreachableError(
             f"cannot reach the Ray cluster at {address} within {timeout:.0f}s ({getattr(error, 'reason', error)}). "
@@ -173,9 +182,11 @@ def connect(address: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT, *, al
     token, source = resolve_token()
     register_secret(token)  # masked by value in everything printed from now on
     if token and plain_http_to_remote(address) and not allow_plain_http:  # checked before any request
-        raise SubmitError(f"refusing to send the cluster token to {address} over plain http (it would cross the "
-                          "network unencrypted): use an SSH tunnel or port-forward to 127.0.0.1, https, or "
-                          "--allow-plain-http on a network you trust")  # fmt: skip
+        raise SubmitError(
+            f"refusing to send the cluster token to {address} over plain http (it would cross the "
+            "network unencrypted): use an SSH tunnel or port-forward to 127.0.0.1, https, or "
+            "--allow-plain-http on a network you trust"
+        )
     if probe(address, timeout) == "token" and not token:
         raise MissingTokenError(_missing_token_message(address))
     # lazy: build_parser imports this module for every command (those without Ray never import it)
@@ -187,8 +198,9 @@ def connect(address: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT, *, al
     except AuthenticationError as error:
         if "401" in str(error) or "Missing" in str(error):
             raise MissingTokenError(_missing_token_message(address)) from None
-        raise SubmitError(f"the Ray cluster at {address} rejected the token from {source} (HTTP 403): it is "
-                          "not this cluster's token") from None  # fmt: skip
+        raise SubmitError(
+            f"the Ray cluster at {address} rejected the token from {source} (HTTP 403): it is not this cluster's token"
+        ) from None
     except ConnectionError as error:
         raise UnreachableError(f"cannot reach the Ray cluster at {address}: {error}") from None
 
@@ -235,8 +247,9 @@ class Submission:
 def prepare(args: argparse.Namespace) -> Submission:
     env, known = job_env(args.env or [], forward_credentials=args.forward_credentials)
     pip = pip_requirements(args.requirements_file) if args.pip_requirements or args.requirements_file else None
-    runtime_env = build_runtime_env(env, image=args.image, pip=pip, working_dir=REPO_ROOT,
-                                    extra_excludes=args.exclude or [])  # fmt: skip
+    runtime_env = build_runtime_env(
+        env, image=args.image, pip=pip, working_dir=REPO_ROOT, extra_excludes=args.exclude or []
+    )
     upload = 0
     if "working_dir" in runtime_env:
         sha = local_git_sha(REPO_ROOT)  # .git is not uploaded: tell the job which commit its code came from
@@ -263,17 +276,21 @@ def _describe(submission: Submission, address: str, image: str | None) -> None:
     log.info("  code: %s%s", code, f" + pip ({len(submission.pip)} requirements)" if submission.pip else "")
     log.info("  env_vars: %s (values not shown)", ", ".join(sorted(env)))
     if any(key in env for key in CREDENTIAL_ENV) or any(has_credential(value) for value in env.values()):
-        log.warning("credentials forwarded into the job's runtime_env: anyone holding the cluster token can read "
-                    "them back")  # fmt: skip
+        log.warning(
+            "credentials forwarded into the job's runtime_env: anyone holding the cluster token can read them back"
+        )
 
 
 def _send(client, submission: Submission, job_id: str, address: str) -> str:
     from ray.exceptions import AuthenticationError  # lazy, as in connect
 
     try:
-        return client.submit_job(entrypoint=submission.entrypoint, submission_id=job_id,
-                                 runtime_env=submission.runtime_env,
-                                 metadata={"bfn_kind": submission.kind, "submitted_by": "bfn submit"})  # fmt: skip
+        return client.submit_job(
+            entrypoint=submission.entrypoint,
+            submission_id=job_id,
+            runtime_env=submission.runtime_env,
+            metadata={"bfn_kind": submission.kind, "submitted_by": "bfn submit"},
+        )
     except AuthenticationError as error:
         raise SubmitError(str(error)) from None
     except RuntimeError as error:
@@ -292,8 +309,10 @@ def _wait_for_end(client, job_id: str, address: str, known: list[str], timeout: 
         print(f"job {job_id} SUCCEEDED ({time.monotonic() - started:.1f}s from submission)")
         return 0
     if status == "TIMEOUT":
-        raise SubmitError(f"job {job_id} still running after --timeout {timeout:.0f}s; follow: {follow_command}; "
-                          f"stop: bfn jobs stop {job_id} --address {address}")  # fmt: skip
+        raise SubmitError(
+            f"job {job_id} still running after --timeout {timeout:.0f}s; follow: {follow_command}; "
+            f"stop: bfn jobs stop {job_id} --address {address}"
+        )
     raise SubmitError(f"job {job_id} {status}: {client.get_job_info(job_id).message or ''}")
 
 
@@ -350,8 +369,10 @@ def _list_jobs(client, limit: int, known: list[str]) -> None:
     print(f"{'SUBMISSION ID':40s} {'STATUS':10s} {'STARTED':19s} ENTRYPOINT")
     for job in jobs[:limit]:
         started = f"{_dt.datetime.fromtimestamp(job.start_time / 1000):%Y-%m-%d %H:%M:%S}" if job.start_time else "-"
-        print(f"{(job.submission_id or job.job_id or '-'):40s} {str(job.status.value):10s} {started:19s} "
-              f"{mask_text(job.entrypoint, known)[:80]}")  # fmt: skip
+        print(
+            f"{(job.submission_id or job.job_id or '-'):40s} {str(job.status.value):10s} {started:19s} "
+            f"{mask_text(job.entrypoint, known)[:80]}"
+        )
 
 
 def _stop_job(client, job_id: str, wait: bool, timeout: float) -> None:
@@ -391,41 +412,80 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="Ray job API URL, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS)")
-    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
-                        help="seconds to wait for the address to answer (default %(default)s)")
-    parser.add_argument("--allow-plain-http", action="store_true",
-                        help="send the cluster token over plain http to a non-loopback address")  # fmt: skip
+    parser.add_argument(
+        "--address", default=None, help="Ray job API URL, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS)"
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        help="seconds to wait for the address to answer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-plain-http",
+        action="store_true",
+        help="send the cluster token over plain http to a non-loopback address",
+    )
 
 
 def _register_submit(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("submit", help="run a bfn command on a Ray cluster as a Ray Job",
-                              description="Submit `python -m pipeline.cli <kind> <overrides>` as a Ray Job.")
+    p = subparsers.add_parser(
+        "submit",
+        help="run a bfn command on a Ray cluster as a Ray Job",
+        description="Submit `python -m pipeline.cli <kind> <overrides>` as a Ray Job.",
+    )
     p.add_argument("kind", choices=KINDS, help="what to run on the cluster")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke run.name=x")
     _common(p)
     code = p.add_mutually_exclusive_group()
-    code.add_argument("--image", default=None,
-                      help="container image with the project installed (runtime_env image_uri; no working_dir)")
-    code.add_argument("--pip-requirements", action="store_true",
-                      help="pip-install the project's requirements (pyproject.toml, minus ray) on the workers")
-    code.add_argument("--requirements-file", default=None, metavar="FILE",
-                      help="like --pip-requirements, with the requirements from FILE")
-    p.add_argument("--env", action="append", metavar="KEY[=VALUE]",
-                   help="extra env var for the job (repeatable; KEY alone copies it from here)")
-    p.add_argument("--no-cluster-defaults", action="store_true",
-                   help="do not add run=cluster tracking=mlflow_server (train/tune/scaling) to the overrides")
-    p.add_argument("--forward-credentials", action="store_true",
-                   help="also forward AWS keys, MLflow credentials, the credentials inside forwarded URLs and "
-                        "--env credentials (stored with the job: readable by anyone holding the cluster token; "
-                        "prefer instance profiles / IRSA)")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="extra gitignore-style pattern to keep out of the working_dir upload (repeatable)")
+    code.add_argument(
+        "--image",
+        default=None,
+        help="container image with the project installed (runtime_env image_uri; no working_dir)",
+    )
+    code.add_argument(
+        "--pip-requirements",
+        action="store_true",
+        help="pip-install the project's requirements (pyproject.toml, minus ray) on the workers",
+    )
+    code.add_argument(
+        "--requirements-file",
+        default=None,
+        metavar="FILE",
+        help="like --pip-requirements, with the requirements from FILE",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY[=VALUE]",
+        help="extra env var for the job (repeatable; KEY alone copies it from here)",
+    )
+    p.add_argument(
+        "--no-cluster-defaults",
+        action="store_true",
+        help="do not add run=cluster tracking=mlflow_server (train/tune/scaling) to the overrides",
+    )
+    p.add_argument(
+        "--forward-credentials",
+        action="store_true",
+        help="also forward AWS keys, MLflow credentials, the credentials inside forwarded URLs and "
+        "--env credentials (stored with the job: readable by anyone holding the cluster token; "
+        "prefer instance profiles / IRSA)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="extra gitignore-style pattern to keep out of the working_dir upload (repeatable)",
+    )
     p.add_argument("--job-id", default=None, help="submission id (default bfn-<kind>-<time>-<rand>)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    p.add_argument("--timeout", type=float, default=6 * 3600,
-                   help="seconds to follow the job before giving up (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=6 * 3600,
+        help="seconds to follow the job before giving up (default %(default)s)",
+    )
     p.set_defaults(func=cmd_submit)
 
 
@@ -434,8 +494,11 @@ def _register_jobs(subparsers: argparse._SubParsersAction) -> None:
     sub = jobs.add_subparsers(dest="jobs_cmd", required=True, metavar="{list,logs,status,stop}")
     listing = sub.add_parser("list", help="jobs on the cluster, newest first")
     listing.add_argument("--limit", type=int, default=20)
-    for name, help_ in (("logs", "print (or --follow) a job's logs"), ("status", "a job's status"),
-                        ("stop", "stop a job")):  # fmt: skip
+    for name, help_ in (
+        ("logs", "print (or --follow) a job's logs"),
+        ("status", "a job's status"),
+        ("stop", "stop a job"),
+    ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("job_id")
         if name == "logs":

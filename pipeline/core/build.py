@@ -46,8 +46,9 @@ def build_model(config: Config) -> BFN:
     f = config.flow
     options = {"receiver": f.receiver, "num_mc_samples": f.num_mc_samples}  # null where the flow/head has none
     if f.head == "delta":  # scored as a discretised Gaussian on the data's bins (paper Sec. 7.2)
-        options.update(reconstruction_bins=config.data.num_bins,
-                       reconstruction_std=f.sigma_1 * f.reconstruction_std_scale)
+        options.update(
+            reconstruction_bins=config.data.num_bins, reconstruction_std=f.sigma_1 * f.reconstruction_std_scale
+        )
     return BFN(net, flow, head, data_shape=data_shape, **{k: v for k, v in options.items() if v is not None})
 
 

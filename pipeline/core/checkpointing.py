@@ -60,9 +60,11 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(np.frombuffer(json.dumps(_numpy_state()).encode(), np.uint8).copy()),
-             "python": torch.tensor(list(json.dumps(random.getstate()).encode()), dtype=torch.uint8)}  # fmt: skip
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(json.dumps(_numpy_state()).encode(), np.uint8).copy()),
+        "python": torch.tensor(list(json.dumps(random.getstate()).encode()), dtype=torch.uint8),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -247,8 +249,9 @@ def _read_at(filesystem, path: str, map_location) -> dict[str, Any]:
         return read(path, map_location)
     with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
         try:
-            pyarrow.fs.copy_files(path, folder, source_filesystem=filesystem,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+            pyarrow.fs.copy_files(
+                path, folder, source_filesystem=filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
+            )
         except OSError as error:
             raise CheckpointError(f"checkpoint {path}: download failed ({error})") from None
         return read(folder, map_location)
@@ -292,8 +295,13 @@ def read_for_resume(checkpoint, device, run_folder: str | None = None) -> dict[s
         except CheckpointError as error:
             log.warning("skipping checkpoint %s too: %s", other, error)
             continue
-        log.warning("checkpoint %s is unusable (%s); resuming from the previous complete checkpoint %s "
-                    "(step %d) instead", path, failure, other, step)  # fmt: skip
+        log.warning(
+            "checkpoint %s is unusable (%s); resuming from the previous complete checkpoint %s (step %d) instead",
+            path,
+            failure,
+            other,
+            step,
+        )
         return {**state, "path": other}
     raise CheckpointError(f"{failure}; no earlier complete checkpoint in {run_folder} could be read either")
 
@@ -342,8 +350,10 @@ def resume_state(handed, found, device, rank: int, world: int) -> dict[str, Any]
         dist.all_gather_object(errors, error)
     failed = [e for e in errors if e]
     if failed:
-        raise CheckpointError(f"{'; '.join(failed)}: this attempt fails rather than resume the ranks from "
-                              f"different checkpoints (no rank loads another)")  # fmt: skip
+        raise CheckpointError(
+            f"{'; '.join(failed)}: this attempt fails rather than resume the ranks from "
+            f"different checkpoints (no rank loads another)"
+        )
     return state
 
 

@@ -91,10 +91,18 @@ def _count(obj: dict, key: str, where: str, at: str, *, low: int = 0) -> int:
 
 def _check_path(path: str, where: str, at: str) -> None:
     parts = path.split("/")
-    if (not path or path.startswith("/") or "\\" in path or ":" in path or ".." in parts
-            or posixpath.normpath(path) != path):  # fmt: skip
-        raise DataError(f"{where}: {at}path {path!r} must be a plain relative path inside the dataset folder "
-                        "(no leading '/', no '..', e.g. 'train/part-00000.parquet')")  # fmt: skip
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or ":" in path
+        or ".." in parts
+        or posixpath.normpath(path) != path
+    ):
+        raise DataError(
+            f"{where}: {at}path {path!r} must be a plain relative path inside the dataset folder "
+            "(no leading '/', no '..', e.g. 'train/part-00000.parquet')"
+        )
 
 
 def _check_split(entry: Any, split: str, name: str, where: str) -> None:
@@ -137,8 +145,10 @@ def validate_manifest(man: Any, uri: str) -> dict:
         raise DataError(f"{where}: unknown dataset {name!r} in manifest; expected one of {', '.join(DATASETS)}")
     version = _need(man, "format_version", int, where, "")
     if version != FORMAT_VERSION:
-        raise DataError(f"{where}: written in data format {version}, this code reads format {FORMAT_VERSION}; "
-                        f"re-run `bfn data prepare {name} --out {uri}`")  # fmt: skip
+        raise DataError(
+            f"{where}: written in data format {version}, this code reads format {FORMAT_VERSION}; "
+            f"re-run `bfn data prepare {name} --out {uri}`"
+        )
     splits = _need(man, "splits", dict, where, "")
     if not splits:
         raise DataError(f"{where}: splits is empty")
@@ -181,8 +191,10 @@ def _split_schema(man: dict, split: str, uri: str) -> pa.Schema:
         if field.name not in got:
             raise DataError(f"{uri}: manifest schema of split {split!r} lacks column {field.name!r} of {name}")
         if got[field.name] != str(field.type):
-            raise DataError(f"{uri}: manifest schema of split {split!r}: column {field.name!r} is "
-                            f"{got[field.name]}, {name} expects {field.type}")  # fmt: skip
+            raise DataError(
+                f"{uri}: manifest schema of split {split!r}: column {field.name!r} is "
+                f"{got[field.name]}, {name} expects {field.type}"
+            )
     extra = sorted(set(got) - set(expected.names))
     if extra:
         raise DataError(f"{uri}: manifest schema of split {split!r} has unexpected column(s) {extra} for {name}")
@@ -201,8 +213,9 @@ def _check_shard_metadata(meta: pq.FileMetaData, schema: pa.Schema, where: str, 
         if idx < 0:
             raise DataError(f"{where}: column {field.name!r} is missing")
         if got.field(idx).type != field.type:
-            raise DataError(f"{where}: column {field.name!r} has type {got.field(idx).type}, "
-                            f"the manifest says {field.type}")  # fmt: skip
+            raise DataError(
+                f"{where}: column {field.name!r} has type {got.field(idx).type}, the manifest says {field.type}"
+            )
     extra = sorted(set(got.names) - set(schema.names))
     if extra:
         raise DataError(f"{where}: unexpected column(s) {extra}")
@@ -294,8 +307,9 @@ def check_values(uri: str, manifest: dict, splits: Sequence[str]) -> None:
             else:
                 values = array.to_numpy(zero_copy_only=False)
             if values.size and (values.min() < 0 or values.max() > high):
-                raise DataError(f"{where}: column {column!r} has values outside 0..{high} "
-                                f"(min {values.min()}, max {values.max()})")  # fmt: skip
+                raise DataError(
+                    f"{where}: column {column!r} has values outside 0..{high} (min {values.min()}, max {values.max()})"
+                )
 
 
 def num_rows(uri: str, split: str) -> int:

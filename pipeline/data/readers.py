@@ -98,8 +98,10 @@ def _split_paths(uri: str, split: str, name: str, seq_len: int | None) -> tuple[
     if man["dataset"] != name:
         raise DataError(f"{uri} holds dataset {man['dataset']!r}, not {name!r}")
     if name == "text8" and seq_len is not None and int(seq_len) != man["seq_len"]:
-        raise DataError(f"{uri} was prepared with seq_len {man['seq_len']}, not {seq_len}: re-run "
-                        f"`bfn data prepare text8 --seq-len {seq_len} --out {uri}` or set data.seq_len")  # fmt: skip
+        raise DataError(
+            f"{uri} was prepared with seq_len {man['seq_len']}, not {seq_len}: re-run "
+            f"`bfn data prepare text8 --seq-len {seq_len} --out {uri}` or set data.seq_len"
+        )
     verify(uri, [split], check_checksums=False)
     fs, root = resolve(uri)
     return fs, [join(root, s["path"]) for s in man["splits"][split]["shards"]], man
@@ -142,8 +144,17 @@ def _tensor_block(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({column: ArrowTensorArray.from_numpy(values) for column, values in batch.items()})
 
 
-def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fraction: float = 1.0,
-                materialize: bool = True, seed: int | None = 0, seq_len: int | None = None) -> Any:  # fmt: skip
+def ray_dataset(
+    uri: str,
+    split: str,
+    name: str,
+    *,
+    num_bins: int = 256,
+    fraction: float = 1.0,
+    materialize: bool = True,
+    seed: int | None = 0,
+    seq_len: int | None = None,
+) -> Any:
     """A Ray Dataset of ``{"x": ...}`` rows of ``split`` (local folder or s3://), as ``preprocess`` makes them.
 
     Reads the split's shards (checking manifest and footers first; run ``verify`` for checksums),
@@ -173,8 +184,10 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
         if _preprocessed_bytes(table, name, num_bins) <= EAGER_PREPROCESS_BYTES:
             # the blocks the lazy map below would yield, computed once here: a seeded local shuffle
             # depends on block boundaries, so a launch draws the same batches either way
-            blocks = [_tensor_block(_ray_preprocess(b, name=name, num_bins=num_bins))
-                      for b in _map_bundles(blocks, RAY_MAP_BATCH_SIZE)]  # fmt: skip
+            blocks = [
+                _tensor_block(_ray_preprocess(b, name=name, num_bins=num_bins))
+                for b in _map_bundles(blocks, RAY_MAP_BATCH_SIZE)
+            ]
             return ray.data.from_blocks(blocks)
         # from_blocks puts the blocks as they are; from_arrow runs a metadata task per block (~1.5 s)
         ds = ray.data.from_blocks(blocks)
@@ -184,9 +197,13 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
             ds = ds.map_batches(_keep_subset, batch_format="pyarrow", batch_size=None, fn_kwargs=subset)
         if materialize:
             ds = ds.materialize()
-    return ds.map_batches(_ray_preprocess, batch_format="pyarrow", batch_size=RAY_MAP_BATCH_SIZE,
-                          fn_kwargs={"name": name, "num_bins": num_bins},
-                          udf_modifying_row_count=False)  # fmt: skip
+    return ds.map_batches(
+        _ray_preprocess,
+        batch_format="pyarrow",
+        batch_size=RAY_MAP_BATCH_SIZE,
+        fn_kwargs={"name": name, "num_bins": num_bins},
+        udf_modifying_row_count=False,
+    )
 
 
 # ================================================================================================
@@ -194,8 +211,9 @@ def ray_dataset(uri: str, split: str, name: str, *, num_bins: int = 256, fractio
 # ================================================================================================
 
 
-def _stored_chunks(fs: pafs.FileSystem, paths: list[str], name: str, seed: int, threshold: int | None,
-                   chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+def _stored_chunks(
+    fs: pafs.FileSystem, paths: list[str], name: str, seed: int, threshold: int | None, chunk_rows: int
+) -> Iterator[dict[str, np.ndarray]]:
     """The stored rows, shard by shard, as {data column: uint8 matrix, aux column: int64}."""
     data_col, aux_col = _columns(name)
     for path in paths:
@@ -203,8 +221,10 @@ def _stored_chunks(fs: pafs.FileSystem, paths: list[str], name: str, seed: int, 
             for rb in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
                 tab = _keep_subset(pa.Table.from_batches([rb]), name=name, seed=seed, threshold=threshold)
                 d = _table_dict(tab)
-                yield {data_col: as_matrix(d, data_col, None).copy(),
-                       aux_col: d[aux_col].to_numpy(zero_copy_only=False)}  # fmt: skip
+                yield {
+                    data_col: as_matrix(d, data_col, None).copy(),
+                    aux_col: d[aux_col].to_numpy(zero_copy_only=False),
+                }
 
 
 def _rebatch(chunks: Iterable[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -230,8 +250,9 @@ def _permute(chunks: Iterable[dict[str, np.ndarray]], seed: int, epoch: int) -> 
     return [{c: v[order] for c, v in rows.items()}]
 
 
-def _stride_windows(chunks: Iterable[dict[str, np.ndarray]], seq_len: int, stride: int,
-                    where: str) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+def _stride_windows(
+    chunks: Iterable[dict[str, np.ndarray]], seq_len: int, stride: int, where: str
+) -> Iterator[dict[str, np.ndarray]]:
     every = list(chunks)
     ids = np.concatenate([c["ids"] for c in every]) if every else np.empty((0, seq_len), np.uint8)
     offsets = np.concatenate([c["offset"] for c in every]) if every else np.empty(0, np.int64)
@@ -240,9 +261,20 @@ def _stride_windows(chunks: Iterable[dict[str, np.ndarray]], seq_len: int, strid
         yield {"ids": np.ascontiguousarray(windows[start : start + 4096])}
 
 
-def iter_batches(uri: str, split: str, name: str, *, batch_size: int, num_bins: int = 256, seed: int = 0,
-                 fraction: float = 1.0, shuffle: bool = False, epoch: int = 0, stride: int | None = None,
-                 seq_len: int | None = None) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+def iter_batches(
+    uri: str,
+    split: str,
+    name: str,
+    *,
+    batch_size: int,
+    num_bins: int = 256,
+    seed: int = 0,
+    fraction: float = 1.0,
+    shuffle: bool = False,
+    epoch: int = 0,
+    stride: int | None = None,
+    seq_len: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Model-ready ``{"x": numpy}`` batches of ``split`` without Ray (evaluation, benchmarks, tests).
 
     Same rows (``fraction``) and value checks as ``ray_dataset``, then ``to_model`` with
@@ -264,8 +296,9 @@ def iter_batches(uri: str, split: str, name: str, *, batch_size: int, num_bins: 
     fs, paths, man = _split_paths(uri, split, name, seq_len)
     threshold = _subset_threshold((_read_table(fs, p) for p in paths), name, num_rows(uri, split), fraction, seed)
     rows_seq_len = int(man.get("seq_len", 0))
-    source: Iterable[dict[str, np.ndarray]] = _stored_chunks(fs, paths, name, seed, threshold,
-                                                             max(int(batch_size), 1024))  # fmt: skip
+    source: Iterable[dict[str, np.ndarray]] = _stored_chunks(
+        fs, paths, name, seed, threshold, max(int(batch_size), 1024)
+    )
     if stride is not None:
         source = _stride_windows(source, rows_seq_len, int(stride), f"{uri} split {split!r}")
     if shuffle:

@@ -85,8 +85,9 @@ def reference_split(n: int, val_fraction: float = VAL_FRACTION, seed: int = REFE
     torch floors ``n * fraction`` for each part and hands the remainder out round-robin from the
     first part, then slices one ``torch.randperm(n, generator)``: train is its head, val its tail.
     """
-    train, val = random_split(range(n), [1.0 - val_fraction, val_fraction],
-                              generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    train, val = random_split(
+        range(n), [1.0 - val_fraction, val_fraction], generator=torch.Generator().manual_seed(seed)
+    )
     return np.asarray(train.indices, np.int64), np.asarray(val.indices, np.int64)
 
 
@@ -131,8 +132,11 @@ def _image_tables(raw: dict[str, Any]) -> tuple[dict, dict]:
     x, y = raw["train_x"], raw["train_y"]
     if raw.get("val") == "last20":
         tr, va = np.arange(len(x) - 20), np.arange(len(x) - 20, len(x))
-        rule: dict[str, Any] = {"method": "lossless subset: val = the last 20 of the 200 train images",
-                                "train_indices": [0, len(x) - 20], "val_indices": [len(x) - 20, len(x)]}  # fmt: skip
+        rule: dict[str, Any] = {
+            "method": "lossless subset: val = the last 20 of the 200 train images",
+            "train_indices": [0, len(x) - 20],
+            "val_indices": [len(x) - 20, len(x)],
+        }
     else:
         tr, va = reference_split(len(x))
         rule = {
@@ -149,8 +153,9 @@ def _image_tables(raw: dict[str, Any]) -> tuple[dict, dict]:
     return tables, rule
 
 
-def _write_split(fs: pafs.FileSystem, root: str, name: str, split: str, tab: pa.Table, rows_per_shard: int,
-                 progress: bool) -> dict[str, Any]:  # fmt: skip
+def _write_split(
+    fs: pafs.FileSystem, root: str, name: str, split: str, tab: pa.Table, rows_per_shard: int, progress: bool
+) -> dict[str, Any]:
     if tab.num_rows == 0:
         raise DataError(f"{name}: split {split!r} would be empty")
     shards = []
@@ -162,8 +167,14 @@ def _write_split(fs: pafs.FileSystem, root: str, name: str, split: str, tab: pa.
         buf = sink.getvalue()
         rel = f"{split}/part-{i:05d}.parquet"
         write_bytes(fs, join(root, rel), buf)
-        shards.append({"path": rel, "rows": part.num_rows, "bytes": buf.size,
-                       "sha256": hashlib.sha256(memoryview(buf)).hexdigest()})  # fmt: skip
+        shards.append(
+            {
+                "path": rel,
+                "rows": part.num_rows,
+                "bytes": buf.size,
+                "sha256": hashlib.sha256(memoryview(buf)).hexdigest(),
+            }
+        )
         say(progress, f"{name}: wrote {rel} ({i + 1}/{count}, {part.num_rows:,} rows, {buf.size / 1e6:.2f} MB)")
     return {"rows": tab.num_rows, "schema": schema_to_json(tab.schema), "shards": shards}
 
@@ -184,8 +195,11 @@ def _describe_source(name: str, raw: dict[str, Any], exact: bool) -> str:
     if name == "mnist":
         what = "MNIST IDX files (60,000 train + 10,000 test)"
     elif name == "cifar10":
-        what = ("CIFAR-10 python batches (50,000 train + 10,000 test)" if raw.get("val") == "reference"
-                else "CIFAR-10 lossless subset: train images 0..199 and test images 0..19, exact")  # fmt: skip
+        what = (
+            "CIFAR-10 python batches (50,000 train + 10,000 test)"
+            if raw.get("val") == "reference"
+            else "CIFAR-10 lossless subset: train images 0..199 and test images 0..19, exact"
+        )
     else:
         what = f"text8 chars ({len(raw['ids']):,})"
     return f"{what}; {'canonical checksums match' if exact else 'NOT the canonical files'}"
@@ -199,16 +213,25 @@ def _read_source(name: str, source: Any, progress: bool) -> tuple[dict, dict]:
     src["files"] = raw["files"]
     src["exact"] = all(f.get("canonical") for f in raw["files"].values())
     if src["kind"] == "vendored" and not src["exact"]:
-        raise DataError(f"bundled {name} files under {path} do not match their recorded checksums "
-                        f"(see data/raw/{name}/PROVENANCE.md): {raw['files']}")  # fmt: skip
+        raise DataError(
+            f"bundled {name} files under {path} do not match their recorded checksums "
+            f"(see data/raw/{name}/PROVENANCE.md): {raw['files']}"
+        )
     if src["kind"] == "url" and not src["exact"]:
         raise DataError(f"{name}: downloaded files are not canonical: {raw['files']}")
     src["description"] = _describe_source(name, raw, src["exact"])
     return raw, src
 
 
-def prepare(name: str, out: str, *, source: Any = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-            seq_len: int = 256, progress: bool = True) -> dict:  # fmt: skip
+def prepare(
+    name: str,
+    out: str,
+    *,
+    source: Any = None,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    seq_len: int = 256,
+    progress: bool = True,
+) -> dict:
     """Write ``name`` as Parquet shards plus ``manifest.json`` under ``out`` (folder or s3://).
 
     ``source`` (see ``sources.locate``): None = the bundled files under ``data/raw/<name>``;
@@ -233,8 +256,10 @@ def prepare(name: str, out: str, *, source: Any = None, rows_per_shard: int = DE
     for split in SPLITS:
         schema = expected_schema(name, seq_len=seq_len, split=split)
         assert tables[split].schema.equals(schema), (split, tables[split].schema, schema)
-        splits[split] = {**_write_split(fs, root, name, split, tables[split], rows_per_shard, progress),
-                         **extra.get(split, {})}  # fmt: skip
+        splits[split] = {
+            **_write_split(fs, root, name, split, tables[split], rows_per_shard, progress),
+            **extra.get(split, {}),
+        }
     manifest = {
         "dataset": name,
         "format_version": FORMAT_VERSION,
@@ -252,6 +277,10 @@ def prepare(name: str, out: str, *, source: Any = None, rows_per_shard: int = DE
     else:
         manifest["num_classes"] = NUM_CLASSES
     write_bytes(fs, join(root, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
-    say(progress, f"{name}: wrote {str(out).rstrip('/')}/{MANIFEST_NAME} ("
-        + ", ".join(f"{s} {v['rows']:,}" for s, v in splits.items()) + " rows)")  # fmt: skip
+    say(
+        progress,
+        f"{name}: wrote {str(out).rstrip('/')}/{MANIFEST_NAME} ("
+        + ", ".join(f"{s} {v['rows']:,}" for s, v in splits.items())
+        + " rows)",
+    )
     return manifest

@@ -217,8 +217,10 @@ def _download_mnist(url: str, dest: Path, progress: bool) -> dict[str, Any]:
         got = _fetch(file_url, path, max_bytes=DOWNLOAD_MAX_BYTES, progress=progress)
         if not _mnist_file_ok(path, got, b):
             path.unlink(missing_ok=True)
-            raise DataError(f"checksum mismatch for {mask_text(file_url)}: md5 {got['md5']}, sha256 {got['sha256']}; "
-                            f"expected the canonical .gz md5 {gz_md5} or uncompressed sha256 {idx_sha}")  # fmt: skip
+            raise DataError(
+                f"checksum mismatch for {mask_text(file_url)}: md5 {got['md5']}, sha256 {got['sha256']}; "
+                f"expected the canonical .gz md5 {gz_md5} or uncompressed sha256 {idx_sha}"
+            )
     return {"url": base}
 
 
@@ -226,8 +228,14 @@ def _download_archive(name: str, url: str, dest: Path, progress: bool) -> tuple[
     """The canonical one-file archive of ``name`` from ``url`` (a folder URL gets its file name)."""
     canon = CANONICAL_ARCHIVES[name]
     file_url = url + canon["filename"] if url.endswith("/") else url
-    path = download(file_url, dest, sha256=canon["sha256"], filename=canon["filename"],
-                    max_bytes=canon["max_bytes"], progress=progress)  # fmt: skip
+    path = download(
+        file_url,
+        dest,
+        sha256=canon["sha256"],
+        filename=canon["filename"],
+        max_bytes=canon["max_bytes"],
+        progress=progress,
+    )
     return path, {"kind": "url", "location": url, "url": file_url}
 
 
@@ -414,9 +422,14 @@ def _cifar_from_batches(blobs: dict[str, bytes], where: str, files: dict) -> dic
     if missing:
         raise DataError(f"cifar10 source {where}: missing batch file(s) {', '.join(missing)}")
     parts = [_cifar_batch(blobs[n], f"{where}/{n}") for n in CIFAR10_BATCHES]
-    return {"files": files, "val": "reference",
-            "train_x": np.concatenate([p[0] for p in parts[:5]]), "train_y": np.concatenate([p[1] for p in parts[:5]]),
-            "test_x": parts[5][0], "test_y": parts[5][1]}  # fmt: skip
+    return {
+        "files": files,
+        "val": "reference",
+        "train_x": np.concatenate([p[0] for p in parts[:5]]),
+        "train_y": np.concatenate([p[1] for p in parts[:5]]),
+        "test_x": parts[5][0],
+        "test_y": parts[5][1],
+    }
 
 
 def _cifar_subset(subset: Path) -> dict[str, Any]:
@@ -430,9 +443,14 @@ def _cifar_subset(subset: Path) -> dict[str, Any]:
     for key, arr in (("x_train_first200", xtr), ("x_test_first20", xte)):
         if arr.dtype != np.uint8 or arr.shape[1:] != (32, 32, 3):
             raise DataError(f"{subset}: {key} is {arr.dtype}{arr.shape}, expected uint8 (N,32,32,3)")
-    return {"files": {subset.name: {"sha256": digest, "canonical": digest == CIFAR10_SUBSET_SHA256}},
-            "train_x": xtr.reshape(len(xtr), -1), "train_y": ytr.astype(np.int64),
-            "test_x": xte.reshape(len(xte), -1), "test_y": yte.astype(np.int64), "val": "last20"}  # fmt: skip
+    return {
+        "files": {subset.name: {"sha256": digest, "canonical": digest == CIFAR10_SUBSET_SHA256}},
+        "train_x": xtr.reshape(len(xtr), -1),
+        "train_y": ytr.astype(np.int64),
+        "test_x": xte.reshape(len(xte), -1),
+        "test_y": yte.astype(np.int64),
+        "val": "last20",
+    }
 
 
 def _load_cifar10(path: Path) -> dict[str, Any]:
@@ -508,8 +526,10 @@ def text8_encode(text: bytes | str, *, where: str = "text") -> np.ndarray:
     bad = np.flatnonzero((ids < 0) | (ids > 26))
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"{where}: char {raw[i : i + 1].tobytes()!r} at offset {i} is not in the "
-                        f"text8 alphabet (a-z and space); {bad.size} such chars")  # fmt: skip
+        raise DataError(
+            f"{where}: char {raw[i : i + 1].tobytes()!r} at offset {i} is not in the "
+            f"text8 alphabet (a-z and space); {bad.size} such chars"
+        )
     return ids.astype(np.uint8)
 
 

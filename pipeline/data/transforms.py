@@ -173,8 +173,9 @@ def _check_generator(generator: torch.Generator | None, x: torch.Tensor, what: s
     if generator is None:
         raise ValueError(f"{what} must be seeded: pass generator=batch_generator(seed, rank, step, device)")
     if generator.device.type != x.device.type:
-        raise ValueError(f"the generator is on {generator.device}, the batch on {x.device}; create it on the "
-                         "batch's device")  # fmt: skip
+        raise ValueError(
+            f"the generator is on {generator.device}, the batch on {x.device}; create it on the batch's device"
+        )
     return generator
 
 
@@ -200,9 +201,11 @@ def to_model(x: torch.Tensor, data_name: str, *, seq_len: int, generator: torch.
     if data_name != "text8":
         raise DataError(f"unknown dataset {data_name!r}; expected mnist, cifar10 or text8")
     if x.dim() != 2 or x.shape[1] not in (seq_len, 2 * seq_len):
-        raise DataError(f"text8 batch has shape {tuple(x.shape)}; data.seq_len={seq_len} expects rows of "
-                        f"{seq_len} (val/test) or {2 * seq_len} (train) chars: re-run `bfn data prepare text8 "
-                        f"--seq-len {seq_len}`")  # fmt: skip
+        raise DataError(
+            f"text8 batch has shape {tuple(x.shape)}; data.seq_len={seq_len} expects rows of "
+            f"{seq_len} (val/test) or {2 * seq_len} (train) chars: re-run `bfn data prepare text8 "
+            f"--seq-len {seq_len}`"
+        )
     ids = x.long()
     if x.shape[1] == seq_len:
         return ids

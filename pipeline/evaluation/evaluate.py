@@ -62,20 +62,29 @@ def summary(estimate: NLLEstimate, unit: str, num_steps: int) -> str:
     continuous-time loss L^inf (L∞)."""
     v = estimate.in_unit(unit)
     loss = "continuous-time loss L∞" if num_steps == 0 else f"{num_steps}-step loss L^{num_steps}"
-    return (f"NLL {v['total']:.4f} ± {v['total_se']:.4f} {unit} ({loss} {v['loss']:.4f} ± {v['loss_se']:.4f}, "
-            f"reconstruction {v['reconstruction']:.4f} ± {v['reconstruction_se']:.4f}; "
-            f"{estimate.num_repeats} repeats x {estimate.num_examples} examples)")
+    return (
+        f"NLL {v['total']:.4f} ± {v['total_se']:.4f} {unit} ({loss} {v['loss']:.4f} ± {v['loss_se']:.4f}, "
+        f"reconstruction {v['reconstruction']:.4f} ± {v['reconstruction_se']:.4f}; "
+        f"{estimate.num_repeats} repeats x {estimate.num_examples} examples)"
+    )
 
 
-def _one_pass(model, cfg: Config, split: str, repeat: int, max_batches: int, num_steps: int,
-              total_rows: int, started: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _one_pass(
+    model, cfg: Config, split: str, repeat: int, max_batches: int, num_steps: int, total_rows: int, started: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example (bound loss, reconstruction) over one pass of ``split``."""
     loss, recon = [], []
     text8 = cfg.data.name == "text8"  # test windows every eval.text8_stride characters (1: every offset)
-    batches = data_lib.iter_batches(cfg.data.uri, split, cfg.data.name, num_bins=cfg.data.num_bins,
-                                    batch_size=cfg.data.val_batch_size, seed=repeat,
-                                    stride=cfg.eval.text8_stride if text8 else None,
-                                    seq_len=cfg.data.seq_len if text8 else None)  # fmt: skip
+    batches = data_lib.iter_batches(
+        cfg.data.uri,
+        split,
+        cfg.data.name,
+        num_bins=cfg.data.num_bins,
+        batch_size=cfg.data.val_batch_size,
+        seed=repeat,
+        stride=cfg.eval.text8_stride if text8 else None,
+        seq_len=cfg.data.seq_len if text8 else None,
+    )
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
@@ -85,14 +94,24 @@ def _one_pass(model, cfg: Config, split: str, repeat: int, max_batches: int, num
         recon.append(model.reconstruction_loss(x))
         if i % 10 == 0:
             done = sum(len(v) for v in loss)
-            log.info("eval pass %d: %d/%d examples (%.0f s)", repeat + 1, done, total_rows,
-                     time.perf_counter() - started)  # fmt: skip
+            log.info(
+                "eval pass %d: %d/%d examples (%.0f s)", repeat + 1, done, total_rows, time.perf_counter() - started
+            )
     return torch.cat(loss), torch.cat(recon)
 
 
 @torch.no_grad()
-def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=None, max_batches=0,
-             use_ema=True, target_se: float | None = None) -> NLLEstimate:  # fmt: skip
+def evaluate(
+    checkpoint,
+    overrides=(),
+    *,
+    split="test",
+    num_steps=None,
+    repeats=None,
+    max_batches=0,
+    use_ema=True,
+    target_se: float | None = None,
+) -> NLLEstimate:
     """NLL bound = n-step loss (n = 0: continuous-time loss) + reconstruction, over ``repeats``
     passes of ``split``. With ``target_se`` (in ``eval.unit``), passes continue until the standard
     error of the total is at most ``target_se`` (at least 2 passes, at most ``repeats``)."""
@@ -119,8 +138,9 @@ def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=
             break
     else:
         if target_se is not None:
-            log.warning("target standard error %.4g %s not reached in %d passes (%.4g)", target_se,
-                        cfg.eval.unit, repeats, se)  # fmt: skip
+            log.warning(
+                "target standard error %.4g %s not reached in %d passes (%.4g)", target_se, cfg.eval.unit, repeats, se
+            )
     n = "inf (continuous time)" if num_steps == 0 else str(num_steps)
     print(f"{Path(checkpoint).name} on {split}, n = {n}:")
     for unit in dict.fromkeys(("nats/dim", "bits/dim", cfg.eval.unit)):
@@ -131,8 +151,9 @@ def evaluate(checkpoint, overrides=(), *, split="test", num_steps=None, repeats=
 
 
 @torch.no_grad()
-def sample(checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", seed=0, out=None,
-           use_ema=True, grid=None) -> Path:  # fmt: skip
+def sample(
+    checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", seed=0, out=None, use_ema=True, grid=None
+) -> Path:
     """`bfn sample`: ``num`` samples drawn with ``sampler`` (bfn.samplers.SAMPLERS) in ``nfe``
     network calls, as a PNG grid (images) or a text file (text8), at ``out`` (a path stem; default
     ``<paths.runs_dir>/samples/<run>_<checkpoint>_<sampler>_nfe<N>_seed<S>``); returns the path.

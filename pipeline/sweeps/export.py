@@ -20,11 +20,26 @@ from hydra import initialize_config_dir
 from pipeline.config import CONF_DIR, ConfigError, compose, flatten
 
 # sections that describe the machine, not the experiment: never written into an exported preset
-MACHINE_KEYS = ("paths.", "tracking.", "run.storage_path", "run.ray_address", "run.ray_num_cpus",
-                "run.init_from", "data.uri", "run.name")  # fmt: skip
+MACHINE_KEYS = (
+    "paths.",
+    "tracking.",
+    "run.storage_path",
+    "run.ray_address",
+    "run.ray_num_cpus",
+    "run.init_from",
+    "data.uri",
+    "run.name",
+)
 # absolute paths of the driver, pinned in every trial's overrides (trials run in their own folders)
-PINNED_PATH_KEYS = ("paths.root", "paths.data_dir", "paths.runs_dir", "data.uri", "run.storage_path",
-                    "tracking.uri", "tracking.artifact_location")  # fmt: skip
+PINNED_PATH_KEYS = (
+    "paths.root",
+    "paths.data_dir",
+    "paths.runs_dir",
+    "data.uri",
+    "run.storage_path",
+    "tracking.uri",
+    "tracking.artifact_location",
+)
 
 
 def _choices(overrides: list[str]) -> dict[str, str]:
@@ -59,17 +74,23 @@ def preset_yaml(overrides: list[str], preset_name: str, *, searchpath: list[str]
     changed = {g: target[g] for g in groups if target.get(g) != default.get(g)}
     base = flatten(compose([*searchpath, *(f"{g}={c}" for g, c in changed.items())]))
     best = flatten(compose(overrides))
-    diff = {k: v for k, v in _experiment_keys(best).items()
-            if base.get(k, object()) != v and not (isinstance(v, dict) and not v)}  # fmt: skip
+    diff = {
+        k: v
+        for k, v in _experiment_keys(best).items()
+        if base.get(k, object()) != v and not (isinstance(v, dict) and not v)
+    }
     body = {"defaults": [{f"override /{g}": c} for g, c in changed.items()]} if changed else {}
     body.update(_unflatten({**diff, "run.name": preset_name}))
-    header = (f"# @package _global_\n# Best trial of a `bfn tune` sweep.\n"
-              f"# Composed from: {' '.join(o for o in overrides if not o.startswith(PINNED_PATH_KEYS))}\n")
+    header = (
+        f"# @package _global_\n# Best trial of a `bfn tune` sweep.\n"
+        f"# Composed from: {' '.join(o for o in overrides if not o.startswith(PINNED_PATH_KEYS))}\n"
+    )
     return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
 
 
-def export_preset(overrides: list[str], sweep_name: str, export_dir: str | None,
-                  *, user_overrides: list[str] = ()) -> tuple[str, str]:  # fmt: skip
+def export_preset(
+    overrides: list[str], sweep_name: str, export_dir: str | None, *, user_overrides: list[str] = ()
+) -> tuple[str, str]:
     """Write best_<sweep>.yaml and check that composing it reproduces the trial's config.
     Returns (path, the `bfn train` command)."""
     preset_name = "best_" + re.sub(r"[^A-Za-z0-9_]", "_", sweep_name)
@@ -95,8 +116,12 @@ def export_preset(overrides: list[str], sweep_name: str, export_dir: str | None,
             path.write_text(previous)
         wrong = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         raise ConfigError(f"export: the preset would not reproduce the best trial ({wrong})")
-    keep = [o for o in user_overrides if o.split("=")[0].lstrip("+~") in ("tracking", "paths")
-            or o.split("=")[0].lstrip("+~").startswith(MACHINE_KEYS)]  # fmt: skip
+    keep = [
+        o
+        for o in user_overrides
+        if o.split("=")[0].lstrip("+~") in ("tracking", "paths")
+        or o.split("=")[0].lstrip("+~").startswith(MACHINE_KEYS)
+    ]
     keep = [o for o in keep if not o.startswith("run.name")]
     command = " ".join(["bfn train", *searchpath, f"experiment={preset_name}", *keep])
     return str(path), command

@@ -71,8 +71,9 @@ def _fit_once(kind: str, x: tuple, log_l: np.ndarray, starts: list[np.ndarray]):
         start = np.clip(start, np.array(bounds[0]) + 1e-6, np.array(bounds[1]) - 1e-6)
         try:  # plain least squares first (fast), then the Huber loss from there
             out = least_squares(residual, start, jac=jacobian, bounds=bounds, max_nfev=2000)
-            out = least_squares(residual, out.x, jac=jacobian, bounds=bounds, loss="huber",
-                                f_scale=HUBER_DELTA, max_nfev=2000)  # fmt: skip
+            out = least_squares(
+                residual, out.x, jac=jacobian, bounds=bounds, loss="huber", f_scale=HUBER_DELTA, max_nfev=2000
+            )
         except (ValueError, FloatingPointError):
             continue
         if best is None or out.cost < best.cost:
@@ -93,8 +94,13 @@ def _to_natural(kind: str, theta: np.ndarray, centre: tuple) -> dict[str, float]
     """Parameters in the runs' own units (undo the log centring)."""
     if kind == "ND":
         e, a, alpha, b, beta = theta
-        return {"E": math.exp(e), "A": math.exp(a + alpha * centre[0]), "alpha": alpha,
-                "B": math.exp(b + beta * centre[1]), "beta": beta}  # fmt: skip
+        return {
+            "E": math.exp(e),
+            "A": math.exp(a + alpha * centre[0]),
+            "alpha": alpha,
+            "B": math.exp(b + beta * centre[1]),
+            "beta": beta,
+        }
     e, a, gamma = theta
     return {"E": math.exp(e), "A": math.exp(a + gamma * centre[0]), "gamma": gamma}
 
@@ -119,27 +125,31 @@ def check_runs(runs: list[dict], kind: str = "ND") -> None:
     bad = [r for r in runs if not (math.isfinite(r["nll"]) and r["nll"] > 0)]
     if bad:
         names = ", ".join(f"{r.get('name') or r.get('run_id')} (nll={r['nll']})" for r in bad[:8])
-        raise ScalingError(f"{len(bad)} run(s) have a non-finite or non-positive final NLL: {names}. "
-                           f"Rerun them (`bfn scaling run PLAN --force`) or delete them from MLflow")  # fmt: skip
+        raise ScalingError(
+            f"{len(bad)} run(s) have a non-finite or non-positive final NLL: {names}. "
+            f"Rerun them (`bfn scaling run PLAN --force`) or delete them from MLflow"
+        )
     for key in ("N", "D", "C"):
         odd = [r for r in runs if not (math.isfinite(r[key]) and r[key] > 0)]
         if odd:
-            raise ScalingError(f"{len(odd)} run(s) have a non-positive or missing {key} "
-                               f"(e.g. {odd[0].get('name')})")  # fmt: skip
+            raise ScalingError(f"{len(odd)} run(s) have a non-positive or missing {key} (e.g. {odd[0].get('name')})")
     need = len(PARAMS[kind]) + 1
     if len(runs) < need:
         what = "L(N, D) = E + A/N^alpha + B/D^beta" if kind == "ND" else "L(C) = E + A/C^gamma"
-        raise ScalingError(f"too few runs to fit {what}: {len(runs)} found, {len(PARAMS[kind])} "
-                           f"free parameters need at least {need}")  # fmt: skip
+        raise ScalingError(
+            f"too few runs to fit {what}: {len(runs)} found, {len(PARAMS[kind])} free parameters need at least {need}"
+        )
     if kind == "ND":
         for key in ("N", "D"):
             if len({r[key] for r in runs}) < 2:
-                raise ScalingError(f"all runs share one {key} = {runs[0][key]:g}; the grid must vary "
-                                   f"{key} to fit its exponent")  # fmt: skip
+                raise ScalingError(
+                    f"all runs share one {key} = {runs[0][key]:g}; the grid must vary {key} to fit its exponent"
+                )
 
 
-def _bootstrap(kind: str, x: tuple, log_l: np.ndarray, best_theta, centre: tuple, n_boot: int,
-               seed: int) -> list[dict[str, float]]:  # fmt: skip
+def _bootstrap(
+    kind: str, x: tuple, log_l: np.ndarray, best_theta, centre: tuple, n_boot: int, seed: int
+) -> list[dict[str, float]]:
     """Refits on runs resampled with replacement (resamples too degenerate to fit are drawn again)."""
     rng = np.random.default_rng(seed)
     boot: list[dict[str, float]] = []
@@ -159,8 +169,7 @@ def _bootstrap(kind: str, x: tuple, log_l: np.ndarray, best_theta, centre: tuple
     return boot
 
 
-def fit_law(runs: list[dict], kind: str = "ND", *, n_boot: int = 200, seed: int = 0,
-            compute_key: str = "C") -> dict:  # fmt: skip
+def fit_law(runs: list[dict], kind: str = "ND", *, n_boot: int = 200, seed: int = 0, compute_key: str = "C") -> dict:
     """Fit L(N, D) (kind "ND") or L(C) (kind "C") to runs [{"N", "D", "C", "nll"}, ...];
     returns {"params", "ci" (95% bootstrap), "boot" (natural-unit samples), "n_runs", ...}."""
     check_runs(runs, kind)
@@ -180,9 +189,18 @@ def fit_law(runs: list[dict], kind: str = "ND", *, n_boot: int = 200, seed: int 
         values = np.array([b[key] for b in boot]) if boot else np.array([np.nan])
         ci[key] = (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
     residuals = _predict(kind, best.x, x) - log_l
-    return {"kind": kind, "params": _to_natural(kind, best.x, centre), "ci": ci, "boot": boot,
-            "n_runs": len(runs), "n_boot": len(boot), "rmse_log": float(np.sqrt(np.mean(residuals**2))),
-            "centre": centre, "theta": best.x.tolist(), "compute_key": compute_key}  # fmt: skip
+    return {
+        "kind": kind,
+        "params": _to_natural(kind, best.x, centre),
+        "ci": ci,
+        "boot": boot,
+        "n_runs": len(runs),
+        "n_boot": len(boot),
+        "rmse_log": float(np.sqrt(np.mean(residuals**2))),
+        "centre": centre,
+        "theta": best.x.tolist(),
+        "compute_key": compute_key,
+    }
 
 
 def law(kind: str, p: dict[str, float]):
@@ -199,10 +217,18 @@ def predict_budget(nd: dict, c: dict, budget: float) -> dict:
         raise ScalingError(f"--budget must be a positive number of FLOPs (got {budget})")
     point = compute_optimal(nd["params"], budget)
     boots = [compute_optimal(b, budget) for b in nd["boot"]] or [point]
-    ci = {k: (float(np.nanpercentile([b[k] for b in boots], 2.5)),
-              float(np.nanpercentile([b[k] for b in boots], 97.5))) for k in point}  # fmt: skip
-    return {"budget": budget, **point, "N_opt_ci": ci["N_opt"], "D_opt_ci": ci["D_opt"],
-            "L_opt_ci": ci["L_opt"], "L_C": float(law("C", c["params"])(budget))}  # fmt: skip
+    ci = {
+        k: (float(np.nanpercentile([b[k] for b in boots], 2.5)), float(np.nanpercentile([b[k] for b in boots], 97.5)))
+        for k in point
+    }
+    return {
+        "budget": budget,
+        **point,
+        "N_opt_ci": ci["N_opt"],
+        "D_opt_ci": ci["D_opt"],
+        "L_opt_ci": ci["L_opt"],
+        "L_C": float(law("C", c["params"])(budget)),
+    }
 
 
 def law_name(fit: dict) -> str:
@@ -217,8 +243,10 @@ def reliability_warnings(nd: dict, c: dict, runs: list[dict], prediction: dict |
         name, free = law_name(fit), len(PARAMS[fit["kind"]])
         dof = fit["n_runs"] - free
         if dof < 3:
-            out.append(f"{name}: {fit['n_runs']} runs for {free} parameters leave "
-                       f"{dof} residual degree(s) of freedom; the estimates are barely constrained")  # fmt: skip
+            out.append(
+                f"{name}: {fit['n_runs']} runs for {free} parameters leave "
+                f"{dof} residual degree(s) of freedom; the estimates are barely constrained"
+            )
         for key in ("alpha", "beta", "gamma"):
             if key not in fit["ci"]:
                 continue
@@ -229,6 +257,8 @@ def reliability_warnings(nd: dict, c: dict, runs: list[dict], prediction: dict |
         for key, axis in (("N_opt", "N"), ("D_opt", "D")):
             lo, hi = min(r[axis] for r in runs), max(r[axis] for r in runs)
             if not lo / 10 <= prediction[key] <= hi * 10:
-                out.append(f"the compute-optimal {axis} = {prediction[key]:.3g} lies more than 10x outside the "
-                           f"grid's {axis} range [{lo:.3g}, {hi:.3g}]: an extrapolation, not a measurement")
+                out.append(
+                    f"the compute-optimal {axis} = {prediction[key]:.3g} lies more than 10x outside the "
+                    f"grid's {axis} range [{lo:.3g}, {hi:.3g}]: an extrapolation, not a measurement"
+                )
     return out

@@ -26,8 +26,7 @@ def reap_orphan_placement_groups() -> int:
     removed = 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         data = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (data.is_detached or not data.creator_actor_dead
-                or data.state == gcs_pb2.PlacementGroupTableData.REMOVED):  # fmt: skip
+        if data.is_detached or not data.creator_actor_dead or data.state == gcs_pb2.PlacementGroupTableData.REMOVED:
             continue
         if not data.creator_actor_id or ray.ActorID(data.creator_actor_id).is_nil():
             continue  # created by a driver (Tune's own trial groups): the job owns it

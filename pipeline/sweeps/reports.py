@@ -33,21 +33,21 @@ def _save(fig, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------- sweeps
-def write_summary(rows: list[dict], space: dict, metric: str, out_dir: Path, best,
-                  mode: str = "min") -> dict:  # fmt: skip
+def write_summary(rows: list[dict], space: dict, metric: str, out_dir: Path, best, mode: str = "min") -> dict:
     """The sweep's trials as CSV, a Markdown table sorted best first, and JSON."""
     keys = list(space)
     header = ["trial_id", "status", "step", metric, *keys, "mlflow_run_id"]
-    table = [[r["trial_id"], r["status"], r["step"], r["metric"], *[r["params"][k] for k in keys],
-              r.get("mlflow_run_id")] for r in rows]  # fmt: skip
+    table = [
+        [r["trial_id"], r["status"], r["step"], r["metric"], *[r["params"][k] for k in keys], r.get("mlflow_run_id")]
+        for r in rows
+    ]
     csv_path = out_dir / "summary.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(table)
     sign = 1 if mode == "min" else -1
-    order = sorted(range(len(rows)), key=lambda i: (not math.isfinite(rows[i]["metric"]),
-                                                    sign * rows[i]["metric"]))  # fmt: skip
+    order = sorted(range(len(rows)), key=lambda i: (not math.isfinite(rows[i]["metric"]), sign * rows[i]["metric"]))
     lines = ["| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
     for i in order:
         mark = " **best**" if best is not None and rows[i]["trial_id"] == best["trial_id"] else ""
@@ -75,8 +75,9 @@ def _sweep_panel(ax, key: str, domain, rows: list[dict], metric: str, best) -> N
         if not math.isfinite(row["metric"]):
             continue
         done = row["status"] == "completed"
-        ax.scatter([x], [row["metric"]], s=40, facecolors="C0" if done else "none",
-                   edgecolors="C0" if done else "C3", zorder=3)  # fmt: skip
+        ax.scatter(
+            [x], [row["metric"]], s=40, facecolors="C0" if done else "none", edgecolors="C0" if done else "C3", zorder=3
+        )
         if best is not None and row["trial_id"] == best["trial_id"]:
             ax.scatter([x], [row["metric"]], marker="*", s=220, color="gold", edgecolors="k", zorder=4)
     if numeric and is_log_scale(domain):
@@ -109,25 +110,33 @@ def plan_table(plan: dict) -> str:
     head = "| id | width | depth | steps | fraction | N | D | C = 6ND | C measured |"
     lines = [head, "|" + "---|" * 9]
     for e in plan["entries"]:
-        lines.append(f"| {e['id']} | {e['width']} | {e['depth']} | {e['steps']} | {e['fraction']:g} "
-                     f"| {e['N']:,} | {e['D']:.3g} | {e['C']:.3g} | {e['C_measured']:.3g} |")  # fmt: skip
+        lines.append(
+            f"| {e['id']} | {e['width']} | {e['depth']} | {e['steps']} | {e['fraction']:g} "
+            f"| {e['N']:,} | {e['D']:.3g} | {e['C']:.3g} | {e['C_measured']:.3g} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _fit_markdown(rows: list[dict], nd: dict, c: dict, prediction: dict | None, warnings: list[str]) -> str:
     md = ["| law | parameter | estimate | 95% CI |", "|---|---|---|---|"]
-    md += [f"| {r['law']} | {r['param']} | {_fmt(r['estimate'])} | [{_fmt(r['ci95_low'])}, "
-           f"{_fmt(r['ci95_high'])}] |" for r in rows]  # fmt: skip
+    md += [
+        f"| {r['law']} | {r['param']} | {_fmt(r['estimate'])} | [{_fmt(r['ci95_low'])}, {_fmt(r['ci95_high'])}] |"
+        for r in rows
+    ]
     md.append("")
-    md.append(f"L(N,D): {nd['n_runs']} runs, {nd['n_boot']} bootstrap fits, RMSE(log L) "
-              f"{nd['rmse_log']:.4f}. L(C) on {c['compute_key']}: RMSE(log L) {c['rmse_log']:.4f}.")
+    md.append(
+        f"L(N,D): {nd['n_runs']} runs, {nd['n_boot']} bootstrap fits, RMSE(log L) "
+        f"{nd['rmse_log']:.4f}. L(C) on {c['compute_key']}: RMSE(log L) {c['rmse_log']:.4f}."
+    )
     if prediction:
         md.append("")
-        md.append(f"Compute-optimal for C = {prediction['budget']:.3g} FLOPs (C = 6ND): "
-                  f"N = {prediction['N_opt']:.3g} [{prediction['N_opt_ci'][0]:.3g}, "
-                  f"{prediction['N_opt_ci'][1]:.3g}], D = {prediction['D_opt']:.3g} "
-                  f"[{prediction['D_opt_ci'][0]:.3g}, {prediction['D_opt_ci'][1]:.3g}], predicted "
-                  f"L = {prediction['L_opt']:.4g}; L(C) predicts {prediction['L_C']:.4g}.")  # fmt: skip
+        md.append(
+            f"Compute-optimal for C = {prediction['budget']:.3g} FLOPs (C = 6ND): "
+            f"N = {prediction['N_opt']:.3g} [{prediction['N_opt_ci'][0]:.3g}, "
+            f"{prediction['N_opt_ci'][1]:.3g}], D = {prediction['D_opt']:.3g} "
+            f"[{prediction['D_opt_ci'][0]:.3g}, {prediction['D_opt_ci'][1]:.3g}], predicted "
+            f"L = {prediction['L_opt']:.4g}; L(C) predicts {prediction['L_C']:.4g}."
+        )
     if warnings:
         md.append("")
         md += [f"WARNING: {w}" for w in warnings]
@@ -144,21 +153,41 @@ def _write_csv(path: Path, fieldnames: list[str], rows: list[dict]) -> Path:
 
 def write_fit_tables(nd: dict, c: dict, runs: list[dict], prediction: dict | None, out: Path) -> dict:
     """fit.csv, fit.md, runs.csv and fit.json of a scaling fit."""
-    rows = [{"law": law_name(fit), "param": key, "estimate": fit["params"][key],
-             "ci95_low": fit["ci"][key][0], "ci95_high": fit["ci"][key][1]}
-            for fit in (nd, c) for key in PARAMS[fit["kind"]]]  # fmt: skip
+    rows = [
+        {
+            "law": law_name(fit),
+            "param": key,
+            "estimate": fit["params"][key],
+            "ci95_low": fit["ci"][key][0],
+            "ci95_high": fit["ci"][key][1],
+        }
+        for fit in (nd, c)
+        for key in PARAMS[fit["kind"]]
+    ]
     warnings = reliability_warnings(nd, c, runs, prediction)
     md_path = out / "fit.md"
     md_path.write_text(_fit_markdown(rows, nd, c, prediction, warnings))
     json_path = out / "fit.json"
-    json_path.write_text(json.dumps({"ND": {k: v for k, v in nd.items() if k != "boot"},
-                                     "C": {k: v for k, v in c.items() if k != "boot"},
-                                     "prediction": prediction, "warnings": warnings},
-                                    indent=1, default=float))  # fmt: skip
-    return {"csv": _write_csv(out / "fit.csv", list(rows[0]), rows), "markdown": md_path,
-            "runs": _write_csv(out / "runs.csv", ["name", "run_id", "N", "D", "C", "C_measured", "nll",
-                                                  "metric", "status"], runs),
-            "json": json_path}  # fmt: skip
+    json_path.write_text(
+        json.dumps(
+            {
+                "ND": {k: v for k, v in nd.items() if k != "boot"},
+                "C": {k: v for k, v in c.items() if k != "boot"},
+                "prediction": prediction,
+                "warnings": warnings,
+            },
+            indent=1,
+            default=float,
+        )
+    )
+    return {
+        "csv": _write_csv(out / "fit.csv", list(rows[0]), rows),
+        "markdown": md_path,
+        "runs": _write_csv(
+            out / "runs.csv", ["name", "run_id", "N", "D", "C", "C_measured", "nll", "metric", "status"], runs
+        ),
+        "json": json_path,
+    }
 
 
 def _against(ax, xs, ys, groups, curve, grid, cmap, label: str) -> None:
@@ -171,37 +200,62 @@ def _against(ax, xs, ys, groups, curve, grid, cmap, label: str) -> None:
         ax.plot(grid, curve(grid, level), color=color, alpha=0.7)
 
 
-def plot_fit(nd: dict, c: dict, runs: list[dict], path: Path, prediction: dict | None = None,
-             title: str = "") -> Path:  # fmt: skip
+def plot_fit(nd: dict, c: dict, runs: list[dict], path: Path, prediction: dict | None = None, title: str = "") -> Path:
     """L(N, D) against N and against D, and L(C) with the compute-optimal frontier."""
     plt = pyplot()
     f_nd, f_c = law("ND", nd["params"]), law("C", c["params"])
     n_all, d_all = np.array([r["N"] for r in runs]), np.array([r["D"] for r in runs])
     c_all, l_all = np.array([r[c["compute_key"]] for r in runs]), np.array([r["nll"] for r in runs])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    _against(axes[0], n_all, l_all, d_all, f_nd, np.geomspace(n_all.min() / 1.5, n_all.max() * 1.5, 100),
-             plt.get_cmap("viridis"), "D={:.2g}")
-    axes[0].set(xscale="log", xlabel="N (non-embedding parameters)", ylabel="final val NLL",
-                title="L(N, D) against N")  # fmt: skip
-    _against(axes[1], d_all, l_all, n_all, lambda d, n: f_nd(n, d),
-             np.geomspace(d_all.min() / 1.5, d_all.max() * 1.5, 100), plt.get_cmap("plasma"), "N={:.3g}")
+    _against(
+        axes[0],
+        n_all,
+        l_all,
+        d_all,
+        f_nd,
+        np.geomspace(n_all.min() / 1.5, n_all.max() * 1.5, 100),
+        plt.get_cmap("viridis"),
+        "D={:.2g}",
+    )
+    axes[0].set(xscale="log", xlabel="N (non-embedding parameters)", ylabel="final val NLL", title="L(N, D) against N")
+    _against(
+        axes[1],
+        d_all,
+        l_all,
+        n_all,
+        lambda d, n: f_nd(n, d),
+        np.geomspace(d_all.min() / 1.5, d_all.max() * 1.5, 100),
+        plt.get_cmap("plasma"),
+        "N={:.3g}",
+    )
     axes[1].set(xscale="log", xlabel="D (data dimensions seen)", title="L(N, D) against D")
     c_hi = max(c_all.max() * 2, prediction["budget"] * 1.5 if prediction else 0)
     grid_c = np.geomspace(c_all.min() / 2, c_hi, 150)
     p, g_c = nd["params"], c["params"]
     axes[2].scatter(c_all, l_all, color="k", s=18, zorder=3, label="runs")
     axes[2].plot(grid_c, f_c(grid_c), color="C0", label=f"L(C) = {g_c['E']:.3g} + {g_c['A']:.3g}/C^{g_c['gamma']:.3g}")
-    axes[2].plot(grid_c, [compute_optimal(p, cc)["L_opt"] for cc in grid_c], color="C3", ls="--",
-                 label="compute-optimal L(N, D)")  # fmt: skip
+    axes[2].plot(
+        grid_c, [compute_optimal(p, cc)["L_opt"] for cc in grid_c], color="C3", ls="--", label="compute-optimal L(N, D)"
+    )
     if prediction:
-        axes[2].scatter([prediction["budget"]], [prediction["L_opt"]], marker="*", s=200, color="gold",
-                        edgecolors="k", zorder=4,
-                        label=f"budget: N={prediction['N_opt']:.2g}, D={prediction['D_opt']:.2g}")  # fmt: skip
+        axes[2].scatter(
+            [prediction["budget"]],
+            [prediction["L_opt"]],
+            marker="*",
+            s=200,
+            color="gold",
+            edgecolors="k",
+            zorder=4,
+            label=f"budget: N={prediction['N_opt']:.2g}, D={prediction['D_opt']:.2g}",
+        )
     axes[2].set(xscale="log", xlabel=f"C ({'6ND' if c['compute_key'] == 'C' else 'counted'} FLOPs)", title="L(C)")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     (a_lo, a_hi), (b_lo, b_hi) = nd["ci"]["alpha"], nd["ci"]["beta"]
-    fig.suptitle(f"{title}  alpha = {p['alpha']:.3g} [{a_lo:.3g}, {a_hi:.3g}]   beta = {p['beta']:.3g} "
-                 f"[{b_lo:.3g}, {b_hi:.3g}]   E = {p['E']:.3g}", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"{title}  alpha = {p['alpha']:.3g} [{a_lo:.3g}, {a_hi:.3g}]   beta = {p['beta']:.3g} "
+        f"[{b_lo:.3g}, {b_hi:.3g}]   E = {p['E']:.3g}",
+        fontsize=10,
+    )
     return _save(fig, path)

@@ -39,7 +39,6 @@ from tune_spaces.common import hydra_value, to_overrides
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class PlannedRun:
     """A trial whose config, run name, MLflow tags and params are fixed in advance (a grid point)."""
@@ -66,8 +65,10 @@ class TrialSettings:
 def trial_resources(cfg, driver_cpus: float) -> dict[str, float]:
     """Logical resources one trial holds: its driver plus its Train workers."""
     workers = cfg.trainer.num_workers
-    return {"CPU": driver_cpus + workers * cfg.trainer.cpus_per_worker,
-            "GPU": float(workers) if cfg.trainer.use_gpu else 0.0}  # fmt: skip
+    return {
+        "CPU": driver_cpus + workers * cfg.trainer.cpus_per_worker,
+        "GPU": float(workers) if cfg.trainer.use_gpu else 0.0,
+    }
 
 
 def fitting_trials(cluster: dict, per_trial: dict[str, float], data_cpus: float) -> int:
@@ -88,8 +89,9 @@ def start_ray(cfg, driver_cpus: float, data_cpus: float, wanted: int) -> dict:
     return ray.cluster_resources()
 
 
-def concurrency(cfg, *, driver_cpus: float, data_cpus: float, requested: int, total: int,
-                option: str = "max_concurrent") -> int:  # fmt: skip
+def concurrency(
+    cfg, *, driver_cpus: float, data_cpus: float, requested: int, total: int, option: str = "max_concurrent"
+) -> int:
     """How many trials run at once: ``requested`` (0: as many as fit), capped by what the Ray
     cluster fits and by ``total``. Starts Ray. Raises ConfigError (naming ``option``) when not
     even one fits."""
@@ -97,13 +99,22 @@ def concurrency(cfg, *, driver_cpus: float, data_cpus: float, requested: int, to
     cluster = start_ray(cfg, driver_cpus, data_cpus, min(requested or 2, total))
     fits = fitting_trials(cluster, per_trial, data_cpus)
     if fits < 1:
-        raise ConfigError(f"{option}: the Ray cluster has {cluster.get('CPU', 0)} CPUs and "
-                          f"{cluster.get('GPU', 0)} GPUs; one trial needs {per_trial['CPU']} CPUs and "
-                          f"{per_trial['GPU']} GPUs plus data_cpus={data_cpus} kept for Ray Data")  # fmt: skip
+        raise ConfigError(
+            f"{option}: the Ray cluster has {cluster.get('CPU', 0)} CPUs and "
+            f"{cluster.get('GPU', 0)} GPUs; one trial needs {per_trial['CPU']} CPUs and "
+            f"{per_trial['GPU']} GPUs plus data_cpus={data_cpus} kept for Ray Data"
+        )
     at_once = min(requested or fits, fits, total)
     if requested > fits:
-        log.warning("%s=%d does not fit the cluster (%s CPUs, %s per trial + %s for data); running %d at a time",
-                    option, requested, cluster.get("CPU"), per_trial["CPU"], data_cpus, at_once)
+        log.warning(
+            "%s=%d does not fit the cluster (%s CPUs, %s per trial + %s for data); running %d at a time",
+            option,
+            requested,
+            cluster.get("CPU"),
+            per_trial["CPU"],
+            data_cpus,
+            at_once,
+        )
     return at_once
 
 
@@ -117,6 +128,7 @@ def pin_paths(cfg) -> list[str]:
 def _metric_callback(metric: str):
     """A TuneReportCallback that forwards only the reports carrying ``metric`` (Tune rejects a
     result without the metric it optimises; training reports before the first validation)."""
+
     class MetricReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metric in metrics[0]:
@@ -206,8 +218,10 @@ def record_save(staging: str) -> None:
     except Exception as error:
         if not target.get("warned"):
             target["warned"] = True
-            log.warning("could not record the Tune state's sha256 (%s); resuming this sweep will need "
-                        "trust_storage=true", store.masked(error))  # fmt: skip
+            log.warning(
+                "could not record the Tune state's sha256 (%s); resuming this sweep will need trust_storage=true",
+                store.masked(error),
+            )
 
 
 def note_tuner_pkl() -> None:
@@ -225,8 +239,14 @@ def recording_state(uri: str | None, run_id: str | None, path: str, filesystem=N
         yield
         return
     base = tune_state.state_files(path, filesystem) if resume else {}
-    _STATE_TARGET.update(uri=uri, run_id=run_id, path=path, filesystem=filesystem, base=base,
-                         recent=[tune_state.digest(base)] if resume else [])  # fmt: skip
+    _STATE_TARGET.update(
+        uri=uri,
+        run_id=run_id,
+        path=path,
+        filesystem=filesystem,
+        base=base,
+        recent=[tune_state.digest(base)] if resume else [],
+    )
     try:
         yield
     finally:
@@ -234,9 +254,22 @@ def recording_state(uri: str | None, run_id: str | None, path: str, filesystem=N
 
 
 # ------------------------------------------------------------------------------ the experiment
-def run_tune(*, name: str, storage_path: str, settings: TrialSettings, param_space: dict, num_samples: int,
-             metric: str, mode: str, max_concurrent: int, driver_cpus: float, scheduler=None, search_alg=None,
-             resume: bool = False, storage_filesystem=None):  # fmt: skip
+def run_tune(
+    *,
+    name: str,
+    storage_path: str,
+    settings: TrialSettings,
+    param_space: dict,
+    num_samples: int,
+    metric: str,
+    mode: str,
+    max_concurrent: int,
+    driver_cpus: float,
+    scheduler=None,
+    search_alg=None,
+    resume: bool = False,
+    storage_filesystem=None,
+):
     """Run (or restore) the Tune experiment ``storage_path/name`` of ``run_trial``s; returns
     Tune's ResultGrid. ``max_concurrent`` must already account for each trial's workers
     (``concurrency``). Restoring unpickles the experiment's state: check it first
@@ -244,8 +277,9 @@ def run_tune(*, name: str, storage_path: str, settings: TrialSettings, param_spa
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": driver_cpus})
     path = f"{storage_path.rstrip('/')}/{name}"
     if resume:  # Tune restores the RunConfig (callbacks included) with the experiment
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=storage_filesystem)  # fmt: skip
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_filesystem
+        )
     else:
         # Tune applies max_concurrent_trials to a Searcher only; a BasicVariantGenerator takes
         # its own max_concurrent (set by the caller)
@@ -253,12 +287,22 @@ def run_tune(*, name: str, storage_path: str, settings: TrialSettings, param_spa
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
-                                        max_concurrent_trials=limit, scheduler=scheduler,
-                                        search_alg=search_alg),  # fmt: skip
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                      verbose=1, callbacks=[PlacementGroupReaper(), TuneStateRecorder()]),
-        )  # fmt: skip
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=num_samples,
+                max_concurrent_trials=limit,
+                scheduler=scheduler,
+                search_alg=search_alg,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
+                verbose=1,
+                callbacks=[PlacementGroupReaper(), TuneStateRecorder()],
+            ),
+        )
         note_tuner_pkl()
     return tuner.fit()
 

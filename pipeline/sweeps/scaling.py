@@ -89,9 +89,17 @@ def measure(cfg, train_rows: int | None = None) -> dict[str, Any]:
     d = examples * dims
     fwd = _forward_flops(model, cfg)
     unique = None if train_rows is None else int(round(cfg.data.fraction * train_rows)) * dims
-    return {"N": n, "N_total": count_parameters(model.net), "D": d, "D_unique": unique,
-            "C": 6.0 * n * d, "C_measured": 3.0 * fwd * examples, "forward_flops": fwd,
-            "dims_per_example": dims, "examples_seen": examples}  # fmt: skip
+    return {
+        "N": n,
+        "N_total": count_parameters(model.net),
+        "D": d,
+        "D_unique": unique,
+        "C": 6.0 * n * d,
+        "C_measured": 3.0 * fwd * examples,
+        "forward_flops": fwd,
+        "dims_per_example": dims,
+        "examples_seen": examples,
+    }
 
 
 def _axes(cfg, widths, depths, steps, fractions) -> tuple[str, dict, list]:
@@ -104,13 +112,27 @@ def _axes(cfg, widths, depths, steps, fractions) -> tuple[str, dict, list]:
         raise ScalingError(f"net.name={cfg.net.name} has no width/depth family; one of {', '.join(FAMILIES)}")
     info = FAMILIES[family]
     depth = cfg.net.kwargs[info["depth"]]
-    return family, info, [list(widths or info["widths"]), list(depths or [depth]),
-                          list(steps or [cfg.trainer.max_steps]), list(fractions or [cfg.data.fraction])]
+    return (
+        family,
+        info,
+        [
+            list(widths or info["widths"]),
+            list(depths or [depth]),
+            list(steps or [cfg.trainer.max_steps]),
+            list(fractions or [cfg.data.fraction]),
+        ],
+    )
 
 
-def make_plan(name: str, overrides: Sequence[str], *, widths: Sequence[int] | None = None,
-              depths: Sequence[int] | None = None, steps: Sequence[int] | None = None,
-              fractions: Sequence[float] | None = None) -> dict:  # fmt: skip
+def make_plan(
+    name: str,
+    overrides: Sequence[str],
+    *,
+    widths: Sequence[int] | None = None,
+    depths: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    fractions: Sequence[float] | None = None,
+) -> dict:
     """The grid (width x depth x steps x fraction) over a base config, with N, D, C per point."""
     # lazy, as in _axes: runner and tune_spaces import ray
     from pipeline.sweeps.runner import pin_paths
@@ -126,21 +148,39 @@ def make_plan(name: str, overrides: Sequence[str], *, widths: Sequence[int] | No
         train_rows = None
     entries = []
     for width, depth, n_steps, fraction in itertools.product(*axes):
-        sample = {f"net.kwargs.{info['width']}": int(width), f"net.kwargs.{info['depth']}": int(depth),
-                  **{f"net.kwargs.{k}": v for k, v in info["pinned"].items()},
-                  "trainer.max_steps": int(n_steps), "data.fraction": float(fraction)}  # fmt: skip
+        sample = {
+            f"net.kwargs.{info['width']}": int(width),
+            f"net.kwargs.{info['depth']}": int(depth),
+            **{f"net.kwargs.{k}": v for k, v in info["pinned"].items()},
+            "trainer.max_steps": int(n_steps),
+            "data.fraction": float(fraction),
+        }
         entry_id = f"w{width}-d{depth}-s{n_steps}-f{fraction:g}"
         try:
             sizes = measure(Config.from_dict(apply_to_dict(sample, cfg.raw)), train_rows)
         except (ValueError, TypeError) as error:
             raise ScalingError(f"grid point {entry_id} is invalid: {error}") from None
-        entries.append({"id": entry_id, "width": int(width), "depth": int(depth), "steps": int(n_steps),
-                        "fraction": float(fraction), "overrides": to_overrides(sample), **sizes})  # fmt: skip
-    return {"name": name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "family": family,
-            "base_overrides": [*overrides, *pin_paths(cfg)], "metric": NLL_METRIC,
-            "tracking": {"uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment,
-                         "enabled": cfg.tracking.enabled},
-            "batch_size": cfg.data.batch_size, "entries": entries}  # fmt: skip
+        entries.append(
+            {
+                "id": entry_id,
+                "width": int(width),
+                "depth": int(depth),
+                "steps": int(n_steps),
+                "fraction": float(fraction),
+                "overrides": to_overrides(sample),
+                **sizes,
+            }
+        )
+    return {
+        "name": name,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "family": family,
+        "base_overrides": [*overrides, *pin_paths(cfg)],
+        "metric": NLL_METRIC,
+        "tracking": {"uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment, "enabled": cfg.tracking.enabled},
+        "batch_size": cfg.data.batch_size,
+        "entries": entries,
+    }
 
 
 def write_plan(plan: dict, out: str | Path) -> Path:
@@ -159,9 +199,12 @@ def _run_name(plan: dict, entry: dict) -> str:
 def _planned(plan: dict, entry: dict):
     from pipeline.sweeps.runner import PlannedRun  # lazy, as in _axes: runner imports ray
 
-    return PlannedRun(overrides=list(entry["overrides"]), run_name=_run_name(plan, entry),
-                      tags=store.grid_tags(plan["name"], entry["id"]),
-                      params=store.grid_params(entry, plan["metric"]))  # fmt: skip
+    return PlannedRun(
+        overrides=list(entry["overrides"]),
+        run_name=_run_name(plan, entry),
+        tags=store.grid_tags(plan["name"], entry["id"]),
+        params=store.grid_params(entry, plan["metric"]),
+    )
 
 
 def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[dict]:
@@ -171,8 +214,10 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
     set_env_defaults()
     track = plan["tracking"]
     if not track["enabled"]:
-        raise ScalingError("the plan's config has tracking.enabled=false; scaling runs are read back from "
-                           "MLflow, so tracking must be on")  # fmt: skip
+        raise ScalingError(
+            "the plan's config has tracking.enabled=false; scaling runs are read back from "
+            "MLflow, so tracking must be on"
+        )
     done = {} if force else store.finished_points(track["uri"], track["experiment"], plan["name"])
     todo = [e for e in plan["entries"] if e["id"] not in done]
     if done:
@@ -194,8 +239,13 @@ def _run_one_by_one(plan: dict, todo: list[dict], configs: dict) -> None:
         store.open_run(cfg, planned.run_name, planned.tags, planned.params, required=True)
         started = time.perf_counter()
         summary = fit(cfg)
-        log.info("scaling %s: %s = %s (%.0f s)", entry["id"], plan["metric"], summary.get(plan["metric"]),
-                 time.perf_counter() - started)
+        log.info(
+            "scaling %s: %s = %s (%.0f s)",
+            entry["id"],
+            plan["metric"],
+            summary.get(plan["metric"]),
+            time.perf_counter() - started,
+        )
 
 
 def _run_with_tune(plan: dict, todo: list[dict], first_cfg, concurrent: int) -> None:
@@ -208,19 +258,36 @@ def _run_with_tune(plan: dict, todo: list[dict], first_cfg, concurrent: int) -> 
 
     driver_cpus, data_cpus = 0.5, 1.0
     try:
-        at_once = runner.concurrency(first_cfg, driver_cpus=driver_cpus, data_cpus=data_cpus,
-                                     requested=concurrent, total=len(todo), option="--concurrent")  # fmt: skip
+        at_once = runner.concurrency(
+            first_cfg,
+            driver_cpus=driver_cpus,
+            data_cpus=data_cpus,
+            requested=concurrent,
+            total=len(todo),
+            option="--concurrent",
+        )
     except ConfigError as error:
         raise ScalingError(str(error)) from None
-    settings = runner.TrialSettings(overrides=plan["base_overrides"], sweep=f"scaling-{plan['name']}",
-                                    metric=plan["metric"], planned={e["id"]: _planned(plan, e) for e in todo})
+    settings = runner.TrialSettings(
+        overrides=plan["base_overrides"],
+        sweep=f"scaling-{plan['name']}",
+        metric=plan["metric"],
+        planned={e["id"]: _planned(plan, e) for e in todo},
+    )
     storage_path, storage_fs = storage(first_cfg)
-    runner.run_tune(name=f"scaling-{plan['name']}-{time.strftime('%Y%m%d-%H%M%S')}",
-                    storage_path=f"{storage_path.rstrip('/')}/tune", settings=settings,
-                    param_space={"_entry": tune.grid_search([e["id"] for e in todo])}, num_samples=1,
-                    metric=plan["metric"], mode="min", max_concurrent=at_once, driver_cpus=driver_cpus,
-                    search_alg=BasicVariantGenerator(max_concurrent=at_once),
-                    storage_filesystem=storage_fs)  # fmt: skip
+    runner.run_tune(
+        name=f"scaling-{plan['name']}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=f"{storage_path.rstrip('/')}/tune",
+        settings=settings,
+        param_space={"_entry": tune.grid_search([e["id"] for e in todo])},
+        num_samples=1,
+        metric=plan["metric"],
+        mode="min",
+        max_concurrent=at_once,
+        driver_cpus=driver_cpus,
+        search_alg=BasicVariantGenerator(max_concurrent=at_once),
+        storage_filesystem=storage_fs,
+    )
 
 
 def _finalize(plan: dict) -> list[dict]:
@@ -240,10 +307,20 @@ def _finalize(plan: dict) -> list[dict]:
 
 
 # ============================================================================= fit
-def fit_grid(uri: str, experiment: str, name: str, *, budget: float | None = None,
-             n_boot: int = 200, seed: int = 0, data_axis: str = "seen", compute: str = "6ND",
-             out_dir: str | Path | None = None, log_to_mlflow: bool = True,
-             artifact_location: str | None = None) -> dict:  # fmt: skip
+def fit_grid(
+    uri: str,
+    experiment: str,
+    name: str,
+    *,
+    budget: float | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    data_axis: str = "seen",
+    compute: str = "6ND",
+    out_dir: str | Path | None = None,
+    log_to_mlflow: bool = True,
+    artifact_location: str | None = None,
+) -> dict:
     """Read the grid ``name`` back from MLflow, fit both laws with bootstrap CIs, write the
     plot and tables to ``out_dir`` and log them to an MLflow run ``scaling-fit-<name>``."""
     runs = store.read_grid(uri, experiment, name, data_axis=data_axis)
@@ -257,8 +334,14 @@ def fit_grid(uri: str, experiment: str, name: str, *, budget: float | None = Non
     run_id = None
     if log_to_mlflow:
         run_id = store.log_fit(uri, experiment, name, nd, c, prediction, files, artifact_location)
-    return {"ND": nd, "C": c, "prediction": prediction, "runs": runs,
-            "files": {k: str(v) for k, v in files.items()}, "mlflow_run_id": run_id}  # fmt: skip
+    return {
+        "ND": nd,
+        "C": c,
+        "prediction": prediction,
+        "runs": runs,
+        "files": {k: str(v) for k, v in files.items()},
+        "mlflow_run_id": run_id,
+    }
 
 
 # ============================================================================== CLI
@@ -271,14 +354,22 @@ def _floats(text: str | None) -> list[float] | None:
 
 
 def cmd_plan(args) -> int:
-    plan = make_plan(args.name, args.overrides, widths=_ints(args.widths), depths=_ints(args.depths),
-                     steps=_ints(args.steps), fractions=_floats(args.fractions))  # fmt: skip
+    plan = make_plan(
+        args.name,
+        args.overrides,
+        widths=_ints(args.widths),
+        depths=_ints(args.depths),
+        steps=_ints(args.steps),
+        fractions=_floats(args.fractions),
+    )
     cfg = load(args.overrides)
     out = Path(args.out or Path(cfg.paths.runs_dir) / "scaling" / args.name / "plan.json")
     write_plan(plan, out)
     print(plan_table(plan))
-    print(f"{len(plan['entries'])} grid points written to {out}\ntrain them: bfn scaling run {out} "
-          f"[--concurrent 2]", flush=True)  # fmt: skip
+    print(
+        f"{len(plan['entries'])} grid points written to {out}\ntrain them: bfn scaling run {out} [--concurrent 2]",
+        flush=True,
+    )
     return 0
 
 
@@ -296,10 +387,18 @@ def cmd_fit(args) -> int:
     cfg = load(args.overrides)
     if not cfg.tracking.enabled:
         raise ScalingError("tracking.enabled=false: the runs are read from MLflow")
-    result = fit_grid(cfg.tracking.uri, cfg.tracking.experiment, args.name, budget=args.budget,
-                      n_boot=args.bootstrap, seed=args.seed, data_axis=args.data_axis, compute=args.compute,
-                      out_dir=args.out or Path(cfg.paths.runs_dir) / "scaling" / args.name,
-                      artifact_location=cfg.tracking.artifact_location)  # fmt: skip
+    result = fit_grid(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        args.name,
+        budget=args.budget,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        data_axis=args.data_axis,
+        compute=args.compute,
+        out_dir=args.out or Path(cfg.paths.runs_dir) / "scaling" / args.name,
+        artifact_location=cfg.tracking.artifact_location,
+    )
     print(Path(result["files"]["markdown"]).read_text())
     print(f"plot: {result['files']['plot']}\nMLflow run: {result['mlflow_run_id']}", flush=True)
     return 0
@@ -323,9 +422,12 @@ def _guard(fn):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("scaling", help="scaling laws: plan a grid, train it, fit L(N, D), L(C)",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = subparsers.add_parser(
+        "scaling",
+        help="scaling laws: plan a grid, train it, fit L(N, D), L(C)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="scaling_command", required=True)
     q = sub.add_parser("plan", help="grid over width x depth x steps x data fraction; N, D, C per point")
     q.add_argument("--name", default="scaling", help="grid name (MLflow tag bfn.scaling)")

@@ -69,8 +69,13 @@ def _entry_problems(key: str, domain: Any, allowed: Mapping[str, list]) -> list[
     return []
 
 
-def key_problems(space: Mapping[str, Any], config: Mapping, *, extra_keys: Iterable[str] = (),
-                 allowed_values: Mapping[str, Iterable] | None = None) -> list[str]:  # fmt: skip
+def key_problems(
+    space: Mapping[str, Any],
+    config: Mapping,
+    *,
+    extra_keys: Iterable[str] = (),
+    allowed_values: Mapping[str, Iterable] | None = None,
+) -> list[str]:
     """What is wrong with the space's keys and domains (empty when nothing), every entry named."""
     if not isinstance(space, Mapping) or not space:
         return ["the search space is empty: it must map dotted config keys to domains"]
@@ -83,8 +88,11 @@ def key_problems(space: Mapping[str, Any], config: Mapping, *, extra_keys: Itera
             problems.append(f"{key!r}: keys must be dotted config paths")
         elif key not in known:
             near = sorted(k for k in known if k.split(".")[0] == key.split(".")[0])[:8]
-            problems.append(f"{key}: unknown key (not in the composed config"
-                            + (f"; {key.split('.')[0]} has {', '.join(near)}" if near else "") + ")")
+            problems.append(
+                f"{key}: unknown key (not in the composed config"
+                + (f"; {key.split('.')[0]} has {', '.join(near)}" if near else "")
+                + ")"
+            )
         elif isinstance(flat.get(key), Mapping) and flat[key]:
             problems.append(f"{key}: is a config section, not a value")
         else:

@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "bfn.sweep", "bfn.trial_id", "bfn.role"
 GRID_TAG, GRID_ROLE_TAG, ENTRY_TAG = "bfn.scaling", "bfn.scaling_role", "bfn.scaling_entry"
-STATE_TAGS = {"digest": "bfn.tune_state_sha256", "recent": "bfn.tune_state_recent", "files": "bfn.tune_state_files",
-              "top": "bfn.tune_state_top"}  # fmt: skip
+STATE_TAGS = {
+    "digest": "bfn.tune_state_sha256",
+    "recent": "bfn.tune_state_recent",
+    "files": "bfn.tune_state_files",
+    "top": "bfn.tune_state_top",
+}
 FINAL_NLL = "scaling/nll"
 GRID_NUMBERS = ("N", "N_total", "D", "D_unique", "C", "C_measured", "width", "depth", "steps", "fraction")
 
@@ -52,8 +56,9 @@ def _search(uri: str, experiment: str, query: str, max_results: int = 50_000) ->
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], query, max_results=max_results,
-                              order_by=["attributes.start_time DESC"])  # fmt: skip
+    return client.search_runs(
+        [found.experiment_id], query, max_results=max_results, order_by=["attributes.start_time DESC"]
+    )
 
 
 def open_run(cfg, run_name: str, tags: dict, params: dict | None = None, *, required: bool = False):
@@ -61,8 +66,13 @@ def open_run(cfg, run_name: str, tags: dict, params: dict | None = None, *, requ
     ``fit()`` reopens it by name, so the tags stay on the run it logs to. Unless ``required``, a
     failure is a warning: tracking never stops training."""
     try:
-        tracker = MLflowTracker.start(cfg.tracking.uri, cfg.tracking.experiment, run_name,
-                                      artifact_location=cfg.tracking.artifact_location, tags=tags)  # fmt: skip
+        tracker = MLflowTracker.start(
+            cfg.tracking.uri,
+            cfg.tracking.experiment,
+            run_name,
+            artifact_location=cfg.tracking.artifact_location,
+            tags=tags,
+        )
     except Exception as error:
         if required:
             raise
@@ -97,17 +107,27 @@ def find_parent(cfg, sweep_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def finish_parent(parent, rows: list[dict], best: dict | None, files: dict, export: str | None,
-                  metric: str, wall: float) -> None:  # fmt: skip
+def finish_parent(
+    parent, rows: list[dict], best: dict | None, files: dict, export: str | None, metric: str, wall: float
+) -> None:
     """Summary artifacts, trial counts as metrics, the best trial as tags; close the run."""
     for path in files.values():
         parent.log_artifact(path, "sweep")
-    counts = {"sweep/trials": len(rows), "sweep/trials_stopped_early": sum(r["status"] == "stopped" for r in rows),
-              "sweep/trials_errored": sum(r["status"] == "error" for r in rows), "sweep/wall_s": round(wall, 1)}
+    counts = {
+        "sweep/trials": len(rows),
+        "sweep/trials_stopped_early": sum(r["status"] == "stopped" for r in rows),
+        "sweep/trials_errored": sum(r["status"] == "error" for r in rows),
+        "sweep/wall_s": round(wall, 1),
+    }
     if best is not None:
         counts[f"best/{metric}"] = best["metric"]
-        parent.set_tags({"bfn.best_trial": best["trial_id"], "bfn.best_run_id": best.get("mlflow_run_id"),
-                         "bfn.best_preset": export})  # fmt: skip
+        parent.set_tags(
+            {
+                "bfn.best_trial": best["trial_id"],
+                "bfn.best_run_id": best.get("mlflow_run_id"),
+                "bfn.best_preset": export,
+            }
+        )
         if export:
             parent.log_artifact(export, "sweep")
     parent.log_metrics(counts, step=0)
@@ -209,25 +229,48 @@ def read_grid(uri: str, experiment: str, grid: str, *, data_axis: str = "seen") 
     sorted by (N, D). ``data_axis="unique"``: D is the distinct training data (D_unique)."""
     runs = grid_runs(uri, experiment, grid)
     if not runs:
-        raise ScalingError(f"no runs tagged {GRID_TAG}={grid} in experiment {experiment!r} at "
-                           f"{masked(uri)}; run `bfn scaling run` first")  # fmt: skip
+        raise ScalingError(
+            f"no runs tagged {GRID_TAG}={grid} in experiment {experiment!r} at "
+            f"{masked(uri)}; run `bfn scaling run` first"
+        )
     out = []
     for run in runs:
         d_key = "scaling.D_unique" if data_axis == "unique" else "scaling.D"
-        out.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
-                    "N": _param(run, "scaling.N"), "D": _param(run, d_key), "C": _param(run, "scaling.C"),
-                    "C_measured": _param(run, "scaling.C_measured"),
-                    "nll": float(run.data.metrics.get(FINAL_NLL, float("nan"))),
-                    "metric": run.data.params.get("scaling.nll_metric", "")})  # fmt: skip
+        out.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "N": _param(run, "scaling.N"),
+                "D": _param(run, d_key),
+                "C": _param(run, "scaling.C"),
+                "C_measured": _param(run, "scaling.C_measured"),
+                "nll": float(run.data.metrics.get(FINAL_NLL, float("nan"))),
+                "metric": run.data.params.get("scaling.nll_metric", ""),
+            }
+        )
     return sorted(out, key=lambda r: (r["N"], r["D"]))
 
 
-def log_fit(uri: str, experiment: str, grid: str, nd: dict, c: dict, prediction: dict | None,
-            files: dict, artifact_location: str | None) -> str:  # fmt: skip
+def log_fit(
+    uri: str,
+    experiment: str,
+    grid: str,
+    nd: dict,
+    c: dict,
+    prediction: dict | None,
+    files: dict,
+    artifact_location: str | None,
+) -> str:
     """The fit as its own run (role ``fit``): parameters and intervals as metrics, tables and plot
     as artifacts. Returns its run id."""
-    tracker = MLflowTracker.start(uri, experiment, f"scaling-fit-{grid}", artifact_location=artifact_location,
-                                  tags={GRID_TAG: grid, GRID_ROLE_TAG: "fit"})  # fmt: skip
+    tracker = MLflowTracker.start(
+        uri,
+        experiment,
+        f"scaling-fit-{grid}",
+        artifact_location=artifact_location,
+        tags={GRID_TAG: grid, GRID_ROLE_TAG: "fit"},
+    )
     metrics = {f"fit/ND/{k}": v for k, v in nd["params"].items()}
     metrics.update({f"fit/C/{k}": v for k, v in c["params"].items()})
     for fit in (nd, c):

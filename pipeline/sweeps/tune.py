@@ -57,10 +57,24 @@ log = logging.getLogger(__name__)
 
 # keys of the sweep (not Hydra): name -> type; defaults in SweepOptions
 OPTIONS: dict[str, type] = {
-    "space": str, "num_samples": int, "max_concurrent": int, "metric": str, "mode": str, "scheduler": str,
-    "search": str, "grace_period": int, "reduction_factor": int, "max_t": int, "seed": int, "sweep": str,
-    "resume": bool, "trust_storage": bool, "export_dir": str, "driver_cpus": float, "data_cpus": float,
-}  # fmt: skip
+    "space": str,
+    "num_samples": int,
+    "max_concurrent": int,
+    "metric": str,
+    "mode": str,
+    "scheduler": str,
+    "search": str,
+    "grace_period": int,
+    "reduction_factor": int,
+    "max_t": int,
+    "seed": int,
+    "sweep": str,
+    "resume": bool,
+    "trust_storage": bool,
+    "export_dir": str,
+    "driver_cpus": float,
+    "data_cpus": float,
+}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -127,9 +141,13 @@ def parse_args(args: list[str]) -> tuple[SweepOptions, list[str]]:
         (opts.max_t >= 0, "max_t", "must be >= 0", opts.max_t),
         (opts.driver_cpus > 0, "driver_cpus", "must be > 0 (Tune cannot place 0-CPU trials)", opts.driver_cpus),
         (opts.data_cpus >= 0, "data_cpus", "must be >= 0", opts.data_cpus),
-        (not opts.sweep or bool(NAME.match(opts.sweep)), "sweep", "must be letters, digits, '-', '_' or '.'",
-         opts.sweep),
-    ]  # fmt: skip
+        (
+            not opts.sweep or bool(NAME.match(opts.sweep)),
+            "sweep",
+            "must be letters, digits, '-', '_' or '.'",
+            opts.sweep,
+        ),
+    ]
     for ok, key, message, value in checks:
         if not ok:
             raise ConfigError(f"{key}: {message} (got {value!r})")
@@ -176,8 +194,9 @@ def locate(cfg, opts: SweepOptions) -> Location:
     where = Location(name, tune_storage, f"{tune_storage}/{name}", filesystem)
     exists = runner.experiment_exists(where.path, filesystem)
     if exists and not opts.resume:
-        raise ConfigError(f"sweep: {name} already exists at {where.path}; pass resume=true to continue it "
-                          f"or sweep=<new name>")  # fmt: skip
+        raise ConfigError(
+            f"sweep: {name} already exists at {where.path}; pass resume=true to continue it or sweep=<new name>"
+        )
     if opts.resume and not exists:
         raise ConfigError(f"resume: no sweep {name} at {where.path} to resume")
     if opts.resume and not opts.trust_storage:
@@ -196,8 +215,13 @@ def _scheduler(cfg, opts: SweepOptions, max_t: int):
     grace = opts.grace_period or max(cfg.trainer.val_every, cfg.trainer.log_every)
     # a trial that reaches max_t = trainer.max_steps ends by itself (cleanly: its Train run
     # closes its MLflow run and frees its workers) instead of being stopped by ASHA
-    return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(grace, max_t),
-                         reduction_factor=opts.reduction_factor, stop_last_trials=max_t < cfg.trainer.max_steps)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=max_t,
+        grace_period=min(grace, max_t),
+        reduction_factor=opts.reduction_factor,
+        stop_last_trials=max_t < cfg.trainer.max_steps,
+    )
 
 
 def _search_alg(opts: SweepOptions, max_concurrent: int):
@@ -227,23 +251,47 @@ def run(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Locat
     from tune_spaces.common import describe, is_grid
 
     total = opts.num_samples * math.prod(len(v["grid_search"]) for v in space.values() if is_grid(v))
-    max_concurrent = runner.concurrency(cfg, driver_cpus=opts.driver_cpus, data_cpus=opts.data_cpus,
-                                        requested=opts.max_concurrent, total=total)  # fmt: skip
+    max_concurrent = runner.concurrency(
+        cfg, driver_cpus=opts.driver_cpus, data_cpus=opts.data_cpus, requested=opts.max_concurrent, total=total
+    )
     note = f"bfn tune sweep {where.name}: {' '.join(overrides)} space={opts.space}"
     parent = store.start_parent(cfg, where.name, _parent_params(opts, space, overrides), note, resume=opts.resume)
-    settings = runner.TrialSettings(overrides=[*overrides, *runner.pin_paths(cfg)], sweep=where.name,
-                                    metric=opts.metric, parent_run_id=parent.run_id if parent else None)  # fmt: skip
-    log.info("sweep %s: %d trials, %d at a time, %s CPUs each, metric %s (%s), scheduler %s, search %s; space %s",
-             where.name, total, max_concurrent, runner.trial_resources(cfg, opts.driver_cpus)["CPU"], opts.metric,
-             opts.mode, opts.scheduler, opts.search, {k: describe(v) for k, v in space.items()})
+    settings = runner.TrialSettings(
+        overrides=[*overrides, *runner.pin_paths(cfg)],
+        sweep=where.name,
+        metric=opts.metric,
+        parent_run_id=parent.run_id if parent else None,
+    )
+    log.info(
+        "sweep %s: %d trials, %d at a time, %s CPUs each, metric %s (%s), scheduler %s, search %s; space %s",
+        where.name,
+        total,
+        max_concurrent,
+        runner.trial_resources(cfg, opts.driver_cpus)["CPU"],
+        opts.metric,
+        opts.mode,
+        opts.scheduler,
+        opts.search,
+        {k: describe(v) for k, v in space.items()},
+    )
     max_t = opts.max_t or cfg.trainer.max_steps
     uri = cfg.tracking.uri if parent else None
     with runner.recording_state(uri, settings.parent_run_id, where.path, where.filesystem, resume=opts.resume):
-        grid = runner.run_tune(name=where.name, storage_path=where.storage, settings=settings, param_space=space,
-                               num_samples=opts.num_samples, metric=opts.metric, mode=opts.mode,
-                               max_concurrent=max_concurrent, driver_cpus=opts.driver_cpus,
-                               scheduler=_scheduler(cfg, opts, max_t), search_alg=_search_alg(opts, max_concurrent),
-                               resume=opts.resume, storage_filesystem=where.filesystem)  # fmt: skip
+        grid = runner.run_tune(
+            name=where.name,
+            storage_path=where.storage,
+            settings=settings,
+            param_space=space,
+            num_samples=opts.num_samples,
+            metric=opts.metric,
+            mode=opts.mode,
+            max_concurrent=max_concurrent,
+            driver_cpus=opts.driver_cpus,
+            scheduler=_scheduler(cfg, opts, max_t),
+            search_alg=_search_alg(opts, max_concurrent),
+            resume=opts.resume,
+            storage_filesystem=where.filesystem,
+        )
     return settings, parent, collect_rows(grid, space, opts.metric, max_t), max_concurrent
 
 
@@ -261,10 +309,17 @@ def collect_rows(grid, space: dict, metric: str, max_t: int) -> list[dict]:
         else:
             status = "completed"
         config = dict(result.config or {})
-        rows.append({"trial_id": metrics.get("trial_id") or Path(str(result.path)).name, "status": status,
-                     "step": step, "metric": float(value) if isinstance(value, int | float) else float("nan"),
-                     "config": config, "params": {k: config.get(k) for k in space},
-                     "error": str(result.error)[:300] if result.error else None})  # fmt: skip
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or Path(str(result.path)).name,
+                "status": status,
+                "step": step,
+                "metric": float(value) if isinstance(value, int | float) else float("nan"),
+                "config": config,
+                "params": {k: config.get(k) for k in space},
+                "error": str(result.error)[:300] if result.error else None,
+            }
+        )
     rows.sort(key=lambda r: r["trial_id"])
     return rows
 
@@ -294,8 +349,7 @@ def report(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Lo
     out_dir = Path(cfg.paths.runs_dir) / "sweeps" / where.name
     out_dir.mkdir(parents=True, exist_ok=True)
     files = reports.write_summary(rows, space, opts.metric, out_dir, best, opts.mode)
-    files["plot"] = reports.plot_sweep(rows, space, opts.metric, out_dir / f"{_safe(opts.metric)}_vs_params.png",
-                                       best)  # fmt: skip
+    files["plot"] = reports.plot_sweep(rows, space, opts.metric, out_dir / f"{_safe(opts.metric)}_vs_params.png", best)
     export = command = None
     if best is not None:
         best_overrides = runner.trial_overrides(settings, best["config"], best["trial_id"])[0]
@@ -318,16 +372,34 @@ def sweep(args: list[str]) -> dict:
     if parent is not None:
         store.finish_parent(parent, rows, out["best"], out["files"], out["export"], opts.metric, wall)
     stopped = sum(r["status"] == "stopped" for r in rows)
-    log.info("sweep %s done in %.0f s: %d trials, %d stopped early by %s, %d errored", where.name, wall,
-             len(rows), stopped, opts.scheduler, sum(r["status"] == "error" for r in rows))
+    log.info(
+        "sweep %s done in %.0f s: %d trials, %d stopped early by %s, %d errored",
+        where.name,
+        wall,
+        len(rows),
+        stopped,
+        opts.scheduler,
+        sum(r["status"] == "error" for r in rows),
+    )
     print(Path(out["files"]["markdown"]).read_text(), flush=True)
     if out["best"] is not None:
-        print(f"best trial {out['best']['trial_id']}: {opts.metric} = {out['best']['metric']:.4f}\n"
-              f"preset written to {out['export']}\ntrain it: {store.masked(out['command'])}", flush=True)
-    return {"sweep": where.name, "path": where.path, "rows": rows, "best": out["best"], "export": out["export"],
-            "command": out["command"], "parent_run_id": parent.run_id if parent else None,
-            "files": {k: str(v) for k, v in out["files"].items()}, "wall_s": wall,
-            "max_concurrent": max_concurrent}  # fmt: skip
+        print(
+            f"best trial {out['best']['trial_id']}: {opts.metric} = {out['best']['metric']:.4f}\n"
+            f"preset written to {out['export']}\ntrain it: {store.masked(out['command'])}",
+            flush=True,
+        )
+    return {
+        "sweep": where.name,
+        "path": where.path,
+        "rows": rows,
+        "best": out["best"],
+        "export": out["export"],
+        "command": out["command"],
+        "parent_run_id": parent.run_id if parent else None,
+        "files": {k: str(v) for k, v in out["files"].items()},
+        "wall_s": wall,
+        "max_concurrent": max_concurrent,
+    }
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -344,12 +416,16 @@ def cmd_tune(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "tune", help="hyper-parameter sweep (Ray Tune: ASHA, random/Optuna) over bfn train",
+        "tune",
+        help="hyper-parameter sweep (Ray Tune: ASHA, random/Optuna) over bfn train",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    p.add_argument("args", nargs="*",
-                   help="space=NAME num_samples=N [max_concurrent= metric= mode= scheduler= search= grace_period= "
-                        "reduction_factor= max_t= seed= sweep= resume= trust_storage= export_dir= driver_cpus= "
-                        "data_cpus=] and Hydra overrides")  # fmt: skip
+    )
+    p.add_argument(
+        "args",
+        nargs="*",
+        help="space=NAME num_samples=N [max_concurrent= metric= mode= scheduler= search= grace_period= "
+        "reduction_factor= max_t= seed= sweep= resume= trust_storage= export_dir= driver_cpus= "
+        "data_cpus=] and Hydra overrides",
+    )
     p.set_defaults(func=cmd_tune)

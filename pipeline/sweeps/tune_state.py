@@ -72,18 +72,24 @@ def top_level(files: dict[str, str]) -> str:
 
 def check(files: dict[str, str], recorded: dict | None, where: str) -> None:
     """Raise ConfigError unless ``files`` match the ``recorded`` {"digest", "files", "top"}."""
-    why = ("Tune restores this state with pickle, which runs any code it holds, so resume=true "
-           "only restores the state this sweep itself last saved")  # fmt: skip
+    why = (
+        "Tune restores this state with pickle, which runs any code it holds, so resume=true "
+        "only restores the state this sweep itself last saved"
+    )
     if recorded is None or not recorded.get("digest"):
-        raise ConfigError(f"resume: no sha256 of the Tune state at {where} is recorded in the sweep's MLflow "
-                          f"run (tracking off, MLflow unreachable while it ran, or a sweep from an older "
-                          f"version). {why}. If you trust that folder, pass trust_storage=true")  # fmt: skip
+        raise ConfigError(
+            f"resume: no sha256 of the Tune state at {where} is recorded in the sweep's MLflow "
+            f"run (tracking off, MLflow unreachable while it ran, or a sweep from an older "
+            f"version). {why}. If you trust that folder, pass trust_storage=true"
+        )
     if digest(files) in accepted(recorded):
         return
     changed = _differences(files, recorded)
-    raise ConfigError(f"resume: the Tune state at {where} differs from the sha256 recorded in the sweep's "
-                      f"MLflow run ({changed}). {why}. Start a new sweep (sweep=<new name>), or, if you "
-                      f"changed those files yourself and trust them, pass trust_storage=true")  # fmt: skip
+    raise ConfigError(
+        f"resume: the Tune state at {where} differs from the sha256 recorded in the sweep's "
+        f"MLflow run ({changed}). {why}. Start a new sweep (sweep=<new name>), or, if you "
+        f"changed those files yourself and trust them, pass trust_storage=true"
+    )
 
 
 def _differences(files: dict[str, str], recorded: dict) -> str:
@@ -95,7 +101,7 @@ def _differences(files: dict[str, str], recorded: dict) -> str:
     names = sorted(k for k in set(top) | set(now) if top.get(k) != now.get(k))
     if names:
         return "changed, added or removed: " + ", ".join(names)
-    return (f"a file in a trial folder: {recorded.get('files')} files recorded, {len(files)} now")
+    return f"a file in a trial folder: {recorded.get('files')} files recorded, {len(files)} now"
 
 
 def accepted(recorded: dict) -> list[str]:
@@ -120,6 +126,7 @@ def verify(cfg, sweep_name: str, path: str, filesystem=None) -> None:
             run_id = store.find_parent(cfg, sweep_name)
             recorded = store.recorded_state(cfg.tracking.uri, run_id) if run_id else None
         except Exception as error:
-            raise ConfigError(f"resume: cannot read the sweep's recorded sha256 from MLflow "
-                              f"({store.masked(error)})") from None  # fmt: skip
+            raise ConfigError(
+                f"resume: cannot read the sweep's recorded sha256 from MLflow ({store.masked(error)})"
+            ) from None
     check(state_files(path, filesystem), recorded, path)

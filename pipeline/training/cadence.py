@@ -36,5 +36,6 @@ class Cadence:
         log = last or step % self.log_every == 0
         validate = last or step % self.val_every == 0
         checkpoint = last or step % self.checkpoint_every == 0
-        return Actions(log=log, validate=validate, checkpoint=checkpoint,
-                       report=log or validate or checkpoint, last=last)  # fmt: skip
+        return Actions(
+            log=log, validate=validate, checkpoint=checkpoint, report=log or validate or checkpoint, last=last
+        )

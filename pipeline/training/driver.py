@@ -30,8 +30,7 @@ def preflight(cfg: Config) -> dict:
     manifest = data_lib.verify(cfg.data.uri, splits=["train", "val"])
     if manifest.get("dataset") not in (None, cfg.data.name):
         raise data_lib.DataError(
-            f"data.uri {cfg.data.uri} holds {manifest.get('dataset')!r}, but data.name is "
-            f"{cfg.data.name!r}"
+            f"data.uri {cfg.data.uri} holds {manifest.get('dataset')!r}, but data.name is {cfg.data.name!r}"
         )
     data_lib.check_values(cfg.data.uri, manifest, ["train", "val"])
     return manifest
@@ -61,8 +60,13 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
     run_id = tracker.run_id if tracker else None
     # the newest complete checkpoint, registered or not: a killed driver's workers write some it never registered
     found = ray.train.Checkpoint(newest[1], filesystem=newest[0]) if newest else None
-    runtime = {"mlflow_run_id": run_id, "local_run_dir": local_run_dir(cfg), "verbose": logs.verbose(),
-               "newest_checkpoint": found, "lease": lease.token}  # fmt: skip
+    runtime = {
+        "mlflow_run_id": run_id,
+        "local_run_dir": local_run_dir(cfg),
+        "verbose": logs.verbose(),
+        "newest_checkpoint": found,
+        "lease": lease.token,
+    }
     trainer = _trainer(cfg, {"config": cfg.raw, "runtime": runtime}, datasets, callbacks)
     try:
         result = trainer.fit()
@@ -72,11 +76,18 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
     summary = dict(result.return_value or {})
     if summary.get("lease_lost") or lease.lost:  # another run took the folder over: this one stopped
         end_tracking(tracker, {})
-        raise LeaseError(summary.get("lease_lost") or f"run folder {lease.run_folder}: the lease was taken over "
-                         "by another run while this one trained")  # fmt: skip
-    summary.update({"run_name": cfg.run.name, "mlflow_run_id": run_id,
-                    "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                    "storage": result.path})  # fmt: skip
+        raise LeaseError(
+            summary.get("lease_lost")
+            or f"run folder {lease.run_folder}: the lease was taken over by another run while this one trained"
+        )
+    summary.update(
+        {
+            "run_name": cfg.run.name,
+            "mlflow_run_id": run_id,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "storage": result.path,
+        }
+    )
     return end_tracking(tracker, summary)
 
 
@@ -96,11 +107,19 @@ def _datasets(cfg: Config) -> dict:
     seed = cfg.trainer.seed
     seq_len = cfg.data.seq_len if cfg.data.name == "text8" else None
     return {
-        "train": data_lib.ray_dataset(cfg.data.uri, "train", cfg.data.name, num_bins=cfg.data.num_bins,
-                                      fraction=cfg.data.fraction, seed=seed, seq_len=seq_len),
-        "val": data_lib.ray_dataset(cfg.data.uri, "val", cfg.data.name, num_bins=cfg.data.num_bins,
-                                    seed=seed + 1, seq_len=seq_len),
-    }  # fmt: skip
+        "train": data_lib.ray_dataset(
+            cfg.data.uri,
+            "train",
+            cfg.data.name,
+            num_bins=cfg.data.num_bins,
+            fraction=cfg.data.fraction,
+            seed=seed,
+            seq_len=seq_len,
+        ),
+        "val": data_lib.ray_dataset(
+            cfg.data.uri, "val", cfg.data.name, num_bins=cfg.data.num_bins, seed=seed + 1, seq_len=seq_len
+        ),
+    }
 
 
 def _trainer(cfg: Config, loop_config: dict, datasets: dict, callbacks: list | None):
@@ -118,22 +137,26 @@ def _trainer(cfg: Config, loop_config: dict, datasets: dict, callbacks: list | N
         train_fn_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+            num_workers=cfg.trainer.num_workers,
+            use_gpu=cfg.trainer.use_gpu,
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
             # Ray Train's own INFO lines (resources, worker groups, reports) only with -v
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if loop_config["runtime"]["verbose"]
-                                                   else "WARNING"),
+            logging_config=ray.train.LoggingConfig(
+                log_level="INFO" if loop_config["runtime"]["verbose"] else "WARNING"
+            ),
         ),
         datasets=datasets,
         # one worker reads the whole stream itself: no split coordinator actor to start and feed
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.num_workers > 1 else []),
-    )  # fmt: skip
+    )
 
 
 def print_summary(cfg: Config, summary: dict) -> None:
@@ -144,9 +167,12 @@ def print_summary(cfg: Config, summary: dict) -> None:
         lines.append(
             f"  validation NLL: {summary['val/nll_bits_per_dim']:.4f} ± "
             f"{summary['val/nll_bits_per_dim_se']:.4f} {per_dim}"
-            + (f", {summary[f'val/nll_{unit_key}']:.2f} ± {summary[f'val/nll_{unit_key}_se']:.2f} "
-               f"{cfg.eval.unit}" if cfg.eval.unit not in ("bits/dim", "nats/dim", "bits/char") else "")
-        )  # fmt: skip
+            + (
+                f", {summary[f'val/nll_{unit_key}']:.2f} ± {summary[f'val/nll_{unit_key}_se']:.2f} {cfg.eval.unit}"
+                if cfg.eval.unit not in ("bits/dim", "nats/dim", "bits/char")
+                else ""
+            )
+        )
     if "val/loss" in summary:
         lines.append(f"  validation continuous-time loss: {summary['val/loss']:.4f} nats/dim")
     if summary.get("run_dir"):

@@ -228,9 +228,14 @@ class Lease:
         self.run_folder = run_folder
         self.file = lease_file(run_folder)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
-        self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                       "process_started": _process_started(os.getpid()), "started": time.time(),
-                       **_namespace()}  # fmt: skip
+        self.holder = {
+            "id": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "process_started": _process_started(os.getpid()),
+            "started": time.time(),
+            **_namespace(),
+        }
         self.version: str | None = None
         self.beats = 0  # renewals so far: the file changes at every beat, whatever the holder's clock says
         self.lost = False
@@ -238,8 +243,9 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _content(self) -> bytes:
-        return json.dumps({**self.holder, "heartbeat": time.time(), "beats": self.beats,
-                           "run_folder": self.run_folder}).encode()  # fmt: skip
+        return json.dumps(
+            {**self.holder, "heartbeat": time.time(), "beats": self.beats, "run_folder": self.run_folder}
+        ).encode()
 
     def _dead_here(self, other: dict) -> str | None:
         """Why ``other``'s holder is provably gone, if it ran in this very PID namespace (same host, boot and
@@ -255,8 +261,11 @@ class Lease:
     def _unchanged_for_stale_s(self, version: str) -> bool:
         """Watch the lease file for ``stale_s`` on this process's monotonic clock: True if it never changed
         (its holder stopped renewing), False as soon as it changes (alive, or taken by someone else)."""
-        log.warning("run folder %s: its lease looks stale; watching it for %.0f s before taking it over",
-                    self.run_folder, self.stale_s)  # fmt: skip
+        log.warning(
+            "run folder %s: its lease looks stale; watching it for %.0f s before taking it over",
+            self.run_folder,
+            self.stale_s,
+        )
         deadline = time.monotonic() + self.stale_s
         while True:
             current = self.file.read()
@@ -282,8 +291,9 @@ class Lease:
 
     def acquire(self) -> Lease:
         if self.file is None:
-            log.warning("run folder %s: no lease on this storage; make sure no other run uses this run.name",
-                        self.run_folder)  # fmt: skip
+            log.warning(
+                "run folder %s: no lease on this storage; make sure no other run uses this run.name", self.run_folder
+            )
             return self
         for _ in range(3):  # the holder may release or be taken over between our calls
             self.version = self.file.create(self._content())
@@ -305,8 +315,12 @@ class Lease:
                 )
             self.version = self.file.replace(self._content(), current[1])
             if self.version:
-                log.warning("run folder %s: took over the lease of %s: %s", self.run_folder,
-                            describe(other) if other else "an unknown holder", reason)  # fmt: skip
+                log.warning(
+                    "run folder %s: took over the lease of %s: %s",
+                    self.run_folder,
+                    describe(other) if other else "an unknown holder",
+                    reason,
+                )
                 break
         else:
             raise LeaseError(f"run folder {self.run_folder}: could not acquire its lease {self.file.uri}")
@@ -324,8 +338,12 @@ class Lease:
                 continue
             if version is None:
                 self.lost = True
-                log.error("%s", lost_to(self.run_folder, self.holder["id"]) or f"run folder {self.run_folder}: "
-                          f"the lease was taken over by another run (lease: {self.file.uri})")  # fmt: skip
+                log.error(
+                    "%s",
+                    lost_to(self.run_folder, self.holder["id"])
+                    or f"run folder {self.run_folder}: "
+                    f"the lease was taken over by another run (lease: {self.file.uri})",
+                )
                 return
             self.version = version
 
@@ -371,8 +389,10 @@ def lost_to(run_folder: str, holder_id: str, file: LocalLeaseFile | S3LeaseFile 
     if other.get("id") == holder_id:
         return None
     holder = describe(other) if other else "nobody (the lease file is gone or unreadable)"
-    return (f"run folder {run_folder}: the lease was taken over by {holder}; this run stops and writes no more "
-            f"checkpoints into a folder it no longer owns (lease: {file.uri})")
+    return (
+        f"run folder {run_folder}: the lease was taken over by {holder}; this run stops and writes no more "
+        f"checkpoints into a folder it no longer owns (lease: {file.uri})"
+    )
 
 
 # ---------------------------------------------------------------------------- one experiment
@@ -381,5 +401,8 @@ def experiment_differences(saved: dict, current: dict) -> list[tuple[str, object
     old = flatten({k: v for k, v in saved.items() if not k.startswith("_")})
     new = flatten({k: v for k, v in current.items() if not k.startswith("_")})
     missing = "(missing)"
-    return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted(set(old) | set(new))
-            if not is_under(key, RESUMABLE) and old.get(key, missing) != new.get(key, missing)]  # fmt: skip
+    return [
+        (key, old.get(key, missing), new.get(key, missing))
+        for key in sorted(set(old) | set(new))
+        if not is_under(key, RESUMABLE) and old.get(key, missing) != new.get(key, missing)
+    ]

@@ -32,8 +32,14 @@ from pipeline.config import DATASETS, Config, ConfigError, compose
 from pipeline.core import checkpointing
 from pipeline.core.build import build_model, build_optimizer
 
-__all__ = ["PRESET_OF_CLASS", "config_overrides", "experiment_for", "hydra_overrides", "import_official",
-           "project_config"]  # fmt: skip
+__all__ = [
+    "PRESET_OF_CLASS",
+    "config_overrides",
+    "experiment_for",
+    "hydra_overrides",
+    "import_official",
+    "project_config",
+]
 
 # the network preset (conf/net) of each official class's paper size, a label for net.name
 PRESET_OF_CLASS = {"GPT": "text8_transformer", "UNetModel": "mnist_unet", "UNetVDM": "cifar_unet_vdm"}
@@ -79,8 +85,13 @@ def _network_overrides(config: Mapping, data: Mapping, flow: dict[str, Any]) -> 
         out["data.seq_len"] = _text8_seq_len(data, kwargs, flow["flow.num_classes"])
     else:
         _check_images(kwargs, name, dataset, flow)
-    out.update({"net.name": PRESET_OF_CLASS[spec_cls], "net.arch": arch,
-                "net.kwargs": {k: v for k, v in kwargs.items() if k not in NETWORKS[arch].data_keys}})  # fmt: skip
+    out.update(
+        {
+            "net.name": PRESET_OF_CLASS[spec_cls],
+            "net.arch": arch,
+            "net.kwargs": {k: v for k, v in kwargs.items() if k not in NETWORKS[arch].data_keys},
+        }
+    )
     return out
 
 
@@ -119,8 +130,11 @@ def _flow_overrides(model: Mapping, data: Mapping) -> dict[str, Any]:
     """flow.* and data.num_bins of the official flow, loss and distribution factory."""
     flow_name, flow = component(model, "bayesian_flow", ("CtsBayesianFlow", "DiscreteBayesianFlow"))
     loss_name, loss = component(model, "loss", ("CtsBayesianFlowLoss", "DiscreteBayesianFlowLoss"))
-    head_name, head = component(model, "distribution_factory", (
-        "BernoulliFactory", "CategoricalFactory", "DeltaFactory", "DiscretizedNormalFactory"))  # fmt: skip
+    head_name, head = component(
+        model,
+        "distribution_factory",
+        ("BernoulliFactory", "CategoricalFactory", "DeltaFactory", "DiscretizedNormalFactory"),
+    )
     if flow_name == "DiscreteBayesianFlow":
         return _discrete_flow_overrides(flow, loss_name, head_name)
     if loss_name != "CtsBayesianFlowLoss" or head_name not in ("DeltaFactory", "DiscretizedNormalFactory"):
@@ -133,9 +147,15 @@ def _flow_overrides(model: Mapping, data: Mapping) -> dict[str, Any]:
         raise OfficialConfigError(f"{FLOW_PARAMETERS}.min_variance={min_variance}: must lie in (0, 1)")
     data_bins = integer("data.num_bins", data.get("num_bins", 256), 2)
     noise_prediction = boolean("model.loss.parameters.noise_pred", loss["noise_pred"])
-    out = {"flow.kind": "continuous", "flow.num_classes": None, "flow.beta_1": None, "flow.receiver": None,
-           "flow.sigma_1": math.sqrt(min_variance), "data.num_bins": data_bins,
-           "flow.noise_prediction": noise_prediction}  # fmt: skip
+    out = {
+        "flow.kind": "continuous",
+        "flow.num_classes": None,
+        "flow.beta_1": None,
+        "flow.receiver": None,
+        "flow.sigma_1": math.sqrt(min_variance),
+        "data.num_bins": data_bins,
+        "flow.noise_prediction": noise_prediction,
+    }
     out.update(_continuous_head_overrides(head_name, head, min_variance, data_bins))
     return out
 
@@ -151,10 +171,18 @@ def _discrete_flow_overrides(flow: Mapping, loss_name: str, head_name: str) -> d
     sqrt_beta = float(number(f"{FLOW_PARAMETERS}.max_sqrt_beta", flow["max_sqrt_beta"]))
     if head_name == "BernoulliFactory" and k != 2:
         raise OfficialConfigError(f"model.distribution_factory: Bernoulli needs n_classes=2, got {k}")
-    return {"flow.kind": "discrete", "flow.num_classes": k, "flow.beta_1": sqrt_beta**2,
-            "flow.receiver": "reference", "flow.num_mc_samples": 10, "flow.sigma_1": None,
-            "flow.noise_prediction": None, "flow.reconstruction_std_scale": None, "data.num_bins": None,
-            "flow.head": "bernoulli" if head_name == "BernoulliFactory" else "categorical"}  # fmt: skip
+    return {
+        "flow.kind": "discrete",
+        "flow.num_classes": k,
+        "flow.beta_1": sqrt_beta**2,
+        "flow.receiver": "reference",
+        "flow.num_mc_samples": 10,
+        "flow.sigma_1": None,
+        "flow.noise_prediction": None,
+        "flow.reconstruction_std_scale": None,
+        "data.num_bins": None,
+        "flow.head": "bernoulli" if head_name == "BernoulliFactory" else "categorical",
+    }
 
 
 def _continuous_head_overrides(head_name: str, head: Mapping, min_variance: float, data_bins: int) -> dict[str, Any]:
@@ -163,16 +191,20 @@ def _continuous_head_overrides(head_name: str, head: Mapping, min_variance: floa
     if head_name == "DiscretizedNormalFactory":
         bins = integer("model.distribution_factory.parameters.num_bins", head["num_bins"], 2)
         if bins != data_bins:  # the project's head and reconstruction use the data's bins
-            raise OfficialConfigError(f"model.distribution_factory.parameters.num_bins={bins}: the project "
-                                      f"needs it equal to data.num_bins={data_bins}")  # fmt: skip
+            raise OfficialConfigError(
+                f"model.distribution_factory.parameters.num_bins={bins}: the project "
+                f"needs it equal to data.num_bins={data_bins}"
+            )
         return {"flow.head": "discretized_normal", "flow.num_mc_samples": 10, "flow.reconstruction_std_scale": None}
     # the official reconstruction term of a point estimate: N(x_hat, sigma_1) on 256 bins,
     # or on 16 bins with 0.7 sigma_1 when min_variance == 1e-3 (hard-coded there)
     sixteen = min_variance == 1e-3
     if (16 if sixteen else 256) != data_bins:
-        raise OfficialConfigError(f"data.num_bins={data_bins}: the official delta reconstruction "
-                                  f"uses {16 if sixteen else 256} bins here; the project needs them "
-                                  "equal")  # fmt: skip
+        raise OfficialConfigError(
+            f"data.num_bins={data_bins}: the official delta reconstruction "
+            f"uses {16 if sixteen else 256} bins here; the project needs them "
+            "equal"
+        )
     return {"flow.head": "delta", "flow.num_mc_samples": None, "flow.reconstruction_std_scale": 0.7 if sixteen else 1.0}
 
 
@@ -259,8 +291,7 @@ def _read_official(checkpoint_path: Path, yaml_path: Path) -> tuple[Mapping, dic
     state = checkpointing.load_tensors(checkpoint_path)  # weights-only: no pickled code runs
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise checkpointing.CheckpointError(
-            f"{checkpoint_path}: expected a state dict of tensors (an official ema.pt), got"
-            f" {type(state).__name__}"
+            f"{checkpoint_path}: expected a state dict of tensors (an official ema.pt), got {type(state).__name__}"
         )
     try:
         return state, yaml.safe_load(yaml_path.read_text())
@@ -312,9 +343,15 @@ def import_official(
     model = _converted_model(cfg, official_config, state, checkpoint_path, yaml_path)
     ema = EMA(model, cfg.optim.ema_decay)  # a copy: the official (EMA) weights in both
     train_state = {
-        "step": 0, "epoch": 0, "run_name": cfg.run.name,
-        "imported_from": {"checkpoint": str(checkpoint_path.resolve()), "official_config": str(yaml_path.resolve()),
-                          "hydra_overrides": hydra_overrides(mapped)},
-    }  # fmt: skip
-    return checkpointing.save(out_dir, model=model, ema=ema, optimizer=build_optimizer(cfg, model),
-                              train_state=train_state, config=config)  # fmt: skip
+        "step": 0,
+        "epoch": 0,
+        "run_name": cfg.run.name,
+        "imported_from": {
+            "checkpoint": str(checkpoint_path.resolve()),
+            "official_config": str(yaml_path.resolve()),
+            "hydra_overrides": hydra_overrides(mapped),
+        },
+    }
+    return checkpointing.save(
+        out_dir, model=model, ema=ema, optimizer=build_optimizer(cfg, model), train_state=train_state, config=config
+    )

@@ -47,8 +47,14 @@ class Window:
         values = torch.stack([self.loss_sum, self.good, self.skipped, self.worst_run, self.grad_norm]).cpu()
         loss_sum, good, skipped, worst_run, grad_norm = values.tolist()
         loss = all_mean(torch.tensor([loss_sum / max(good, 1.0)], dtype=torch.float64), world).item()
-        stats = {"loss": loss, "good": good, "skipped": skipped, "worst_run": worst_run,
-                 "grad_norm": grad_norm, "seconds": time.perf_counter() - self.started}  # fmt: skip
+        stats = {
+            "loss": loss,
+            "good": good,
+            "skipped": skipped,
+            "worst_run": worst_run,
+            "grad_norm": grad_norm,
+            "seconds": time.perf_counter() - self.started,
+        }
         self.loss_sum.zero_(), self.good.zero_(), self.skipped.zero_()
         self.worst_run.copy_(self.bad_run)
         self.started = time.perf_counter()

@@ -43,7 +43,6 @@ def _local_token() -> Path:
     """This process's token file for embedded runtimes (one per process: Ray caches the token)."""
     global _local_token_path
     if _local_token_path is None or not _local_token_path.exists():
-
         folder = Path(tempfile.mkdtemp(prefix="bfn-ray-auth-"))  # mode 0700
         atexit.register(shutil.rmtree, folder, True)
         _local_token_path = write_secret_file(folder / "auth_token", secrets.token_hex(32))
@@ -77,8 +76,10 @@ def _ray_binds_loopback() -> bool:
 
 def _warn_if_ray_binds_the_network() -> None:
     if "ray" in sys.modules and not _ray_binds_loopback():
-        log.warning("ray was imported before the embedded runtime was configured: its services may listen "
-                    "on this machine's network address (token auth still applies)")  # fmt: skip
+        log.warning(
+            "ray was imported before the embedded runtime was configured: its services may listen "
+            "on this machine's network address (token auth still applies)"
+        )
 
 
 def ray_temp_root() -> Path:
@@ -89,20 +90,26 @@ def ray_temp_root() -> Path:
     root = Path(given) if given else RAY_ROOT_BASE / f"bfn-ray-{os.getuid()}"
     what = f"RAY_TMPDIR={given}" if given else f"Ray's temp root {root}"
     if not root.is_absolute() or len(str(root)) > RAY_ROOT_MAX_LEN:
-        raise ConfigError(f"{what}: Ray's temp root must be an absolute path of at most {RAY_ROOT_MAX_LEN} "
-                          "characters (Ray's Unix sockets live below it; their paths are limited to 107 bytes)")
+        raise ConfigError(
+            f"{what}: Ray's temp root must be an absolute path of at most {RAY_ROOT_MAX_LEN} "
+            "characters (Ray's Unix sockets live below it; their paths are limited to 107 bytes)"
+        )
     with contextlib.suppress(FileExistsError):
         root.mkdir(mode=0o700, parents=bool(given))
     info = os.lstat(root)
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"{what} is not a folder (a symlink or a file): Ray's temp root must be a private folder")
     if info.st_uid != os.getuid():
-        raise ConfigError(f"{what} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}): "
-                          "Ray's temp root must be a private folder of this user; set RAY_TMPDIR to one")
+        raise ConfigError(
+            f"{what} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}): "
+            "Ray's temp root must be a private folder of this user; set RAY_TMPDIR to one"
+        )
     if stat.S_IMODE(info.st_mode) & 0o077:
         if given:
-            raise ConfigError(f"{what} is open to other users (mode {stat.S_IMODE(info.st_mode):04o}): Ray's "
-                              "temp root must be private (chmod 700 it, or unset RAY_TMPDIR)")
+            raise ConfigError(
+                f"{what} is open to other users (mode {stat.S_IMODE(info.st_mode):04o}): Ray's "
+                "temp root must be private (chmod 700 it, or unset RAY_TMPDIR)"
+            )
         os.chmod(root, 0o700)  # our own folder, opened by someone's chmod: close it again
     return root
 
@@ -137,16 +144,27 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.run.ray_address, **quiet)
     else:
         if not _ray_binds_loopback():
-            raise RuntimeError(f"ray was imported before {LOOPBACK_ENV}=0 was set: an embedded runtime would "
-                               "listen on this machine's network address (set it before importing ray)")
+            raise RuntimeError(
+                f"ray was imported before {LOOPBACK_ENV}=0 was set: an embedded runtime would "
+                "listen on this machine's network address (set it before importing ray)"
+            )
         root = ray_temp_root()
         os.environ["RAY_TMPDIR"] = str(root)  # Ray's workers and Tune look their temp folder up there too
         if os.environ.get("RAY_ADDRESS"):
-            log.info("RAY_ADDRESS is set but run.ray_address is not: starting an embedded runtime "
-                     "(run.ray_address=auto or run=cluster joins a cluster)")  # fmt: skip
+            log.info(
+                "RAY_ADDRESS is set but run.ray_address is not: starting an embedded runtime "
+                "(run.ray_address=auto or run=cluster joins a cluster)"
+            )
         # "local": always a runtime of our own, never the cluster a bootstrap file names (a killed
         # `ray start` leaves one behind) nor RAY_ADDRESS; joining a cluster is what run.ray_address is for
-        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, object_store_memory=768 * 1024**2,
-                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 _temp_dir=str(root / "ray"), **quiet)  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=cfg.run.ray_num_cpus,
+            object_store_memory=768 * 1024**2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            _temp_dir=str(root / "ray"),
+            **quiet,
+        )
     logs.restore()

@@ -30,8 +30,9 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def train_step(model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_clip: float,
-               lr: float, amp: bool = False) -> StepResult:  # fmt: skip
+def train_step(
+    model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_clip: float, lr: float, amp: bool = False
+) -> StepResult:
     """Continuous-time loss -> backward -> clip -> AdamW -> EMA.
 
     ``model`` may be the DDP wrapper of ``raw``. The step is skipped when the loss or the
@@ -62,8 +63,9 @@ def train_step(model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_cl
 
 
 @torch.no_grad()
-def validate(model: BFN, batches, *, nll_steps: int, nll_repeats: int,
-             max_batches: int = 0) -> dict[str, float | NLLEstimate]:  # fmt: skip
+def validate(
+    model: BFN, batches, *, nll_steps: int, nll_repeats: int, max_batches: int = 0
+) -> dict[str, float | NLLEstimate]:
     """Continuous-time loss and the NLL bound over validation batches.
 
     The NLL is the n-step loss + reconstruction, or with ``nll_steps`` = 0 (n = infinity) the
@@ -103,9 +105,11 @@ def validation_table(step: int, result: dict, nll_steps: int, unit: str) -> str:
     nll: NLLEstimate = result["nll"]
     n = "inf" if nll_steps == 0 else str(nll_steps)
     units = list(dict.fromkeys(("nats/dim", "bits/dim", unit)))
-    rows = [f"validation at step {step} (EMA weights, {result['examples']} examples, n = {n}, "
-            f"{nll.num_repeats} repeat{'s' if nll.num_repeats > 1 else ''})",
-            "  " + f"{'':<18}" + "".join(f"{u:>22}" for u in units)]  # fmt: skip
+    rows = [
+        f"validation at step {step} (EMA weights, {result['examples']} examples, n = {n}, "
+        f"{nll.num_repeats} repeat{'s' if nll.num_repeats > 1 else ''})",
+        "  " + f"{'':<18}" + "".join(f"{u:>22}" for u in units),
+    ]
     for label, key in (("NLL bound", "total"), (f"L^{n} loss", "loss"), ("reconstruction", "reconstruction")):
         cells = []
         for u in units:

@@ -50,11 +50,18 @@ def _honours_found_inf(optimizer_class: type) -> bool:
         step_unless(optimizer, torch.tensor(True))
         honoured = torch.equal(param.detach(), before[0]) and torch.equal(optimizer.state[param]["step"], before[1])
     except Exception as error:  # noqa: BLE001 (any failure of the private protocol: decide on the host)
-        log.warning("%s: the device-side skip of a non-finite step failed a probe (%s: %s); non-finite steps are "
-                    "skipped on the host (one device sync per step)", optimizer_class.__name__,
-                    type(error).__name__, error)  # fmt: skip
+        log.warning(
+            "%s: the device-side skip of a non-finite step failed a probe (%s: %s); non-finite steps are "
+            "skipped on the host (one device sync per step)",
+            optimizer_class.__name__,
+            type(error).__name__,
+            error,
+        )
         return False
     if not honoured:
-        log.warning("%s ignores found_inf (a torch change); non-finite steps are skipped on the host (one device "
-                    "sync per step)", optimizer_class.__name__)  # fmt: skip
+        log.warning(
+            "%s ignores found_inf (a torch change); non-finite steps are skipped on the host (one device "
+            "sync per step)",
+            optimizer_class.__name__,
+        )
     return honoured

@@ -21,8 +21,9 @@ from pipeline.training.lease import Lease, LeaseError, describe
 log = logging.getLogger(__name__)
 
 
-def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Lease | None = None, *,
-                   resume: bool = True) -> MLflowTracker | None:  # fmt: skip
+def start_tracking(
+    cfg: Config, num_parameters: int, manifest: dict, lease: Lease | None = None, *, resume: bool = True
+) -> MLflowTracker | None:
     """Open the run's MLflow run (``MLflowTracker.start``: matched by name and, with ``lease``, run folder;
     ``resume``: the folder holds a checkpoint to continue) and log its config, tags and data manifest.
     The tracker's queued calls are delivered or counted at the end (``end_tracking``)."""
@@ -31,28 +32,42 @@ def start_tracking(cfg: Config, num_parameters: int, manifest: dict, lease: Leas
     if plain_http_to_remote(cfg.tracking.uri) and (
         "@" in cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_TOKEN") or os.environ.get("MLFLOW_TRACKING_PASSWORD")
     ):
-        log.warning("tracking.uri %s is plain http to another host: its credentials travel unencrypted; use https",
-                    mask_text(cfg.tracking.uri))  # fmt: skip
+        log.warning(
+            "tracking.uri %s is plain http to another host: its credentials travel unencrypted; use https",
+            mask_text(cfg.tracking.uri),
+        )
     owner = {"holder": describe(lease.holder), "run_folder": lease.run_folder} if lease else None
     try:
         tracker = MLflowTracker.start(
-            cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
-            artifact_location=cfg.tracking.artifact_location, owner=owner, resume=resume,
-        )  # fmt: skip
+            cfg.tracking.uri,
+            cfg.tracking.experiment,
+            cfg.run.name,
+            artifact_location=cfg.tracking.artifact_location,
+            owner=owner,
+            resume=resume,
+        )
     except RunInUseError as error:
         raise LeaseError(str(error)) from None
     except Exception as error:  # tracking must never stop training
-        log.warning("MLflow unavailable (%s: %s); training continues without tracking",
-                    type(error).__name__, mask_text(str(error)))  # fmt: skip
+        log.warning(
+            "MLflow unavailable (%s: %s); training continues without tracking",
+            type(error).__name__,
+            mask_text(str(error)),
+        )
         return None
     tracker.log_params(flatten(cfg.raw))
     describe_run(tracker, manifest)
-    tracker.set_tags({
-        "git_sha": git_sha(), "dataset": cfg.data.name, "num_parameters": num_parameters,
-        "net": cfg.net.name, "flow.kind": cfg.flow.kind,
-        "dataset.train_rows": manifest["splits"]["train"]["rows"],
-        "nll_n": "inf" if cfg.eval.nll_steps == 0 else cfg.eval.nll_steps,
-    })  # fmt: skip
+    tracker.set_tags(
+        {
+            "git_sha": git_sha(),
+            "dataset": cfg.data.name,
+            "num_parameters": num_parameters,
+            "net": cfg.net.name,
+            "flow.kind": cfg.flow.kind,
+            "dataset.train_rows": manifest["splits"]["train"]["rows"],
+            "nll_n": "inf" if cfg.eval.nll_steps == 0 else cfg.eval.nll_steps,
+        }
+    )
     return tracker
 
 
@@ -79,8 +94,13 @@ def describe_run(tracker: MLflowTracker, manifest: dict) -> None:
         tracker.client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     except Exception as error:  # tracking must never stop training
         log.warning("MLflow: could not mark the experiment as model training (%s)", type(error).__name__)
-    tracker.set_tags({"mlflow.source.type": "LOCAL", "mlflow.source.name": "bfn train",
-                      **({"mlflow.source.git.commit": sha} if sha != "unknown" else {})})  # fmt: skip
+    tracker.set_tags(
+        {
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "bfn train",
+            **({"mlflow.source.git.commit": sha} if sha != "unknown" else {}),
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="bfn-manifest-") as folder:
         path = Path(folder) / "manifest.json"
         path.write_text(json.dumps(manifest, indent=2))

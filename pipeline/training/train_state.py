@@ -42,9 +42,14 @@ class TrainState:
 
     def save(self, folder: str | Path, *, config: dict, extra: dict | None = None) -> Path:
         """Write this state as a checkpoint folder; ``extra``: more keys for its train_state.json."""
-        return checkpointing.save(folder, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                                  train_state={"step": self.step, "epoch": self.epoch, **(extra or {})},
-                                  config=config)  # fmt: skip
+        return checkpointing.save(
+            folder,
+            model=self.model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            train_state={"step": self.step, "epoch": self.epoch, **(extra or {})},
+            config=config,
+        )
 
 
 def _seed(seed: int, rank: int, step: int) -> None:

@@ -84,10 +84,13 @@ def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
     """Endless (epoch, stored batch) over a Ray dataset (iterator), one pass per epoch; the local
     shuffle is seeded per (seed, epoch) so a launch is reproducible."""
     while True:
-        for batch in dataset.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                                local_shuffle_buffer_size=4 * batch_size,
-                                                local_shuffle_seed=seed * 1_000_003 + epoch,
-                                                device=device):  # fmt: skip
+        for batch in dataset.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed * 1_000_003 + epoch,
+            device=device,
+        ):
             yield epoch, batch["x"]
         epoch += 1
 
@@ -129,8 +132,12 @@ class CompiledStep:
         try:
             result = steps.train_step(self.model, raw, x, optimizer, ema, **kwargs)
         except Exception as error:  # noqa: BLE001 (any compiler failure: train uncompiled)
-            log.warning("torch.compile failed (%s: %s); training continues without it (trainer.compile=false "
-                        "skips the attempt)", type(error).__name__, str(error).splitlines()[0][:200])  # fmt: skip
+            log.warning(
+                "torch.compile failed (%s: %s); training continues without it (trainer.compile=false "
+                "skips the attempt)",
+                type(error).__name__,
+                str(error).splitlines()[0][:200],
+            )
             self.model = self.eager
             return steps.train_step(self.model, raw, x, optimizer, ema, **kwargs)
         if self.rank == 0:
@@ -160,8 +167,13 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     returns the summary the driver gets (``Result.return_value``), the other ranks None."""
     cfg, runtime = Config.from_dict(loop_config["config"]), Runtime(**loop_config["runtime"])
     ctx, state, step_fn = _start(cfg, runtime)
-    train_iter = _batches(_shard("train"), cfg.data.batch_size // ctx.world, ctx.device, state.epoch,
-                          seed=cfg.trainer.seed * 7919 + ctx.rank)  # fmt: skip
+    train_iter = _batches(
+        _shard("train"),
+        cfg.data.batch_size // ctx.world,
+        ctx.device,
+        state.epoch,
+        seed=cfg.trainer.seed * 7919 + ctx.rank,
+    )
     cadence = Cadence.from_config(cfg.trainer)
     progress = Progress(cfg.trainer.max_steps, cfg.trainer.max_minutes * 60, first_step=state.step)
     state.model.train()
@@ -220,14 +232,22 @@ def _advance(ctx: WorkerContext, state: TrainState, step_fn: CompiledStep, train
     cfg = ctx.cfg
     state.epoch, stored = next(train_iter)
     x = _model_batch(cfg, stored, ctx.rank, state.step)
-    result = step_fn(state.model, x, state.optimizer, state.ema, grad_clip=cfg.optim.grad_clip,
-                     lr=lr_at(cfg, state.step), amp=cfg.trainer.amp)  # fmt: skip
+    result = step_fn(
+        state.model,
+        x,
+        state.optimizer,
+        state.ema,
+        grad_clip=cfg.optim.grad_clip,
+        lr=lr_at(cfg, state.step),
+        amp=cfg.trainer.amp,
+    )
     window.add(result)
     state.step += 1
 
 
-def _log_and_check(ctx: WorkerContext, state: TrainState, window: Window, progress: Progress, cadence: Cadence,
-                   actions: Actions) -> tuple[dict[str, float], Actions]:  # fmt: skip
+def _log_and_check(
+    ctx: WorkerContext, state: TrainState, window: Window, progress: Progress, cadence: Cadence, actions: Actions
+) -> tuple[dict[str, float], Actions]:
     """At a log step: the window's metrics, then whether the run stops (too many bad steps raise; the
     time budget makes this step the last). Returns (metrics, the actions of this step)."""
     metrics, stats = _log_window(ctx, state, window, progress)
@@ -240,28 +260,40 @@ def _log_and_check(ctx: WorkerContext, state: TrainState, window: Window, progre
     return metrics, actions
 
 
-def _log_window(ctx: WorkerContext, state: TrainState, window: Window,
-                progress: Progress) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+def _log_window(
+    ctx: WorkerContext, state: TrainState, window: Window, progress: Progress
+) -> tuple[dict[str, float], dict[str, float]]:
     """The window's train metrics and one progress line; returns (metrics, the window's stats)."""
     cfg, step = ctx.cfg, state.step
     stats = window.read(ctx.world)
     progress.skipped_total += int(stats["skipped"])
     metrics = {
-        "train/loss": stats["loss"], "lr": lr_at(cfg, step - 1), "epoch": state.epoch,
+        "train/loss": stats["loss"],
+        "lr": lr_at(cfg, step - 1),
+        "epoch": state.epoch,
         "train/samples_per_s": stats["good"] * cfg.data.batch_size / max(stats["seconds"], 1e-9),
-        "train/grad_norm": stats["grad_norm"], "train/skipped_steps": progress.skipped_total,
-    }  # fmt: skip
+        "train/grad_norm": stats["grad_norm"],
+        "train/skipped_steps": progress.skipped_total,
+    }
     progress.history["train/loss"].append((step, stats["loss"]))
     progress.throughput.append(metrics["train/samples_per_s"])
     progress.logged_at.append(time.time())
     if ctx.rank == 0:
-        log.info("step %d/%d | loss %.4f | %.1f samples/s | epoch %d | ETA %s", step, cfg.trainer.max_steps,
-                 stats["loss"], metrics["train/samples_per_s"], state.epoch, progress.eta(step))  # fmt: skip
+        log.info(
+            "step %d/%d | loss %.4f | %.1f samples/s | epoch %d | ETA %s",
+            step,
+            cfg.trainer.max_steps,
+            stats["loss"],
+            metrics["train/samples_per_s"],
+            state.epoch,
+            progress.eta(step),
+        )
     return metrics, stats
 
 
-def should_stop(cfg: Config, stats: dict[str, float], progress: Progress, step: int, rank: int,
-                world: int) -> str | None:  # fmt: skip
+def should_stop(
+    cfg: Config, stats: dict[str, float], progress: Progress, step: int, rank: int, world: int
+) -> str | None:
     """Whether the run stops at this log step: "bad_steps", "time" (trainer.max_minutes) or None.
 
     Every rank takes the same decision: gradients are all-reduced, so non-finite steps are the same
@@ -280,8 +312,10 @@ def should_stop(cfg: Config, stats: dict[str, float], progress: Progress, step: 
 def _abort_bad_steps(ctx: WorkerContext, state: TrainState, metrics: dict[str, float]) -> None:
     """Stop the run. Rank 0 keeps the blown-up state as a diagnostic outside Ray's checkpoint
     history, so a rerun never resumes from it."""
-    message = (f"{int(metrics['train/bad_run'])} consecutive non-finite steps at step {state.step} (grad norm "
-               f"{metrics['train/grad_norm']}).")
+    message = (
+        f"{int(metrics['train/bad_run'])} consecutive non-finite steps at step {state.step} (grad norm "
+        f"{metrics['train/grad_norm']})."
+    )
     if ctx.rank == 0:
         folder = ctx.run_dir / "diagnostic" / f"step_{state.step:08d}"
         state.save(folder, config=ctx.cfg.raw, extra={checkpointing.DIAGNOSTIC_KEY: True})
@@ -292,8 +326,9 @@ def _abort_bad_steps(ctx: WorkerContext, state: TrainState, metrics: dict[str, f
     raise BadStepsError(f"{message} Lower optim.lr, check the data, or raise trainer.max_bad_steps.")
 
 
-def _report(ctx: WorkerContext, state: TrainState, metrics: dict[str, float], progress: Progress, *,
-            checkpoint: bool) -> None:  # fmt: skip
+def _report(
+    ctx: WorkerContext, state: TrainState, metrics: dict[str, float], progress: Progress, *, checkpoint: bool
+) -> None:
     """Every rank reports on the same steps (a barrier); rank 0 logs and attaches the checkpoint."""
     if metrics:
         ctx.tracker.log_metrics(metrics, state.step)
@@ -306,8 +341,7 @@ def _report(ctx: WorkerContext, state: TrainState, metrics: dict[str, float], pr
         if checkpoint and ctx.rank == 0:
             state.save(folder, config=ctx.cfg.raw, extra={"run_name": ctx.cfg.run.name})
             saved = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({**metrics, "step": state.step}, checkpoint=saved,
-                         checkpoint_upload_fn=checkpointing.persist)  # fmt: skip
+        ray.train.report({**metrics, "step": state.step}, checkpoint=saved, checkpoint_upload_fn=checkpointing.persist)
 
 
 @functools.lru_cache(maxsize=1)
@@ -338,10 +372,17 @@ def _finish(ctx: WorkerContext, state: TrainState, progress: Progress) -> dict |
     tracker.log_artifact(curves, "figures")
     tracker.set_tags({"bfn.final_step": state.step})
     tracker.finish()
-    return {**progress.last, "step": state.step, "run_dir": str(ctx.run_dir), "skipped_steps": progress.skipped_total,
-            "tracking_lost_points": tracker.lost_points, "tracking_lost_calls": tracker.lost_calls,
-            "samples_per_s_windows": progress.throughput, "windows_logged_at": progress.logged_at,
-            "num_parameters": count_parameters(state.model.net)}  # fmt: skip
+    return {
+        **progress.last,
+        "step": state.step,
+        "run_dir": str(ctx.run_dir),
+        "skipped_steps": progress.skipped_total,
+        "tracking_lost_points": tracker.lost_points,
+        "tracking_lost_calls": tracker.lost_calls,
+        "samples_per_s_windows": progress.throughput,
+        "windows_logged_at": progress.logged_at,
+        "num_parameters": count_parameters(state.model.net),
+    }
 
 
 def _validate_and_sample(ctx: WorkerContext, ema_model, step: int, *, samples: bool = True) -> dict:
@@ -349,11 +390,18 @@ def _validate_and_sample(ctx: WorkerContext, ema_model, step: int, *, samples: b
     cfg, device = ctx.cfg, ctx.device
     val = _shard("val")
     generator = data_lib.batch_generator(cfg.trainer.seed, 0, data_lib.VALIDATION_STEP, device)
-    batches = (data_lib.to_model(b["x"], cfg.data.name, seq_len=cfg.data.seq_len, generator=generator)
-               for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device))  # fmt: skip
+    batches = (
+        data_lib.to_model(b["x"], cfg.data.name, seq_len=cfg.data.seq_len, generator=generator)
+        for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device)
+    )
     started = time.perf_counter()
-    result = steps.validate(ema_model, batches, nll_steps=cfg.eval.nll_steps,
-                            nll_repeats=cfg.eval.val_repeats, max_batches=cfg.eval.val_batches)  # fmt: skip
+    result = steps.validate(
+        ema_model,
+        batches,
+        nll_steps=cfg.eval.nll_steps,
+        nll_repeats=cfg.eval.val_repeats,
+        max_batches=cfg.eval.val_batches,
+    )
     metrics = {"val/loss": result["loss"], "val/loss_bits_per_dim": result["loss"] / math.log(2)}
     metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
     log.info("%s", steps.validation_table(step, result, cfg.eval.nll_steps, cfg.eval.unit))
@@ -374,7 +422,6 @@ def _samples(ctx: WorkerContext, ema_model, step: int) -> dict[str, float]:
         ctx.tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
     if cfg.eval.quality_samplers:
-
         metrics.update(quality_point(ema_model, cfg, step, ctx.run_dir / "quality"))
         for path in sorted((ctx.run_dir / "quality").glob(f"*_step{step:08d}.*")):
             ctx.tracker.log_artifact(path, "quality")

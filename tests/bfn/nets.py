@@ -19,8 +19,10 @@ class FlatMLP(nn.Module):
         super().__init__()
         self.data_shape, self.out_height = tuple(data_shape), out_height
         self.body = nn.Sequential(
-            nn.Linear(math.prod(in_shape) + 18, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(math.prod(in_shape) + 18, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
             nn.Linear(hidden, math.prod(data_shape) * out_height),
         )
 

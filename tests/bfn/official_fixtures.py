@@ -30,8 +30,7 @@ def official_yaml(name: str) -> dict:
 def _call(text: str) -> dict:
     """'OutputAdapter(input_height=64, ...)' -> {"class_name": ..., "parameters": {...}}."""
     node = ast.parse(text, mode="eval").body
-    return {"class_name": node.func.id,
-            "parameters": {k.arg: ast.literal_eval(k.value) for k in node.keywords}}  # fmt: skip
+    return {"class_name": node.func.id, "parameters": {k.arg: ast.literal_eval(k.value) for k in node.keywords}}
 
 
 def small_config(name: str) -> dict:
@@ -76,7 +75,7 @@ def option_configs() -> dict[str, dict]:
 def option_fixture(name: str):
     """(state dict, net_inputs, t, outputs) of options_<name>.npz."""
     with np.load(REF / f"options_{name}.npz") as arrays:
-        state = {k[len("state/"):]: torch.from_numpy(arrays[k]) for k in arrays.files if k.startswith("state/")}
+        state = {k[len("state/") :]: torch.from_numpy(arrays[k]) for k in arrays.files if k.startswith("state/")}
         io = tuple(torch.from_numpy(arrays[k]) for k in ("net_inputs", "t", "outputs"))
     return (state, *io)
 

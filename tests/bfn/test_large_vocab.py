@@ -53,8 +53,13 @@ def test_sum_of_others_matches_the_masked_k_by_k_sum(K, seed, peak):
 
 
 @EXAMPLES
-@given(K=Ks, seed=st.integers(0, 10_000), peak=st.sampled_from([0.0, 5.0, 30.0]),
-       alpha=st.floats(1e-3, 5.0), receiver=st.sampled_from(losses.RECEIVERS))  # fmt: skip
+@given(
+    K=Ks,
+    seed=st.integers(0, 10_000),
+    peak=st.sampled_from([0.0, 5.0, 30.0]),
+    alpha=st.floats(1e-3, 5.0),
+    receiver=st.sampled_from(losses.RECEIVERS),
+)
 def test_receivers_match_their_mixture_definitions(K, seed, peak, alpha, receiver):
     probs = _probs(K, seed, peak)
     g = torch.Generator().manual_seed(seed + 1)
@@ -94,8 +99,11 @@ def test_gpt2_vocabulary_losses_and_n_step_nll_on_the_cpu():
         assert torch.isfinite(losses.continuous_time_loss_discrete(flow, dist, x, t.to(dtype))).all()
         assert torch.isfinite(losses.reconstruction_loss_discrete(dist, x)).all()
     for receiver in losses.RECEIVERS:
-        single, double = (losses.n_step_loss_discrete(flow, Categorical(logits.to(dtype)), x, t.to(dtype), n,
-                                                      receiver=receiver, y=y.to(dtype))
-                          for dtype in (torch.float32, torch.float64))  # fmt: skip
+        single, double = (
+            losses.n_step_loss_discrete(
+                flow, Categorical(logits.to(dtype)), x, t.to(dtype), n, receiver=receiver, y=y.to(dtype)
+            )
+            for dtype in (torch.float32, torch.float64)
+        )
         assert single.shape == (B,) and torch.isfinite(single).all()
         assert torch.allclose(single.double(), double, rtol=1e-4, atol=1e-2), (receiver, single, double)

@@ -35,12 +35,14 @@ SIZES = {
     "cifar_unet_vdm": ("unet_vdm", {}),
     "text8_transformer": ("text_transformer", {}),
     "mnist_unet_small": ("unet", dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, num_heads=4)),
-    "mnist_unet_tiny": ("unet", dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2,
-                                     norm_groups=8)),
+    "mnist_unet_tiny": (
+        "unet",
+        dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, norm_groups=8),
+    ),
     "cifar_unet_vdm_tiny": ("unet_vdm", dict(embedding_dim=16, n_blocks=1, norm_groups=8)),
     "text8_transformer_small": ("text_transformer", dict(n_layer=4, n_head=4, n_embd=128)),
     "text8_transformer_tiny": ("text_transformer", dict(n_layer=2, n_head=2, n_embd=32)),
-}  # fmt: skip
+}
 DATA = {  # data-dependent arguments: MNIST, CIFAR-10, text8
     "unet": dict(in_channels=1, out_height=1, image_size=28),
     "unet_vdm": dict(in_channels=3, out_height=2, image_size=32),
@@ -342,9 +344,7 @@ def test_position_code_uses_base_1000():
     assert code[3, 3].item() == pytest.approx(math.cos(3 / 1000 ** (3 / 8)), abs=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("channels", "groups", "offset"), [(8, 4, 3.0), (16, 16, 3.0), (12, 3, 3.0), (8, 2, 1e3)]
-)
+@pytest.mark.parametrize(("channels", "groups", "offset"), [(8, 4, 3.0), (16, 16, 3.0), (12, 3, 3.0), (8, 2, 1e3)])
 def test_channels_last_group_norm_matches_torch(channels, groups, offset):
     """Both layouts agree with a float64 reference; offset 1e3 (|mean| >> std) takes the
     centred-variance fallback, where float32 itself limits the accuracy to ~1e-4."""

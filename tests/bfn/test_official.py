@@ -127,9 +127,13 @@ def test_fixture_errors_are_within_tolerance_and_reported(capsys):
 
 @pytest.mark.parametrize(
     ("yaml_name", "keys"),
-    [("mnist_discrete", "unet"), ("cifar10_discretized_256bins", "vdm"),
-     ("cifar10_discretized_16bins", "vdm"), ("text8_discrete", "gpt")],
-)  # fmt: skip
+    [
+        ("mnist_discrete", "unet"),
+        ("cifar10_discretized_256bins", "vdm"),
+        ("cifar10_discretized_16bins", "vdm"),
+        ("text8_discrete", "gpt"),
+    ],
+)
 def test_paper_size_keys_and_shapes_all_map(yaml_name, keys):
     config = official_yaml(yaml_name)
     expected = paper_keys(keys)
@@ -244,7 +248,7 @@ def test_errors_are_value_errors():
         ("gpt", "input_adapter", {"output_size": 64}, "model.input_adapter.parameters.output_size"),
         ("vdm", "net", {"dropout_prob": "x"}, "model.net.parameters.dropout_prob"),
     ],
-)  # fmt: skip
+)
 def test_network_config_errors_name_the_key(name, section, change, named):
     config = edited(small_config(name), section, **change)
     with _raises_naming(named, OfficialConfigError):
@@ -269,7 +273,7 @@ FLOW_CLASSES = {
         ("cifar10_continuous_16bins", "distribution_factory", {"clip_range": 2.0}, "clip_range"),
         ("mnist_discrete", "bayesian_flow", {"n_clases": 2}, "n_clases"),  # not a parameter there
     ],
-)  # fmt: skip
+)
 def test_flow_options_the_project_lacks_are_refused(yaml_name, section, change, named):
     config = edited(official_yaml(yaml_name), section, **change)
     with _raises_naming(f"model.{section}.parameters.{named}", OfficialConfigError):
@@ -280,8 +284,14 @@ def test_components_fill_in_the_official_defaults():
     model = official_yaml("cifar10_discretized_256bins")["model"]
     name, params = official.component(model, "distribution_factory", FLOW_CLASSES["distribution_factory"])
     assert name == "DiscretizedNormalFactory"
-    assert params == {"num_bins": 256, "clip": True, "min_std_dev": 1e-3, "max_std_dev": 10.0, "min_prob": 1e-5,
-                      "log_dev": True}  # fmt: skip
+    assert params == {
+        "num_bins": 256,
+        "clip": True,
+        "min_std_dev": 1e-3,
+        "max_std_dev": 10.0,
+        "min_prob": 1e-5,
+        "log_dev": True,
+    }
     assert official.component(model, "absent", ("X",), optional=True) == (None, {})
     with _raises_naming("model.absent", OfficialConfigError):
         official.component(model, "absent", ("X",))
@@ -290,11 +300,14 @@ def test_components_fill_in_the_official_defaults():
 @pytest.mark.parametrize(
     ("parse", "value", "message"),
     [
-        (official.number, "1e-6", None), (official.number, "x", "expected a number"),
-        (official.number, True, "expected a number"), (official.integer, 2.5, "expected an integer"),
-        (official.integer, "1_000", None), (official.boolean, "yes", "expected true or false"),
+        (official.number, "1e-6", None),
+        (official.number, "x", "expected a number"),
+        (official.number, True, "expected a number"),
+        (official.integer, 2.5, "expected an integer"),
+        (official.integer, "1_000", None),
+        (official.boolean, "yes", "expected true or false"),
     ],
-)  # fmt: skip
+)
 def test_official_yaml_values_are_read_as_the_official_code_reads_them(parse, value, message):
     """PyYAML reads '1e-6' (no dot) as a string: numeric strings are numbers; anything else names the key."""
     if message is None:

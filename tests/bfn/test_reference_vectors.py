@@ -66,9 +66,7 @@ def test_mnist_continuous_time_loss(mnist, mnist_flow):
 def test_mnist_n_step_loss(mnist, mnist_flow, n):
     t = per_example_t(mnist[f"disc{n}_t"])
     dist = BernoulliHead()(mnist[f"disc{n}_out"].reshape(4, 784, 1))
-    loss = losses.n_step_loss_discrete(
-        mnist_flow, dist, mnist["x"], t, n, receiver="reference", y=mnist[f"disc{n}_y"]
-    )
+    loss = losses.n_step_loss_discrete(mnist_flow, dist, mnist["x"], t, n, receiver="reference", y=mnist[f"disc{n}_y"])
     close(loss, mnist[f"disc{n}_loss"])
 
 

@@ -122,8 +122,7 @@ def test_paper_sampler_is_the_previous_bfn_sample_bit_for_bit(kind, return_sampl
     model = random_model(kind)
     for num_steps in (1, 2, 9):
         expected = previous_bfn_sample(model, 3, num_steps, seeded(5), return_sample)
-        got = sample(model, 3, sampler="paper", nfe=num_steps + 1, generator=seeded(5),
-                     return_sample=return_sample)
+        got = sample(model, 3, sampler="paper", nfe=num_steps + 1, generator=seeded(5), return_sample=return_sample)
         default = model.sample(3, num_steps, generator=seeded(5), return_sample=return_sample)
         assert torch.equal(got, expected) and torch.equal(default, expected)
 
@@ -202,8 +201,7 @@ def test_continuous_ode_steps_keep_an_oracles_state_on_the_flow(sigma_1, a, b, c
 
 
 @FAST
-@given(K=st.integers(2, 30), beta_1=st.floats(0.05, 20.0), a=times, b=times, c=times,
-       seed=st.integers(0, 2**16))
+@given(K=st.integers(2, 30), beta_1=st.floats(0.05, 20.0), a=times, b=times, c=times, seed=st.integers(0, 2**16))
 def test_discrete_ode_steps_keep_an_oracles_state_on_the_flow(K, beta_1, a, b, c, seed):
     """y_s = beta_s (K e_x - 1) + sqrt(K beta_s) eps goes to the same form at t with the same eps."""
     if (rst := ordered(a, b, c)) is None:
@@ -276,11 +274,8 @@ def fine_reference(solver, state, prediction_at, s, t, *, stochastic, num_subste
 
 
 @FAST
-@given(sigma_1=st.floats(1e-3, 0.3), a=times, b=times, c=times, stochastic=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_continuous_second_order_steps_are_exact_for_predictions_linear_in_lambda(
-    sigma_1, a, b, c, stochastic, seed
-):
+@given(sigma_1=st.floats(1e-3, 0.3), a=times, b=times, c=times, stochastic=st.booleans(), seed=st.integers(0, 2**16))
+def test_continuous_second_order_steps_are_exact_for_predictions_linear_in_lambda(sigma_1, a, b, c, stochastic, seed):
     if (rst := ordered(a, b, c)) is None:
         return
     r, s, t = rst
@@ -297,11 +292,16 @@ def test_continuous_second_order_steps_are_exact_for_predictions_linear_in_lambd
 
 
 @FAST
-@given(K=st.integers(2, 30), beta_1=st.floats(0.05, 20.0), a=times, b=times, c=times,
-       stochastic=st.booleans(), seed=st.integers(0, 2**16))
-def test_discrete_second_order_steps_are_exact_for_predictions_linear_in_t(
-    K, beta_1, a, b, c, stochastic, seed
-):
+@given(
+    K=st.integers(2, 30),
+    beta_1=st.floats(0.05, 20.0),
+    a=times,
+    b=times,
+    c=times,
+    stochastic=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_discrete_second_order_steps_are_exact_for_predictions_linear_in_t(K, beta_1, a, b, c, stochastic, seed):
     if (rst := ordered(a, b, c)) is None:
         return
     r, s, t = rst
@@ -434,8 +434,7 @@ def test_samplers_agree_in_distribution_at_large_nfe(kind):
         torch.testing.assert_close(share, shares["paper"], atol=0.04, rtol=0, msg=f"{name}: {share}")
 
 
-@given(nfe=st.integers(2, 300), t_start=st.floats(1e-6, 0.5), beta_1=st.floats(0.1, 20.0),
-       sigma_1=st.floats(1e-3, 0.5))  # fmt: skip
+@given(nfe=st.integers(2, 300), t_start=st.floats(1e-6, 0.5), beta_1=st.floats(0.1, 20.0), sigma_1=st.floats(1e-3, 0.5))
 def test_logsnr_grid_runs_evenly_in_each_flows_log_snr_from_t_start_to_one(nfe, t_start, beta_1, sigma_1):
     for solver in (DiscreteSolver(DiscreteFlow(27, beta_1)), ContinuousSolver(ContinuousFlow(sigma_1))):
         grid = solver_times(nfe, t_start, "logsnr", solver)

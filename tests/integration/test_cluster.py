@@ -39,9 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "runs" / "test-artifacts" / "cluster"
-CHROMIUM = next(
-    (p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and Path(p).exists()), None
-)
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and Path(p).exists()), None)
 TRAIN_TIMEOUT_S = int(os.environ.get("BFN_TEST_TRAIN_TIMEOUT", "1200"))
 
 PROBE_JOB = """
@@ -180,9 +178,7 @@ def check_run_in_mlflow_and_s3(stack: dict, run: dict) -> dict:
 
 def _run_chromium(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Chromium in its own session; on timeout, that session is killed by PID."""
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
-    )
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -204,12 +200,21 @@ def render(url: str, name: str, budget_ms: int = 20000) -> str:
 
         def flags(tag: str) -> list[str]:
             return [
-                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
-                f"--user-data-dir={profile_root}/{tag}", "--window-size=1400,1600",
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile_root}/{tag}",
+                "--window-size=1400,1600",
                 f"--virtual-time-budget={budget_ms}",
-            ]  # fmt: skip
+            ]
 
         dom = _run_chromium([*flags("dom"), "--dump-dom", url], timeout=120).stdout
         _run_chromium([*flags("shot"), f"--screenshot={ARTIFACTS / f'{name}.png'}", url], 120)
@@ -283,11 +288,13 @@ def s3_mnist(stack):
     t0 = time.monotonic()
     proc = subprocess.run(
         [bfn, "data", "prepare", "mnist", "--out", uri],
-        cwd=REPO, env=_client_env(stack), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    print(
-        f"bfn data prepare mnist --out {uri}: rc={proc.returncode} in {time.monotonic() - t0:.1f}s"
+        cwd=REPO,
+        env=_client_env(stack),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    print(f"bfn data prepare mnist --out {uri}: rc={proc.returncode} in {time.monotonic() - t0:.1f}s")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return uri
 
@@ -304,14 +311,16 @@ def smoke_train(stack, s3_mnist):
     cmd += ["--address", stack["urls"]["ray_dashboard"], "--timeout", str(TRAIN_TIMEOUT_S)]
     t0 = time.monotonic()
     proc = subprocess.run(
-        cmd, cwd=REPO, env=_client_env(stack), capture_output=True, text=True,
+        cmd,
+        cwd=REPO,
+        env=_client_env(stack),
+        capture_output=True,
+        text=True,
         timeout=TRAIN_TIMEOUT_S + 120,
-    )  # fmt: skip
+    )
     elapsed = time.monotonic() - t0
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "smoke-train-submit.log").write_text(
-        proc.stdout + "\n--- stderr ---\n" + proc.stderr
-    )
+    (ARTIFACTS / "smoke-train-submit.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     print(f"bfn submit train experiment=smoke: rc={proc.returncode} in {elapsed:.1f}s")
     return {"name": name, "since_ms": since_ms, "proc": proc, "elapsed_s": elapsed, "cmd": cmd}
 
@@ -360,15 +369,16 @@ def test_jobs_cli_list_and_logs(stack, probe_run):
     base = [sys.executable, "-m", "pipeline.cluster.submit", "jobs"]
     env = _client_env(stack)
     address = ["--address", stack["urls"]["ray_dashboard"]]
-    listing = subprocess.run(
-        [*base, "list", *address], env=env, capture_output=True, text=True, timeout=120
-    )
+    listing = subprocess.run([*base, "list", *address], env=env, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert probe_run["job_id"] in listing.stdout
     logs = subprocess.run(
         [*base, "logs", probe_run["job_id"], *address],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert logs.returncode == 0 and "PROBE_RUN_ID" in logs.stdout, logs.stderr
 
 
@@ -395,9 +405,7 @@ def test_smoke_train_run_in_mlflow_and_s3(stack, smoke_train):
 
 def test_smoke_train_run_in_mlflow_ui(stack, smoke_train):
     assert smoke_train["proc"].returncode == 0, "the smoke job failed (see the test above)"
-    run = check_run_in_mlflow_and_s3(
-        stack, _find_run(stack, smoke_train["name"], smoke_train["since_ms"])
-    )
+    run = check_run_in_mlflow_and_s3(stack, _find_run(stack, smoke_train["name"], smoke_train["since_ms"]))
     check_run_in_ui(stack, run, "smoke-train")
 
 

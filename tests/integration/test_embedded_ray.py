@@ -37,22 +37,47 @@ def test_a_live_unrelated_ray_cluster_is_neither_joined_nor_touched(tmp_path):
     base.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
     try:
         started = subprocess.run(
-            [venv_bin("ray"), "start", "--head", "--port", str(free_port()), "--num-cpus", "1",
-             "--include-dashboard", "false", "--disable-usage-stats"],
+            [
+                venv_bin("ray"),
+                "start",
+                "--head",
+                "--port",
+                str(free_port()),
+                "--num-cpus",
+                "1",
+                "--include-dashboard",
+                "false",
+                "--disable-usage-stats",
+            ],
             env={**base, "RAY_AUTH_MODE": "disabled", marker.split("=")[0]: marker.split("=")[1]},
-            capture_output=True, text=True, timeout=180, start_new_session=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=180,
+            start_new_session=True,
+        )
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         cluster = pids_matching(marker=marker)
         bootstrap = (ray_tmp / "ray" / "ray_current_cluster").read_text()
         (session,) = [p for p in (ray_tmp / "ray").glob("session_2*") if not p.is_symlink()]
         assert cluster and bootstrap.startswith("127.0.0.1:"), (cluster, bootstrap)
 
-        args = ["experiment=smoke", "run.name=beside", f"data.uri={shards}", "trainer.max_steps=2",
-                f"run.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                f"tracking.artifact_location={tmp_path / 'a'}"]  # fmt: skip
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, text=True,
-                                capture_output=True, timeout=600, env={**base, "PYTHONPATH": str(REPO)})  # fmt: skip
+        args = [
+            "experiment=smoke",
+            "run.name=beside",
+            f"data.uri={shards}",
+            "trainer.max_steps=2",
+            f"run.storage_path={tmp_path / 'ray'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_location={tmp_path / 'a'}",
+        ]
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", *args],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            timeout=600,
+            env={**base, "PYTHONPATH": str(REPO)},
+        )
         out = result.stdout + result.stderr
         assert result.returncode == 0, out[-3000:]
         assert "finished at step 2" in out and "existing cluster" not in out.lower()

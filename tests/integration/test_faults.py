@@ -79,8 +79,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 # One Train worker (trainer=cpu_1) wherever the fault does not need two: each worker group start
 # costs about 20 s more with two on this 2-core machine. Worker death and the numerics run keep two.
-FAST = ("experiment=smoke", "eval.num_samples=0", "eval.nll_steps=0", "trainer.log_every=1",
-        "trainer.val_every=100000")  # fmt: skip
+FAST = ("experiment=smoke", "eval.num_samples=0", "eval.nll_steps=0", "trainer.log_every=1", "trainer.val_every=100000")
 FIT_TIMEOUT_S = 900  # a hung fit fails the test (the watchdog below) instead of looping forever
 
 
@@ -92,9 +91,15 @@ def shards(tmp_path_factory) -> str:
 
 
 def overrides(tmp_path: Path, shards: str, name: str, *extra: str) -> list[str]:
-    return [*FAST, f"run.name={name}", f"data.uri={shards}", f"run.storage_path={tmp_path / 'ray'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"tracking.artifact_location={tmp_path / 'artifacts'}", *extra]  # fmt: skip
+    return [
+        *FAST,
+        f"run.name={name}",
+        f"data.uri={shards}",
+        f"run.storage_path={tmp_path / 'ray'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.artifact_location={tmp_path / 'artifacts'}",
+        *extra,
+    ]
 
 
 def fit_with_watchdog(cfg):
@@ -135,8 +140,16 @@ def test_worker_sigkill_restarts_from_latest_checkpoint(ray_local, shards, tmp_p
     """SIGKILL rank 0 two steps past a checkpoint: Ray Train (FailureConfig max_failures=1)
     restarts the worker group from that checkpoint, the run finishes its steps in one MLflow run."""
     every, total = 4, 16
-    cfg = load(overrides(tmp_path, shards, "wdeath", f"trainer.max_steps={total}",
-                         f"trainer.checkpoint_every={every}", "trainer.max_failures=1"))  # fmt: skip
+    cfg = load(
+        overrides(
+            tmp_path,
+            shards,
+            "wdeath",
+            f"trainer.max_steps={total}",
+            f"trainer.checkpoint_every={every}",
+            "trainer.max_failures=1",
+        )
+    )
     run_folder, db, session = tmp_path / "ray" / "wdeath", tmp_path / "mlflow.db", ray_session_dir()
     fault: dict = {}
     over = threading.Event()
@@ -153,8 +166,9 @@ def test_worker_sigkill_restarts_from_latest_checkpoint(ray_local, shards, tmp_p
             return None
 
         try:
-            (pid, checkpoint_step) = wait_until(ready, timeout=FIT_TIMEOUT_S, interval=0.05,
-                                                what="a checkpoint and two more steps")  # fmt: skip
+            (pid, checkpoint_step) = wait_until(
+                ready, timeout=FIT_TIMEOUT_S, interval=0.05, what="a checkpoint and two more steps"
+            )
             assert pid, "rank 0's worker process not found"
             os.kill(pid, signal.SIGKILL)
             fault.update(pid=pid, at=time.time(), checkpoint_step=checkpoint_step)
@@ -180,9 +194,11 @@ def test_worker_sigkill_restarts_from_latest_checkpoint(ray_local, shards, tmp_p
     assert run_ids(cfg.tracking.uri) == [summary["mlflow_run_id"]]  # one run, one step axis
     redone = max(before) - resumed
     downtime = after[0][1] / 1000 - fault["at"]
-    print(f"\n[worker death] killed rank 0 (pid {fault['pid']}) after step {max(before)}; resumed "
-          f"from step {resumed}; {redone} step(s) re-done (<= {every}); {downtime:.1f} s from the "
-          f"kill to the next logged step")  # fmt: skip
+    print(
+        f"\n[worker death] killed rank 0 (pid {fault['pid']}) after step {max(before)}; resumed "
+        f"from step {resumed}; {redone} step(s) re-done (<= {every}); {downtime:.1f} s from the "
+        f"kill to the next logged step"
+    )
     assert not os.path.exists(f"/proc/{fault['pid']}")
 
 
@@ -201,14 +217,23 @@ def test_lease_taken_over_mid_run_stops_the_run_before_its_next_checkpoint(ray_l
     from pipeline.training.lease import LEASE_FILE, LeaseError, LocalLeaseFile
 
     every, total = 2, 400
-    cfg = load(overrides(tmp_path, shards, "taken", f"trainer.max_steps={total}",
-                         f"trainer.checkpoint_every={every}", "trainer.max_failures=1"))  # fmt: skip
+    cfg = load(
+        overrides(
+            tmp_path,
+            shards,
+            "taken",
+            f"trainer.max_steps={total}",
+            f"trainer.checkpoint_every={every}",
+            "trainer.max_failures=1",
+        )
+    )
     run_folder = tmp_path / "ray" / "taken"
     fault: dict = {}
     over = threading.Event()
 
     def take_over():
         try:
+
             def first_checkpoint():
                 if over.is_set():
                     raise RuntimeError("the run ended before the takeover")
@@ -237,8 +262,10 @@ def test_lease_taken_over_mid_run_stops_the_run_before_its_next_checkpoint(ray_l
     # nothing written after the takeover: the same checkpoint folders, and the thief's lease left alone
     assert checkpoint_folders(run_folder) == fault["folders"]
     assert json.loads((run_folder / LEASE_FILE).read_text())["id"] == "thief"
-    print(f"\n[lease taken over] the run stopped {time.time() - fault['at']:.1f} s after the takeover; "
-          f"checkpoints kept: {fault['folders']}")
+    print(
+        f"\n[lease taken over] the run stopped {time.time() - fault['at']:.1f} s after the takeover; "
+        f"checkpoints kept: {fault['folders']}"
+    )
 
 
 # ------------------------------------------------------------------------------ driver death
@@ -272,8 +299,15 @@ def second_run_refused(argv: list[str], cwd: Path, log: Path, holder_pid: int) -
     at once (before starting Ray), naming the holder. Returns how long it took."""
     started = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     text = log.read_text(errors="replace")
     assert proc.returncode == 2, text[-3000:]
     assert "is in use by another run" in text and f"pid {holder_pid}" in text, text[-3000:]
@@ -315,14 +349,22 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
         env.update(SENTINELS, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
         env[marker.split("=")[0]] = marker.split("=")[1]
         with open(log, "wb") as out:
-            return subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            return subprocess.Popen(
+                argv,
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def leftovers(proc, ray_tmp):
         return sorted(set(pids_matching(marker=marker, session=proc.pid, path=ray_tmp)) - {proc.pid})
 
     first = launch(tmp_path / "first.log")
     try:
+
         def checkpointed():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             registered = registered_checkpoints(run_folder)
@@ -332,8 +374,11 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
         contender = second_run_refused(argv, work, tmp_path / "contender.log", first.pid)
         sockets = listening_sockets(leftovers(first, ray_dirs[0]) + [first.pid])
         commands = {pid: command_line(pid) for pid, _, _ in sockets}
-        api = [(ip, port, ray_api_auth_mode(port)) for pid, ip, port in sockets
-               if "dashboard/dashboard.py" in commands[pid] and ray_api_auth_mode(port)]  # fmt: skip
+        api = [
+            (ip, port, ray_api_auth_mode(port))
+            for pid, ip, port in sockets
+            if "dashboard/dashboard.py" in commands[pid] and ray_api_auth_mode(port)
+        ]
         gcs_ports = [port for pid, _, port in sockets if "gcs_server" in commands[pid]]
         gcs_refuses = [grpc_status(port, GET_CLUSTER_ID) for port in gcs_ports]
         os.kill(first.pid, signal.SIGKILL)
@@ -348,8 +393,10 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
         kill_pids(orphans)
     checkpoint_step = steps[-1]
     assert leftovers(first, ray_dirs[0]) == []
-    print(f"\n[driver death] killed the driver at checkpoint step {checkpoint_step}; 5 s later "
-          f"{len(orphans)} of its Ray processes were still running ({', '.join(names)}); stopped by PID")
+    print(
+        f"\n[driver death] killed the driver at checkpoint step {checkpoint_step}; 5 s later "
+        f"{len(orphans)} of its Ray processes were still running ({', '.join(names)}); stopped by PID"
+    )
 
     # every service of the embedded runtime listens on loopback, and its GCS wants the token
     assert api and all(ip == "127.0.0.1" and mode == "token" for ip, _, mode in api), (api, sockets)
@@ -359,9 +406,11 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
     # and needs no token. One per Train worker group at most.
     assert [name for name, _, _ in exposed] in ([], ["ray::RayTrainWorker"]), exposed
     assert gcs_refuses and set(gcs_refuses) == {"UNAUTHENTICATED"}, gcs_refuses
-    print(f"[driver death] {len(sockets)} listening sockets of the embedded runtime, all on loopback except "
-          f"{exposed} (torch's TCPStore); its GCS refused a client without the token; a second run of the "
-          f"same name was refused in {contender:.1f} s")
+    print(
+        f"[driver death] {len(sockets)} listening sockets of the embedded runtime, all on loopback except "
+        f"{exposed} (torch's TCPStore); its GCS refused a client without the token; a second run of the "
+        f"same name was refused in {contender:.1f} s"
+    )
 
     relaunched_at = time.time()
     # the orphans trained on after the driver's death; their newest checkpoint is complete but unregistered
@@ -385,13 +434,21 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
     late = [s for s, t in rows if killed_at * 1000 < t <= relaunched_at * 1000]
     assert_continuous(rows, total, every, relaunched_at * 1000, int(resumed[0]))
     assert len(run_ids(f"sqlite:///{tmp_path / 'mlflow.db'}")) == 1
-    print(f"[driver death] rerun resumed from step {resumed[0]} (the newest complete checkpoint; the newest "
-          f"registered one was step {newest_registered}); {max(before) - int(resumed[0])} step(s) re-done (the "
-          f"orphaned workers logged steps {late} after the driver died)")
+    print(
+        f"[driver death] rerun resumed from step {resumed[0]} (the newest complete checkpoint; the newest "
+        f"registered one was step {newest_registered}); {max(before) - int(resumed[0])} step(s) re-done (the "
+        f"orphaned workers logged steps {late} after the driver died)"
+    )
 
     # no secret from the environment reached MLflow, the checkpoints, the output or Ray's logs
-    places = [tmp_path / "first.log", tmp_path / "second.log", tmp_path / "mlflow.db", tmp_path / "artifacts",
-              run_folder, *(Path(d) for d in ray_dirs)]  # fmt: skip
+    places = [
+        tmp_path / "first.log",
+        tmp_path / "second.log",
+        tmp_path / "mlflow.db",
+        tmp_path / "artifacts",
+        run_folder,
+        *(Path(d) for d in ray_dirs),
+    ]
     assert find_secrets(SENTINELS.values(), places) == []
 
 
@@ -411,15 +468,28 @@ def test_tracking_server_outage_buffers_and_delivers(ray_local, shards, tmp_path
         # the loop runs 75 s: the outage starts at the first logged step and lasts 30 s plus the
         # restart (5-25 s on this machine, depending on load)
         uri = server.url.replace("http://", f"http://bfn:{password}@")
-        cfg = load([*overrides(tmp_path, shards, "outage", "trainer=cpu_1", "trainer.max_steps=100000",
-                               "trainer.max_minutes=1.25", "trainer.checkpoint_every=100000"),
-                    "tracking=mlflow_server", f"tracking.uri={uri}"])  # fmt: skip
+        cfg = load(
+            [
+                *overrides(
+                    tmp_path,
+                    shards,
+                    "outage",
+                    "trainer=cpu_1",
+                    "trainer.max_steps=100000",
+                    "trainer.max_minutes=1.25",
+                    "trainer.checkpoint_every=100000",
+                ),
+                "tracking=mlflow_server",
+                f"tracking.uri={uri}",
+            ]
+        )
         fault: dict = {}
 
         def outage():
             try:
-                wait_until(lambda: sqlite_metric_rows(server.db, "train/loss"), timeout=FIT_TIMEOUT_S,
-                           what="a logged step")  # fmt: skip
+                wait_until(
+                    lambda: sqlite_metric_rows(server.db, "train/loss"), timeout=FIT_TIMEOUT_S, what="a logged step"
+                )
                 fault["down"] = time.time()
                 server.stop()
                 time.sleep(outage_s)
@@ -452,10 +522,12 @@ def test_tracking_server_outage_buffers_and_delivers(ray_local, shards, tmp_path
     out = capfd.readouterr()
     places = [tmp_path, server.root, ray_session_dir() / "logs"]
     assert find_secrets([password], places) == [] and password not in out.out + out.err
-    print(f"\n[tracking outage] server down {fault['up'] - fault['down']:.0f} s (restart "
-          f"{fault['up'] - fault['restarting']:.0f} s); {len(during)} steps logged during it were "
-          f"delivered afterwards; the run trained {total} steps in {time.time() - started:.0f} s and ended "
-          f"FINISHED with its curves")
+    print(
+        f"\n[tracking outage] server down {fault['up'] - fault['down']:.0f} s (restart "
+        f"{fault['up'] - fault['restarting']:.0f} s); {len(during)} steps logged during it were "
+        f"delivered afterwards; the run trained {total} steps in {time.time() - started:.0f} s and ended "
+        f"FINISHED with its curves"
+    )
 
 
 # ----------------------------------------------------------------------------- storage outage
@@ -473,9 +545,18 @@ def test_checkpoint_upload_faults_on_s3(ray_local, shards, tmp_path):
     rule = CheckpointWriteFaults(transient={2: 4}, broken=[3], fail=["optimizer.pt"])
     with moto_s3() as endpoint, FaultyS3Proxy(endpoint, rule) as proxy, aws_env(proxy.url):
         create_bucket(endpoint, "bfn")
-        cfg = load(overrides(tmp_path, shards, "s3faults", "trainer=cpu_1", f"trainer.max_steps={total}",
-                             f"trainer.checkpoint_every={every}", "trainer.max_failures=1",
-                             "run.storage_path=s3://bfn/ray"))  # fmt: skip
+        cfg = load(
+            overrides(
+                tmp_path,
+                shards,
+                "s3faults",
+                "trainer=cpu_1",
+                f"trainer.max_steps={total}",
+                f"trainer.checkpoint_every={every}",
+                "trainer.max_failures=1",
+                "run.storage_path=s3://bfn/ray",
+            )
+        )
         started = time.time()
         summary = fit_with_watchdog(cfg)
         s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -502,13 +583,14 @@ def test_checkpoint_upload_faults_on_s3(ray_local, shards, tmp_path):
     assert_continuous(rows, total, every, fault_at * 1000, resumed)
     complete = [k for k in keys if k.endswith("/COMPLETE")]
     assert summary["checkpoint"].rstrip("/").rsplit("/", 1)[-1] in " ".join(complete)
-    print(f"\n[storage outage] folder 2: {rule.transient[2]} PUTs failed ({sorted(Path(p).name for p in failed)}), "
-          f"then stored; folder 3 left half-written, run restarted from step {resumed}; "
-          f"{time.time() - started:.0f} s for the whole run")  # fmt: skip
+    print(
+        f"\n[storage outage] folder 2: {rule.transient[2]} PUTs failed ({sorted(Path(p).name for p in failed)}), "
+        f"then stored; folder 3 left half-written, run restarted from step {resumed}; "
+        f"{time.time() - started:.0f} s for the whole run"
+    )
 
 
-def test_a_read_failing_on_rank_1_only_resumes_both_ranks_from_the_same_checkpoint(ray_local, shards, tmp_path,
-                                                                                  capfd):  # fmt: skip
+def test_a_read_failing_on_rank_1_only_resumes_both_ranks_from_the_same_checkpoint(ray_local, shards, tmp_path, capfd):
     """2 workers resume from S3 (moto behind the proxy), whose run folder holds complete checkpoints at
     steps 2 and 4. Rank 1's reads of the step-4 folder fail (503 past the SDK's retries) and rank 0's
     do not. Rank 0 alone chooses; rank 1 cannot read its choice, so the attempt fails on both ranks
@@ -526,18 +608,36 @@ def test_a_read_failing_on_rank_1_only_resumes_both_ranks_from_the_same_checkpoi
     rule = ReadFaultsForOneProcess(folders[4], refused=[folders[2]])
     with moto_s3() as endpoint, FaultyS3Proxy(endpoint, rule, by_process=True) as proxy, aws_env(proxy.url):
         create_bucket(endpoint, "bfn")
-        cfg = load(overrides(tmp_path, shards, "agree", f"trainer.max_steps={total}",
-                             f"trainer.checkpoint_every={every}", "trainer.max_failures=1",
-                             "run.storage_path=s3://bfn/ray"))  # fmt: skip
-        s3 = pyarrow.fs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", region="us-east-1",
-                                     access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                     secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        cfg = load(
+            overrides(
+                tmp_path,
+                shards,
+                "agree",
+                f"trainer.max_steps={total}",
+                f"trainer.checkpoint_every={every}",
+                "trainer.max_failures=1",
+                "run.storage_path=s3://bfn/ray",
+            )
+        )
+        s3 = pyarrow.fs.S3FileSystem(
+            endpoint_override=endpoint.split("://")[1],
+            scheme="http",
+            region="us-east-1",
+            access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
         for step, name in folders.items():  # what an earlier run of this config left (straight to moto)
             torch.manual_seed(step)
             model = build_model(cfg)
             state = {"step": step, "epoch": 0, "run_name": "agree"}
-            local = checkpointing.save(tmp_path / "local" / name, model=model, ema=EMA(model, cfg.optim.ema_decay),
-                                       optimizer=build_optimizer(cfg, model), train_state=state, config=cfg.raw)
+            local = checkpointing.save(
+                tmp_path / "local" / name,
+                model=model,
+                ema=EMA(model, cfg.optim.ema_decay),
+                optimizer=build_optimizer(cfg, model),
+                train_state=state,
+                config=cfg.raw,
+            )
             checkpointing.upload(local, s3, f"bfn/ray/agree/{name}")
         summary = fit_with_watchdog(cfg)
 
@@ -547,8 +647,11 @@ def test_a_read_failing_on_rank_1_only_resumes_both_ranks_from_the_same_checkpoi
     assert rule.refused_reads == [], f"a rank fell back to the older checkpoint: {rule.refused_reads}"
     faulted = rule.faulted
     assert faulted is not None and sum(rule.failed.values()) >= 3, (rule.readers, rule.failed)
-    model_reads = [(pid, s) for (_, m, p, s), pid in zip(proxy.log, proxy.pids, strict=True)
-                   if m == "GET" and p.split("?")[0].endswith(f"/{folders[4]}/model.pt")]  # fmt: skip
+    model_reads = [
+        (pid, s)
+        for (_, m, p, s), pid in zip(proxy.log, proxy.pids, strict=True)
+        if m == "GET" and p.split("?")[0].endswith(f"/{folders[4]}/model.pt")
+    ]
     loaded = {pid for pid, s in model_reads if 200 <= s < 300}  # 206: ranged GETs
     # attempt 1: rank 0 (the first reader) loaded step 4, rank 1 (the faulted process) could not;
     # attempt 2: two new processes, both loaded step 4
@@ -559,9 +662,11 @@ def test_a_read_failing_on_rank_1_only_resumes_both_ranks_from_the_same_checkpoi
     assert "previous complete checkpoint" not in text
     rows = sqlite_metric_rows(tmp_path / "mlflow.db", "train/loss")
     assert sorted(s for s, _ in rows) == list(range(5, total + 1))
-    print(f"\n[one rank's read fails] rank 1 (pid {faulted}) could not read the step-4 checkpoint "
-          f"({sum(rule.failed.values())} GETs failed); the attempt failed on both ranks and the retry "
-          f"resumed both from step 4")
+    print(
+        f"\n[one rank's read fails] rank 1 (pid {faulted}) could not read the step-4 checkpoint "
+        f"({sum(rule.failed.values())} GETs failed); the attempt failed on both ranks and the retry "
+        f"resumed both from step 4"
+    )
 
 
 # ------------------------------------------------------------------------------- numerics
@@ -578,9 +683,20 @@ def blown_up_run(ray_local, shards, tmp_path_factory):
     from ray.train import TrainingFailedError
 
     tmp_path = tmp_path_factory.mktemp("nan")
-    cfg = load(overrides(tmp_path, shards, "blowup", "optim.lr=1e30", "trainer.max_bad_steps=3",
-                         "trainer.max_steps=50", "trainer.checkpoint_every=100", "trainer.max_failures=0",
-                         "trainer.log_every=2", "trainer.val_every=3"))  # fmt: skip
+    cfg = load(
+        overrides(
+            tmp_path,
+            shards,
+            "blowup",
+            "optim.lr=1e30",
+            "trainer.max_bad_steps=3",
+            "trainer.max_steps=50",
+            "trainer.checkpoint_every=100",
+            "trainer.max_failures=0",
+            "trainer.log_every=2",
+            "trainer.val_every=3",
+        )
+    )
     with pytest.raises(TrainingFailedError) as info:
         fit_with_watchdog(cfg)
     return tmp_path, cfg, info.value
@@ -607,8 +723,17 @@ def rerun_after_blowup(blown_up_run, shards):
     """The same run name again with the default (sane) learning rate: it must train from scratch,
     not from the blown-up weights."""
     tmp_path, _, _ = blown_up_run
-    again = load(overrides(tmp_path, shards, "blowup", "trainer=cpu_1", "trainer.max_steps=4",
-                           "trainer.checkpoint_every=4", "trainer.max_failures=0"))  # fmt: skip
+    again = load(
+        overrides(
+            tmp_path,
+            shards,
+            "blowup",
+            "trainer=cpu_1",
+            "trainer.max_steps=4",
+            "trainer.checkpoint_every=4",
+            "trainer.max_failures=0",
+        )
+    )
     return tmp_path, again, fit_with_watchdog(again)
 
 
@@ -625,12 +750,21 @@ def test_crafted_pickle_in_a_checkpoint_is_refused_on_resume(rerun_after_blowup)
     from ray.train import TrainingFailedError
 
     tmp_path, cfg, _ = rerun_after_blowup
-    (_, folder), = complete_checkpoints(tmp_path / "ray" / "blowup")
+    ((_, folder),) = complete_checkpoints(tmp_path / "ray" / "blowup")
     marker = tmp_path / "pwned"
     write_malicious_pt(folder / "model.pt", marker)
     checkpointing.seal(folder)  # whoever can write the storage can rewrite COMPLETE as well
-    again = load(overrides(tmp_path, str(cfg.data.uri), "blowup", "trainer=cpu_1", "trainer.max_steps=50",
-                           "trainer.checkpoint_every=100", "trainer.max_failures=0"))  # fmt: skip
+    again = load(
+        overrides(
+            tmp_path,
+            str(cfg.data.uri),
+            "blowup",
+            "trainer=cpu_1",
+            "trainer.max_steps=50",
+            "trainer.checkpoint_every=100",
+            "trainer.max_failures=0",
+        )
+    )
     # (the rerun's experiment: a resume refuses another one)
     with pytest.raises(TrainingFailedError) as info:
         fit_with_watchdog(again)
@@ -673,16 +807,18 @@ def test_truncated_optimizer_resumes_from_the_previous_checkpoint(ray_local, sha
     half (a torn write); the rerun verifies it against COMPLETE, warns, resumes both ranks from
     step 2 and reaches its steps."""
     every = 2
-    first = fit_with_watchdog(load(overrides(tmp_path, shards, "torn", "trainer.max_steps=4",
-                                             f"trainer.checkpoint_every={every}")))  # fmt: skip
+    first = fit_with_watchdog(
+        load(overrides(tmp_path, shards, "torn", "trainer.max_steps=4", f"trainer.checkpoint_every={every}"))
+    )
     latest = Path(first["checkpoint"])
     assert json.loads((latest / "train_state.json").read_text())["step"] == 4
     optimizer = latest / "optimizer.pt"
     with optimizer.open("r+b") as f:
         f.truncate(optimizer.stat().st_size // 2)
     relaunched_at = time.time()
-    second = fit_with_watchdog(load(overrides(tmp_path, shards, "torn", "trainer.max_steps=6",
-                                              f"trainer.checkpoint_every={every}")))  # fmt: skip
+    second = fit_with_watchdog(
+        load(overrides(tmp_path, shards, "torn", "trainer.max_steps=6", f"trainer.checkpoint_every={every}"))
+    )
     assert second["step"] == 6 and second["mlflow_run_id"] == first["mlflow_run_id"]
     out = capfd.readouterr()
     text = out.out + out.err

@@ -25,11 +25,17 @@ def mnist_shards(tmp_path_factory) -> str:
 
 
 def smoke(tmp_path: Path, shards: str, name: str, *extra: str):
-    return load([
-        "experiment=smoke", f"run.name={name}", f"data.uri={shards}",
-        f"run.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"tracking.artifact_location={tmp_path / 'artifacts'}", *extra,
-    ])  # fmt: skip
+    return load(
+        [
+            "experiment=smoke",
+            f"run.name={name}",
+            f"data.uri={shards}",
+            f"run.storage_path={tmp_path / 'ray'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_location={tmp_path / 'artifacts'}",
+            *extra,
+        ]
+    )
 
 
 def metric_steps(cfg, run_id: str, key: str) -> list[int]:
@@ -70,8 +76,17 @@ def test_train_checkpoint_resume_and_mlflow(ray_local, mnist_shards, tmp_path):
 
     # the run folder deleted, the same name again: a training from step 0 in a new MLflow run, the old axis kept
     shutil.rmtree(tmp_path / "ray" / "resume")
-    third = fit(smoke(tmp_path, mnist_shards, "resume", "trainer.max_steps=2", "trainer.val_every=2",
-                      "trainer.checkpoint_every=2", "eval.num_samples=0"))  # fmt: skip
+    third = fit(
+        smoke(
+            tmp_path,
+            mnist_shards,
+            "resume",
+            "trainer.max_steps=2",
+            "trainer.val_every=2",
+            "trainer.checkpoint_every=2",
+            "eval.num_samples=0",
+        )
+    )
     assert third["step"] == 2 and third["mlflow_run_id"] != first["mlflow_run_id"]
     assert metric_steps(cfg, run.info.run_id, "train/loss") == [2, 4, 6, 8, 9]
     assert metric_steps(cfg, third["mlflow_run_id"], "train/loss") == [2]
@@ -87,13 +102,27 @@ def test_train_and_resume_over_s3(ray_local, tmp_path):
         shards = "s3://bfn/shards/mnist"
         source = data_lib.raw_dir() / "mnist"
         data_lib.prepare("mnist", shards, source=str(source), progress=False)
-        extra = ("run.storage_path=s3://bfn/ray", "trainer.max_steps=3", "trainer.val_every=3",
-                 "trainer.checkpoint_every=3", "eval.num_samples=0")  # fmt: skip
+        extra = (
+            "run.storage_path=s3://bfn/ray",
+            "trainer.max_steps=3",
+            "trainer.val_every=3",
+            "trainer.checkpoint_every=3",
+            "eval.num_samples=0",
+        )
         first = fit(smoke(tmp_path, shards, "s3run", *extra))
         assert first["step"] == 3
-        second = fit(smoke(tmp_path, shards, "s3run", *extra[:1], "trainer.max_steps=5",
-                           "trainer.val_every=5", "trainer.checkpoint_every=5",
-                           "eval.num_samples=0"))  # fmt: skip
+        second = fit(
+            smoke(
+                tmp_path,
+                shards,
+                "s3run",
+                *extra[:1],
+                "trainer.max_steps=5",
+                "trainer.val_every=5",
+                "trainer.checkpoint_every=5",
+                "eval.num_samples=0",
+            )
+        )
         assert second["step"] == 5
         s3 = boto3.client("s3", endpoint_url=endpoint)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="bfn", Prefix="ray/s3run/")["Contents"]]
@@ -113,8 +142,9 @@ def test_fine_tuning_starts_a_new_run_from_another_runs_weights(ray_local, mnist
 
     extra = ("trainer.max_steps=3", "trainer.val_every=3", "trainer.checkpoint_every=3", "eval.num_samples=0")
     source = fit(smoke(tmp_path, mnist_shards, "source", *extra))
-    tuned = fit(smoke(tmp_path, mnist_shards, "tuned", *extra, "optim.lr=1e-12",
-                      f"run.init_from={source['checkpoint']}"))  # fmt: skip
+    tuned = fit(
+        smoke(tmp_path, mnist_shards, "tuned", *extra, "optim.lr=1e-12", f"run.init_from={source['checkpoint']}")
+    )
     assert tuned["step"] == 3 and tuned["mlflow_run_id"] != source["mlflow_run_id"]
     assert "/tuned/" in tuned["checkpoint"]
     before = checkpointing.read(source["checkpoint"])["model"]
@@ -137,8 +167,16 @@ def test_validation_logs_sample_quality_per_sampler_and_nfe(ray_local, tmp_path)
     shards = str(tmp_path / "shards")
     data_lib.prepare("mnist", shards, source=str(tmp_path / "idx"), progress=False)
     cache = tmp_path / "classifiers"
-    cfg = smoke(tmp_path, shards, "quality", "data.fraction=1.0", "eval.quality_samplers=[sde2,paper]",
-                "eval.quality_nfe=[2,3]", "eval.quality_num=4", f"eval.quality_cache={cache}")  # fmt: skip
+    cfg = smoke(
+        tmp_path,
+        shards,
+        "quality",
+        "data.fraction=1.0",
+        "eval.quality_samplers=[sde2,paper]",
+        "eval.quality_nfe=[2,3]",
+        "eval.quality_num=4",
+        f"eval.quality_cache={cache}",
+    )
     result = fit(cfg)
     assert result["step"] == 6
 
@@ -166,10 +204,17 @@ def test_what_a_person_sees_from_bfn_train(mnist_shards, tmp_path):
 
     from tests.conftest import REPO
 
-    args = ["experiment=smoke", "run.name=person", f"data.uri={mnist_shards}", f"run.storage_path={tmp_path / 'ray'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'a'}"]
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    args = [
+        "experiment=smoke",
+        "run.name=person",
+        f"data.uri={mnist_shards}",
+        f"run.storage_path={tmp_path / 'ray'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.artifact_location={tmp_path / 'a'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "TrainingReport(" not in out and "Reporting training result" not in out
@@ -195,12 +240,24 @@ def test_a_stale_ray_cluster_on_the_machine_is_never_joined(mnist_shards, tmp_pa
     try:
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens on port 9
-        args = ["experiment=smoke", "run.name=stale", f"data.uri={mnist_shards}", "trainer.max_steps=2",
-                f"run.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                f"tracking.artifact_location={tmp_path / 'a'}"]  # fmt: skip
+        args = [
+            "experiment=smoke",
+            "run.name=stale",
+            f"data.uri={mnist_shards}",
+            "trainer.max_steps=2",
+            f"run.storage_path={tmp_path / 'ray'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.artifact_location={tmp_path / 'a'}",
+        ]
         env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, text=True,
-                                capture_output=True, timeout=600, env=env)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", *args],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            timeout=600,
+            env=env,
+        )
         out = result.stdout + result.stderr
         assert result.returncode == 0, out[-3000:]
         assert "finished at step 2" in out and "existing cluster" not in out

@@ -60,15 +60,29 @@ def shards(tmp_path_factory) -> str:
 def machine(tmp_path_factory, shards) -> list[str]:
     """Overrides that keep everything (runs, Ray storage, MLflow) in a temporary folder."""
     root = tmp_path_factory.mktemp("tune")
-    return [f"data.uri={shards}", f"paths.runs_dir={root / 'runs'}",
-            f"run.storage_path={root / 'ray'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-            f"tracking.artifact_location={root / 'artifacts'}", "tracking.experiment=tune-test"]  # fmt: skip
+    return [
+        f"data.uri={shards}",
+        f"paths.runs_dir={root / 'runs'}",
+        f"run.storage_path={root / 'ray'}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        f"tracking.artifact_location={root / 'artifacts'}",
+        "tracking.experiment=tune-test",
+    ]
 
 
-SMOKE_1W = ["experiment=smoke", "trainer=cpu_1", "trainer.cpus_per_worker=1", "trainer.max_steps=8",
-            "trainer.log_every=2", "trainer.val_every=2", "trainer.checkpoint_every=8",
-            "eval.num_samples=0", "eval.val_batches=2", "data.val_batch_size=100",
-            "optim.ema_decay=0.0"]  # fmt: skip
+SMOKE_1W = [
+    "experiment=smoke",
+    "trainer=cpu_1",
+    "trainer.cpus_per_worker=1",
+    "trainer.max_steps=8",
+    "trainer.log_every=2",
+    "trainer.val_every=2",
+    "trainer.checkpoint_every=8",
+    "eval.num_samples=0",
+    "eval.val_batches=2",
+    "data.val_batch_size=100",
+    "optim.ema_decay=0.0",
+]
 
 
 class Plant:
@@ -129,17 +143,28 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
     from pipeline.sweeps import tune as T
 
     export_dir = tmp_path / "presets"
-    args = [*SMOKE_1W, *machine, "space=lr_grid", "num_samples=1", "max_concurrent=2",
-            "grace_period=4", "reduction_factor=2", "driver_cpus=0.5", "sweep=asha-test",
-            f"export_dir={export_dir}"]  # fmt: skip
+    args = [
+        *SMOKE_1W,
+        *machine,
+        "space=lr_grid",
+        "num_samples=1",
+        "max_concurrent=2",
+        "grace_period=4",
+        "reduction_factor=2",
+        "driver_cpus=0.5",
+        "sweep=asha-test",
+        f"export_dir={export_dir}",
+    ]
     started = time.perf_counter()
     result = T.sweep(args)
     wall = time.perf_counter() - started
     rows = {r["config"]["optim.lr"]: r for r in result["rows"]}
     stopped = [r for r in result["rows"] if r["status"] == "stopped"]
     with capsys.disabled():
-        print(f"\nsweep wall {wall:.0f} s; stopped early (lr, step): "
-              f"{[(r['config']['optim.lr'], r['step']) for r in stopped]}")  # fmt: skip
+        print(
+            f"\nsweep wall {wall:.0f} s; stopped early (lr, step): "
+            f"{[(r['config']['optim.lr'], r['step']) for r in stopped]}"
+        )
 
     assert result["max_concurrent"] == 2
     assert sorted(rows) == sorted(LRS) and not [r for r in result["rows"] if r["status"] == "error"]
@@ -172,18 +197,26 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
         else:
             assert child.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
-    assert {"sweep/summary.csv", "sweep/summary.md", "sweep/val_nll_bits_per_dim_vs_params.png",
-            "sweep/best_asha_test.yaml"} <= artifacts  # fmt: skip
+    assert {
+        "sweep/summary.csv",
+        "sweep/summary.md",
+        "sweep/val_nll_bits_per_dim_vs_params.png",
+        "sweep/best_asha_test.yaml",
+    } <= artifacts
     summary = Path(result["files"]["csv"]).read_text().splitlines()
     assert summary[0].startswith("trial_id,status,step,val/nll_bits_per_dim,optim.lr") and len(summary) == 5
 
     # the exported preset re-trains with `bfn train experiment=best_asha_test`
     preset = export_dir / "experiment" / "best_asha_test.yaml"
     assert result["export"] == str(preset) and preset.read_text().startswith("# @package _global_")
-    assert result["command"].startswith(f"bfn train hydra.searchpath=[file://{export_dir}] "
-                                        "experiment=best_asha_test")  # fmt: skip
-    retrain = [f"hydra.searchpath=[file://{export_dir}]", "experiment=best_asha_test", *machine,
-               "trainer.max_steps=2", "trainer.checkpoint_every=2"]  # fmt: skip
+    assert result["command"].startswith(f"bfn train hydra.searchpath=[file://{export_dir}] experiment=best_asha_test")
+    retrain = [
+        f"hydra.searchpath=[file://{export_dir}]",
+        "experiment=best_asha_test",
+        *machine,
+        "trainer.max_steps=2",
+        "trainer.checkpoint_every=2",
+    ]
     again = load(retrain)
     assert again.optim.lr == best["config"]["optim.lr"] and again.run.name == "best_asha_test"
     assert (again.trainer.num_workers, again.optim.ema_decay, again.net.name) == (1, 0.0, "mnist_unet_tiny")
@@ -254,9 +287,15 @@ def test_a_sweep_driver_killed_right_after_a_save_resumes(ray_local, machine, tm
     env.update(BFN_FAULT_TEST=tag, RAY_TMPDIR=str(ray_tmp), TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONPATH=str(REPO))
     log_file = tmp_path / "driver.log"
     with open(log_file, "wb") as out:
-        driver = subprocess.Popen([sys.executable, "-c", KILLER, when, "tune", *args], cwd=REPO, env=env,
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
+        driver = subprocess.Popen(
+            [sys.executable, "-c", KILLER, when, "tune", *args],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         driver.wait(timeout=300)
     finally:
@@ -270,8 +309,10 @@ def test_a_sweep_driver_killed_right_after_a_save_resumes(ray_local, machine, tm
     assert [r["status"] for r in resumed["rows"]] == ["completed"] and resumed["rows"][0]["step"] == 8
 
 
-@pytest.mark.skipif(not os.environ.get("BFN_TEST_SCALING_GRID"),
-                    reason="6 Train runs: 3-8 min on 2 shared cores; set BFN_TEST_SCALING_GRID=1")
+@pytest.mark.skipif(
+    not os.environ.get("BFN_TEST_SCALING_GRID"),
+    reason="6 Train runs: 3-8 min on 2 shared cores; set BFN_TEST_SCALING_GRID=1",
+)
 @pytest.mark.timeout(600)
 def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -280,8 +321,16 @@ def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
     from pipeline.sweeps import scaling as S
     from pipeline.sweeps import store
 
-    base = ["experiment=smoke", "trainer=cpu_1", "trainer.cpus_per_worker=1", "trainer.log_every=2",
-            "trainer.val_every=100", "trainer.checkpoint_every=100", "eval.num_samples=0", *machine]  # fmt: skip
+    base = [
+        "experiment=smoke",
+        "trainer=cpu_1",
+        "trainer.cpus_per_worker=1",
+        "trainer.log_every=2",
+        "trainer.val_every=100",
+        "trainer.checkpoint_every=100",
+        "eval.num_samples=0",
+        *machine,
+    ]
     plan = S.make_plan("tiny", base, widths=[8, 16, 24], depths=[1], steps=[3, 6])
     S.write_plan(plan, tmp_path / "plan.json")
     started = time.perf_counter()
@@ -289,10 +338,19 @@ def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
     wall = time.perf_counter() - started
     assert len(results) == 6 and all(r["run_id"] for r in results), results
     cfg = load(base)
-    fit = S.fit_grid(cfg.tracking.uri, cfg.tracking.experiment, "tiny", budget=1e12, n_boot=40,
-                     out_dir=tmp_path / "fit", artifact_location=cfg.tracking.artifact_location)  # fmt: skip
-    print(f"\nscaling grid: 6 runs in {wall:.0f} s; alpha={fit['ND']['params']['alpha']:.3g} "
-          f"beta={fit['ND']['params']['beta']:.3g} gamma={fit['C']['params']['gamma']:.3g}")
+    fit = S.fit_grid(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        "tiny",
+        budget=1e12,
+        n_boot=40,
+        out_dir=tmp_path / "fit",
+        artifact_location=cfg.tracking.artifact_location,
+    )
+    print(
+        f"\nscaling grid: 6 runs in {wall:.0f} s; alpha={fit['ND']['params']['alpha']:.3g} "
+        f"beta={fit['ND']['params']['beta']:.3g} gamma={fit['C']['params']['gamma']:.3g}"
+    )
     print(Path(fit["files"]["markdown"]).read_text())
     assert Path(fit["files"]["plot"]).stat().st_size > 10_000
     runs = store.read_grid(cfg.tracking.uri, cfg.tracking.experiment, "tiny")

@@ -17,8 +17,21 @@ def test_device_bench_runs_the_paper_step_path_on_cpu(capsys):
     with a tiny network; the GPU numbers themselves need a GPU."""
     from pipeline.cli import main
 
-    argv = ["bench", "device", "net=mnist_unet_tiny", "--device", "cpu", "--networks", "mnist:2",
-            "--steps", "1", "--warmup", "0", "--sample-steps", "2"]  # fmt: skip
+    argv = [
+        "bench",
+        "device",
+        "net=mnist_unet_tiny",
+        "--device",
+        "cpu",
+        "--networks",
+        "mnist:2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--sample-steps",
+        "2",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "== mnist, batch 2 ==" in out and "training step" in out and "TFLOP/s" in out and "sampling" in out
@@ -52,8 +65,12 @@ def test_cpu_meter_attributes_core_time_to_roles(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     meter = bench.CpuMeter()
     meter.roles = {1: "training worker", 2: "Ray daemons", 3: "Ray Data actors"}
-    meter.samples = [(0.0, {1: 0.0, 2: 0.0}), (10.0, {1: 5.0, 2: 1.0}), (20.0, {1: 23.0, 2: 1.5, 3: 0.5}),
-                     (30.0, {1: 40.0, 2: 2.0, 3: 0.5})]  # fmt: skip
+    meter.samples = [
+        (0.0, {1: 0.0, 2: 0.0}),
+        (10.0, {1: 5.0, 2: 1.0}),
+        (20.0, {1: 23.0, 2: 1.5, 3: 0.5}),
+        (30.0, {1: 40.0, 2: 2.0, 3: 0.5}),
+    ]
     shares = meter.shares(5.0, 25.0)  # the samples at 10 and 20 s: 20 core-seconds
     assert shares == {"training worker": 18 / 20, "Ray Data actors": 0.5 / 20, "Ray daemons": 0.5 / 20}
     assert list(shares)[0] == "training worker"  # largest first

@@ -31,8 +31,14 @@ def make_checkpoint(root: Path, step: int) -> Path:
     torch.manual_seed(step)
     model = build_model(cfg)
     folder = root / f"checkpoint_{step:06d}"
-    return checkpointing.save(folder, model=model, ema=EMA(model, 0.9), optimizer=build_optimizer(cfg, model),
-                              train_state={"step": step, "epoch": 0}, config=compose(overrides))  # fmt: skip
+    return checkpointing.save(
+        folder,
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": step, "epoch": 0},
+        config=compose(overrides),
+    )
 
 
 def truncate(path: Path) -> None:
@@ -64,8 +70,11 @@ def test_seal_fsyncs_the_files_and_the_folder_before_writing_complete(tmp_path, 
 
     real_write_text = Path.write_text
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (events.append(("write", str(self))),
-                                                                      real_write_text(self, *a, **k))[1])  # fmt: skip
+    monkeypatch.setattr(
+        Path,
+        "write_text",
+        lambda self, *a, **k: (events.append(("write", str(self))), real_write_text(self, *a, **k))[1],
+    )
     checkpointing.seal(folder)
     written = events.index(("write", str(folder / checkpointing.MARKER)))
     synced_before = {Path(path).name for kind, path in events[:written] if kind == "fsync"}
@@ -109,8 +118,12 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(tmp_path, caplog)
     assert state["train_state"]["step"] == 2
     assert "resuming from the previous complete checkpoint" in caplog.text and "optimizer.pt" in caplog.text
     # an intact newest checkpoint is used as is
-    assert checkpointing.read_for_resume(Checkpoint.from_directory(str(make_checkpoint(tmp_path, 6))),
-                                         "cpu")["train_state"]["step"] == 6  # fmt: skip
+    assert (
+        checkpointing.read_for_resume(Checkpoint.from_directory(str(make_checkpoint(tmp_path, 6))), "cpu")[
+            "train_state"
+        ]["step"]
+        == 6
+    )
 
 
 def test_resume_takes_the_newer_of_rays_checkpoint_and_the_drivers(tmp_path):
@@ -229,16 +242,19 @@ def s3_filesystem(endpoint: str):
 
     from tests.servers import TEST_CREDENTIALS
 
-    return fs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", region="us-east-1",
-                           access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                           secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    return fs.S3FileSystem(
+        endpoint_override=endpoint.split("://")[1],
+        scheme="http",
+        region="us-east-1",
+        access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def big_checkpoint(tmp_path: Path) -> Path:
     """A checkpoint whose optimizer.pt (24 MiB) is uploaded in several parts."""
     folder = make_checkpoint(tmp_path / "local", 2)
-    torch.save({"state": {0: {"exp_avg": torch.randn(6 * 1024 * 1024)}}, "param_groups": []},
-               folder / "optimizer.pt")  # fmt: skip
+    torch.save({"state": {0: {"exp_avg": torch.randn(6 * 1024 * 1024)}}, "param_groups": []}, folder / "optimizer.pt")
     return checkpointing.seal(folder)
 
 

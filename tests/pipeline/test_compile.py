@@ -48,7 +48,6 @@ def test_compile_off_is_the_plain_step_and_a_real_error_still_raises(monkeypatch
         step(model, bad, optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=1e-3)
 
 
-
 @pytest.mark.slow
 def test_the_smoke_step_really_compiles_on_the_cpu_and_matches_eager(caplog):
     """trainer.compile=true for real: dynamo captures the smoke network, inductor builds it with the

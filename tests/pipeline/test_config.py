@@ -179,7 +179,11 @@ def test_apply_overrides_uses_hydras_grammar_on_a_stored_config():
     changed = apply_overrides(stored, ["eval.nll_steps=7", "optim.betas=[0.8,0.9]", "eval.target_se=null"])
     assert changed["eval"]["nll_steps"] == 7 and changed["optim"]["betas"] == [0.8, 0.9]
     assert changed["eval"]["target_se"] is None
-    for bad, message in (("eval.bogus=1", "eval.bogus: unknown key"), ("eval.nll_steps", "override"),
-                         ("+eval.x=1", "only key=value"), ("eval.nll_steps=1,2", "only key=value")):  # fmt: skip
+    for bad, message in (
+        ("eval.bogus=1", "eval.bogus: unknown key"),
+        ("eval.nll_steps", "override"),
+        ("+eval.x=1", "only key=value"),
+        ("eval.nll_steps=1,2", "only key=value"),
+    ):
         with pytest.raises(ConfigError, match=message):
             apply_overrides(stored, [bad])

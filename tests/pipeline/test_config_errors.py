@@ -119,8 +119,10 @@ BAD = [  # (overrides, the key the message must name)
     # trainer
     (["trainer.num_workers=0"], "trainer.num_workers"),
     (["trainer.cpus_per_worker=0"], "trainer.cpus_per_worker"),
-    *[([f"trainer.{k}=0"], f"trainer.{k}")
-      for k in ("max_steps", "log_every", "val_every", "checkpoint_every", "num_to_keep", "max_bad_steps")],
+    *[
+        ([f"trainer.{k}=0"], f"trainer.{k}")
+        for k in ("max_steps", "log_every", "val_every", "checkpoint_every", "num_to_keep", "max_bad_steps")
+    ],
     (["trainer.max_steps=1.5"], "trainer.max_steps"),
     (["trainer.max_failures=-2"], "trainer.max_failures"),
     (["trainer.max_minutes=-1"], "trainer.max_minutes"),
@@ -173,8 +175,9 @@ BAD = [  # (overrides, the key the message must name)
 ]
 
 
-@pytest.mark.parametrize(("overrides", "key"), BAD,
-                         ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD])
+@pytest.mark.parametrize(
+    ("overrides", "key"), BAD, ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD]
+)
 def test_every_bad_value_names_its_key(overrides, key):
     with pytest.raises(ConfigError) as info:
         load(overrides)
@@ -183,26 +186,32 @@ def test_every_bad_value_names_its_key(overrides, key):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("overrides", [
-    ["eval.nll_steps=0"],                  # n = inf: L_inf + reconstruction
-    ["eval.target_se=0.01"],
-    [TEXT, "eval.text8_stride=256"],
-    [CIFAR, "flow.noise_prediction=false"],
-    [CONTINUOUS, "flow.reconstruction_std_scale=0.7", "data.num_bins=16"],
-    ["flow.receiver=paper"],
-    ["++net.kwargs.model_channels=32"],
-    ["++run.init_from=s3://bucket/run/checkpoint_000001"],
-    ["trainer=gpu_1"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["eval.nll_steps=0"],  # n = inf: L_inf + reconstruction
+        ["eval.target_se=0.01"],
+        [TEXT, "eval.text8_stride=256"],
+        [CIFAR, "flow.noise_prediction=false"],
+        [CONTINUOUS, "flow.reconstruction_std_scale=0.7", "data.num_bins=16"],
+        ["flow.receiver=paper"],
+        ["++net.kwargs.model_channels=32"],
+        ["++run.init_from=s3://bucket/run/checkpoint_000001"],
+        ["trainer=gpu_1"],
+    ],
+)
 def test_good_values_load(overrides):
     load(overrides)
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda c: c.pop("eval"), "eval: section is missing"),
-    (lambda c: c["flow"].pop("sigma_1"), "flow.sigma_1: is missing"),
-    (lambda c: c.update(runtime={}), "runtime: unknown top-level key"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.pop("eval"), "eval: section is missing"),
+        (lambda c: c["flow"].pop("sigma_1"), "flow.sigma_1: is missing"),
+        (lambda c: c.update(runtime={}), "runtime: unknown top-level key"),
+    ],
+)
 def test_from_dict_names_a_missing_section_key_or_unknown_top_level_key(mutate, message):
     """What a stored or hand-built config (checkpoints, Tune trials) goes through."""
     config = compose(["experiment=smoke"])
@@ -228,8 +237,15 @@ def bfn_train(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env["RAY_TMPDIR"] = str(ray_tmp)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # this checkout's code, not an installed copy
     try:
-        argv = [sys.executable, "-m", "pipeline.cli", "train", *overrides, f"run.storage_path={tmp_path / 'ray'}",
-                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            *overrides,
+            f"run.storage_path={tmp_path / 'ray'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         return result
     finally:
@@ -249,20 +265,25 @@ def assert_one_line_error(result, needle: str) -> str:
 def test_an_unused_value_says_which_choice_makes_it_unused():
     with pytest.raises(ConfigError) as info:
         load(["experiment=smoke", "flow.sigma_1=2"])
-    assert str(info.value) == ("flow.sigma_1: is not used with flow.kind=discrete (continuous schedule; discrete "
-                               "uses flow.beta_1); leave it null (got 2)")
+    assert str(info.value) == (
+        "flow.sigma_1: is not used with flow.kind=discrete (continuous schedule; discrete "
+        "uses flow.beta_1); leave it null (got 2)"
+    )
     with pytest.raises(ConfigError, match=r"^data\.seq_len: is not used with data\.name=cifar10 "):
         load([CIFAR, "data.seq_len=256"])
     with pytest.raises(ConfigError, match=r"^eval\.text8_stride: is required with data\.name=text8 .*eval=text8"):
         load([TEXT, "eval.text8_stride=null"])
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    (["experiment=smoke", "flow.sigma_1=2"], "flow.sigma_1"),
-    ([CIFAR, "flow.sigma_1=2.0"], "flow.sigma_1"),
-    (["experiment=smoke", "data.batch_size=33"], "data.batch_size"),
-    (["experiment=smoke", "trainer.max_step=5"], "trainer.max_step"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["experiment=smoke", "flow.sigma_1=2"], "flow.sigma_1"),
+        ([CIFAR, "flow.sigma_1=2.0"], "flow.sigma_1"),
+        (["experiment=smoke", "data.batch_size=33"], "data.batch_size"),
+        (["experiment=smoke", "trainer.max_step=5"], "trainer.max_step"),
+    ],
+)
 def test_cli_config_error_exits_2_before_ray(overrides, key, tmp_path):
     result = bfn_train(*overrides, tmp_path=tmp_path)
     assert_one_line_error(result, key)

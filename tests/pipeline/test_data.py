@@ -199,9 +199,7 @@ def test_cifar10_vendored_round_trip(tmp_path):
     assert read_raw(out, "train", "cifar10")[0][0, :6].tolist() == [59, 62, 63, 43, 46, 45]
     (b,) = list(D.iter_batches(out, "test", "cifar10", batch_size=64))
     assert b["x"].dtype == np.float32 and b["x"].shape == (20, 32, 32, 3)
-    np.testing.assert_array_equal(
-        b["x"], (2 * xte.reshape(20, 32, 32, 3).astype(np.float64) + 1) / 256 - 1
-    )
+    np.testing.assert_array_equal(b["x"], (2 * xte.reshape(20, 32, 32, 3).astype(np.float64) + 1) / 256 - 1)
 
 
 def test_text8_vendored_round_trip(tmp_path):
@@ -211,7 +209,10 @@ def test_text8_vendored_round_trip(tmp_path):
     assert man["splits"]["train"]["schema"][0] == {"name": "ids", "type": "fixed_size_binary[512]"}
     assert man["splits"]["test"]["schema"][0] == {"name": "ids", "type": "fixed_size_binary[256]"}
     assert {s: (v["row_chars"], v["row_stride"], v["chars"]) for s, v in man["splits"].items()} == {
-        "train": (512, 256, 90_000), "val": (256, 256, 5_000), "test": (256, 256, 5_000)}  # fmt: skip
+        "train": (512, 256, 90_000),
+        "val": (256, 256, 5_000),
+        "test": (256, 256, 5_000),
+    }
     assert man["split_rule"]["dropped_tail_chars"] == {"val": 136, "test": 136}
     assert man["split_rule"]["train_unused_start_positions"] == 90_000 - 256 - 350 * 256
     text = (RAW / "text8" / "text8_first100k.txt").read_text()
@@ -257,9 +258,7 @@ def test_verify_corrupt_shard(prepared_copy):
     data = bytearray(Path(path).read_bytes())
     data[len(data) // 2] ^= 0xFF
     Path(path).write_bytes(bytes(data))
-    with pytest.raises(
-        D.DataError, match=rf"shard {re.escape(path)} \(split 'train'\): sha256 .* \(corrupt\)"
-    ):
+    with pytest.raises(D.DataError, match=rf"shard {re.escape(path)} \(split 'train'\): sha256 .* \(corrupt\)"):
         D.verify(prepared_copy)
     D.verify(prepared_copy, ["val", "test"])  # other splits are fine
     D.verify(prepared_copy, check_checksums=False)  # same size, footer intact
@@ -269,9 +268,7 @@ def test_verify_truncated_shard(prepared_copy):
     path = _shard(prepared_copy, "test", 0)
     Path(path).write_bytes(Path(path).read_bytes()[:-100])
     for check in (True, False):
-        with pytest.raises(
-            D.DataError, match=rf"shard {re.escape(path)} \(split 'test'\).*truncated"
-        ):
+        with pytest.raises(D.DataError, match=rf"shard {re.escape(path)} \(split 'test'\).*truncated"):
             D.verify(prepared_copy, check_checksums=check)
     with pytest.raises(D.DataError, match=rf"shard {re.escape(path)}"):
         list(D.iter_batches(prepared_copy, "test", "mnist", batch_size=8))
@@ -296,9 +293,7 @@ def test_verify_schema_mismatch_in_shard(prepared_copy):
     data = Path(path).read_bytes()
 
     def fix(man):  # make size and checksum agree, so only the schema is wrong
-        man["splits"]["val"]["shards"][0].update(
-            bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
-        )
+        man["splits"]["val"]["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     _edit_manifest(prepared_copy, fix)
     with pytest.raises(
@@ -311,8 +306,11 @@ def test_verify_schema_mismatch_in_shard(prepared_copy):
 
 def test_verify_schema_mismatch_in_manifest(prepared_copy):
     _edit_manifest(prepared_copy, lambda m: m["splits"]["val"]["schema"][0].update(type="fixed_size_binary[785]"))
-    with pytest.raises(D.DataError, match=r"schema of split 'val': column 'image' is fixed_size_binary.785., "
-                                          r"mnist expects fixed_size_binary\[784\]"):  # fmt: skip
+    with pytest.raises(
+        D.DataError,
+        match=r"schema of split 'val': column 'image' is fixed_size_binary.785., "
+        r"mnist expects fixed_size_binary\[784\]",
+    ):
         D.verify(prepared_copy)
     D.verify(prepared_copy, ["train", "test"])
 
@@ -382,9 +380,7 @@ def test_preprocess_accepts_every_column_representation():
         np.array([r.astype(np.uint8).tobytes() for r in mat], dtype=object),
         np.array([r.astype(np.uint8).tobytes() for r in mat], dtype="S3072"),
         pa.array([r.astype(np.uint8).tobytes() for r in mat], pa.binary(3072)),
-        pa.array(
-            [r.astype(np.uint8).tobytes() for r in np.concatenate([mat, mat])], pa.binary(3072)
-        ).slice(3, 3),
+        pa.array([r.astype(np.uint8).tobytes() for r in np.concatenate([mat, mat])], pa.binary(3072)).slice(3, 3),
     ]
     outs = [D.preprocess("cifar10", {"image": f})["x"] for f in forms]
     for o in outs[1:]:
@@ -445,9 +441,7 @@ def test_fraction_is_exact_nested_and_layout_independent(tmp_path):
     assert len(half) == round(0.5 * n) and len(quarter) == round(0.25 * n)
     as_set = lambda m: {r.tobytes() for r in m}  # noqa: E731
     assert as_set(quarter) < as_set(half)
-    assert as_set(_iter_rows(b, "val", "text8", batch_size=7, fraction=0.5, seed=3)) == as_set(
-        half
-    )
+    assert as_set(_iter_rows(b, "val", "text8", batch_size=7, fraction=0.5, seed=3)) == as_set(half)
     other = _iter_rows(a, "val", "text8", batch_size=128, fraction=0.5, seed=4)
     assert as_set(other) != as_set(half)
     with pytest.raises(ValueError, match="fraction"):
@@ -489,8 +483,9 @@ def test_ray_dataset_mnist_grey_levels_then_seeded_binarisation(ray_local, small
     assert rows_digest(e1.reshape(297, -1)) == rows_digest(e2.reshape(297, -1)) == rows_digest(stored)
     (grey,) = [b["x"] for b in ds.iter_torch_batches(batch_size=297)]
     assert grey.dtype == torch.uint8
-    x, again, step4 = (D.to_model(grey, "mnist", seq_len=0, generator=D.batch_generator(7, 0, step, "cpu"))
-                       for step in (3, 3, 4))  # fmt: skip
+    x, again, step4 = (
+        D.to_model(grey, "mnist", seq_len=0, generator=D.batch_generator(7, 0, step, "cpu")) for step in (3, 3, 4)
+    )
     assert x.dtype == torch.int64 and x.shape == (297, 28, 28, 1) and set(x.unique().tolist()) <= {0, 1}
     assert torch.equal(x, again) and not torch.equal(x, step4)
     assert not x[grey == 0].any() and x[grey == 255].all()
@@ -521,8 +516,9 @@ def test_ray_dataset_fraction_matches_plain_reader(ray_local, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "text8"])
-def test_ray_dataset_preprocessed_in_the_caller_yields_the_lazy_maps_batches(ray_local, small_mnist, tmp_path,
-                                                                             monkeypatch, name):  # fmt: skip
+def test_ray_dataset_preprocessed_in_the_caller_yields_the_lazy_maps_batches(
+    ray_local, small_mnist, tmp_path, monkeypatch, name
+):
     """A small split is preprocessed by the calling process (no map task to wait for when a Train
     worker iterates it): the seeded, locally shuffled batches equal the lazy map's, bit for bit."""
     import ray.data
@@ -537,8 +533,9 @@ def test_ray_dataset_preprocessed_in_the_caller_yields_the_lazy_maps_batches(ray
     monkeypatch.setattr(options, "preserve_order", True)  # as fit() runs it
 
     def batches(ds):
-        return [b["x"] for b in ds.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=40,
-                                                      local_shuffle_seed=3)]  # fmt: skip
+        return [
+            b["x"] for b in ds.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=40, local_shuffle_seed=3)
+        ]
 
     eager = D.ray_dataset(out, "train", name, num_bins=16 if name == "cifar10" else 256)
     monkeypatch.setattr(readers, "EAGER_PREPROCESS_BYTES", -1)
@@ -574,7 +571,5 @@ def test_s3_prepare_verify_and_ray_read(ray_local, tmp_path):
         s3 = boto3.client("s3", endpoint_url=endpoint)
         key = "datasets/cifar10/test/part-00000.parquet"
         s3.put_object(Bucket="bfn-data", Key=key, Body=b"PAR1 not parquet")
-        with pytest.raises(
-            D.DataError, match=re.escape(f"shard {uri}/test/part-00000.parquet (split 'test')")
-        ):
+        with pytest.raises(D.DataError, match=re.escape(f"shard {uri}/test/part-00000.parquet (split 'test')")):
             D.verify(uri)

@@ -56,12 +56,18 @@ BAD = {  # name: (edit, what the message says after "manifest <uri>/manifest.jso
     "schema column": (lambda m: m["splits"]["test"]["schema"].append(7), "splits.test.schema[2] must be an object"),
     "schema name": (lambda m: m["splits"]["test"]["schema"][0].pop("name"), "splits.test.schema[0] lacks the key"),
     "shards type": (lambda m: m["splits"]["train"].update(shards={}), "splits.train.shards must be list"),
-    "shard type": (lambda m: m["splits"]["train"]["shards"].append("x"),
-                   "splits.train.shards[8] must be an object (got str)"),
-    "absolute path": (lambda m: _shard(m).update(path="/etc/passwd"), "splits.train.shards[1].path '/etc/passwd' "
-                      "must be a plain relative path inside the dataset folder"),
-    "dotdot path": (lambda m: _shard(m).update(path="../other/part-00000.parquet"),
-                    "splits.train.shards[1].path '../other/part-00000.parquet' must be a plain relative path"),
+    "shard type": (
+        lambda m: m["splits"]["train"]["shards"].append("x"),
+        "splits.train.shards[8] must be an object (got str)",
+    ),
+    "absolute path": (
+        lambda m: _shard(m).update(path="/etc/passwd"),
+        "splits.train.shards[1].path '/etc/passwd' must be a plain relative path inside the dataset folder",
+    ),
+    "dotdot path": (
+        lambda m: _shard(m).update(path="../other/part-00000.parquet"),
+        "splits.train.shards[1].path '../other/part-00000.parquet' must be a plain relative path",
+    ),
     "inner dotdot": (lambda m: _shard(m).update(path="train/../../x.parquet"), "shards[1].path 'train/../../x"),
     "backslash path": (lambda m: _shard(m).update(path="..\\x.parquet"), "shards[1].path '..\\\\x.parquet'"),
     "url path": (lambda m: _shard(m).update(path="s3://bucket/x.parquet"), "shards[1].path 's3://bucket/x"),
@@ -75,8 +81,10 @@ BAD = {  # name: (edit, what the message says after "manifest <uri>/manifest.jso
     "sha256 upper": (lambda m: _shard(m).update(sha256=_shard(m)["sha256"].upper()), "64 lowercase hex digits"),
     "sha256 type": (lambda m: _shard(m).update(sha256=None), "shards[1].sha256 must be str (got NoneType"),
     "text8 seq_len": (lambda m: m.pop("seq_len"), "the manifest lacks the key 'seq_len'"),
-    "text8 row_chars": (lambda m: m["splits"]["val"].update(row_chars=0), "splits.val.row_chars must be an "
-                        "integer >= 1"),
+    "text8 row_chars": (
+        lambda m: m["splits"]["val"].update(row_chars=0),
+        "splits.val.row_chars must be an integer >= 1",
+    ),
 }
 
 
@@ -84,8 +92,12 @@ BAD = {  # name: (edit, what the message says after "manifest <uri>/manifest.jso
 def test_malformed_manifest_is_one_clear_error(copy, case):
     edit, says = BAD[case]
     prefix = _edit(copy, edit)
-    for read in (D.read_manifest, D.verify, lambda uri: D.num_rows(uri, "train"),
-                 lambda uri: list(D.iter_batches(uri, "val", "text8", batch_size=4))):  # fmt: skip
+    for read in (
+        D.read_manifest,
+        D.verify,
+        lambda uri: D.num_rows(uri, "train"),
+        lambda uri: list(D.iter_batches(uri, "val", "text8", batch_size=4)),
+    ):
         with pytest.raises(D.DataError) as caught:
             read(str(copy))
         message = str(caught.value)
@@ -107,8 +119,10 @@ def test_old_format_says_to_prepare_again(copy):
     prefix = _edit(copy, lambda m: m.update(format_version=1))
     with pytest.raises(D.DataError) as caught:
         D.verify(str(copy))
-    assert str(caught.value) == (f"{prefix}written in data format 1, this code reads format {D.FORMAT_VERSION}; "
-                                 f"re-run `bfn data prepare text8 --out {copy}`")  # fmt: skip
+    assert str(caught.value) == (
+        f"{prefix}written in data format 1, this code reads format {D.FORMAT_VERSION}; "
+        f"re-run `bfn data prepare text8 --out {copy}`"
+    )
     with pytest.raises(D.DataError, match="re-run `bfn data prepare text8"):
         list(D.iter_batches(str(copy), "test", "text8", batch_size=4))
 
@@ -131,9 +145,14 @@ def test_check_values_names_the_shard(copy):
     table = pq.read_table(path)
     ids = bytearray(b"".join(table.column("ids").to_pylist()))
     ids[70] = 27
-    table = table.set_column(0, "ids", pa.array([bytes(ids[i : i + 64]) for i in range(0, len(ids), 64)],
-                                                pa.binary(64)))  # fmt: skip
+    table = table.set_column(
+        0, "ids", pa.array([bytes(ids[i : i + 64]) for i in range(0, len(ids), 64)], pa.binary(64))
+    )
     pq.write_table(table, path)
-    with pytest.raises(D.DataError, match=re.escape(f"shard {copy}/val/part-00000.parquet (split 'val'): column "
-                                                    "'ids' has values outside 0..26 (min 0, max 27)")):  # fmt: skip
+    with pytest.raises(
+        D.DataError,
+        match=re.escape(
+            f"shard {copy}/val/part-00000.parquet (split 'val'): column 'ids' has values outside 0..26 (min 0, max 27)"
+        ),
+    ):
         D.check_values(str(copy), man, ["train", "val"])

@@ -45,14 +45,19 @@ def build_cifar_archive(folder: Path) -> dict:
     with tarfile.open(archive, "w:gz") as tar:
         for name, (x, y) in batches.items():
             planes = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)  # the original stores CHW rows
-            blob = pickle.dumps({b"batch_label": name.encode(), b"labels": y.tolist(), b"data": planes,
-                                 b"filenames": []}, protocol=2)  # fmt: skip
+            blob = pickle.dumps(
+                {b"batch_label": name.encode(), b"labels": y.tolist(), b"data": planes, b"filenames": []}, protocol=2
+            )
             (extracted / name).write_bytes(blob)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    return {"archive": archive, "extracted": extracted, "train": (xtr.reshape(200, -1), ytr),
-            "test": (xte.reshape(20, -1), yte)}  # fmt: skip
+    return {
+        "archive": archive,
+        "extracted": extracted,
+        "train": (xtr.reshape(200, -1), ytr),
+        "test": (xte.reshape(20, -1), yte),
+    }
 
 
 def build_text8_zip(path: Path, text: bytes = TEXT) -> Path:
@@ -158,8 +163,9 @@ def test_decompression_is_capped(tmp_path, monkeypatch):
         D.prepare("mnist", str(tmp_path / "o"), source=str(tmp_path / "idx"), progress=False)
     monkeypatch.setitem(sources.MEMBER_MAX_BYTES, "cifar10", 1_000)
     with pytest.raises(D.DataError, match=r"member cifar-10-batches-py/data_batch_1 has .* \(cap 1,000\)"):
-        D.prepare("cifar10", str(tmp_path / "o"), source=str(build_cifar_archive(tmp_path / "c")["archive"]),
-                  progress=False)  # fmt: skip
+        D.prepare(
+            "cifar10", str(tmp_path / "o"), source=str(build_cifar_archive(tmp_path / "c")["archive"]), progress=False
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,8 +291,9 @@ def test_cli_prepare_sources(tmp_path, monkeypatch, capsys):
     """`bfn data prepare cifar10 --source FILE` works; without --source it downloads (here from a
     dead 127.0.0.1 port: exit 2, one line naming the URL); `--source bundled` takes data/raw."""
     built = build_cifar_archive(tmp_path / "src")
-    assert cli.main(["data", "prepare", "cifar10", "--source", str(built["archive"]),
-                     "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    assert (
+        cli.main(["data", "prepare", "cifar10", "--source", str(built["archive"]), "--out", str(tmp_path / "c")]) == 0
+    )
     assert "prepared cifar10" in capsys.readouterr().out
     assert cli.main(["data", "verify", str(tmp_path / "c")]) == 0
     assert "cifar10 OK" in capsys.readouterr().out

@@ -53,8 +53,9 @@ def test_mnist_binarisation_is_bernoulli_of_the_grey_level():
     # the reference transform, torch.bernoulli(grey / 255), with the same generator state
     want = torch.bernoulli(grey_batch(4000).float() / 255, generator=D.batch_generator(0, 0, 7, "cpu")).long()
     assert torch.equal(x, want)
-    flat_input = D.to_model(grey_batch(4000).reshape(4000, 784), "mnist", seq_len=0,
-                            generator=D.batch_generator(0, 0, 7, "cpu"))  # fmt: skip
+    flat_input = D.to_model(
+        grey_batch(4000).reshape(4000, 784), "mnist", seq_len=0, generator=D.batch_generator(0, 0, 7, "cpu")
+    )
     assert torch.equal(flat_input, x)
 
 

@@ -31,9 +31,14 @@ def checkpoint(tmp_path_factory):
     raw = compose(overrides)
     cfg = load(overrides)
     model = build_model(cfg)
-    folder = checkpointing.save(root / "ckpt", model=model, ema=EMA(model, 0.9),
-                                optimizer=build_optimizer(cfg, model),
-                                train_state={"step": 3, "epoch": 0}, config=raw)  # fmt: skip
+    folder = checkpointing.save(
+        root / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": 3, "epoch": 0},
+        config=raw,
+    )
     return folder
 
 
@@ -64,8 +69,9 @@ def test_sample_writes_under_runs_never_into_the_checkpoint(checkpoint, tmp_path
 
 def test_cli_eval_sample_and_errors(checkpoint, tmp_path):
     def bfn(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
 
     ok = bfn("eval", str(checkpoint), "--steps", "5", "--max-batches", "1")
     bad = bfn("eval", str(checkpoint), "--steps", "many")
@@ -117,13 +123,25 @@ def test_text8_eval_windows_follow_eval_text8_stride(tmp_path):
     source.mkdir()
     (source / "text8").write_text(" the cat sat on the mat" * 400)
     data_lib.prepare("text8", str(tmp_path / "text8"), source=str(source), seq_len=46, progress=False)
-    overrides = ["experiment=text8", "net=text8_transformer_tiny", f"data.uri={tmp_path / 'text8'}",
-                 "data.seq_len=46", "data.batch_size=4", "trainer=cpu_1", "data.val_batch_size=64"]  # fmt: skip
+    overrides = [
+        "experiment=text8",
+        "net=text8_transformer_tiny",
+        f"data.uri={tmp_path / 'text8'}",
+        "data.seq_len=46",
+        "data.batch_size=4",
+        "trainer=cpu_1",
+        "data.val_batch_size=64",
+    ]
     cfg = load(overrides)
     model = build_model(cfg)
-    folder = checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
-                                optimizer=build_optimizer(cfg, model), train_state={"step": 0, "epoch": 0},
-                                config=compose(overrides))  # fmt: skip
+    folder = checkpointing.save(
+        tmp_path / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": 0, "epoch": 0},
+        config=compose(overrides),
+    )
     rows = evaluate(folder, ["eval.text8_stride=46"], num_steps=0, repeats=1)
     every_23 = evaluate(folder, ["eval.text8_stride=23"], num_steps=0, repeats=1)
     assert every_23.num_examples == 2 * rows.num_examples - 1  # a window between each pair of rows
@@ -133,12 +151,15 @@ def test_matplotlib_builds_its_font_cache_silently(tmp_path):
     """A first plot on a machine (as `make run`'s worker draws the loss curves) builds matplotlib's
     font cache; its INFO notice "generated new fontManager" is not for a person. A fresh process,
     the worker's logging (root at INFO) and an empty MPLCONFIGDIR, so the cache is really built."""
-    code = ("import logging; logging.basicConfig(level=logging.INFO, format='[bfn] %(message)s')\n"
-            "from pipeline.evaluation import figures\n"
-            "figures.save_curves({'loss': [(1, 2.0), (2, 1.0)]}, 'curves.png', 'run')\n")  # fmt: skip
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO, format='[bfn] %(message)s')\n"
+        "from pipeline.evaluation import figures\n"
+        "figures.save_curves({'loss': [(1, 2.0), (2, 1.0)]}, 'curves.png', 'run')\n"
+    )
     env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "curves.png").stat().st_size > 0 and list((tmp_path / "mpl").glob("fontlist-*.json"))
     assert "fontManager" not in result.stdout + result.stderr, result.stderr

@@ -22,10 +22,14 @@ def test_digests_match_hashlib_over_several_buffers(tmp_path):
     (tmp_path / "trial").mkdir()
     (tmp_path / "trial" / "state.pkl").write_bytes(payload[::-1])
     (tmp_path / "notes.txt").write_bytes(b"not read by a restore")
-    assert file_digests(tmp_path / "tuner.pkl") == {"md5": hashlib.md5(payload).hexdigest(),
-                                                   "sha256": hashlib.sha256(payload).hexdigest()}  # fmt: skip
-    assert state_files(str(tmp_path)) == {"trial/state.pkl": hashlib.sha256(payload[::-1]).hexdigest(),
-                                          "tuner.pkl": hashlib.sha256(payload).hexdigest()}  # fmt: skip
+    assert file_digests(tmp_path / "tuner.pkl") == {
+        "md5": hashlib.md5(payload).hexdigest(),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    assert state_files(str(tmp_path)) == {
+        "trial/state.pkl": hashlib.sha256(payload[::-1]).hexdigest(),
+        "tuner.pkl": hashlib.sha256(payload).hexdigest(),
+    }
 
 
 def _pure_hash_loops(tree: ast.AST) -> list[int]:

@@ -29,8 +29,7 @@ def setup(*overrides: str):
 
 
 def snapshot(model, optimizer, ema) -> tuple:
-    return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
-            copy.deepcopy(ema.state_dict()))  # fmt: skip
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), copy.deepcopy(ema.state_dict()))
 
 
 def assert_unchanged(before: tuple, model, optimizer, ema) -> None:
@@ -91,8 +90,9 @@ def test_a_huge_learning_rate_makes_every_later_step_non_finite(lr):
     """What the end-to-end test relies on: the first update is finite, it wrecks the weights, and
     every step after it is non-finite (skipped, so the wreck does not get worse)."""
     cfg, model, optimizer, ema = setup(f"optim.lr={lr}")
-    results = [train_step(model, model, batch(), optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=lr)
-               for _ in range(4)]  # fmt: skip
+    results = [
+        train_step(model, model, batch(), optimizer, ema, grad_clip=cfg.optim.grad_clip, lr=lr) for _ in range(4)
+    ]
     assert [bool(r.skipped) for r in results] == [False, True, True, True]
 
 

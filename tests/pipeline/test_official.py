@@ -138,10 +138,12 @@ def test_a_non_state_dict_payload_is_refused(tmp_path):
     [
         (lambda s: s.pop("net.middle_block.1.qkv.weight"), "missing key 'middle_block.1.qkv.weight'"),
         (lambda s: s.update({"net.extra.weight": torch.zeros(2)}), "unknown key 'extra.weight'"),
-        (lambda s: s.update({"net.out.2.weight": torch.zeros(32, 32, 1, 1)}),
-         r"shape mismatch for key 'out\.2\.weight'"),
+        (
+            lambda s: s.update({"net.out.2.weight": torch.zeros(32, 32, 1, 1)}),
+            r"shape mismatch for key 'out\.2\.weight'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_key_problems_are_named(tmp_path, edit, named):
     state = small_state("unet")
     edit(state)
@@ -183,8 +185,9 @@ def test_every_converted_network_option_survives_hydra_composition():
             experiment = {"unet": "mnist_binary", "unet_vdm": "cifar10_discretized_256", "text_transformer": "text8"}
             from pipeline.training.official import _hydra_value
 
-            composed = compose([f"experiment={experiment[arch]}", f"net={preset[arch]}",
-                                f"++net.kwargs={_hydra_value(wanted)}"])  # fmt: skip
+            composed = compose(
+                [f"experiment={experiment[arch]}", f"net={preset[arch]}", f"++net.kwargs={_hydra_value(wanted)}"]
+            )
         else:
             composed = compose(hydra_overrides(mapped))
         assert composed["net"]["kwargs"] == wanted, name
@@ -194,26 +197,64 @@ def test_every_converted_network_option_survives_hydra_composition():
 
 
 EXPECTED_OVERRIDES = {
-    "mnist_discrete": {"data.name": "mnist", "flow.kind": "discrete", "flow.num_classes": 2,
-                       "flow.beta_1": 9.0, "flow.head": "bernoulli", "net.name": "mnist_unet",
-                       "net.arch": "unet", "flow.receiver": "reference", "flow.sigma_1": None,
-                       "optim.lr": 1e-4, "optim.betas": [0.9, 0.98], "optim.weight_decay": 0.01},
-    "text8_discrete": {"data.name": "text8", "flow.kind": "discrete", "flow.num_classes": 27,
-                       "flow.beta_1": 0.5625, "flow.head": "categorical", "data.seq_len": 256,
-                       "net.name": "text8_transformer", "net.arch": "text_transformer",
-                       "optim.weight_decay": 0.01},
-    "cifar10_discretized_256bins": {"data.name": "cifar10", "flow.kind": "continuous",
-                                    "flow.sigma_1": 1e-3, "flow.head": "discretized_normal",
-                                    "data.num_bins": 256, "flow.beta_1": None, "flow.receiver": None,
-                                    "flow.noise_prediction": True, "net.name": "cifar_unet_vdm",
-                                    "net.arch": "unet_vdm", "optim.lr": 2e-4, "optim.betas": [0.9, 0.99]},
-    "cifar10_discretized_16bins": {"flow.sigma_1": math.sqrt(1e-3), "data.num_bins": 16,
-                                   "flow.reconstruction_std_scale": None},
-    "cifar10_continuous_256bins": {"flow.head": "delta", "flow.sigma_1": 1e-3, "data.num_bins": 256,
-                                   "flow.num_mc_samples": None, "flow.reconstruction_std_scale": 1.0},
-    "cifar10_continuous_16bins": {"flow.head": "delta", "flow.sigma_1": math.sqrt(1e-3),
-                                  "data.num_bins": 16, "flow.reconstruction_std_scale": 0.7},
-}  # fmt: skip
+    "mnist_discrete": {
+        "data.name": "mnist",
+        "flow.kind": "discrete",
+        "flow.num_classes": 2,
+        "flow.beta_1": 9.0,
+        "flow.head": "bernoulli",
+        "net.name": "mnist_unet",
+        "net.arch": "unet",
+        "flow.receiver": "reference",
+        "flow.sigma_1": None,
+        "optim.lr": 1e-4,
+        "optim.betas": [0.9, 0.98],
+        "optim.weight_decay": 0.01,
+    },
+    "text8_discrete": {
+        "data.name": "text8",
+        "flow.kind": "discrete",
+        "flow.num_classes": 27,
+        "flow.beta_1": 0.5625,
+        "flow.head": "categorical",
+        "data.seq_len": 256,
+        "net.name": "text8_transformer",
+        "net.arch": "text_transformer",
+        "optim.weight_decay": 0.01,
+    },
+    "cifar10_discretized_256bins": {
+        "data.name": "cifar10",
+        "flow.kind": "continuous",
+        "flow.sigma_1": 1e-3,
+        "flow.head": "discretized_normal",
+        "data.num_bins": 256,
+        "flow.beta_1": None,
+        "flow.receiver": None,
+        "flow.noise_prediction": True,
+        "net.name": "cifar_unet_vdm",
+        "net.arch": "unet_vdm",
+        "optim.lr": 2e-4,
+        "optim.betas": [0.9, 0.99],
+    },
+    "cifar10_discretized_16bins": {
+        "flow.sigma_1": math.sqrt(1e-3),
+        "data.num_bins": 16,
+        "flow.reconstruction_std_scale": None,
+    },
+    "cifar10_continuous_256bins": {
+        "flow.head": "delta",
+        "flow.sigma_1": 1e-3,
+        "data.num_bins": 256,
+        "flow.num_mc_samples": None,
+        "flow.reconstruction_std_scale": 1.0,
+    },
+    "cifar10_continuous_16bins": {
+        "flow.head": "delta",
+        "flow.sigma_1": math.sqrt(1e-3),
+        "data.num_bins": 16,
+        "flow.reconstruction_std_scale": 0.7,
+    },
+}
 
 
 @pytest.mark.parametrize("yaml_name", OFFICIAL_YAMLS)
@@ -245,7 +286,7 @@ def test_official_configs_map_to_project_settings(yaml_name):
         ("mnist_discrete", "optimizer", {"lr": "x"}, "optimizer.lr"),
         ("mnist_discrete", "training", {"seed": -1}, "training.seed"),
     ],
-)  # fmt: skip
+)
 def test_flow_and_data_options_the_project_lacks_are_refused(yaml_name, section, change, named):
     config = edited(official_yaml(yaml_name), section, **change)
     with pytest.raises(OfficialConfigError, match=re.escape(named)):
@@ -274,8 +315,9 @@ def test_cli_imports_the_official_checkpoint_and_eval_reports_its_continuous_tim
     from pipeline import data as data_lib
 
     def bfn(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
 
     write_idx_folder(tmp_path / "idx", 300, 40)
     data_lib.prepare("mnist", str(tmp_path / "shards"), source=str(tmp_path / "idx"), progress=False)
@@ -284,8 +326,18 @@ def test_cli_imports_the_official_checkpoint_and_eval_reports_its_continuous_tim
     imported = bfn("import-official", str(ckpt), "--config", str(cfg), "--out", str(out))
     assert imported.returncode == 0, imported.stderr
     assert f"bfn eval {out}" in imported.stdout
-    ran = bfn("eval", str(out), "--steps", "inf", "--max-batches", "1", "--repeats", "1",
-              f"data.uri={tmp_path / 'shards'}", "data.val_batch_size=40")  # fmt: skip
+    ran = bfn(
+        "eval",
+        str(out),
+        "--steps",
+        "inf",
+        "--max-batches",
+        "1",
+        "--repeats",
+        "1",
+        f"data.uri={tmp_path / 'shards'}",
+        "data.val_batch_size=40",
+    )
     assert ran.returncode == 0, ran.stderr
     assert "n = inf (continuous time)" in ran.stdout
     number = r"(\d+\.\d+) ± (\d+\.\d+)"

@@ -38,8 +38,17 @@ _CIFAR = {  # configs/cifar10_*.yaml: the four CIFAR-10 configs share these
     "training.val_interval": 50_000,
     "training.val_repeats": 100,
     "training.max_val_batches": -1,  # utils_train default: every validation batch
-    "net": ("UNetVDM", {"embedding_dim": 128, "n_blocks": 32, "n_attention_heads": 1, "dropout_prob": 0.1,
-                        "norm_groups": 32, "attention_everywhere": False}),  # fmt: skip
+    "net": (
+        "UNetVDM",
+        {
+            "embedding_dim": 128,
+            "n_blocks": 32,
+            "n_attention_heads": 1,
+            "dropout_prob": 0.1,
+            "norm_groups": 32,
+            "attention_everywhere": False,
+        },
+    ),
     "test": {"n_steps": 10, "n_repeats": 100},  # README: the CIFAR-10 test command
     **_ADAMW,
     **_TRAINING,
@@ -61,8 +70,17 @@ REFERENCE: dict[str, dict] = {
         "training.val_interval": 50_000,
         "training.val_repeats": 1000,
         "training.max_val_batches": -1,  # utils_train default: every validation batch
-        "net": ("UNetModel", {"model_channels": 128, "channel_mult": [1, 2, 2], "num_res_blocks": 2,
-                              "dropout": 0.5, "num_heads": 4, "skip": True}),  # fmt: skip
+        "net": (
+            "UNetModel",
+            {
+                "model_channels": 128,
+                "channel_mult": [1, 2, 2],
+                "num_res_blocks": 2,
+                "dropout": 0.5,
+                "num_heads": 4,
+                "skip": True,
+            },
+        ),
         "test": {"n_steps": 784, "n_repeats": 2000},  # README: the MNIST test command
         **_ADAMW,
         **_TRAINING,
@@ -130,8 +148,12 @@ REFERENCE: dict[str, dict] = {
 }
 
 DATASETS = {"bin_mnist": "mnist", "cifar10": "cifar10", "text8": "text8"}
-HEADS = {"BernoulliFactory": "bernoulli", "CategoricalFactory": "categorical",
-         "DiscretizedNormalFactory": "discretized_normal", "DeltaFactory": "delta"}  # fmt: skip
+HEADS = {
+    "BernoulliFactory": "bernoulli",
+    "CategoricalFactory": "categorical",
+    "DiscretizedNormalFactory": "discretized_normal",
+    "DeltaFactory": "delta",
+}
 NETWORKS = {"UNetModel": "unet", "UNetVDM": "unet_vdm", "GPT": "text_transformer"}
 NET_ARGS = {"dropout_prob": "dropout"}  # official constructor argument -> ours, where they differ
 UNITS = {"mnist": "nats/image", "cifar10": "bits/dim", "text8": "bits/char"}  # the paper's tables
@@ -142,15 +164,31 @@ def _flow(ref: dict) -> dict:
     head = HEADS[ref["distribution_factory"]]
     # model.py: both discrete_time_loss implementations draw n_samples=10 sender samples; the delta
     # output's is closed-form
-    out = {"flow.head": head, "flow.num_mc_samples": None if head == "delta" else 10,
-           "flow.reconstruction_std_scale": None}  # fmt: skip
+    out = {
+        "flow.head": head,
+        "flow.num_mc_samples": None if head == "delta" else 10,
+        "flow.reconstruction_std_scale": None,
+    }
     if cls == "DiscreteBayesianFlow":
-        return {**out, "flow.kind": "discrete", "flow.num_classes": params["n_classes"],
-                "flow.beta_1": params["max_sqrt_beta"] ** 2, "flow.sigma_1": None, "flow.noise_prediction": None,
-                "flow.receiver": "reference"}  # fmt: skip
-    out.update({"flow.kind": "continuous", "flow.num_classes": None, "flow.beta_1": None, "flow.receiver": None,
-                "flow.sigma_1": pytest.approx(math.sqrt(params["min_variance"]), rel=1e-12),
-                "flow.noise_prediction": ref["loss.noise_pred"]})  # fmt: skip
+        return {
+            **out,
+            "flow.kind": "discrete",
+            "flow.num_classes": params["n_classes"],
+            "flow.beta_1": params["max_sqrt_beta"] ** 2,
+            "flow.sigma_1": None,
+            "flow.noise_prediction": None,
+            "flow.receiver": "reference",
+        }
+    out.update(
+        {
+            "flow.kind": "continuous",
+            "flow.num_classes": None,
+            "flow.beta_1": None,
+            "flow.receiver": None,
+            "flow.sigma_1": pytest.approx(math.sqrt(params["min_variance"]), rel=1e-12),
+            "flow.noise_prediction": ref["loss.noise_pred"],
+        }
+    )
     if "reconstruction" in ref:
         scale = {"sigma_1": 1.0, "0.7 sigma_1": 0.7}[ref["reconstruction"]["std"]]
         out.update({"flow.reconstruction_std_scale": scale, "data.num_bins": ref["reconstruction"]["num_bins"]})

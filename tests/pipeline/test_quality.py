@@ -45,9 +45,14 @@ def checkpoint(mnist, tmp_path_factory):
     overrides = ["experiment=smoke", f"data.uri={mnist}", "data.val_batch_size=20"]
     cfg = load(overrides)
     model = build_model(cfg)
-    return checkpointing.save(tmp_path_factory.mktemp("quality_ckpt") / "ckpt", model=model, ema=EMA(model, 0.9),
-                              optimizer=build_optimizer(cfg, model), train_state={"step": 3, "epoch": 0},
-                              config=compose(overrides))  # fmt: skip
+    return checkpointing.save(
+        tmp_path_factory.mktemp("quality_ckpt") / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": 3, "epoch": 0},
+        config=compose(overrides),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +125,9 @@ def test_classifier_cache_is_reused_and_invalidated_by_new_data(mnist, tmp_path,
     net, meta = clf.load_or_train(mnist, "mnist", 2, tmp_path / "cache", spec=SMALL)
     assert 0 <= meta["test_accuracy"] <= 1 and meta["test_rows"] == 40
     assert sorted(p.name for p in (tmp_path / "cache" / f"mnist-{meta['key']}").iterdir()) == [
-        "classifier.pt", "meta.json"]  # fmt: skip
+        "classifier.pt",
+        "meta.json",
+    ]
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been used")
@@ -153,10 +160,27 @@ def test_image_scorer_scores_the_test_split_near_zero(mnist, cache):
 # ------------------------------------------------------------------------------------- commands
 def test_quality_cli_prints_the_table(checkpoint, cache, tmp_path):
     out = tmp_path / "table"
-    args = ["quality", str(checkpoint), "--sampler", "paper,ode2", "--nfe", "2,3", "--num", "4", "--seeds", "2",
-            "--cache", str(cache), "--out", str(out), "--grid", "uniform"]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    args = [
+        "quality",
+        str(checkpoint),
+        "--sampler",
+        "paper,ode2",
+        "--nfe",
+        "2,3",
+        "--num",
+        "4",
+        "--seeds",
+        "2",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--grid",
+        "uniform",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("| sampler | NFE | FD ↓ | confidence ↑") for line in lines)
@@ -173,21 +197,37 @@ def test_quality_cli_prints_the_table(checkpoint, cache, tmp_path):
     assert (tmp_path / "table_samples" / "ode2_nfe3_seed0.png").is_file()
 
 
-@pytest.mark.parametrize(("args", "flag"), [
-    (["--sampler", "paper,euler"], "--sampler"), (["--nfe", "5,0"], "--nfe"), (["--nfe", "ten"], "--nfe"),
-    (["--num", "0"], "--num"), (["--num", "1"], "--num"), (["--seeds", "0"], "--seeds"), (["--grid", "cos"], "--grid"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--sampler", "paper,euler"], "--sampler"),
+        (["--nfe", "5,0"], "--nfe"),
+        (["--nfe", "ten"], "--nfe"),
+        (["--num", "0"], "--num"),
+        (["--num", "1"], "--num"),
+        (["--seeds", "0"], "--seeds"),
+        (["--grid", "cos"], "--grid"),
+    ],
+)
 def test_quality_bad_flags_exit_2_naming_the_flag(checkpoint, cache, args, flag, capsys):
     assert bfn_main(["quality", str(checkpoint), "--cache", str(cache), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"bfn: error: {flag}:") and "\n" not in err
 
 
-@pytest.mark.parametrize(("args", "flag"), [
-    (["--sampler", "euler"], "--sampler"), (["--nfe", "0"], "--nfe"), (["--nfe", "2.5"], "--nfe"),
-    (["--steps", "-1"], "--steps"), (["--steps", "3", "--nfe", "4"], "--steps and --nfe"), (["--num", "0"], "--num"),
-    (["--sampler", "sde2", "--grid", "cos"], "--grid"), (["--grid", "logsnr"], "--grid"),  # paper has no grid
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--sampler", "euler"], "--sampler"),
+        (["--nfe", "0"], "--nfe"),
+        (["--nfe", "2.5"], "--nfe"),
+        (["--steps", "-1"], "--steps"),
+        (["--steps", "3", "--nfe", "4"], "--steps and --nfe"),
+        (["--num", "0"], "--num"),
+        (["--sampler", "sde2", "--grid", "cos"], "--grid"),
+        (["--grid", "logsnr"], "--grid"),  # paper has no grid
+    ],
+)
 def test_sample_bad_flags_exit_2_naming_the_flag(checkpoint, args, flag, capsys):
     assert bfn_main(["sample", str(checkpoint), *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -199,17 +239,34 @@ def test_sample_with_a_sampler_and_nfe(checkpoint, tmp_path, monkeypatch):
 
     monkeypatch.setenv("BFN_RUNS_DIR", str(tmp_path / "runs"))  # where a sample without --out goes
 
-    assert bfn_main(["sample", str(checkpoint), "--sampler", "sde2", "--nfe", "1", "--num", "3",
-                     "--out", str(tmp_path / "sde2")]) == 0  # fmt: skip
+    assert (
+        bfn_main(
+            [
+                "sample",
+                str(checkpoint),
+                "--sampler",
+                "sde2",
+                "--nfe",
+                "1",
+                "--num",
+                "3",
+                "--out",
+                str(tmp_path / "sde2"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "sde2.png").stat().st_size > 0
     by_steps = sample(checkpoint, num=4, num_steps=3, out=tmp_path / "steps")
     by_nfe = sample(checkpoint, num=4, nfe=4, sampler="paper", out=tmp_path / "nfe")
     assert by_steps.read_bytes() == by_nfe.read_bytes()  # --steps n is --nfe n + 1
     assert sample(checkpoint, num=2, nfe=2, sampler="ode1") == (
-        tmp_path / "runs" / "samples" / f"{checkpoint.parent.name}_ckpt_ode1_nfe2_seed0.png")
+        tmp_path / "runs" / "samples" / f"{checkpoint.parent.name}_ckpt_ode1_nfe2_seed0.png"
+    )
     # the binary flow's default grid is logsnr: naming it changes nothing; a named grid reaches the solver
-    default, logsnr = (sample(checkpoint, num=8, nfe=4, sampler="sde2", grid=g, out=tmp_path / f"g{g}")
-                       for g in (None, "logsnr"))  # fmt: skip
+    default, logsnr = (
+        sample(checkpoint, num=8, nfe=4, sampler="sde2", grid=g, out=tmp_path / f"g{g}") for g in (None, "logsnr")
+    )
     assert default.read_bytes() == logsnr.read_bytes()
     seen = []
     solver_times = bfn.samplers.solver_times
@@ -223,8 +280,16 @@ def test_quality_point_logs_every_sampler_and_nfe(checkpoint, cache, tmp_path):
     from pipeline.evaluation.evaluate import load_model
 
     model, cfg = load_model(checkpoint)
-    raw = {**cfg.raw, "eval": {**cfg.raw["eval"], "quality_samplers": ["paper", "ode1"], "quality_nfe": [2, 3],
-                               "quality_num": 4, "quality_cache": str(cache)}}  # fmt: skip
+    raw = {
+        **cfg.raw,
+        "eval": {
+            **cfg.raw["eval"],
+            "quality_samplers": ["paper", "ode1"],
+            "quality_nfe": [2, 3],
+            "quality_num": 4,
+            "quality_cache": str(cache),
+        },
+    }
     metrics = quality_point(model.train(), Config.from_dict(raw), step=7, out_dir=tmp_path)
     for sampler in ("paper", "ode1"):
         for nfe in (2, 3):
@@ -236,10 +301,15 @@ def test_quality_point_logs_every_sampler_and_nfe(checkpoint, cache, tmp_path):
     assert quality_point(model, cfg, step=7, out_dir=tmp_path) == {}  # no quality_samplers: off
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("quality_samplers", ["paper", "bogus"]), ("quality_samplers", "paper"), ("quality_nfe", [0]),
-    ("quality_num", 1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("quality_samplers", ["paper", "bogus"]),
+        ("quality_samplers", "paper"),
+        ("quality_nfe", [0]),
+        ("quality_num", 1),
+    ],
+)
 def test_quality_settings_name_the_bad_key(key, value):
     config = compose(["experiment=smoke"])
     config["eval"][key] = value
@@ -249,9 +319,11 @@ def test_quality_settings_name_the_bad_key(key, value):
 
 def test_config_validation_loads_no_quality_stack():
     """The config layer checks eval.quality_* from bfn.samplers alone (no evaluation import, no cycle)."""
-    code = ("import sys; import pipeline.config as c; c.load(['experiment=smoke']); "
-            "print(sorted(m for m in sys.modules if m.startswith(('pipeline.evaluation', 'pipeline.training', "
-            "'pipeline.tracking', 'pyarrow', 'ray', 'mlflow'))))")
+    code = (
+        "import sys; import pipeline.config as c; c.load(['experiment=smoke']); "
+        "print(sorted(m for m in sys.modules if m.startswith(('pipeline.evaluation', 'pipeline.training', "
+        "'pipeline.tracking', 'pyarrow', 'ray', 'mlflow'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -263,12 +335,23 @@ def test_quality_table_for_text8(tmp_path):
     source.mkdir()
     (source / "text8").write_text(" the cat sat on the mat" * 400)
     data_lib.prepare("text8", str(tmp_path / "text8"), source=str(source), seq_len=46, progress=False)
-    overrides = ["experiment=text8", "net=text8_transformer_tiny", f"data.uri={tmp_path / 'text8'}", "data.seq_len=46",
-                 "data.batch_size=4", "trainer=cpu_1"]  # fmt: skip
+    overrides = [
+        "experiment=text8",
+        "net=text8_transformer_tiny",
+        f"data.uri={tmp_path / 'text8'}",
+        "data.seq_len=46",
+        "data.batch_size=4",
+        "trainer=cpu_1",
+    ]
     model = build_model(load(overrides))
-    folder = checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
-                                optimizer=build_optimizer(load(overrides), model), train_state={"step": 0, "epoch": 0},
-                                config=compose(overrides))  # fmt: skip
+    folder = checkpointing.save(
+        tmp_path / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(load(overrides), model),
+        train_state={"step": 0, "epoch": 0},
+        config=compose(overrides),
+    )
     rows, text = quality(folder, samplers="sde1", nfe="3", num=2, seeds=1, out=tmp_path / "t", cache=tmp_path / "c")
     assert [r.label for r in rows] == ["data (val split, 2 rows)", "sde1"]
     assert rows[0].stat("spelling_accuracy")[0] == pytest.approx(1.0)  # real windows of a 5-word text

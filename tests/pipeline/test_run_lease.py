@@ -53,17 +53,28 @@ def no_env_changes(monkeypatch):
 
 
 def overrides(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    return ["experiment=smoke", f"run.name={name}", f"run.storage_path={tmp_path / 'ray'}",
-            f"data.uri={tmp_path / 'no-data'}", "tracking=none", *extra]  # fmt: skip
+    return [
+        "experiment=smoke",
+        f"run.name={name}",
+        f"run.storage_path={tmp_path / 'ray'}",
+        f"data.uri={tmp_path / 'no-data'}",
+        "tracking=none",
+        *extra,
+    ]
 
 
 def write_checkpoint(tmp_path: Path, name: str, step: int, *extra: str) -> Path:
     cfg = load(overrides(tmp_path, name, *extra))
     model = build_model(cfg)
     folder = tmp_path / "ray" / name / f"checkpoint_{step:06d}"
-    return checkpointing.save(folder, model=model, ema=EMA(model, 0.9), optimizer=build_optimizer(cfg, model),
-                              train_state={"step": step, "epoch": 0}, config=compose(overrides(tmp_path, name,
-                                                                                                 *extra)))  # fmt: skip
+    return checkpointing.save(
+        folder,
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": step, "epoch": 0},
+        config=compose(overrides(tmp_path, name, *extra)),
+    )
 
 
 # ------------------------------------------------------------------------------------ lease
@@ -72,8 +83,7 @@ def write_checkpoint(tmp_path: Path, name: str, step: int, *extra: str) -> Path:
 def test_second_run_of_a_held_folder_fails_fast_naming_the_holder(tmp_path, no_env_changes, monkeypatch):
     """Another process (a real one) holds the run folder: fit() stops before Ray starts."""
     folder = tmp_path / "ray" / "shared"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = []
@@ -125,8 +135,7 @@ def test_live_holder_with_a_clock_behind_is_not_taken_over(tmp_path):
     """Its heartbeat stamps are 1000 s old by our clock, but it renews them: the file changes while we
     watch it, so the lease is refused, not taken over (hosts' clocks are never compared to take over)."""
     folder = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", SKEWED, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", SKEWED, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LeaseError, match=f"pid {holder.pid}"):
@@ -143,8 +152,14 @@ def test_dead_pid_of_another_pid_namespace_is_not_taken_over_at_once(tmp_path):
     folder = tmp_path / "run"
     mine = Lease(str(folder))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    other = {**mine.holder, "id": "x", "pid": int(dead.stdout), "process_started": 1.0, "pid_ns": "pid:[1]",
-             "heartbeat": time.time()}  # fmt: skip
+    other = {
+        **mine.holder,
+        "id": "x",
+        "pid": int(dead.stdout),
+        "process_started": 1.0,
+        "pid_ns": "pid:[1]",
+        "heartbeat": time.time(),
+    }
     folder.mkdir()
     (folder / LEASE_FILE).write_text(json.dumps(other))
     with pytest.raises(LeaseError, match=f"pid {other['pid']}"):
@@ -195,8 +210,16 @@ def test_rerun_may_change_run_length_and_machine(tmp_path):
 
 def test_experiment_differences_names_keys_and_ignores_machine_keys():
     saved = compose(["experiment=smoke"])
-    current = compose(["experiment=smoke", "optim.lr=0.5", "flow.beta_1=2", "trainer.max_steps=50",
-                       "run.storage_path=/elsewhere", "tracking=none"])  # fmt: skip
+    current = compose(
+        [
+            "experiment=smoke",
+            "optim.lr=0.5",
+            "flow.beta_1=2",
+            "trainer.max_steps=50",
+            "run.storage_path=/elsewhere",
+            "tracking=none",
+        ]
+    )
     keys = [key for key, _, _ in experiment_differences(saved, current)]
     assert keys == ["flow.beta_1", "optim.lr"]
 

@@ -66,8 +66,16 @@ def grid_store(tmp_path_factory):
 
 def test_fit_recovers_exponents_within_ci(grid_store, tmp_path):
     uri, root = grid_store
-    result = S.fit_grid(uri, "scaling", "synthetic", budget=1e18, n_boot=60, seed=1,
-                        out_dir=tmp_path / "out", artifact_location=str(root / "art"))  # fmt: skip
+    result = S.fit_grid(
+        uri,
+        "scaling",
+        "synthetic",
+        budget=1e18,
+        n_boot=60,
+        seed=1,
+        out_dir=tmp_path / "out",
+        artifact_location=str(root / "art"),
+    )
     nd = result["ND"]
     assert nd["n_runs"] == 25 and nd["n_boot"] >= 55
     for key in ("alpha", "beta", "E"):
@@ -108,8 +116,9 @@ def test_an_underdetermined_fit_says_so(grid_store, tmp_path):
     rng = np.random.default_rng(3)
     points = [(n, d, truth(n, d) * math.exp(rng.normal(0, 0.2))) for n in (1e4, 2e4, 4e4) for d in (1e6, 2e6)]
     log_runs(uri, "tiny", points)
-    result = S.fit_grid(uri, "scaling", "tiny", budget=1e22, n_boot=20, out_dir=tmp_path / "out",
-                        artifact_location=str(root / "art"))  # fmt: skip
+    result = S.fit_grid(
+        uri, "scaling", "tiny", budget=1e22, n_boot=20, out_dir=tmp_path / "out", artifact_location=str(root / "art")
+    )
     warnings = json.loads(Path(result["files"]["json"]).read_text())["warnings"]
     text = " | ".join(warnings)
     assert "L(N,D): 6 runs for 5 parameters leave 1 residual degree(s) of freedom" in text
@@ -135,8 +144,17 @@ def test_rejects_too_few_runs(grid_store, tmp_path, capsys):
     from pipeline import cli
 
     # through the CLI: one line, exit status 2
-    code = cli.main(["scaling", "fit", "--name", "small", f"tracking.uri={uri}",
-                     "tracking.experiment=scaling", f"paths.runs_dir={tmp_path}"])  # fmt: skip
+    code = cli.main(
+        [
+            "scaling",
+            "fit",
+            "--name",
+            "small",
+            f"tracking.uri={uri}",
+            "tracking.experiment=scaling",
+            f"paths.runs_dir={tmp_path}",
+        ]
+    )
     assert code == 2
     assert "bfn: error: scaling: too few runs" in capsys.readouterr().err
 
@@ -167,7 +185,8 @@ def test_grid_numbers_are_params_and_the_result_a_metric(grid_store):
     run = MlflowClient(tracking_uri=uri).get_run(store.read_grid(uri, "scaling", "synthetic")[0]["run_id"])
     assert {"scaling.N", "scaling.D", "scaling.C", "scaling.C_measured"} <= set(run.data.params)
     assert float(run.data.params["scaling.C"]) == 6 * float(run.data.params["scaling.N"]) * float(
-        run.data.params["scaling.D"])
+        run.data.params["scaling.D"]
+    )
     assert store.FINAL_NLL in run.data.metrics
     assert not [k for k in run.data.tags if k.startswith("scaling.")]
 
@@ -179,8 +198,13 @@ def test_missing_grid_is_explained(grid_store):
 
 
 def test_plan_measures_n_d_c(tmp_path):
-    plan = S.make_plan("tiny", ["experiment=smoke", "trainer=cpu_1", "eval.num_samples=0"],
-                       widths=[8, 16, 24], depths=[1], steps=[4, 8])  # fmt: skip
+    plan = S.make_plan(
+        "tiny",
+        ["experiment=smoke", "trainer=cpu_1", "eval.num_samples=0"],
+        widths=[8, 16, 24],
+        depths=[1],
+        steps=[4, 8],
+    )
     entries = plan["entries"]
     assert [e["id"] for e in entries][:2] == ["w8-d1-s4-f0.02", "w8-d1-s8-f0.02"]
     assert len(entries) == 6 and plan["metric"] == "val/nll_bits_per_dim"
@@ -222,8 +246,9 @@ def test_an_mlflow_failure_is_one_masked_line(tmp_path, capsys):
     """The tracking server is down: one line, exit status 2, the URI's credentials masked."""
     from pipeline import cli
 
-    code = cli.main(["scaling", "fit", "--name", "g", "tracking.uri=http://user:sekret@127.0.0.1:9/",
-                     f"paths.runs_dir={tmp_path}"])  # fmt: skip
+    code = cli.main(
+        ["scaling", "fit", "--name", "g", "tracking.uri=http://user:sekret@127.0.0.1:9/", f"paths.runs_dir={tmp_path}"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("bfn: error: scaling: MLflow:"), err
     assert "sekret" not in err and "***" in err

@@ -69,8 +69,13 @@ def userinfos(draw) -> tuple[str, str]:
 
 
 @FAST
-@given(scheme=schemes, userinfo=userinfos(), host=hosts, tail=tails,
-       before=st.sampled_from(["", "uri ", "'", '{"uri": "', "failed: <urlopen "]))  # fmt: skip
+@given(
+    scheme=schemes,
+    userinfo=userinfos(),
+    host=hosts,
+    tail=tails,
+    before=st.sampled_from(["", "uri ", "'", '{"uri": "', "failed: <urlopen "]),
+)
 def test_uri_userinfo_is_masked_in_every_form(scheme, userinfo, host, tail, before):
     info, secret = userinfo
     text = f"{before}{scheme}://{info}@{host}{tail} and more"
@@ -81,18 +86,43 @@ def test_uri_userinfo_is_masked_in_every_form(scheme, userinfo, host, tail, befo
     assert secrets.mask_text(masked) == masked
 
 
-SECRET_PARAMS = ["token", "access_token", "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "sig",
-                 "api_key", "apikey", "password", "client_secret", "Signature", "key"]  # fmt: skip
-PLAIN_PARAMS = ["page=2", "X-Amz-Date=20260101T000000Z", "X-Amz-Expires=3600", "X-Amz-SignedHeaders=host",
-                "X-Amz-Algorithm=AWS4-HMAC-SHA256", "v=1"]  # fmt: skip
+SECRET_PARAMS = [
+    "token",
+    "access_token",
+    "X-Amz-Signature",
+    "X-Amz-Credential",
+    "X-Amz-Security-Token",
+    "sig",
+    "api_key",
+    "apikey",
+    "password",
+    "client_secret",
+    "Signature",
+    "key",
+]
+PLAIN_PARAMS = [
+    "page=2",
+    "X-Amz-Date=20260101T000000Z",
+    "X-Amz-Expires=3600",
+    "X-Amz-SignedHeaders=host",
+    "X-Amz-Algorithm=AWS4-HMAC-SHA256",
+    "v=1",
+]
 query_values = st.text(UNRESERVED + "%+/=", min_size=1, max_size=64)
 
 
 @FAST
-@given(params=st.lists(st.one_of(st.tuples(st.sampled_from(SECRET_PARAMS), query_values),
-                                 st.tuples(st.just(None), st.sampled_from(PLAIN_PARAMS))),
-                       min_size=1, max_size=6),
-       fragment=st.sampled_from(["", "#top"]))  # fmt: skip
+@given(
+    params=st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(SECRET_PARAMS), query_values),
+            st.tuples(st.just(None), st.sampled_from(PLAIN_PARAMS)),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    fragment=st.sampled_from(["", "#top"]),
+)
 def test_secret_query_parameters_are_masked(params, fragment):
     query = "&".join(value if name is None else f"{name}={value}" for name, value in params)
     expected = "&".join(value if name is None else f"{name}=***" for name, value in params)
@@ -104,9 +134,11 @@ def test_secret_query_parameters_are_masked(params, fragment):
 
 
 @FAST
-@given(prefix=st.sampled_from(["AKIA", "ASIA"]), rest=st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", min_size=16,
-                                                              max_size=16),
-       around=st.sampled_from([("key ", " in text"), ('"', '"'), ("id=", ""), ("", ",")]))  # fmt: skip
+@given(
+    prefix=st.sampled_from(["AKIA", "ASIA"]),
+    rest=st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", min_size=16, max_size=16),
+    around=st.sampled_from([("key ", " in text"), ('"', '"'), ("id=", ""), ("", ",")]),
+)
 def test_aws_access_key_ids_long_term_and_temporary_are_masked(prefix, rest, around):
     before, after = around
     assert secrets.mask_text(f"{before}{prefix}{rest}{after}") == f"{before}***{after}"
@@ -126,25 +158,39 @@ def aws_secret_keys(draw) -> str:
 
 
 @FAST
-@given(key=aws_secret_keys(), around=st.sampled_from([("aws_secret_access_key = ", "\n"), ('"SecretAccessKey": "', '"'),
-                                                      ("AWS_SECRET_ACCESS_KEY=", ""), ("secret ", ". next")]))
+@given(
+    key=aws_secret_keys(),
+    around=st.sampled_from(
+        [
+            ("aws_secret_access_key = ", "\n"),
+            ('"SecretAccessKey": "', '"'),
+            ("AWS_SECRET_ACCESS_KEY=", ""),
+            ("secret ", ". next"),
+        ]
+    ),
+)
 def test_bare_aws_secret_keys_are_masked(key, around):
     before, after = around
     assert secrets.mask_text(f"{before}{key}{after}") == f"{before}***{after}"
 
 
 @FAST
-@given(sha=st.text("0123456789abcdef", min_size=40, max_size=40), run_id=st.text("0123456789abcdef", min_size=32,
-                                                                                  max_size=32))  # fmt: skip
+@given(
+    sha=st.text("0123456789abcdef", min_size=40, max_size=40),
+    run_id=st.text("0123456789abcdef", min_size=32, max_size=32),
+)
 def test_identifiers_and_plain_urls_are_left_alone(sha, run_id):
-    text = (f"commit {sha} run {run_id} s3://bfn-data/mnist/train/part-00000.parquet "
-            f"https://mlflow.example.com:5000/#/experiments/1/runs/{run_id}?page=2&sort=desc "
-            "file:///home/user/data/raw/mnist/ user@example.com ray://127.0.0.1:10001")  # fmt: skip
+    text = (
+        f"commit {sha} run {run_id} s3://bfn-data/mnist/train/part-00000.parquet "
+        f"https://mlflow.example.com:5000/#/experiments/1/runs/{run_id}?page=2&sort=desc "
+        "file:///home/user/data/raw/mnist/ user@example.com ray://127.0.0.1:10001"
+    )
     assert secrets.mask_text(text) == text and not secrets.has_credential(text)
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in Path(cli.__file__).parent.joinpath("conf", "experiment")
-                                          .glob("*.yaml")))  # fmt: skip
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in Path(cli.__file__).parent.joinpath("conf", "experiment").glob("*.yaml"))
+)
 def test_every_shipped_config_is_left_alone(preset):
     """Masking goes into config.json and MLflow params: a real config value is never taken for a secret."""
     for extra in ([], ["run=cluster", "tracking=mlflow_server"]):
@@ -158,17 +204,35 @@ def test_every_shipped_config_is_left_alone(preset):
 
 
 def test_environment_secrets_are_the_credentials_not_the_settings():
-    environ = {"AWS_SECRET_ACCESS_KEY": "aws-secret-value", "AWS_SESSION_TOKEN": "session-token-value",
-               "MLFLOW_TRACKING_PASSWORD": "mlflow-password", "MLFLOW_TRACKING_TOKEN": "mlflow-token-value",
-               "RAY_AUTH_TOKEN": "ray-cluster-token", "HF_TOKEN": "hf_tokenvalue",
-               "MLFLOW_TRACKING_URI": "https://bfn:uri-password@mlflow.example.com",
-               "AWS_ENDPOINT_URL": "https://uri-token@s3.example.com",
-               "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_TOKEN_PATH": "/home/u/.ray/auth_token",
-               "AWS_SHARED_CREDENTIALS_FILE": "/home/u/.aws/credentials", "MLFLOW_TRACKING_USERNAME": "bfn",
-               "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "PATH": "/usr/bin:/bin", "SKIP_PASS": "true"}  # fmt: skip
+    environ = {
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+        "AWS_SESSION_TOKEN": "session-token-value",
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-password",
+        "MLFLOW_TRACKING_TOKEN": "mlflow-token-value",
+        "RAY_AUTH_TOKEN": "ray-cluster-token",
+        "HF_TOKEN": "hf_tokenvalue",
+        "MLFLOW_TRACKING_URI": "https://bfn:uri-password@mlflow.example.com",
+        "AWS_ENDPOINT_URL": "https://uri-token@s3.example.com",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_AUTH_TOKEN_PATH": "/home/u/.ray/auth_token",
+        "AWS_SHARED_CREDENTIALS_FILE": "/home/u/.aws/credentials",
+        "MLFLOW_TRACKING_USERNAME": "bfn",
+        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+        "PATH": "/usr/bin:/bin",
+        "SKIP_PASS": "true",
+    }
     found = set(secrets.environment_secrets(environ))
-    assert {"aws-secret-value", "session-token-value", "mlflow-password", "mlflow-token-value", "ray-cluster-token",
-            "hf_tokenvalue", "uri-password", "uri-token", "AKIAIOSFODNN7EXAMPLE"} == found  # fmt: skip
+    assert {
+        "aws-secret-value",
+        "session-token-value",
+        "mlflow-password",
+        "mlflow-token-value",
+        "ray-cluster-token",
+        "hf_tokenvalue",
+        "uri-password",
+        "uri-token",
+        "AKIAIOSFODNN7EXAMPLE",
+    } == found
 
 
 def test_cli_registers_the_environment_and_masks_every_log_line(monkeypatch, tmp_path, capsys):
@@ -217,8 +281,10 @@ def test_data_prepare_from_a_signed_url_keeps_its_credentials_out(tmp_path, http
     monkeypatch.setitem(sources.CANONICAL_ARCHIVES["cifar10"], "sha256", sha256(built["archive"]))
     monkeypatch.delenv("BFN_DATA_CACHE", raising=False)
     signature, session = "5e" * 32, f"{SENTINEL}-session"
-    query = (f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=ASIAIOSFODNN7EXAMPLE%2F20260101%2Fus-east-1"
-             f"%2Fs3%2Faws4_request&X-Amz-Expires=3600&X-Amz-Security-Token={session}&X-Amz-Signature={signature}")
+    query = (
+        f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=ASIAIOSFODNN7EXAMPLE%2F20260101%2Fus-east-1"
+        f"%2Fs3%2Faws4_request&X-Amz-Expires=3600&X-Amz-Security-Token={session}&X-Amz-Signature={signature}"
+    )
     handler.files[f"/mirror/cifar-10-python.tar.gz?{query}"] = built["archive"].read_bytes()
     url = f"{base}/mirror/cifar-10-python.tar.gz?{query}"
     out = tmp_path / "c"

@@ -80,9 +80,14 @@ def checkpoint(tmp_path) -> Path:
     overrides = ["experiment=smoke", f"data.uri={tmp_path / 'no-data'}"]
     cfg = load(overrides)
     model = build_model(cfg)
-    return checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
-                              optimizer=build_optimizer(cfg, model), train_state={"step": 3, "epoch": 0},
-                              config=compose(overrides))  # fmt: skip
+    return checkpointing.save(
+        tmp_path / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": 3, "epoch": 0},
+        config=compose(overrides),
+    )
 
 
 def test_the_payload_really_runs_code_when_unpickled(tmp_path):
@@ -112,8 +117,13 @@ def test_eval_and_sample_refuse_a_crafted_pickle(checkpoint, tmp_path, command, 
     write_malicious_pt(checkpoint / name, marker)
     checkpointing.seal(checkpoint)
     extra = ["--raw-weights"] if name == "model.pt" else []
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", command[0], str(checkpoint), *command[1:], *extra],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", command[0], str(checkpoint), *command[1:], *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bfn: error: refusing to load") and name in lines[0]
@@ -127,11 +137,18 @@ def test_eval_and_sample_refuse_a_crafted_pickle(checkpoint, tmp_path, command, 
 def test_mask_secrets_keys_and_embedded_credentials():
     from pipeline.tracking import mask_secrets
 
-    masked = mask_secrets({
-        "aws.secret_access_key": SECRET, "api_key": SECRET, "MLFLOW_TRACKING_TOKEN": SECRET,
-        "db_password": SECRET, "tracking.uri": f"http://bfn:{SECRET}@127.0.0.1:5000",
-        "note": "key AKIAABCDEFGHIJKLMNOP in text", "plain": "ok", "token_count": None,
-    })  # fmt: skip
+    masked = mask_secrets(
+        {
+            "aws.secret_access_key": SECRET,
+            "api_key": SECRET,
+            "MLFLOW_TRACKING_TOKEN": SECRET,
+            "db_password": SECRET,
+            "tracking.uri": f"http://bfn:{SECRET}@127.0.0.1:5000",
+            "note": "key AKIAABCDEFGHIJKLMNOP in text",
+            "plain": "ok",
+            "token_count": None,
+        }
+    )
     assert SECRET not in repr(masked) and "AKIAABCDEFGHIJKLMNOP" not in repr(masked)
     assert masked["tracking.uri"] == "http://***@127.0.0.1:5000" and masked["plain"] == "ok"
 
@@ -143,14 +160,25 @@ def test_no_secret_reaches_mlflow_params_tags_or_store(tmp_path, monkeypatch):
 
     from pipeline.training.tracking_run import start_tracking
 
-    env = {"AWS_SECRET_ACCESS_KEY": SECRET + "-aws", "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
-           "AWS_SESSION_TOKEN": SECRET + "-session", "MLFLOW_TRACKING_TOKEN": SECRET + "-mlflow",
-           "MLFLOW_TRACKING_PASSWORD": SECRET + "-password", "RAY_AUTH_TOKEN": SECRET + "-ray"}  # fmt: skip
+    env = {
+        "AWS_SECRET_ACCESS_KEY": SECRET + "-aws",
+        "AWS_ACCESS_KEY_ID": "AKIASENTINEL00000001",
+        "AWS_SESSION_TOKEN": SECRET + "-session",
+        "MLFLOW_TRACKING_TOKEN": SECRET + "-mlflow",
+        "MLFLOW_TRACKING_PASSWORD": SECRET + "-password",
+        "RAY_AUTH_TOKEN": SECRET + "-ray",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     db = tmp_path / "mlflow.db"
-    cfg = load(["experiment=smoke", f"tracking.uri=sqlite:///{db}", f"tracking.artifact_location={tmp_path / 'a'}",
-                f"run.ray_address=ray://bfn:{SECRET}-cfg@127.0.0.1:10001"])  # fmt: skip
+    cfg = load(
+        [
+            "experiment=smoke",
+            f"tracking.uri=sqlite:///{db}",
+            f"tracking.artifact_location={tmp_path / 'a'}",
+            f"run.ray_address=ray://bfn:{SECRET}-cfg@127.0.0.1:10001",
+        ]
+    )
     run_id = start_tracking(cfg, 123, {"dataset": "mnist", "splits": {"train": {"rows": 10, "shards": []}}}).run_id
     run = MlflowClient(cfg.tracking.uri).get_run(run_id)
     everything = repr(run.data.params) + repr(run.data.tags) + repr(run.info)
@@ -172,8 +200,10 @@ def test_a_signed_source_url_in_a_manifest_never_reaches_mlflow(tmp_path):
 
     out = tmp_path / "cifar10"
     data.prepare("cifar10", str(out), source=None, progress=False)
-    signed = ("https://b.s3.amazonaws.com/cifar-10-python.tar.gz?X-Amz-Credential=ASIAIOSFODNN7EXAMPLE%2F2026"
-              f"&X-Amz-Security-Token={SECRET}-session&X-Amz-Signature={SECRET}-sig")
+    signed = (
+        "https://b.s3.amazonaws.com/cifar-10-python.tar.gz?X-Amz-Credential=ASIAIOSFODNN7EXAMPLE%2F2026"
+        f"&X-Amz-Security-Token={SECRET}-session&X-Amz-Signature={SECRET}-sig"
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["source"].update(kind="url", location=signed, url=signed)
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -181,8 +211,9 @@ def test_a_signed_source_url_in_a_manifest_never_reaches_mlflow(tmp_path):
     cfg = load(["experiment=smoke", f"tracking.uri=sqlite:///{db}", f"tracking.artifact_location={tmp_path / 'a'}"])
     tracker = start_tracking(cfg, 1, data.verify(str(out), splits=["train", "val"]))
     assert end_tracking(tracker, {})["tracking_lost_calls"] == 0
-    logged = MlflowClient(cfg.tracking.uri).download_artifacts(tracker.run_id, "data/manifest.json",
-                                                               str(tmp_path / "dl"))  # fmt: skip
+    logged = MlflowClient(cfg.tracking.uri).download_artifacts(
+        tracker.run_id, "data/manifest.json", str(tmp_path / "dl")
+    )
     assert "X-Amz-Signature=***" in Path(logged).read_text()
     assert find_secrets([SECRET, "ASIAIOSFODNN7EXAMPLE"], [tmp_path / "a", db, tmp_path / "dl"]) == []
 
@@ -295,8 +326,14 @@ def test_embedded_ray_sets_ray_trains_local_defaults_unless_the_user_did(monkeyp
     docs/benchmarks.md); a value the user exported wins."""
     from pipeline.training import ray_runtime
 
-    for key in (ray_runtime.LOOPBACK_ENV, "GLOO_SOCKET_IFNAME", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN",
-                "RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):  # fmt: skip
+    for key in (
+        ray_runtime.LOOPBACK_ENV,
+        "GLOO_SOCKET_IFNAME",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_MODE",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+    ):
         monkeypatch.setenv(key, os.environ.get(key, ""))  # restored (or removed) after the test
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
@@ -354,8 +391,11 @@ def test_embedded_ray_temp_root_is_private_to_this_user(monkeypatch):
             ray_runtime.ray_temp_root()
         monkeypatch.undo()
         monkeypatch.setattr(ray_runtime, "RAY_ROOT_BASE", base)
-        cases = {"link": "is not a folder", "open": r"is open to other users \(mode 0755\)",
-                 "x" * 40: "at most 32 characters"}  # fmt: skip
+        cases = {
+            "link": "is not a folder",
+            "open": r"is open to other users \(mode 0755\)",
+            "x" * 40: "at most 32 characters",
+        }
         (base / "link").symlink_to(root)
         (base / "open").mkdir(mode=0o755)
         (base / "open").chmod(0o755)
@@ -389,14 +429,17 @@ def test_an_open_ray_tmpdir_stops_bfn_train_before_ray_starts(monkeypatch, tmp_p
 def test_an_embedded_runtime_refuses_to_start_when_ray_was_imported_too_early(tmp_path):
     """A process that imported ray before the loopback setting would start Ray on the network
     address: init_ray refuses (RuntimeError, before ray.init) instead of warning."""
-    code = ("import os; os.environ.pop('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', None); import ray\n"
-            "ray.init = lambda **kwargs: print('ray.init called')\n"
-            "from pipeline.config import load; from pipeline.training.ray_runtime import init_ray\n"
-            "init_ray(load(['experiment=smoke']))")  # fmt: skip
+    code = (
+        "import os; os.environ.pop('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', None); import ray\n"
+        "ray.init = lambda **kwargs: print('ray.init called')\n"
+        "from pipeline.config import load; from pipeline.training.ray_runtime import init_ray\n"
+        "init_ray(load(['experiment=smoke']))"
+    )
     env = {**os.environ, "RAY_TMPDIR": str(tempfile.mkdtemp(prefix="bfni-", dir="/tmp"))}
     try:
-        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
     finally:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert out.returncode == 1 and "ray.init called" not in out.stdout, out.stderr[-2000:]
@@ -416,15 +459,19 @@ def ray_commands(tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("ray_commands")
     shards = root / "mnist"
     data_lib.prepare("mnist", str(shards), progress=False)
-    machine = [f"data.uri={shards}", f"paths.runs_dir={root / 'runs'}", f"run.storage_path={root / 'ray'}",
-               f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'artifacts'}"]
+    machine = [
+        f"data.uri={shards}",
+        f"paths.runs_dir={root / 'runs'}",
+        f"run.storage_path={root / 'ray'}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        f"tracking.artifact_location={root / 'artifacts'}",
+    ]
     small = ["experiment=smoke", "trainer=cpu_1", "trainer.max_steps=1", "eval.num_samples=0", *machine]
     plan = scaling.make_plan("listen", small, widths=[8, 16], depths=[1], steps=[1])
     plan_path = scaling.write_plan(plan, root / "plan.json")
     return {
         "train": ["train", *small, "tracking=none", "run.name=listen"],
-        "tune": ["tune", *small, "tracking=none", "space=lr", "num_samples=1", "max_concurrent=1",
-                 "driver_cpus=0.5"],
+        "tune": ["tune", *small, "tracking=none", "space=lr", "num_samples=1", "max_concurrent=1", "driver_cpus=0.5"],
         "scaling": ["scaling", "run", str(plan_path), "--concurrent", "2"],
         "bench": ["bench", "pipeline", "--steps", "1", f"data.uri={shards}", "net=mnist_unet_tiny"],
     }
@@ -434,7 +481,8 @@ def _ray_is_up(driver: int, sockets: list[tuple[int, str, int]], commands: dict[
     """The driver has connected (its core worker listens) and the node's services listen."""
     listening = {commands[pid] for pid, _, _ in sockets}
     return any(pid == driver for pid, _, _ in sockets) and all(
-        any(name in command for command in listening) for name in ("gcs_server", "raylet", "dashboard/agent.py"))
+        any(name in command for command in listening) for name in ("gcs_server", "raylet", "dashboard/agent.py")
+    )
 
 
 @pytest.mark.slow
@@ -460,9 +508,15 @@ def test_every_command_starts_its_own_ray_on_loopback_only(ray_commands, command
     env[marker.split("=")[0]] = marker.split("=")[1]
     log = tmp_path / "out.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=tmp_path, env=env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *argv],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     pids: list[int] = []
     try:
         deadline, seen = time.monotonic() + 240, set()
@@ -497,11 +551,13 @@ def test_every_command_starts_its_own_ray_on_loopback_only(ray_commands, command
 
 def test_the_commands_without_ray_never_import_it():
     """`bfn eval`, `sample`, `quality`, `data` and `import-official` run without Ray: their modules do not import it."""
-    code = ("import sys\n"
-            "import pipeline.cli, pipeline.evaluation.evaluate, pipeline.evaluation.quality.table\n"
-            "import pipeline.training.official, pipeline.data\n"
-            "pipeline.cli.build_parser()\n"
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")  # fmt: skip
+    code = (
+        "import sys\n"
+        "import pipeline.cli, pipeline.evaluation.evaluate, pipeline.evaluation.quality.table\n"
+        "import pipeline.training.official, pipeline.data\n"
+        "pipeline.cli.build_parser()\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
@@ -541,13 +597,22 @@ def test_local_stack_binds_every_server_to_loopback(tmp_path, monkeypatch):
 def test_checkpoint_config_json_has_no_credentials(tmp_path):
     """Sentinel credentials in config values (tracking.uri, run.ray_address) are masked in
     config.json; the rest of the config is kept for evaluation and the resume check."""
-    overrides = ["experiment=smoke", "tracking=mlflow_server", f"tracking.uri=http://bfn:{SECRET}@127.0.0.1:5000",
-                 f"run.ray_address=ray://bfn:{SECRET}-ray@127.0.0.1:10001"]  # fmt: skip
+    overrides = [
+        "experiment=smoke",
+        "tracking=mlflow_server",
+        f"tracking.uri=http://bfn:{SECRET}@127.0.0.1:5000",
+        f"run.ray_address=ray://bfn:{SECRET}-ray@127.0.0.1:10001",
+    ]
     cfg = load(overrides)
     model = build_model(cfg)
-    folder = checkpointing.save(tmp_path / "ckpt", model=model, ema=EMA(model, 0.9),
-                                optimizer=build_optimizer(cfg, model), train_state={"step": 1, "epoch": 0},
-                                config=cfg.raw)  # fmt: skip
+    folder = checkpointing.save(
+        tmp_path / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": 1, "epoch": 0},
+        config=cfg.raw,
+    )
     assert find_secrets([SECRET], [tmp_path]) == []
     saved = checkpointing.read(folder)["config"]
     assert saved["tracking"]["uri"] == "http://***@127.0.0.1:5000"
@@ -564,7 +629,9 @@ def test_mask_text_is_the_one_masking(monkeypatch):
     masked = secrets.mask_text(text)
     assert SECRET not in masked and "AKIA" not in masked and "hunter2" not in masked and masked.endswith(" ab")
     assert mask_secrets is secrets.mask_params
-    nested = secrets.mask_config({"a": {"api_key": "x" * 8, "uri": f"s3://k:{SECRET}@b"}, "l": [f"http://u:{SECRET}@h"]})
+    nested = secrets.mask_config(
+        {"a": {"api_key": "x" * 8, "uri": f"s3://k:{SECRET}@b"}, "l": [f"http://u:{SECRET}@h"]}
+    )
     assert SECRET not in repr(nested) and nested["a"]["api_key"] == "***"
 
 

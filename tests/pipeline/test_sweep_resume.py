@@ -31,8 +31,14 @@ class Plant:
 def tracked(tmp_path_factory):
     """A config whose tracking is a fresh sqlite store, and the sweep's parent run in it."""
     root = tmp_path_factory.mktemp("resume")
-    cfg = load(["experiment=smoke", f"paths.runs_dir={root / 'runs'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-                "tracking.experiment=sweeps"])  # fmt: skip
+    cfg = load(
+        [
+            "experiment=smoke",
+            f"paths.runs_dir={root / 'runs'}",
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            "tracking.experiment=sweeps",
+        ]
+    )
     parent = store.start_parent(cfg, "s1", {"tune.space": "lr"}, "test sweep", resume=False)
     return cfg, parent.run_id, root
 

@@ -38,9 +38,17 @@ def store(tmp_path_factory) -> dict:
 
 
 def config(store: dict, tmp_path: Path, name: str, *extra: str):
-    return load(["experiment=smoke", f"run.name={name}", f"run.storage_path={tmp_path / 'ray'}",
-                 f"tracking.uri={store['uri']}", f"tracking.artifact_location={store['artifacts']}",
-                 f"tracking.experiment={name}", *extra])  # fmt: skip
+    return load(
+        [
+            "experiment=smoke",
+            f"run.name={name}",
+            f"run.storage_path={tmp_path / 'ray'}",
+            f"tracking.uri={store['uri']}",
+            f"tracking.artifact_location={store['artifacts']}",
+            f"tracking.experiment={name}",
+            *extra,
+        ]
+    )
 
 
 def client(uri: str):
@@ -86,8 +94,9 @@ def test_a_resume_that_changes_max_steps_keeps_one_run_and_records_the_new_value
         first = tracking_run.start_tracking(cfg, 123, MANIFEST, lease, resume=False)
         assert tracking_run.end_tracking(first, {"tracking_lost_calls": 0})["tracking_lost_calls"] == 0
         more_rows = {**MANIFEST, "splits": {"train": {"rows": 20, "shards": []}}}
-        second = tracking_run.start_tracking(config(store, tmp_path, "resumed", "trainer.max_steps=12"), 123, more_rows,
-                                       lease, resume=True)  # fmt: skip
+        second = tracking_run.start_tracking(
+            config(store, tmp_path, "resumed", "trainer.max_steps=12"), 123, more_rows, lease, resume=True
+        )
         summary = tracking_run.end_tracking(second, {"checkpoint": "/somewhere/checkpoint_2"})
     finally:
         lease.release()
@@ -125,8 +134,9 @@ def test_a_deleted_run_folder_gets_a_new_mlflow_run_not_the_finished_one(store, 
     assert any(re.search(rf"{runs[0]}.*not continued.*holds no checkpoint", r.getMessage()) for r in caplog.records)
     lease = Lease(resume.run_folder(cfg)).acquire()
     try:  # a resume in that folder (a checkpoint of the second training): the second run again
-        again = MLflowTracker.start(store["uri"], "deleted", "deleted", resume=True,
-                                    owner={"holder": "x", "run_folder": resume.run_folder(cfg)})  # fmt: skip
+        again = MLflowTracker.start(
+            store["uri"], "deleted", "deleted", resume=True, owner={"holder": "x", "run_folder": resume.run_folder(cfg)}
+        )
     finally:
         lease.release()
     assert again.run_id == runs[1]
@@ -167,10 +177,18 @@ def test_driver_calls_that_failed_at_the_start_are_delivered_or_counted_at_the_e
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
     with MLflowServer(tmp_path / "mlflow") as server:
         failing = {"on": True}
-        with FaultyS3Proxy(server.url, lambda method, path: 503 if failing["on"] and writes.search(path) else None) \
-                as proxy:  # fmt: skip
-            cfg = load(["experiment=smoke", "run.name=healed", f"run.storage_path={tmp_path / 'ray'}",
-                        "tracking=mlflow_server", f"tracking.uri={proxy.url}"])  # fmt: skip
+        with FaultyS3Proxy(
+            server.url, lambda method, path: 503 if failing["on"] and writes.search(path) else None
+        ) as proxy:
+            cfg = load(
+                [
+                    "experiment=smoke",
+                    "run.name=healed",
+                    f"run.storage_path={tmp_path / 'ray'}",
+                    "tracking=mlflow_server",
+                    f"tracking.uri={proxy.url}",
+                ]
+            )
             tracker = tracking_run.start_tracking(cfg, 123, MANIFEST)
             assert tracker.pending  # params, tags and the manifest wait for the server
             failing["on"] = False
@@ -189,8 +207,15 @@ def test_driver_calls_that_failed_at_the_start_are_delivered_or_counted_at_the_e
             assert client(server.url).get_run(tracker.run_id).data.metrics["train/loss"] == 0.25
 
             failing["on"] = True
-            cfg = load(["experiment=smoke", "run.name=down", f"run.storage_path={tmp_path / 'ray'}",
-                        "tracking=mlflow_server", f"tracking.uri={proxy.url}"])  # fmt: skip
+            cfg = load(
+                [
+                    "experiment=smoke",
+                    "run.name=down",
+                    f"run.storage_path={tmp_path / 'ray'}",
+                    "tracking=mlflow_server",
+                    f"tracking.uri={proxy.url}",
+                ]
+            )
             down = tracking_run.start_tracking(cfg, 123, MANIFEST)
             queued = len(down.pending)
             assert queued >= 3

@@ -40,9 +40,13 @@ def test_the_summary_states_the_nll_in_the_runs_unit(capsys):
     from pipeline.training.driver import print_summary
 
     nll = {"val/nll_bits_per_dim": 1.5, "val/nll_bits_per_dim_se": 0.01}
-    print_summary(load(["experiment=text8_local"]), {"step": 9, **nll, "val/nll_bits_per_char": 1.5,
-                                                     "val/nll_bits_per_char_se": 0.01})  # fmt: skip
+    print_summary(
+        load(["experiment=text8_local"]),
+        {"step": 9, **nll, "val/nll_bits_per_char": 1.5, "val/nll_bits_per_char_se": 0.01},
+    )
     assert "validation NLL: 1.5000 ± 0.0100 bits/char\n" in capsys.readouterr().out  # one character is one dim
-    print_summary(load(["experiment=mnist_local"]), {"step": 9, **nll, "val/nll_nats_per_image": 815.1,
-                                                     "val/nll_nats_per_image_se": 5.4})  # fmt: skip
+    print_summary(
+        load(["experiment=mnist_local"]),
+        {"step": 9, **nll, "val/nll_nats_per_image": 815.1, "val/nll_nats_per_image_se": 5.4},
+    )
     assert "validation NLL: 1.5000 ± 0.0100 bits/dim, 815.10 ± 5.40 nats/image" in capsys.readouterr().out

@@ -83,8 +83,7 @@ def test_every_space_samples_into_a_valid_config(name, composed):
     raw, _ = composed[preset]
     random.seed(0)
     for _ in range(2):
-        sample = {k: (v.sample() if isinstance(v, tune.search.sample.Domain) else v)
-                  for k, v in space.items()}  # fmt: skip
+        sample = {k: (v.sample() if isinstance(v, tune.search.sample.Domain) else v) for k, v in space.items()}
         cfg = load([f"experiment={preset}", *to_overrides(sample)])  # what a trial does
         flat = flatten(cfg.raw)
         for key, value in sample.items():
@@ -132,10 +131,19 @@ def test_bad_spaces_are_rejected(space, message, composed):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("optim.lr", 2.0), ("optim.lr", 0.0), ("optim.ema_decay", 0.0), ("optim.ema_decay", 1.0),
-     ("optim.warmup_steps", -1), ("data.fraction", 1.0), ("data.fraction", 1.5), ("data.batch_size", 7),
-     ("trainer.max_steps", 0), ("flow.beta_1", 1e-9)],
-)  # fmt: skip
+    [
+        ("optim.lr", 2.0),
+        ("optim.lr", 0.0),
+        ("optim.ema_decay", 0.0),
+        ("optim.ema_decay", 1.0),
+        ("optim.warmup_steps", -1),
+        ("data.fraction", 1.0),
+        ("data.fraction", 1.5),
+        ("data.batch_size", 7),
+        ("trainer.max_steps", 0),
+        ("flow.beta_1", 1e-9),
+    ],
+)
 def test_a_space_accepts_exactly_what_the_config_accepts(key, value, composed):
     """One source of truth: a space value is legal iff `bfn train` would accept it in the config."""
     raw, cfg = composed["smoke"]  # 2 workers: an odd batch size is refused by the config
@@ -195,17 +203,19 @@ def test_bfn_tune_fails_before_any_trial(bad, monkeypatch, capsys):
 def test_cli_rejects_bad_sweep_options(capsys):
     from pipeline import cli
 
-    for args, key in ((["space=nope"], "space: unknown space 'nope'"),
-                      (["space=lr", "num_samples=0"], "num_samples: must be >= 1"),
-                      (["space=lr", "scheduler=hyperband"], "scheduler: must be asha or fifo"),
-                      (["space=lr", "search=grid"], "search: must be random or optuna"),
-                      (["space=lr", "resume=maybe"], "resume: must be bool"),
-                      (["space=lr", "metric=loss"], "metric: must be a reported"),
-                      (["space=lr", "trust_storage=perhaps"], "trust_storage: must be bool"),
-                      (["space=lr", "num_samples=true"], "num_samples: must be int"),
-                      (["space=lr", "num_samples=[1,2]"], "num_samples: must be int"),
-                      (["space=lr", "num_samples"], "override: Error parsing override 'num_samples'"),
-                      ([], "space: required")):  # fmt: skip
+    for args, key in (
+        (["space=nope"], "space: unknown space 'nope'"),
+        (["space=lr", "num_samples=0"], "num_samples: must be >= 1"),
+        (["space=lr", "scheduler=hyperband"], "scheduler: must be asha or fifo"),
+        (["space=lr", "search=grid"], "search: must be random or optuna"),
+        (["space=lr", "resume=maybe"], "resume: must be bool"),
+        (["space=lr", "metric=loss"], "metric: must be a reported"),
+        (["space=lr", "trust_storage=perhaps"], "trust_storage: must be bool"),
+        (["space=lr", "num_samples=true"], "num_samples: must be int"),
+        (["space=lr", "num_samples=[1,2]"], "num_samples: must be int"),
+        (["space=lr", "num_samples"], "override: Error parsing override 'num_samples'"),
+        ([], "space: required"),
+    ):
         assert cli.main(["tune", "experiment=smoke", *args]) == 2, args
         assert key in capsys.readouterr().err, (args, key)
 
@@ -215,19 +225,33 @@ def test_sweep_options_are_read_with_hydras_grammar():
     values, quoting, and a sweep option given as a Hydra sweep (a=1,2) stays a training override."""
     from pipeline.sweeps.tune import parse_args
 
-    opts, overrides = parse_args(["experiment=smoke", "space=lr", "num_samples=8", "resume=true", "driver_cpus=2",
-                                  "export_dir='runs/a b'", "optim.lr=0.1", "seed=1,2"])  # fmt: skip
+    opts, overrides = parse_args(
+        [
+            "experiment=smoke",
+            "space=lr",
+            "num_samples=8",
+            "resume=true",
+            "driver_cpus=2",
+            "export_dir='runs/a b'",
+            "optim.lr=0.1",
+            "seed=1,2",
+        ]
+    )
     assert (opts.num_samples, opts.resume, opts.driver_cpus, opts.export_dir) == (8, True, 2.0, "runs/a b")
     assert overrides == ["experiment=smoke", "optim.lr=0.1", "seed=1,2"] and opts.seed == 0
 
 
 @pytest.mark.parametrize(
     ("args", "searched"),
-    [(["experiment=smoke", "space=schedule_mnist", "metric=val/loss"], "flow.beta_1"),
-     (["experiment=smoke", "space=optim_short+schedule_mnist", "metric=train/loss"], "flow.beta_1"),
-     (["experiment=cifar10_discretized_256", "space=schedule_continuous", "metric=val/loss_bits_per_dim"],
-      "flow.sigma_1")],
-)  # fmt: skip
+    [
+        (["experiment=smoke", "space=schedule_mnist", "metric=val/loss"], "flow.beta_1"),
+        (["experiment=smoke", "space=optim_short+schedule_mnist", "metric=train/loss"], "flow.beta_1"),
+        (
+            ["experiment=cifar10_discretized_256", "space=schedule_continuous", "metric=val/loss_bits_per_dim"],
+            "flow.sigma_1",
+        ),
+    ],
+)
 def test_a_schedule_search_refuses_the_loss_as_objective(args, searched, monkeypatch, capsys):
     """L-infinity grows with beta_1 / sigma_1 itself: ranked by it, the search would pick the smallest."""
     from pipeline import cli
@@ -252,11 +276,25 @@ def test_nll_objectives_pass_the_guard():
 
 
 def test_parse_args_splits_sweep_keys_from_hydra_overrides():
-    opts, overrides = T.parse_args(["experiment=smoke", "space=lr+schedule_mnist", "num_samples=3",
-                                    "trainer.max_steps=8", "max_concurrent=2", "resume=true",
-                                    "driver_cpus=0.5", "net=mnist_unet_tiny"])  # fmt: skip
+    opts, overrides = T.parse_args(
+        [
+            "experiment=smoke",
+            "space=lr+schedule_mnist",
+            "num_samples=3",
+            "trainer.max_steps=8",
+            "max_concurrent=2",
+            "resume=true",
+            "driver_cpus=0.5",
+            "net=mnist_unet_tiny",
+        ]
+    )
     assert (opts.space, opts.num_samples, opts.max_concurrent, opts.resume, opts.driver_cpus) == (
-        "lr+schedule_mnist", 3, 2, True, 0.5)
+        "lr+schedule_mnist",
+        3,
+        2,
+        True,
+        0.5,
+    )
     assert overrides == ["experiment=smoke", "trainer.max_steps=8", "net=mnist_unet_tiny"]
     assert set(get_space(opts.space)) == {"optim.lr", "flow.beta_1"}
 
@@ -280,9 +318,16 @@ def test_hydra_values():
 
 
 def test_exported_preset_reproduces_the_trial(tmp_path):
-    overrides = ["experiment=smoke", "trainer=cpu_1", "trainer.max_steps=8", "++optim.lr=0.0031",
-                 "++net.kwargs.model_channels=32", "++net.kwargs.norm_groups=8",
-                 "++flow.beta_1=4.5", "run.name=whatever"]  # fmt: skip
+    overrides = [
+        "experiment=smoke",
+        "trainer=cpu_1",
+        "trainer.max_steps=8",
+        "++optim.lr=0.0031",
+        "++net.kwargs.model_channels=32",
+        "++net.kwargs.norm_groups=8",
+        "++flow.beta_1=4.5",
+        "run.name=whatever",
+    ]
     path, command = export_preset(overrides, "smoke-lr", str(tmp_path))
     text = Path(path).read_text()
     assert path == str(tmp_path / "experiment" / "best_smoke_lr.yaml")

@@ -35,8 +35,15 @@ ARCHITECTURE_VERSION = 1  # bump when SmallCNN changes: old caches then no longe
 class SmallCNN(nn.Module):
     """conv(c1)-pool-conv(c2)-pool -> Linear(feature_dim) + ReLU (the features) -> Linear(10)."""
 
-    def __init__(self, in_channels: int, image_size: int, *, channels: tuple[int, int] = (32, 64),
-                 feature_dim: int = 64, num_classes: int = 10) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        *,
+        channels: tuple[int, int] = (32, 64),
+        feature_dim: int = 64,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         c1, c2 = channels
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
@@ -77,24 +84,37 @@ def to_input(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """Model-space images (B, H, W, C): MNIST {0, 1}, CIFAR-10 [-1, 1] -> float (B, C, H, W)."""
     x = torch.as_tensor(x)
     if tuple(x.shape[1:]) != IMAGE_SHAPES[name]:
-        raise ValueError(f"{name} images must be (batch, {', '.join(map(str, IMAGE_SHAPES[name]))}), "
-                         f"got {tuple(x.shape)}")  # fmt: skip
+        raise ValueError(
+            f"{name} images must be (batch, {', '.join(map(str, IMAGE_SHAPES[name]))}), got {tuple(x.shape)}"
+        )
     return x.float().permute(0, 3, 1, 2).contiguous()
 
 
 def manifest_digest(uri: str, splits: tuple[str, ...] = ("train", "test")) -> str:
     """sha256 of what identifies the data: dataset, format, schema and the splits' shard hashes."""
     man = data_lib.read_manifest(uri)
-    ident = {"dataset": man["dataset"], "format_version": man["format_version"],
-             "splits": {s: {"schema": man["splits"][s]["schema"],
-                            "shards": [(sh["sha256"], sh["rows"]) for sh in man["splits"][s]["shards"]]}
-                        for s in splits if s in man["splits"]}}  # fmt: skip
+    ident = {
+        "dataset": man["dataset"],
+        "format_version": man["format_version"],
+        "splits": {
+            s: {
+                "schema": man["splits"][s]["schema"],
+                "shards": [(sh["sha256"], sh["rows"]) for sh in man["splits"][s]["shards"]],
+            }
+            for s in splits
+            if s in man["splits"]
+        },
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 def cache_key(name: str, num_bins: int, spec: ClassifierSpec, digest: str) -> str:
-    fields = {"dataset": name, "num_bins": None if num_bins is None else int(num_bins), **spec.key_fields(),
-              "data": digest}  # fmt: skip
+    fields = {
+        "dataset": name,
+        "num_bins": None if num_bins is None else int(num_bins),
+        **spec.key_fields(),
+        "data": digest,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,8 +124,9 @@ def check_cache_dir(cache_dir: str | Path) -> Path:
     for package in ("pipeline", "bfn"):
         root = Path(__import__(package).__file__).resolve().parent
         if path == root or root in path.parents:
-            raise ConfigError(f"classifier cache {path}: must not lie inside the {package} package; "
-                              "use a folder under runs/")  # fmt: skip
+            raise ConfigError(
+                f"classifier cache {path}: must not lie inside the {package} package; use a folder under runs/"
+            )
     return path
 
 
@@ -123,8 +144,9 @@ def _inputs(name: str, images: np.ndarray, num_bins: int, rng: np.random.Generat
 
 
 @torch.no_grad()
-def accuracy(net: SmallCNN, name: str, images: np.ndarray, labels: np.ndarray, num_bins: int,
-             device: torch.device, seed: int) -> float:  # fmt: skip
+def accuracy(
+    net: SmallCNN, name: str, images: np.ndarray, labels: np.ndarray, num_bins: int, device: torch.device, seed: int
+) -> float:
     rng = np.random.default_rng(seed)
     net.eval()
     correct = 0
@@ -164,15 +186,25 @@ def train(uri: str, name: str, num_bins: int, spec: ClassifierSpec, device: torc
                 break
     seconds = time.perf_counter() - started
     test_images, test_labels = split_arrays(uri, "test", name)
-    meta = {"train_rows": len(images), "steps": total, "train_seconds": round(seconds, 1),
-            "test_rows": len(test_images),
-            "test_accuracy": accuracy(net, name, test_images, test_labels, num_bins, device, spec.seed)}  # fmt: skip
+    meta = {
+        "train_rows": len(images),
+        "steps": total,
+        "train_seconds": round(seconds, 1),
+        "test_rows": len(test_images),
+        "test_accuracy": accuracy(net, name, test_images, test_labels, num_bins, device, spec.seed),
+    }
     return net.eval(), meta
 
 
-def load_or_train(uri: str, name: str, num_bins: int, cache_dir: str | Path, *,
-                  spec: ClassifierSpec = DEFAULT_SPEC, device: torch.device | None = None
-                  ) -> tuple[SmallCNN, dict]:  # fmt: skip
+def load_or_train(
+    uri: str,
+    name: str,
+    num_bins: int,
+    cache_dir: str | Path,
+    *,
+    spec: ClassifierSpec = DEFAULT_SPEC,
+    device: torch.device | None = None,
+) -> tuple[SmallCNN, dict]:
     """The cached classifier for (spec, data), trained and stored first when there is none.
 
     Returns the network (eval mode, on ``device``) and its meta (key, test accuracy, folder).
@@ -192,8 +224,15 @@ def load_or_train(uri: str, name: str, num_bins: int, cache_dir: str | Path, *,
         return net.to(device).eval(), {**meta, "folder": str(folder)}
     log.info("quality classifier %s: training on %s's train split (cached in %s)", key, name, folder)
     trained, meta = train(uri, name, num_bins, spec, device)
-    meta = {"key": key, "dataset": name, "num_bins": num_bins, "data_manifest_sha256": digest,
-            "spec": spec.key_fields(), "torch": torch.__version__, **meta}  # fmt: skip
+    meta = {
+        "key": key,
+        "dataset": name,
+        "num_bins": num_bins,
+        "data_manifest_sha256": digest,
+        "spec": spec.key_fields(),
+        "torch": torch.__version__,
+        **meta,
+    }
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=folder.parent))
     torch.save(trained.state_dict(), staging / "classifier.pt")
@@ -202,6 +241,11 @@ def load_or_train(uri: str, name: str, num_bins: int, cache_dir: str | Path, *,
         staging.rename(folder)  # atomic: a concurrent trainer of the same key leaves one complete copy
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("quality classifier %s: test accuracy %.4f on %d rows (%.0f s)", key, meta["test_accuracy"],
-             meta["test_rows"], meta["train_seconds"])  # fmt: skip
+    log.info(
+        "quality classifier %s: test accuracy %.4f on %d rows (%.0f s)",
+        key,
+        meta["test_accuracy"],
+        meta["test_rows"],
+        meta["train_seconds"],
+    )
     return trained.to(device).eval(), {**meta, "folder": str(folder)}

@@ -20,6 +20,7 @@ from pipeline.evaluation.quality.table import draw
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class QualitySettings:
     samplers: tuple[str, ...]
@@ -59,14 +60,18 @@ def quality_point(model, cfg, step: int, out_dir: str | Path) -> dict[str, float
     try:
         for sampler in settings.samplers:
             for nfe in settings.nfe:
-                samples, seconds = draw(model, sampler, nfe, settings.num, seed=cfg.trainer.seed,
-                                        batch_size=settings.num, device=device)  # fmt: skip
+                samples, seconds = draw(
+                    model, sampler, nfe, settings.num, seed=cfg.trainer.seed, batch_size=settings.num, device=device
+                )
                 prefix = f"quality/{sampler}/nfe_{nfe}/"
                 scores = {**scorer.score(samples), "seconds_per_sample": seconds / settings.num}
                 out.update({prefix + k: float(v) for k, v in scores.items()})
                 figures.save_samples(samples, cfg.data.name, Path(out_dir) / f"{sampler}_nfe{nfe}_step{step:08d}")
     finally:
         model.train(was_training)
-    log.info("quality at step %d: %s", step, ", ".join(f"{k.removeprefix('quality/')} {v:.4g}"
-                                                        for k, v in out.items() if "seconds" not in k))  # fmt: skip
+    log.info(
+        "quality at step %d: %s",
+        step,
+        ", ".join(f"{k.removeprefix('quality/')} {v:.4g}" for k, v in out.items() if "seconds" not in k),
+    )
     return out

@@ -103,8 +103,17 @@ def spelling_accuracy(texts: list[str], vocabulary: set[str]) -> tuple[float, in
 class ImageScorer:
     """Classifier features/probabilities of samples against the test split's feature statistics."""
 
-    def __init__(self, uri: str, name: str, num_bins: int, cache_dir, *, device: torch.device,
-                 spec: clf.ClassifierSpec = clf.DEFAULT_SPEC, max_reference_rows: int = 10_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        name: str,
+        num_bins: int,
+        cache_dir,
+        *,
+        device: torch.device,
+        spec: clf.ClassifierSpec = clf.DEFAULT_SPEC,
+        max_reference_rows: int = 10_000,
+    ) -> None:
         self.name, self.device = name, device
         self.net, self.classifier = clf.load_or_train(uri, name, num_bins, cache_dir, spec=spec, device=device)
         features = []
@@ -133,9 +142,11 @@ class ImageScorer:
 
     def describe(self) -> str:
         c = self.classifier
-        return (f"classifier {c['key']} ({c['dataset']}, penultimate {c['spec']['feature_dim']} features): "
-                f"test accuracy {c['test_accuracy']:.4f} on {c['test_rows']} rows; FD reference: "
-                f"{self.reference_rows} test rows; {c['folder']}")  # fmt: skip
+        return (
+            f"classifier {c['key']} ({c['dataset']}, penultimate {c['spec']['feature_dim']} features): "
+            f"test accuracy {c['test_accuracy']:.4f} on {c['test_rows']} rows; FD reference: "
+            f"{self.reference_rows} test rows; {c['folder']}"
+        )
 
 
 class TextScorer:
@@ -153,23 +164,31 @@ class TextScorer:
         """(N, L) ids -> spelling_accuracy, char_js_bits (and the word count, for the record)."""
         ids = torch.as_tensor(samples).cpu().numpy()
         accuracy, words = spelling_accuracy([decode(row) for row in ids], self.vocabulary)
-        return {"spelling_accuracy": accuracy, "char_js_bits": js_divergence_bits(char_counts(ids), self.reference),
-                "words": float(words)}  # fmt: skip
+        return {
+            "spelling_accuracy": accuracy,
+            "char_js_bits": js_divergence_bits(char_counts(ids), self.reference),
+            "words": float(words),
+        }
 
     def describe(self) -> str:
-        return (f"train vocabulary: {len(self.vocabulary)} words; character reference: "
-                f"{int(self.reference.sum())} test characters")
+        return (
+            f"train vocabulary: {len(self.vocabulary)} words; character reference: "
+            f"{int(self.reference.sum())} test characters"
+        )
 
 
 METRICS = {  # name -> (label, better direction), in table order
-    "fd": ("FD", "lower"), "confidence": ("confidence", "higher"),
+    "fd": ("FD", "lower"),
+    "confidence": ("confidence", "higher"),
     "label_entropy_bits": ("label entropy (bits)", "higher"),
-    "spelling_accuracy": ("spelling accuracy", "higher"), "char_js_bits": ("char JS (bits)", "lower"),
-}  # fmt: skip
+    "spelling_accuracy": ("spelling accuracy", "higher"),
+    "char_js_bits": ("char JS (bits)", "lower"),
+}
 
 
-def make_scorer(uri: str, name: str, num_bins: int, cache_dir, *, device: torch.device,
-                spec: clf.ClassifierSpec = clf.DEFAULT_SPEC) -> ImageScorer | TextScorer:  # fmt: skip
+def make_scorer(
+    uri: str, name: str, num_bins: int, cache_dir, *, device: torch.device, spec: clf.ClassifierSpec = clf.DEFAULT_SPEC
+) -> ImageScorer | TextScorer:
     if name == "text8":
         return TextScorer(uri)
     return ImageScorer(uri, name, num_bins, cache_dir, device=device, spec=spec)
@@ -178,4 +197,3 @@ def make_scorer(uri: str, name: str, num_bins: int, cache_dir, *, device: torch.
 def min_samples(name: str) -> int:
     """Samples a quality point needs for dataset ``name`` (``config.DATASETS``)."""
     return DATASETS[name].min_quality_samples
-

@@ -29,16 +29,34 @@ log = logging.getLogger(__name__)
 
 
 # -------------------------------------------------------------------------------------- sampling
-def draw(model, sampler: str, nfe: int, num: int, *, seed: int, batch_size: int,
-         device: torch.device, grid: str | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+def draw(
+    model,
+    sampler: str,
+    nfe: int,
+    num: int,
+    *,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    grid: str | None = None,
+) -> tuple[torch.Tensor, float]:
     """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds).
     ``grid``: the solvers' time grid (None: the flow's default); the paper's sampler has none."""
     generator = torch.Generator(device=device).manual_seed(seed)
     grid = None if sampler == "paper" else grid  # one table mixes the paper's sampler with the solvers
     started, chunks = time.perf_counter(), []
     for start in range(0, num, batch_size):
-        chunks.append(bfn.samplers.sample(model, min(batch_size, num - start), sampler=sampler, nfe=nfe,
-                                          generator=generator, device=device, grid=grid).cpu())  # fmt: skip
+        chunks.append(
+            bfn.samplers.sample(
+                model,
+                min(batch_size, num - start),
+                sampler=sampler,
+                nfe=nfe,
+                generator=generator,
+                device=device,
+                grid=grid,
+            ).cpu()
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return torch.cat(chunks), time.perf_counter() - started
@@ -71,27 +89,48 @@ def data_row(cfg, scorer, num: int, seeds: int) -> Row:
         log.warning("the val split has %d rows: no data row", rows)
         return row
     for seed in range(seeds):
-        batch = next(data_lib.iter_batches(cfg.data.uri, "val", cfg.data.name, batch_size=n,
-                                           num_bins=cfg.data.num_bins, seed=seed, shuffle=True))  # fmt: skip
+        batch = next(
+            data_lib.iter_batches(
+                cfg.data.uri, "val", cfg.data.name, batch_size=n, num_bins=cfg.data.num_bins, seed=seed, shuffle=True
+            )
+        )
         row.add(scorer.score(batch["x"]))
     return row
 
 
-def run(model, cfg, scorer, *, samplers: list[str], nfes: list[int], num: int, seeds: int, batch_size: int,
-        device: torch.device, samples_dir: Path | None = None, grid: str | None = None) -> list[Row]:  # fmt: skip
+def run(
+    model,
+    cfg,
+    scorer,
+    *,
+    samplers: list[str],
+    nfes: list[int],
+    num: int,
+    seeds: int,
+    batch_size: int,
+    device: torch.device,
+    samples_dir: Path | None = None,
+    grid: str | None = None,
+) -> list[Row]:
     """One row per (sampler, NFE): metrics of ``num`` samples for seeds 0..seeds-1."""
     rows = []
     for sampler in samplers:
         for nfe in nfes:
             row = Row(sampler, nfe, num)
             for seed in range(seeds):
-                samples, seconds = draw(model, sampler, nfe, num, seed=seed, batch_size=batch_size, device=device,
-                                        grid=grid)  # fmt: skip
+                samples, seconds = draw(
+                    model, sampler, nfe, num, seed=seed, batch_size=batch_size, device=device, grid=grid
+                )
                 row.add({**scorer.score(samples), "seconds_per_sample": seconds / num})
                 if seed == 0 and samples_dir is not None:
                     figures.save_samples(samples, cfg.data.name, samples_dir / f"{sampler}_nfe{nfe}_seed0")
-                log.info("quality: %s nfe %d seed %d: %s", sampler, nfe, seed,
-                         ", ".join(f"{k} {v[-1]:.4g}" for k, v in row.values.items()))  # fmt: skip
+                log.info(
+                    "quality: %s nfe %d seed %d: %s",
+                    sampler,
+                    nfe,
+                    seed,
+                    ", ".join(f"{k} {v[-1]:.4g}" for k, v in row.values.items()),
+                )
             rows.append(row)
     return rows
 
@@ -115,8 +154,12 @@ def markdown(rows: list[Row]) -> str:
     head = ["sampler", "NFE", *(f"{qm.METRICS[k][0]} {arrows[qm.METRICS[k][1]]}" for k in keys), "s/sample"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
-        cells = [row.label, "–" if row.nfe is None else str(row.nfe), *(_cell(row, k) for k in keys),
-                 _cell(row, "seconds_per_sample", 3)]  # fmt: skip
+        cells = [
+            row.label,
+            "–" if row.nfe is None else str(row.nfe),
+            *(_cell(row, k) for k in keys),
+            _cell(row, "seconds_per_sample", 3),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -140,17 +183,32 @@ def write(rows: list[Row], stem: Path, header: str) -> tuple[Path, Path]:
 # -------------------------------------------------------------------------------------- command
 def _solver_grid(model, grid: str | None) -> str:
     solver = bfn.samplers.make_solver(model.flow)
-    return (f"BFN-Solvers (ode*, sde*) on the {grid or solver.DEFAULT_GRID} time grid from t_start "
-            f"{solver.DEFAULT_T_START:g}; paper: the paper's sampler, uniform steps, last call at t = 1")
+    return (
+        f"BFN-Solvers (ode*, sde*) on the {grid or solver.DEFAULT_GRID} time grid from t_start "
+        f"{solver.DEFAULT_T_START:g}; paper: the paper's sampler, uniform steps, last call at t = 1"
+    )
 
 
-def quality(checkpoint, overrides=(), *, samplers, nfe, num: int = 256, seeds: int = 3, batch_size: int = 256,
-            out=None, cache=None, device: str | None = None, use_ema: bool = True, grid: str | None = None
-            ) -> tuple[list[Row], str]:  # fmt: skip
+def quality(
+    checkpoint,
+    overrides=(),
+    *,
+    samplers,
+    nfe,
+    num: int = 256,
+    seeds: int = 3,
+    batch_size: int = 256,
+    out=None,
+    cache=None,
+    device: str | None = None,
+    use_ema: bool = True,
+    grid: str | None = None,
+) -> tuple[list[Row], str]:
     """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text)."""
     samplers, nfes, grid = parse_samplers(samplers), parse_nfe(nfe), parse_grid(grid)
-    num, seeds, batch_size = (check_count(f, v, 1) for f, v in (("--num", num), ("--seeds", seeds),
-                                                                 ("--batch-size", batch_size)))  # fmt: skip
+    num, seeds, batch_size = (
+        check_count(f, v, 1) for f, v in (("--num", num), ("--seeds", seeds), ("--batch-size", batch_size))
+    )
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
     check_count("--num", num, qm.min_samples(cfg.data.name), f" for {cfg.data.name} (a covariance needs two samples)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -163,16 +221,30 @@ def quality(checkpoint, overrides=(), *, samplers, nfe, num: int = 256, seeds: i
     scorer = qm.make_scorer(cfg.data.uri, cfg.data.name, cfg.data.num_bins, cache, device=device)
     model = model.to(device)
     rows = [data_row(cfg, scorer, num, seeds)]
-    rows += run(model, cfg, scorer, samplers=samplers, nfes=nfes, num=num, seeds=seeds, batch_size=batch_size,
-                device=device, samples_dir=stem.with_name(stem.name + "_samples"), grid=grid)  # fmt: skip
-    header = "\n".join([
-        f"Sample quality of {checkpoint} ({cfg.data.name}, {'EMA' if use_ema else 'raw'} weights, {device.type}): "
-        f"{num} samples per cell, mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.",
-        scorer.describe() + ".",
-        _solver_grid(model, grid) + ".",
-        "Metrics: " + "; ".join(f"{qm.METRICS[k][0]} ({qm.METRICS[k][1]} is better)" for k in metric_keys(rows))
-        + ". Definitions: pipeline/evaluation/quality/metrics.py.",
-    ])  # fmt: skip
+    rows += run(
+        model,
+        cfg,
+        scorer,
+        samplers=samplers,
+        nfes=nfes,
+        num=num,
+        seeds=seeds,
+        batch_size=batch_size,
+        device=device,
+        samples_dir=stem.with_name(stem.name + "_samples"),
+        grid=grid,
+    )
+    header = "\n".join(
+        [
+            f"Sample quality of {checkpoint} ({cfg.data.name}, {'EMA' if use_ema else 'raw'} weights, {device.type}): "
+            f"{num} samples per cell, mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.",
+            scorer.describe() + ".",
+            _solver_grid(model, grid) + ".",
+            "Metrics: "
+            + "; ".join(f"{qm.METRICS[k][0]} ({qm.METRICS[k][1]} is better)" for k in metric_keys(rows))
+            + ". Definitions: pipeline/evaluation/quality/metrics.py.",
+        ]
+    )
     csv_path, md_path = write(rows, stem, header)
     log.info("quality table written to %s and %s; seed-0 samples in %s_samples/", csv_path, md_path, stem)
     return rows, header + "\n\n" + markdown(rows)

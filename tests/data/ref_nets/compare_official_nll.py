@@ -55,12 +55,18 @@ def build_official(checkout: Path, config: dict):
         return None if node is None else getattr(module, node["class_name"])(**node["parameters"], **extra)
 
     cfg = config["model"]
-    data_adapters = {"input_adapter": make(adapters, cfg["input_adapter"]),
-                     "output_adapter": make(adapters, cfg["output_adapter"])}  # fmt: skip
+    data_adapters = {
+        "input_adapter": make(adapters, cfg["input_adapter"]),
+        "output_adapter": make(adapters, cfg["output_adapter"]),
+    }
     net = make(networks, cfg["net"], data_adapters=data_adapters)
     flow = make(official_model, cfg["bayesian_flow"])
-    loss = make(official_model, cfg["loss"], bayesian_flow=flow,
-                distribution_factory=make(probability, cfg["distribution_factory"]))  # fmt: skip
+    loss = make(
+        official_model,
+        cfg["loss"],
+        bayesian_flow=flow,
+        distribution_factory=make(probability, cfg["distribution_factory"]),
+    )
     return official_model.BFN(net=net, bayesian_flow=flow, loss=loss)
 
 
@@ -119,12 +125,18 @@ def official_nll(bfn, shards: str, batch_size: int, steps: int, repeats: int, ma
 def project_nll(imported: Path, shards: str, steps: int, repeats: int, max_batches: int):
     from pipeline.evaluation.evaluate import evaluate
 
-    print(f"$ bfn eval {imported} --steps {steps} --repeats {repeats} --max-batches {max_batches} "
-          f"data.uri={shards}", flush=True)  # fmt: skip
-    est = evaluate(imported, [f"data.uri={shards}"], split="test", num_steps=steps, repeats=repeats,
-                   max_batches=max_batches)  # fmt: skip
-    return {"loss": (est.loss, est.loss_se), "reconstruction": (est.reconstruction, est.reconstruction_se),
-            "total": (est.total, est.total_se)}, est.num_examples  # fmt: skip
+    print(
+        f"$ bfn eval {imported} --steps {steps} --repeats {repeats} --max-batches {max_batches} data.uri={shards}",
+        flush=True,
+    )
+    est = evaluate(
+        imported, [f"data.uri={shards}"], split="test", num_steps=steps, repeats=repeats, max_batches=max_batches
+    )
+    return {
+        "loss": (est.loss, est.loss_se),
+        "reconstruction": (est.reconstruction, est.reconstruction_se),
+        "total": (est.total, est.total_se),
+    }, est.num_examples
 
 
 def table(results: dict, num_dims: int) -> str:
@@ -138,8 +150,10 @@ def table(results: dict, num_dims: int) -> str:
         z = (p - o) / math.sqrt(p_se**2 + o_se**2)
         for unit, s in units.items():
             for side in ("project", "official"):
-                cells = [f"{m * s:.4f} ± {se * s:.4f}" for m, se in (sides[side][k] for k in
-                         ("loss", "reconstruction", "total"))]  # fmt: skip
+                cells = [
+                    f"{m * s:.4f} ± {se * s:.4f}"
+                    for m, se in (sides[side][k] for k in ("loss", "reconstruction", "total"))
+                ]
                 lines.append(f"| {steps} | {side} | {unit} | {' | '.join(cells)} | {z:+.2f} |")
     return "\n".join(lines)
 
@@ -168,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for steps in args.steps:
         project, examples = project_nll(imported, args.shards, steps, args.repeats, args.max_batches)
-        official = official_nll(bfn, args.shards, cfg.data.val_batch_size, steps, args.repeats,
-                                args.max_batches, args.seed)  # fmt: skip
+        official = official_nll(
+            bfn, args.shards, cfg.data.val_batch_size, steps, args.repeats, args.max_batches, args.seed
+        )
         results["inf" if steps == 0 else str(steps)] = {"project": project, "official": official}
     (args.work / "comparison.json").write_text(
         json.dumps(
