@@ -154,3 +154,14 @@ def test_long_modules_say_why_at_their_top():
             if text.count("\n") > 500 and "Longer than 500 lines" not in "\n".join(text.splitlines()[:8]):
                 long.append(str(path.relative_to(REPO)))
     assert long == [], f"over 500 lines without a reason at the top: {long}"
+
+
+def test_training_path_functions_are_at_most_50_lines():
+    """The training path (pipeline/training, pipeline/core) reads in named steps (STYLE)."""
+    long = []
+    for package in ("pipeline/training", "pipeline/core"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert long == [], f"training-path functions over 50 lines: {long}"
