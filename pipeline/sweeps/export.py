@@ -1,7 +1,7 @@
 """Export the best trial of a sweep as an override-only experiment preset.
 
-``export_preset`` writes ``best_<sweep>.yaml`` (into ``pipeline/conf/experiment/`` or
-``<export_dir>/experiment/``, used with ``hydra.searchpath=[file://<export_dir>]``): group
+``export_preset`` writes ``best_<sweep>.yaml`` into ``<export_dir>/experiment/`` (by default
+``<runs_dir>/presets``: never the package tree), used with ``hydra.searchpath=[file://<export_dir>]``: group
 overrides where the trial's choice differs from train.yaml's defaults, then every value that
 differs from that group composition, machine keys (paths, tracking, storage) aside. Composing the
 preset must reproduce the trial's experiment, or nothing is written.
@@ -89,17 +89,15 @@ def preset_yaml(overrides: list[str], preset_name: str, *, searchpath: list[str]
 
 
 def export_preset(
-    overrides: list[str], sweep_name: str, export_dir: str | None, *, user_overrides: list[str] = ()
+    overrides: list[str], sweep_name: str, export_dir: str, *, user_overrides: list[str] = ()
 ) -> tuple[str, str]:
     """Write best_<sweep>.yaml and check that composing it reproduces the trial's config.
     Returns (path, the `bfn train` command)."""
     preset_name = "best_" + re.sub(r"[^A-Za-z0-9_]", "_", sweep_name)
-    searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]
-    if export_dir:
-        root = Path(export_dir).expanduser().resolve()
-        searchpath = [f"hydra.searchpath=[file://{root}]"]
-    else:
-        root = CONF_DIR
+    root = Path(export_dir).expanduser().resolve()
+    # the user's own search path (a preset the sweep started from) stays, the export folder first
+    given = [o.split("=", 1)[1].strip("[]") for o in overrides if o.startswith("hydra.searchpath=")]
+    searchpath = [f"hydra.searchpath=[{','.join([f'file://{root}', *filter(None, given)])}]"]
     path = root / "experiment" / f"{preset_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)  # before composing: Hydra checks the searchpath
     text = preset_yaml(overrides, preset_name, searchpath=searchpath)

@@ -94,7 +94,7 @@ class SweepOptions:
     sweep: str = ""
     resume: bool = False
     trust_storage: bool = False  # resume without checking the Tune state's recorded sha256
-    export_dir: str = ""
+    export_dir: str = ""  # "": <paths.runs_dir>/presets
     driver_cpus: float = 1.0
     data_cpus: float = 1.0
 
@@ -353,7 +353,12 @@ def report(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Lo
     export = command = None
     if best is not None:
         best_overrides = runner.trial_overrides(settings, best["config"], best["trial_id"])[0]
-        export, command = export_preset(best_overrides, where.name, opts.export_dir or None, user_overrides=overrides)
+        export, command = export_preset(
+            best_overrides,
+            where.name,
+            opts.export_dir or str(Path(cfg.paths.runs_dir) / "presets"),
+            user_overrides=overrides,
+        )
     return {"best": best, "files": files, "export": export, "command": command}
 
 

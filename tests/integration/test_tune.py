@@ -307,6 +307,10 @@ def test_a_sweep_driver_killed_right_after_a_save_resumes(ray_local, machine, tm
 
     resumed = T.sweep([*args, "resume=true"])
     assert [r["status"] for r in resumed["rows"]] == ["completed"] and resumed["rows"][0]["step"] == 8
+    # the best trial's preset goes under the runs folder, never into the package tree
+    runs_dir = next(o.split("=", 1)[1] for o in machine if o.startswith("paths.runs_dir="))
+    assert resumed["export"] == str(Path(runs_dir).resolve() / "presets" / "experiment" / f"best_killed_{when}.yaml")
+    assert resumed["command"].startswith(f"bfn train hydra.searchpath=[file://{Path(runs_dir).resolve() / 'presets'}]")
 
 
 @pytest.mark.skipif(
