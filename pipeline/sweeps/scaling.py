@@ -36,6 +36,15 @@ The fit itself (``fit``, pure): L(N, D) = E + A / N^alpha + B / D^beta and L(C) 
 with bootstrap intervals, and the compute-optimal split of a budget. Too few runs (fewer than
 free parameters + 1) or a non-finite NLL are rejected with a message. Grid points run one after
 another (``fit`` calls) or ``--concurrent`` at a time as Tune trials (``runner``).
+
+IsoFLOP (``--isoflop``, ``make_isoflop_plan``; Hoffmann et al. 2022): per training budget C (6ND as
+above; evaluation FLOPs are not included, ``C_measured`` and the eval config state those), ``--sizes``
+widths at the config's depth, spread over a factor 16 in log N around N_opt = sqrt(C / (6 r)) with
+r = ``--tokens-per-param`` (D/N, Chinchilla's 20), each trained for round(C / (6 N batch dims)) steps
+(the realised C within 5% of the budget, or the plan is refused). Each run keeps its budget as the
+param ``scaling.budget``, and ``fit`` then reports two estimates of N_opt ~ C^a side by side:
+Approach 2 (a parabola of L in log N per budget, its vertex, a power law over budgets; off-centre
+budgets reported and left out) and Approach 3 (a = beta / (alpha + beta) of the L(N, D) fit).
 """
 
 from __future__ import annotations
