@@ -262,3 +262,158 @@ def reliability_warnings(nd: dict, c: dict, runs: list[dict], prediction: dict |
                     f"grid's {axis} range [{lo:.3g}, {hi:.3g}]: an extrapolation, not a measurement"
                 )
     return out
+
+
+# ===================================================================== IsoFLOP (Approach 2)
+def _percentile_ci(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    if not np.isfinite(values).any():
+        return (float("nan"), float("nan"))
+    return (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
+
+
+def _vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float] | None:
+    """(log N, L) at the vertex of the parabola L = c2 log N^2 + c1 log N + c0; None when it opens downward."""
+    centre = float(log_n.mean())  # centred for conditioning
+    c2, c1, c0 = np.polyfit(log_n - centre, loss, 2)
+    if not c2 > 0:
+        return None
+    x = -c1 / (2 * c2)
+    return centre + float(x), float(c0 - c1**2 / (4 * c2))
+
+
+def _budget_optimum(budget: float, group: list[dict]) -> dict:
+    """One budget's parabola fit, with the reason it is off-centre (None when usable)."""
+    log_n = np.log([r["N"] for r in group])
+    loss = np.array([r["nll"] for r in group])
+    out = {
+        "budget": budget,
+        "n_runs": len(group),
+        "N_min": float(np.exp(log_n.min())),
+        "N_max": float(np.exp(log_n.max())),
+    }
+    if len(set(log_n.tolist())) < 3:
+        return {
+            **out,
+            "N_opt": float("nan"),
+            "D_opt": float("nan"),
+            "L_opt": float("nan"),
+            "off_centre": f"budget {budget:.3g}: {len(set(log_n.tolist()))} distinct N; a parabola needs 3",
+        }
+    vertex = _vertex(log_n, loss)
+    n_opt = float(np.exp(vertex[0])) if vertex else float("nan")
+    out.update(
+        {
+            "N_opt": n_opt,
+            "D_opt": budget / (6.0 * n_opt) if vertex else float("nan"),
+            "L_opt": vertex[1] if vertex else float("nan"),
+        }
+    )
+    lowest = int(np.argmin(loss))
+    if log_n[lowest] == log_n.min():
+        edge, direction = "smallest", "smaller"
+    elif log_n[lowest] == log_n.max():
+        edge, direction = "largest", "larger"
+    else:
+        edge = direction = None
+    if edge:
+        out["off_centre"] = (
+            f"budget {budget:.3g}: the lowest loss is at the {edge} N ({np.exp(log_n[lowest]):.3g}); the optimum "
+            f"lies beyond the sampled sizes: extend this budget to {direction} N"
+        )
+    elif vertex is None:
+        out["off_centre"] = (
+            f"budget {budget:.3g}: the losses do not curve upward around a minimum (the parabola opens downward); "
+            f"add sizes on both sides or rerun noisy points"
+        )
+    elif not log_n.min() <= vertex[0] <= log_n.max():
+        side = "smaller" if vertex[0] < log_n.min() else "larger"
+        out["off_centre"] = (
+            f"budget {budget:.3g}: the parabola's vertex N = {n_opt:.3g} lies outside the sampled "
+            f"[{out['N_min']:.3g}, {out['N_max']:.3g}]: extend this budget to {side} N"
+        )
+    else:
+        out["off_centre"] = None
+    return out
+
+
+def _power_law(budgets: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """(exponent, prefactor) of values = k C^a by least squares in log-log."""
+    a, log_k = np.polyfit(np.log(budgets), np.log(values), 1)
+    return float(a), float(np.exp(log_k))
+
+
+def fit_isoflop(runs: list[dict], *, n_boot: int = 200, seed: int = 0) -> dict:
+    """Approach 2 (Hoffmann et al. 2022): per budget a parabola of L in log N, its vertex N_opt(C)
+    and D_opt = C / (6 N_opt); then N_opt = k C^a and D_opt = k' C^b by least squares in log-log,
+    with 95% percentile bootstrap intervals (runs resampled with replacement within each budget,
+    everything refitted). A budget whose lowest loss sits at its smallest or largest N, whose
+    parabola opens downward or whose vertex lies outside its sampled N is off-centre: reported in
+    ``off_centre`` and left out of the exponent fit. Runs are {"budget", "N", "nll"}; C is the budget."""
+    groups: dict[float, list[dict]] = {}
+    for r in runs:
+        if not (math.isfinite(r.get("budget", float("nan"))) and r["nll"] > 0 and math.isfinite(r["nll"])):
+            continue
+        groups.setdefault(float(r["budget"]), []).append(r)
+    per_budget = [_budget_optimum(b, groups[b]) for b in sorted(groups)]
+    usable = [p for p in per_budget if p["off_centre"] is None]
+    if len(usable) < 2:
+        why = "; ".join(p["off_centre"] for p in per_budget if p["off_centre"]) or "no other budgets"
+        raise ScalingError(
+            f"Approach 2 needs at least 2 budgets with an interior minimum, {len(usable)} of {len(per_budget)} "
+            f"have one ({why})"
+        )
+    c = np.array([p["budget"] for p in usable])
+    a, k_n = _power_law(c, np.array([p["N_opt"] for p in usable]))
+    b, k_d = _power_law(c, np.array([p["D_opt"] for p in usable]))
+    boot = _isoflop_bootstrap([groups[p["budget"]] for p in usable], c, n_boot, seed)
+    return {
+        "kind": "isoflop",
+        "params": {"a": a, "b": b, "k_N": k_n, "k_D": k_d},
+        "ci": {"a": _percentile_ci([x[0] for x in boot]), "b": _percentile_ci([x[1] for x in boot])},
+        "per_budget": per_budget,
+        "off_centre": [p["off_centre"] for p in per_budget if p["off_centre"]],
+        "n_budgets": len(usable),
+        "n_runs": sum(len(groups[p["budget"]]) for p in usable),
+        "n_boot": len(boot),
+    }
+
+
+def _isoflop_bootstrap(groups: list[list[dict]], budgets: np.ndarray, n_boot: int, seed: int) -> list[tuple]:
+    """(a, b) of refits on runs resampled within each budget (a resample whose parabola has no
+    minimum is drawn again)."""
+    rng = np.random.default_rng(seed)
+    data = [(np.log([r["N"] for r in g]), np.array([r["nll"] for r in g])) for g in groups]
+    out: list[tuple] = []
+    attempts = 0
+    while len(out) < n_boot and attempts < 20 * n_boot:
+        attempts += 1
+        log_opt = []
+        for log_n, loss in data:
+            idx = rng.integers(0, len(loss), size=len(loss))
+            vertex = _vertex(log_n[idx], loss[idx]) if len(set(log_n[idx].tolist())) >= 3 else None
+            if vertex is None:
+                break
+            log_opt.append(vertex[0])
+        if len(log_opt) < len(data):
+            continue
+        n_opt = np.exp(log_opt)
+        out.append((_power_law(budgets, n_opt)[0], _power_law(budgets, budgets / (6.0 * n_opt))[0]))
+    return out
+
+
+def implied_exponents(nd: dict) -> dict:
+    """Approach 3's compute-optimal exponents from L(N, D): N_opt ~ C^(beta/(alpha+beta)) and
+    D_opt ~ C^(alpha/(alpha+beta)), with intervals from the bootstrap fits."""
+
+    def split(p: dict) -> tuple[float, float]:
+        total = p["alpha"] + p["beta"]
+        return (float(p["beta"] / total), float(p["alpha"] / total)) if total > 0 else (float("nan"), float("nan"))
+
+    a, b = split(nd["params"])
+    boots = [split(p) for p in nd["boot"]]
+    return {
+        "a": a,
+        "b": b,
+        "ci": {"a": _percentile_ci([x[0] for x in boots]), "b": _percentile_ci([x[1] for x in boots])},
+    }

@@ -2,7 +2,8 @@
 
 Sweeps: ``summary.csv``, ``summary.md`` (sorted by the metric, the best trial marked),
 ``summary.json`` and ``<metric>_vs_params.png``. Scaling: the plan's table, ``fit.csv``,
-``fit.md`` (with the fit's reliability warnings), ``runs.csv``, ``fit.json`` and
+``fit.md`` (with the fit's reliability warnings and the compute-optimal exponents of Approach 3,
+L(N, D), beside Approach 2's IsoFLOP parabolas when the runs carry budgets), ``runs.csv``, ``fit.json`` and
 ``scaling_fit.png``.
 """
 
@@ -107,13 +108,17 @@ def plot_sweep(rows: list[dict], space: dict, metric: str, path: Path, best) -> 
 
 # ---------------------------------------------------------------------------------- scaling
 def plan_table(plan: dict) -> str:
+    """The plan's points; an IsoFLOP plan adds each point's budget and how far its C is from it."""
+    iso = plan.get("kind") == "isoflop"
     head = "| id | width | depth | steps | fraction | N | D | C = 6ND | C measured |"
-    lines = [head, "|" + "---|" * 9]
+    head += " budget | C / budget |" if iso else ""
+    lines = [head, "|" + "---|" * (11 if iso else 9)]
     for e in plan["entries"]:
-        lines.append(
+        line = (
             f"| {e['id']} | {e['width']} | {e['depth']} | {e['steps']} | {e['fraction']:g} "
             f"| {e['N']:,} | {e['D']:.3g} | {e['C']:.3g} | {e['C_measured']:.3g} |"
         )
+        lines.append(line + (f" {e['budget']:.3g} | {e['C'] / e['budget']:.4f} |" if iso else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -143,6 +148,44 @@ def _fit_markdown(rows: list[dict], nd: dict, c: dict, prediction: dict | None, 
     return "\n".join(md) + "\n"
 
 
+def _ci(pair) -> str:
+    return f"[{_fmt(float(pair[0]))}, {_fmt(float(pair[1]))}]"
+
+
+def _exponents_markdown(exponents: dict) -> str:
+    """Both approaches' compute-optimal exponents side by side, and Approach 2's budgets."""
+    md = [
+        "",
+        "Compute-optimal exponents, N_opt ~ C^a and D_opt ~ C^b (C = 6ND; 95% bootstrap CIs):",
+        "",
+        "| approach | a | 95% CI | b | 95% CI | from |",
+        "|---|---|---|---|---|---|",
+    ]
+    three = exponents["approach3"]
+    md.append(
+        f"| 3: L(N,D) fit, a = beta/(alpha+beta) | {_fmt(three['a'])} | {_ci(three['ci']['a'])} "
+        f"| {_fmt(three['b'])} | {_ci(three['ci']['b'])} | all runs |"
+    )
+    two = exponents.get("approach2")
+    if two:
+        p = two["params"]
+        md.append(
+            f"| 2: IsoFLOP parabolas | {_fmt(p['a'])} | {_ci(two['ci']['a'])} | {_fmt(p['b'])} | {_ci(two['ci']['b'])} "
+            f"| {two['n_budgets']} budgets, {two['n_runs']} runs, {two['n_boot']} bootstrap fits |"
+        )
+        md += ["", "| budget C | runs | N range | N_opt (vertex) | D_opt | used |", "|---|---|---|---|---|---|"]
+        for b in two["per_budget"]:
+            md.append(
+                f"| {b['budget']:.3g} | {b['n_runs']} | [{b['N_min']:.3g}, {b['N_max']:.3g}] | {b['N_opt']:.3g} "
+                f"| {b['D_opt']:.3g} | {'no: off-centre' if b['off_centre'] else 'yes'} |"
+            )
+        if two["off_centre"]:
+            md += ["", *(f"OFF-CENTRE (left out of Approach 2): {m}" for m in two["off_centre"])]
+    if exponents.get("approach2_error"):
+        md += ["", f"Approach 2 not fitted: {exponents['approach2_error']}"]
+    return "\n".join(md) + "\n"
+
+
 def _write_csv(path: Path, fieldnames: list[str], rows: list[dict]) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
@@ -151,8 +194,11 @@ def _write_csv(path: Path, fieldnames: list[str], rows: list[dict]) -> Path:
     return path
 
 
-def write_fit_tables(nd: dict, c: dict, runs: list[dict], prediction: dict | None, out: Path) -> dict:
-    """fit.csv, fit.md, runs.csv and fit.json of a scaling fit."""
+def write_fit_tables(
+    nd: dict, c: dict, runs: list[dict], prediction: dict | None, out: Path, exponents: dict | None = None
+) -> dict:
+    """fit.csv, fit.md, runs.csv and fit.json of a scaling fit; ``exponents``
+    (``scaling.optimal_exponents``) adds both approaches' compute-optimal exponents to fit.md and fit.json."""
     rows = [
         {
             "law": law_name(fit),
@@ -166,7 +212,9 @@ def write_fit_tables(nd: dict, c: dict, runs: list[dict], prediction: dict | Non
     ]
     warnings = reliability_warnings(nd, c, runs, prediction)
     md_path = out / "fit.md"
-    md_path.write_text(_fit_markdown(rows, nd, c, prediction, warnings))
+    md_path.write_text(
+        _fit_markdown(rows, nd, c, prediction, warnings) + (_exponents_markdown(exponents) if exponents else "")
+    )
     json_path = out / "fit.json"
     json_path.write_text(
         json.dumps(
@@ -175,6 +223,7 @@ def write_fit_tables(nd: dict, c: dict, runs: list[dict], prediction: dict | Non
                 "C": {k: v for k, v in c.items() if k != "boot"},
                 "prediction": prediction,
                 "warnings": warnings,
+                "exponents": exponents,
             },
             indent=1,
             default=float,
@@ -184,7 +233,7 @@ def write_fit_tables(nd: dict, c: dict, runs: list[dict], prediction: dict | Non
         "csv": _write_csv(out / "fit.csv", list(rows[0]), rows),
         "markdown": md_path,
         "runs": _write_csv(
-            out / "runs.csv", ["name", "run_id", "N", "D", "C", "C_measured", "nll", "metric", "status"], runs
+            out / "runs.csv", ["name", "run_id", "N", "D", "C", "C_measured", "budget", "nll", "metric", "status"], runs
         ),
         "json": json_path,
     }

@@ -1,6 +1,9 @@
 """`bfn scaling plan | run | fit`: scaling laws of BFN loss in model size N, data D and compute C.
+Longer than 500 lines: the two planners (grid, IsoFLOP), the runner and the fit of one command share helpers.
 
     bfn scaling plan [--name G] [--widths 8,16,24] [--depths 1] [--steps 200,400] [--fractions 1]
+                     [--out PLAN.json] experiment=mnist_local [overrides ...]
+    bfn scaling plan --isoflop --budgets 1e14,3e14,1e15 [--sizes 5] [--tokens-per-param 20] [--name G]
                      [--out PLAN.json] experiment=mnist_local [overrides ...]
     bfn scaling run PLAN.json [--concurrent K] [--force]
     bfn scaling fit [--name G] [--budget FLOPS] [--bootstrap 200] [--data-axis seen|unique]
@@ -33,6 +36,15 @@ The fit itself (``fit``, pure): L(N, D) = E + A / N^alpha + B / D^beta and L(C) 
 with bootstrap intervals, and the compute-optimal split of a budget. Too few runs (fewer than
 free parameters + 1) or a non-finite NLL are rejected with a message. Grid points run one after
 another (``fit`` calls) or ``--concurrent`` at a time as Tune trials (``runner``).
+
+IsoFLOP (``--isoflop``, ``make_isoflop_plan``; Hoffmann et al. 2022): per training budget C (6ND as
+above; evaluation FLOPs are not included, ``C_measured`` and the eval config state those), ``--sizes``
+widths at the config's depth, spread over a factor 16 in log N around N_opt = sqrt(C / (6 r)) with
+r = ``--tokens-per-param`` (D/N, Chinchilla's 20), each trained for round(C / (6 N batch dims)) steps
+(the realised C within 5% of the budget, or the plan is refused). Each run keeps its budget as the
+param ``scaling.budget``, and ``fit`` then reports two estimates of N_opt ~ C^a side by side:
+Approach 2 (a parabola of L in log N per budget, its vertex, a power law over budgets; off-centre
+budgets reported and left out) and Approach 3 (a = beta / (alpha + beta) of the L(N, D) fit).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -57,7 +70,15 @@ from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, load, set_env_defaults
 from pipeline.core.build import build_model
 from pipeline.sweeps import reports, store
-from pipeline.sweeps.fit import ScalingError, compute_optimal, fit_law, law, predict_budget
+from pipeline.sweeps.fit import (
+    ScalingError,
+    compute_optimal,
+    fit_isoflop,
+    fit_law,
+    implied_exponents,
+    law,
+    predict_budget,
+)
 from pipeline.sweeps.reports import plan_table
 from pipeline.training.driver import fit
 from pipeline.training.resume import storage
@@ -134,43 +155,66 @@ def make_plan(
     fractions: Sequence[float] | None = None,
 ) -> dict:
     """The grid (width x depth x steps x fraction) over a base config, with N, D, C per point."""
-    # lazy, as in _axes: runner and tune_spaces import ray
-    from pipeline.sweeps.runner import pin_paths
-    from tune_spaces.common import apply_to_dict, to_overrides
+    cfg = _load_plan_config(name, overrides)
+    family, info, axes = _axes(cfg, widths, depths, steps, fractions)
+    train_rows = _train_rows(cfg)
+    entries = [
+        _entry(cfg, info, int(width), int(depth), int(n_steps), float(fraction), train_rows)
+        for width, depth, n_steps, fraction in itertools.product(*axes)
+    ]
+    return _plan(name, overrides, cfg, family, entries)
 
+
+def _load_plan_config(name: str, overrides: Sequence[str]) -> Config:
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
         raise ScalingError(f"--name must be letters, digits, '-', '_' or '.' (got {name!r})")
-    cfg = load(list(overrides))
-    family, info, axes = _axes(cfg, widths, depths, steps, fractions)
+    return load(list(overrides))
+
+
+def _train_rows(cfg) -> int | None:
     try:
-        train_rows = data_lib.num_rows(cfg.data.uri, "train")
+        return data_lib.num_rows(cfg.data.uri, "train")
     except Exception:  # data not prepared yet: D_unique unknown until then
-        train_rows = None
-    entries = []
-    for width, depth, n_steps, fraction in itertools.product(*axes):
-        sample = {
-            f"net.kwargs.{info['width']}": int(width),
-            f"net.kwargs.{info['depth']}": int(depth),
-            **{f"net.kwargs.{k}": v for k, v in info["pinned"].items()},
-            "trainer.max_steps": int(n_steps),
-            "data.fraction": float(fraction),
-        }
-        entry_id = f"w{width}-d{depth}-s{n_steps}-f{fraction:g}"
-        try:
-            sizes = measure(Config.from_dict(apply_to_dict(sample, cfg.raw)), train_rows)
-        except (ValueError, TypeError) as error:
-            raise ScalingError(f"grid point {entry_id} is invalid: {error}") from None
-        entries.append(
-            {
-                "id": entry_id,
-                "width": int(width),
-                "depth": int(depth),
-                "steps": int(n_steps),
-                "fraction": float(fraction),
-                "overrides": to_overrides(sample),
-                **sizes,
-            }
-        )
+        return None
+
+
+def _sample(info: dict, width: int, depth: int, n_steps: int, fraction: float) -> dict[str, Any]:
+    """The config paths one grid point sets (the family's pinned arguments keep every width buildable)."""
+    return {
+        f"net.kwargs.{info['width']}": int(width),
+        f"net.kwargs.{info['depth']}": int(depth),
+        **{f"net.kwargs.{k}": v for k, v in info["pinned"].items()},
+        "trainer.max_steps": int(n_steps),
+        "data.fraction": float(fraction),
+    }
+
+
+def _entry(
+    cfg, info: dict, width: int, depth: int, n_steps: int, fraction: float, train_rows, prefix: str = ""
+) -> dict:
+    """One grid point: its id, overrides and measured sizes (``measure``)."""
+    from tune_spaces.common import apply_to_dict, to_overrides  # lazy, as in _axes: tune_spaces imports ray
+
+    sample = _sample(info, width, depth, n_steps, fraction)
+    entry_id = f"{prefix}w{width}-d{depth}-s{n_steps}-f{fraction:g}"
+    try:
+        sizes = measure(Config.from_dict(apply_to_dict(sample, cfg.raw)), train_rows)
+    except (ValueError, TypeError) as error:
+        raise ScalingError(f"grid point {entry_id} is invalid: {error}") from None
+    return {
+        "id": entry_id,
+        "width": int(width),
+        "depth": int(depth),
+        "steps": int(n_steps),
+        "fraction": float(fraction),
+        "overrides": to_overrides(sample),
+        **sizes,
+    }
+
+
+def _plan(name: str, overrides: Sequence[str], cfg, family: str, entries: list[dict]) -> dict:
+    from pipeline.sweeps.runner import pin_paths  # lazy, as in _axes: runner imports ray
+
     return {
         "name": name,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -181,6 +225,106 @@ def make_plan(
         "batch_size": cfg.data.batch_size,
         "entries": entries,
     }
+
+
+# ========================================================================= IsoFLOP plan
+TOKENS_PER_PARAM = 20.0  # Chinchilla's compute-optimal D/N (Hoffmann et al. 2022): the planner's first guess
+ISOFLOP_SPAN = 16.0  # largest / smallest N of one budget: wide enough for the parabola to show curvature
+ISOFLOP_TOLERANCE = 0.05  # |realised C / budget - 1| a point may miss by (steps are integers)
+
+
+def _width_step(info: dict) -> int:
+    """Widths are multiples of every pinned divisor (GroupNorm groups, attention heads)."""
+    return math.lcm(*(int(v) for v in info["pinned"].values() if isinstance(v, int) and v > 0))
+
+
+def _candidate_sizes(cfg, info: dict, depth: int) -> list[tuple[int, int]]:
+    """[(width, N)] for widths that are multiples of the family's step, spaced ~geometrically up to
+    256 steps; N from the network built on the meta device (no FLOP counting: that is per point)."""
+    from tune_spaces.common import apply_to_dict  # lazy, as in _axes: tune_spaces imports ray
+
+    step = _width_step(info)
+    out = []
+    for mult in sorted({int(round(m)) for m in np.geomspace(1, 256, 48)}):
+        sample = _sample(info, step * mult, depth, cfg.trainer.max_steps, cfg.data.fraction)
+        try:
+            with torch.device("meta"):
+                net = build_model(Config.from_dict(apply_to_dict(sample, cfg.raw))).net
+        except (ValueError, TypeError):  # a width this net cannot take: not a candidate
+            continue
+        out.append((step * mult, count_parameters(net, non_embedding=True)))
+    return out
+
+
+def _pick_widths(candidates: list[tuple[int, int]], n_opt: float, sizes: int, budget: float, ratio: float) -> list[int]:
+    """``sizes`` distinct widths whose N lie evenly in log N across ISOFLOP_SPAN around ``n_opt``."""
+    low, high = candidates[0][1], candidates[-1][1]
+    if not low <= n_opt <= high:
+        raise ScalingError(
+            f"--budgets {budget:g}: the expected optimum N = {n_opt:.3g} lies outside the widths this family "
+            f"builds (N from {low:,} to {high:,}); choose a budget between {6 * ratio * low**2:.2g} "
+            f"and {6 * ratio * high**2:.2g} FLOPs (at {ratio:g} tokens per parameter)"
+        )
+    log_n = np.log([n for _, n in candidates])
+    targets = math.log(n_opt) + np.linspace(-0.5, 0.5, sizes) * math.log(ISOFLOP_SPAN)
+    widths = sorted({candidates[int(np.argmin(np.abs(log_n - t)))][0] for t in targets})
+    if len(widths) < sizes:
+        raise ScalingError(
+            f"--sizes {sizes}: only {len(widths)} distinct widths reach N within a factor {ISOFLOP_SPAN:g} "
+            f"around {n_opt:.3g} for budget {budget:g}; ask for fewer sizes or a larger budget"
+        )
+    return widths
+
+
+def make_isoflop_plan(
+    name: str,
+    overrides: Sequence[str],
+    *,
+    budgets: Sequence[float],
+    sizes: int = 5,
+    tokens_per_param: float = TOKENS_PER_PARAM,
+) -> dict:
+    """An IsoFLOP grid: per training budget C (FLOPs, C = 6 N D as in the plan's ``C``; evaluation
+    FLOPs are not included, see ``C_measured`` and the eval config for those), ``sizes`` widths at
+    the config's depth spread evenly in log N over a factor ISOFLOP_SPAN around the expected optimum
+    N_opt = sqrt(C / (6 r)) (r = ``tokens_per_param``, D/N at the optimum), each trained for
+    steps = round(C / (6 N batch dims)) so that it spends the budget. The same plan format as
+    ``make_plan`` (``bfn scaling run`` runs it) plus ``budget`` per entry and ``"kind": "isoflop"``."""
+    _check_isoflop(budgets, sizes, tokens_per_param)
+    cfg = _load_plan_config(name, overrides)
+    family, info, _ = _axes(cfg, None, None, None, None)
+    depth = int(cfg.net.kwargs[info["depth"]])
+    per_step = cfg.data.batch_size * int(np.prod(cfg.data.data_shape))
+    candidates = _candidate_sizes(cfg, info, depth)
+    train_rows = _train_rows(cfg)
+    entries = []
+    for budget in budgets:
+        n_opt = math.sqrt(budget / (6.0 * tokens_per_param))
+        for width in _pick_widths(candidates, n_opt, sizes, budget, tokens_per_param):
+            n = dict(candidates)[width]
+            n_steps = max(1, round(budget / (6.0 * n * per_step)))
+            realised = 6.0 * n * n_steps * per_step
+            if abs(realised / budget - 1) > ISOFLOP_TOLERANCE:
+                raise ScalingError(
+                    f"--budgets {budget:g}: width {width} (N = {n:,}) spends {realised:.3g} FLOPs with "
+                    f"{n_steps} step(s), more than {ISOFLOP_TOLERANCE:.0%} off the budget; raise the budget"
+                )
+            prefix = f"b{budget:.3g}-".replace("+", "")
+            entry = _entry(cfg, info, width, depth, n_steps, float(cfg.data.fraction), train_rows, prefix)
+            entries.append({**entry, "budget": float(budget)})
+    plan = _plan(name, overrides, cfg, family, entries)
+    return {**plan, "kind": "isoflop", "budgets": [float(b) for b in budgets], "tokens_per_param": tokens_per_param}
+
+
+def _check_isoflop(budgets: Sequence[float], sizes: int, tokens_per_param: float) -> None:
+    if not budgets or not all(math.isfinite(b) and b > 0 for b in budgets):
+        raise ScalingError(f"--budgets must be positive numbers of FLOPs, comma separated (got {list(budgets)})")
+    if len(set(budgets)) < len(budgets):
+        raise ScalingError(f"--budgets lists a budget twice (got {list(budgets)})")
+    if sizes < 3:
+        raise ScalingError(f"--sizes must be at least 3: a parabola in log N needs three points (got {sizes})")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise ScalingError(f"--tokens-per-param must be a positive number (got {tokens_per_param})")
 
 
 def write_plan(plan: dict, out: str | Path) -> Path:
@@ -327,21 +471,36 @@ def fit_grid(
     nd = fit_law(runs, "ND", n_boot=n_boot, seed=seed)
     c = fit_law(runs, "C", n_boot=n_boot, seed=seed, compute_key="C" if compute == "6ND" else "C_measured")
     prediction = None if budget is None else predict_budget(nd, c, budget)
+    exponents = optimal_exponents(nd, runs, n_boot=n_boot, seed=seed)
     out = Path(out_dir) if out_dir else Path("runs") / "scaling" / name
     out.mkdir(parents=True, exist_ok=True)
-    files = reports.write_fit_tables(nd, c, runs, prediction, out)
+    files = reports.write_fit_tables(nd, c, runs, prediction, out, exponents)
     files["plot"] = reports.plot_fit(nd, c, runs, out / "scaling_fit.png", prediction, title=name)
     run_id = None
     if log_to_mlflow:
-        run_id = store.log_fit(uri, experiment, name, nd, c, prediction, files, artifact_location)
+        run_id = store.log_fit(uri, experiment, name, nd, c, prediction, files, artifact_location, exponents)
     return {
         "ND": nd,
         "C": c,
+        "exponents": exponents,
         "prediction": prediction,
         "runs": runs,
         "files": {k: str(v) for k, v in files.items()},
         "mlflow_run_id": run_id,
     }
+
+
+def optimal_exponents(nd: dict, runs: list[dict], *, n_boot: int = 200, seed: int = 0) -> dict:
+    """N_opt ~ C^a and D_opt ~ C^b both ways: ``approach3`` implied by L(N, D), and ``approach2``
+    (IsoFLOP parabolas) when runs carry a budget; a grid without budgets has no ``approach2``, and
+    one whose budgets cannot be fitted has ``approach2_error`` (the L(N, D) fit still stands)."""
+    out: dict[str, Any] = {"approach3": implied_exponents(nd)}
+    if any(math.isfinite(r.get("budget", float("nan"))) for r in runs):
+        try:
+            out["approach2"] = fit_isoflop(runs, n_boot=n_boot, seed=seed)
+        except ScalingError as error:
+            out["approach2_error"] = str(error)
+    return out
 
 
 # ============================================================================== CLI
@@ -353,15 +512,48 @@ def _floats(text: str | None) -> list[float] | None:
     return [float(v) for v in str(text).split(",") if v.strip()] if text else None
 
 
+def _budgets(text: str | None) -> list[float]:
+    try:
+        return _floats(text) or []
+    except ValueError:
+        raise ScalingError(f"--budgets must be positive numbers of FLOPs, comma separated (got {text!r})") from None
+
+
+def _grid_options(args) -> list[tuple[str, Any]]:
+    return [
+        ("--widths", args.widths),
+        ("--depths", args.depths),
+        ("--steps", args.steps),
+        ("--fractions", args.fractions),
+    ]
+
+
 def cmd_plan(args) -> int:
-    plan = make_plan(
-        args.name,
-        args.overrides,
-        widths=_ints(args.widths),
-        depths=_ints(args.depths),
-        steps=_ints(args.steps),
-        fractions=_floats(args.fractions),
-    )
+    if args.isoflop:
+        grid_options = [o for o, v in _grid_options(args) if v]
+        if grid_options:
+            raise ScalingError(
+                f"{', '.join(grid_options)}: not with --isoflop "
+                "(it picks widths and steps per budget at the config's depth)"
+            )
+        plan = make_isoflop_plan(
+            args.name,
+            args.overrides,
+            budgets=_budgets(args.budgets),
+            sizes=args.sizes,
+            tokens_per_param=args.tokens_per_param,
+        )
+    elif args.budgets:
+        raise ScalingError("--budgets: only with --isoflop")
+    else:
+        plan = make_plan(
+            args.name,
+            args.overrides,
+            widths=_ints(args.widths),
+            depths=_ints(args.depths),
+            steps=_ints(args.steps),
+            fractions=_floats(args.fractions),
+        )
     cfg = load(args.overrides)
     out = Path(args.out or Path(cfg.paths.runs_dir) / "scaling" / args.name / "plan.json")
     write_plan(plan, out)
@@ -435,6 +627,12 @@ def register(subparsers) -> None:
     q.add_argument("--depths", default=None, help="comma list (default: the preset's depth)")
     q.add_argument("--steps", default=None, help="comma list of trainer.max_steps")
     q.add_argument("--fractions", default=None, help="comma list of data.fraction")
+    q.add_argument("--isoflop", action="store_true", help="IsoFLOP grid: --sizes widths per budget of --budgets")
+    q.add_argument("--budgets", default=None, help="comma list of training FLOPs (C = 6ND), with --isoflop")
+    q.add_argument("--sizes", type=int, default=5, help="model sizes per budget (>= 3), with --isoflop")
+    q.add_argument(
+        "--tokens-per-param", type=float, default=TOKENS_PER_PARAM, help="D/N at the expected optimum (Chinchilla 20)"
+    )
     q.add_argument("--out", default=None, help="plan JSON (default runs/scaling/<name>/plan.json)")
     q.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     q.set_defaults(func=_guard(cmd_plan))

@@ -32,7 +32,8 @@ STATE_TAGS = {
     "top": "bfn.tune_state_top",
 }
 FINAL_NLL = "scaling/nll"
-GRID_NUMBERS = ("N", "N_total", "D", "D_unique", "C", "C_measured", "width", "depth", "steps", "fraction")
+# budget: an IsoFLOP plan's training FLOPs per point (absent from plain grids, whose fit skips Approach 2)
+GRID_NUMBERS = ("N", "N_total", "D", "D_unique", "C", "C_measured", "width", "depth", "steps", "fraction", "budget")
 
 
 def masked(error: BaseException | str) -> str:
@@ -225,7 +226,7 @@ def _param(run, key: str) -> float:
 
 
 def read_grid(uri: str, experiment: str, grid: str, *, data_axis: str = "seen") -> list[dict]:
-    """The grid's runs: [{"run_id", "name", "status", "N", "D", "C", "C_measured", "nll", "metric"}]
+    """The grid's runs: [{"run_id", "name", "status", "N", "D", "C", "C_measured", "budget", "nll", "metric"}]
     sorted by (N, D). ``data_axis="unique"``: D is the distinct training data (D_unique)."""
     runs = grid_runs(uri, experiment, grid)
     if not runs:
@@ -245,6 +246,7 @@ def read_grid(uri: str, experiment: str, grid: str, *, data_axis: str = "seen") 
                 "D": _param(run, d_key),
                 "C": _param(run, "scaling.C"),
                 "C_measured": _param(run, "scaling.C_measured"),
+                "budget": _param(run, "scaling.budget"),
                 "nll": float(run.data.metrics.get(FINAL_NLL, float("nan"))),
                 "metric": run.data.params.get("scaling.nll_metric", ""),
             }
@@ -261,9 +263,11 @@ def log_fit(
     prediction: dict | None,
     files: dict,
     artifact_location: str | None,
+    exponents: dict | None = None,
 ) -> str:
     """The fit as its own run (role ``fit``): parameters and intervals as metrics, tables and plot
-    as artifacts. Returns its run id."""
+    as artifacts; ``exponents`` (``scaling.optimal_exponents``): N_opt ~ C^a, D_opt ~ C^b of both
+    approaches as ``fit/approach{2,3}/{a,b}[_ci_low|_ci_high]``. Returns its run id."""
     tracker = MLflowTracker.start(
         uri,
         experiment,
@@ -280,6 +284,12 @@ def log_fit(
     if prediction:
         metrics.update({f"optimal/{k}": v for k, v in prediction.items() if isinstance(v, float)})
     metrics.update({"fit/n_runs": nd["n_runs"], "fit/n_boot": nd["n_boot"]})
+    for approach, found in (exponents or {}).items():
+        if not isinstance(found, dict):  # approach 2's reason it was not fitted, in fit.md
+            continue
+        for key in ("a", "b"):
+            metrics[f"fit/{approach}/{key}"] = found["params"][key] if "params" in found else found[key]
+            metrics[f"fit/{approach}/{key}_ci_low"], metrics[f"fit/{approach}/{key}_ci_high"] = found["ci"][key]
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(v)}, step=0)
     for path in files.values():
         tracker.log_artifact(path, "scaling")
