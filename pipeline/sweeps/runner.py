@@ -232,20 +232,19 @@ def note_tuner_pkl() -> None:
 
 
 @contextlib.contextmanager
-def recording_state(uri: str | None, run_id: str | None, path: str, filesystem=None, *, resume: bool = False):
-    """While the block runs, TuneStateRecorder records into ``run_id``. A resumed sweep starts from
-    the storage's files (checked by ``tune_state.verify`` just before, or trusted by the user)."""
+def recording_state(uri: str | None, run_id: str | None, path: str, filesystem=None, *, base: dict | None = None):
+    """While the block runs, TuneStateRecorder records into ``run_id``. ``base``: a resumed sweep's
+    state files as ``tune_state.verify`` checked them (or the user trusted them); None for a new sweep."""
     if not (uri and run_id):
         yield
         return
-    base = tune_state.state_files(path, filesystem) if resume else {}
     _STATE_TARGET.update(
         uri=uri,
         run_id=run_id,
         path=path,
         filesystem=filesystem,
-        base=base,
-        recent=[tune_state.digest(base)] if resume else [],
+        base=dict(base or {}),
+        recent=[] if base is None else [tune_state.digest(base)],
     )
     try:
         yield

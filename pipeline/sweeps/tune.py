@@ -181,6 +181,7 @@ class Location:
     storage: str  # the Tune experiments' folder (run.storage_path/tune)
     path: str  # this sweep's Tune experiment folder
     filesystem: Any  # pyarrow filesystem of ``path`` (None: inferred from the path)
+    state: dict[str, str] | None = None  # resume: the state files restored (checked or trusted), path -> sha256
 
 
 def locate(cfg, opts: SweepOptions) -> Location:
@@ -191,19 +192,21 @@ def locate(cfg, opts: SweepOptions) -> Location:
     name = opts.sweep or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{cfg.run.name}-{opts.space}")
     storage_path, filesystem = storage(cfg)
     tune_storage = f"{storage_path.rstrip('/')}/tune"
-    where = Location(name, tune_storage, f"{tune_storage}/{name}", filesystem)
-    exists = runner.experiment_exists(where.path, filesystem)
+    path = f"{tune_storage}/{name}"
+    exists = runner.experiment_exists(path, filesystem)
     if exists and not opts.resume:
         raise ConfigError(
-            f"sweep: {name} already exists at {where.path}; pass resume=true to continue it or sweep=<new name>"
+            f"sweep: {name} already exists at {path}; pass resume=true to continue it or sweep=<new name>"
         )
     if opts.resume and not exists:
-        raise ConfigError(f"resume: no sweep {name} at {where.path} to resume")
+        raise ConfigError(f"resume: no sweep {name} at {path} to resume")
+    state = None
     if opts.resume and not opts.trust_storage:
-        tune_state.verify(cfg, name, where.path, filesystem)
+        state = tune_state.verify(cfg, name, path, filesystem)
     elif opts.resume:
-        log.warning("trust_storage=true: restoring %s without checking its recorded sha256", where.path)
-    return where
+        log.warning("trust_storage=true: restoring %s without checking its recorded sha256", path)
+        state = tune_state.state_files(path, filesystem)
+    return Location(name, tune_storage, path, filesystem, state)
 
 
 # -------------------------------------------------------------------------------- the sweep
@@ -276,7 +279,7 @@ def run(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Locat
     )
     max_t = opts.max_t or cfg.trainer.max_steps
     uri = cfg.tracking.uri if parent else None
-    with runner.recording_state(uri, settings.parent_run_id, where.path, where.filesystem, resume=opts.resume):
+    with runner.recording_state(uri, settings.parent_run_id, where.path, where.filesystem, base=where.state):
         grid = runner.run_tune(
             name=where.name,
             storage_path=where.storage,

@@ -117,9 +117,10 @@ def record_of(files: dict[str, str], before: list[str] = ()) -> dict:
     return {"digest": now, "recent": " ".join(recent), "files": len(files), "top": top_level(files)}
 
 
-def verify(cfg, sweep_name: str, path: str, filesystem=None) -> None:
+def verify(cfg, sweep_name: str, path: str, filesystem=None) -> dict[str, str]:
     """Before ``Tuner.restore``: the sweep's Tune state at ``path`` must match a sha256 recorded
-    in its MLflow parent run. Raises ConfigError otherwise; reads the files, unpickles nothing."""
+    in its MLflow parent run. Raises ConfigError otherwise; reads the files, unpickles nothing.
+    Returns the files checked ({path: sha256}): what the resumed sweep's record starts from."""
     recorded = None
     if cfg.tracking.enabled:
         try:
@@ -129,4 +130,6 @@ def verify(cfg, sweep_name: str, path: str, filesystem=None) -> None:
             raise ConfigError(
                 f"resume: cannot read the sweep's recorded sha256 from MLflow ({store.masked(error)})"
             ) from None
-    check(state_files(path, filesystem), recorded, path)
+    files = state_files(path, filesystem)
+    check(files, recorded, path)
+    return files

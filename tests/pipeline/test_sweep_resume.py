@@ -75,11 +75,11 @@ class Sweep:
         if upload:
             shutil.copytree(self.staging, self.storage, dirs_exist_ok=True)
 
-    def recording(self, resume: bool = False):
-        return runner.recording_state(self.cfg.tracking.uri, self.run_id, str(self.storage), resume=resume)
+    def recording(self, base: dict | None = None):
+        return runner.recording_state(self.cfg.tracking.uri, self.run_id, str(self.storage), base=base)
 
-    def verify(self) -> None:
-        tune_state.verify(self.cfg, "s1", str(self.storage))
+    def verify(self) -> dict[str, str]:
+        return tune_state.verify(self.cfg, "s1", str(self.storage))
 
 
 def test_a_planted_tuner_pkl_is_refused_before_it_is_loaded(tracked, tmp_path):
@@ -137,14 +137,14 @@ def test_a_crash_right_after_a_save_resumes(tracked, tmp_path):
         sweep.save()
         sweep.save()
         sweep.save(upload=False)  # the driver dies here
-    sweep.verify()
+    checked = sweep.verify()
     recorded = store.recorded_state(sweep.cfg.tracking.uri, sweep.run_id)
     assert len(tune_state.accepted(recorded)) == 3
 
-    with sweep.recording(resume=True):  # the resumed sweep: its first save, then a crash after the upload
+    with sweep.recording(base=checked):  # the resumed sweep: its first save, then a crash after the upload
         sweep.save()
-    sweep.verify()
-    with sweep.recording(resume=True):  # and a crash before the upload of the resumed sweep's first save
+    checked = sweep.verify()
+    with sweep.recording(base=checked):  # and a crash before the upload of the resumed sweep's first save
         sweep.save(upload=False)
     sweep.verify()
 
