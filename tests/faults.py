@@ -110,6 +110,21 @@ def kill_pids(pids: Iterable[int], *, grace: float = 10.0) -> list[int]:
     return [p.pid for p in stubborn]
 
 
+def spawn(argv: list[str], log: Path, *, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start a command in a session of its own (so its Ray processes can be found by session id),
+    no stdin, stdout and stderr into ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def listening_sockets(pids: Iterable[int]) -> list[tuple[int, str, int]]:
     """(pid, address, port) of every listening TCP socket the PIDs hold (IPv4 and IPv6)."""
     import psutil

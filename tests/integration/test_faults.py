@@ -68,6 +68,7 @@ from tests.faults import (
     rank0_worker_pid,
     ray_session_dir,
     registered_checkpoints,
+    spawn,
     sqlite_metric_rows,
     wait_until,
     write_malicious_pt,
@@ -348,16 +349,7 @@ def test_driver_sigkill_then_rerun_resumes(shards, tmp_path, own_ray):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
         env.update(SENTINELS, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
         env[marker.split("=")[0]] = marker.split("=")[1]
-        with open(log, "wb") as out:
-            return subprocess.Popen(
-                argv,
-                cwd=work,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        return spawn(argv, log, cwd=work, env=env)
 
     def leftovers(proc, ray_tmp):
         return sorted(set(pids_matching(marker=marker, session=proc.pid, path=ray_tmp)) - {proc.pid})

@@ -31,7 +31,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import pytest
 
 from pipeline import data as data_lib
 from tests.conftest import REPO
-from tests.faults import kill_pids, pids_matching
+from tests.faults import kill_pids, pids_matching, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -286,16 +285,7 @@ def test_a_sweep_driver_killed_right_after_a_save_resumes(ray_local, machine, tm
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
     env.update(BFN_FAULT_TEST=tag, RAY_TMPDIR=str(ray_tmp), TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONPATH=str(REPO))
     log_file = tmp_path / "driver.log"
-    with open(log_file, "wb") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-c", KILLER, when, "tune", *args],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    driver = spawn([sys.executable, "-c", KILLER, when, "tune", *args], log_file, cwd=REPO, env=env)
     try:
         driver.wait(timeout=300)
     finally:

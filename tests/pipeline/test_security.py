@@ -47,7 +47,7 @@ from pipeline.config import ConfigError, compose, load
 from pipeline.core import checkpointing
 from pipeline.core.build import build_model, build_optimizer
 from tests.conftest import REPO
-from tests.faults import write_malicious_pt
+from tests.faults import spawn, write_malicious_pt
 from tests.servers import free_port
 
 SECRET = "sentinel-Secret-4b1d9e"
@@ -507,16 +507,7 @@ def test_every_command_starts_its_own_ray_on_loopback_only(ray_commands, command
     env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     env[marker.split("=")[0]] = marker.split("=")[1]
     log = tmp_path / "out.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *argv],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = spawn([sys.executable, "-m", "pipeline.cli", *argv], log, cwd=tmp_path, env=env)
     pids: list[int] = []
     try:
         deadline, seen = time.monotonic() + 240, set()
