@@ -147,6 +147,14 @@ def check_runs(runs: list[dict], kind: str = "ND") -> None:
                 )
 
 
+def _percentile_ci(values) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap values, NaNs left out ((NaN, NaN) when all are NaN)."""
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return (float("nan"), float("nan"))
+    return (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
+
+
 def _bootstrap(
     kind: str, x: tuple, log_l: np.ndarray, best_theta, centre: tuple, n_boot: int, seed: int
 ) -> list[dict[str, float]]:
@@ -184,10 +192,7 @@ def fit_law(runs: list[dict], kind: str = "ND", *, n_boot: int = 200, seed: int 
     if best is None:
         raise ScalingError(f"the {kind} fit did not converge")
     boot = _bootstrap(kind, x, log_l, best.x, centre, n_boot, seed)
-    ci = {}
-    for key in PARAMS[kind]:
-        values = np.array([b[key] for b in boot]) if boot else np.array([np.nan])
-        ci[key] = (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
+    ci = {key: _percentile_ci([b[key] for b in boot]) for key in PARAMS[kind]}
     residuals = _predict(kind, best.x, x) - log_l
     return {
         "kind": kind,
@@ -217,10 +222,7 @@ def predict_budget(nd: dict, c: dict, budget: float) -> dict:
         raise ScalingError(f"--budget must be a positive number of FLOPs (got {budget})")
     point = compute_optimal(nd["params"], budget)
     boots = [compute_optimal(b, budget) for b in nd["boot"]] or [point]
-    ci = {
-        k: (float(np.nanpercentile([b[k] for b in boots], 2.5)), float(np.nanpercentile([b[k] for b in boots], 97.5)))
-        for k in point
-    }
+    ci = {k: _percentile_ci([b[k] for b in boots]) for k in point}
     return {
         "budget": budget,
         **point,
@@ -265,13 +267,6 @@ def reliability_warnings(nd: dict, c: dict, runs: list[dict], prediction: dict |
 
 
 # ===================================================================== IsoFLOP (Approach 2)
-def _percentile_ci(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    if not np.isfinite(values).any():
-        return (float("nan"), float("nan"))
-    return (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
-
-
 def _vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float] | None:
     """(log N, L) at the vertex of the parabola L = c2 log N^2 + c1 log N + c0; None when it opens downward."""
     centre = float(log_n.mean())  # centred for conditioning
