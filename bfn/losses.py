@@ -24,6 +24,7 @@ from bfn.flows import ContinuousFlow, DiscreteFlow
 from bfn.numerics import categorical_log_weights, normal_log_prob
 
 RECEIVERS = ("reference", "paper")
+SENDER_CHUNK_ELEMENTS = 2**25  # y values drawn at once by the discrete n-step loss (128 MB of float32)
 
 
 # ------------------------------------------------------------------------------- continuous data
@@ -82,8 +83,18 @@ def reconstruction_loss_continuous(dist, x: Tensor, *, num_bins: int, std: float
 def continuous_time_loss_discrete(flow: DiscreteFlow, dist, x: Tensor, t: Tensor) -> Tensor:
     """L_inf(x) = K beta_1 t ||e_x - p_O||^2 (eq. 196; beta'(t) = 2 beta_1 t), (B, D)."""
     K = flow.num_classes
-    one_hot = torch.nn.functional.one_hot(x, K)
-    return t * flow.beta_1 * (K * (one_hot - dist.probs).square().sum(-1))
+    return t * flow.beta_1 * (K * _squared_distance_to_one_hot(dist.probs, x))
+
+
+def _squared_distance_to_one_hot(probs: Tensor, x: Tensor) -> Tensor:
+    """||e_x - p||^2 over the last axis, (..., K) -> (...), without a one-hot tensor.
+
+    The terms are those of (e_x - p)^2 exactly (p_k^2 off x, (1 - p_x)^2 at x), summed in the same
+    order, so it equals the one-hot form bit for bit, and its gradient too, with one K-wide
+    temporary instead of four (an int64 one-hot, the difference, its square)."""
+    index = x.unsqueeze(-1)
+    terms = probs.square().scatter(-1, index, (1 - probs.gather(-1, index)).square())
+    return terms.sum(-1)
 
 
 def n_step_loss_discrete(
@@ -105,15 +116,27 @@ def n_step_loss_discrete(
         raise ValueError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
     alpha = flow.alpha(t * num_steps + 1, num_steps)  # (B, 1)
     mean, std = flow.sender_mean_std(x, alpha)  # (B, D, K), (B, 1, 1)
-    if y is None:
-        y = mean + std * torch.randn(num_samples, *mean.shape, device=x.device)
-    # ln p_S(y) - ln p_R(y) with sum_j ln N(y_j | -alpha, alpha K) cancelled before summing over K:
-    # the two sums are huge and nearly equal for large K, and float32 would lose the difference
     alpha = alpha.unsqueeze(-1)  # (B, 1, 1)
-    index = x.unsqueeze(-1).expand_as(y[..., :1])
-    log_sender = _log_hit_over_miss(y, alpha, flow.num_classes).gather(-1, index).squeeze(-1)  # over miss
-    log_ratio = log_sender - _log_receiver_over_miss(y, dist.probs, alpha, receiver)  # (S, B, D)
-    return num_steps * log_ratio.mean(0).mean(-1)
+    log_weights, others = _receiver_weights(dist.probs, receiver)  # (B, D, K): shared by every draw
+    if y is not None:
+        draws = [y]
+    else:  # at most SENDER_CHUNK_ELEMENTS per draw of y, so memory stays O(B D K) for any K
+        per_chunk = max(1, SENDER_CHUNK_ELEMENTS // mean.numel())
+        sizes = [min(per_chunk, num_samples - start) for start in range(0, num_samples, per_chunk)]
+        draws = (mean + std * torch.randn(size, *mean.shape, device=x.device) for size in sizes)
+    index = x.unsqueeze(-1)  # (B, D, 1)
+    log_ratio = torch.cat([_log_sender_over_receiver(draw, index, alpha, log_weights, others) for draw in draws])
+    return num_steps * log_ratio.mean(0).mean(-1)  # log_ratio (S, B, D)
+
+
+def _log_sender_over_receiver(y: Tensor, index: Tensor, alpha: Tensor, log_weights: Tensor, others) -> Tensor:
+    """ln p_S(y) - ln p_R(y) per dimension, (S, B, D, K) -> (S, B, D).
+
+    sum_j ln N(y_j | -alpha, alpha K) is cancelled before summing over K: the two sums are huge and
+    nearly equal for large K, and float32 would lose the difference."""
+    K = log_weights.shape[-1]
+    log_sender = _log_hit_over_miss(y, alpha, K).gather(-1, index.expand_as(y[..., :1])).squeeze(-1)
+    return log_sender - _log_receiver_over_miss(y, alpha, log_weights, others)
 
 
 def discrete_receiver_log_prob(y: Tensor, probs: Tensor, alpha: Tensor | float, receiver: str):
@@ -124,7 +147,7 @@ def discrete_receiver_log_prob(y: Tensor, probs: Tensor, alpha: Tensor | float, 
     """
     K = probs.shape[-1]
     log_miss = normal_log_prob(y, -alpha, (K * alpha) ** 0.5)  # coordinate j under a component m != j
-    return log_miss.sum(-1) + _log_receiver_over_miss(y, probs, alpha, receiver)
+    return log_miss.sum(-1) + _log_receiver_over_miss(y, alpha, *_receiver_weights(probs, receiver))
 
 
 def _log_hit_over_miss(y: Tensor, alpha: Tensor | float, K: int) -> Tensor:
@@ -132,19 +155,25 @@ def _log_hit_over_miss(y: Tensor, alpha: Tensor | float, K: int) -> Tensor:
     return y - alpha * (K - 2) / 2
 
 
-def _log_receiver_over_miss(y: Tensor, probs: Tensor, alpha: Tensor | float, receiver: str) -> Tensor:
+def _log_receiver_over_miss(y: Tensor, alpha: Tensor | float, log_weights: Tensor, others: Tensor | None) -> Tensor:
     """ln p_R(y) - sum_j ln N(y_j | -alpha, alpha K), (..., D, K) -> (..., D), in O(K) per coordinate.
 
     Both receivers are exact rewrites of the mixtures in the module docstring: no (..., K, K)
-    tensor is ever built, so K = 50,257 fits. With d_j = ln hit_j - ln miss_j, the paper's joint
-    mixture is logsumexp_m(ln w_m + d_m); the reference's per-coordinate one is
-    sum_j logaddexp(ln w_j + d_j, ln sum_{m != j} w_m).
+    tensor is ever built, so K = 50,257 fits. With ln w the receiver's log weights and
+    d_j = ln hit_j - ln miss_j, the paper's joint mixture (``others`` None) is
+    logsumexp_m(ln w_m + d_m); the reference's per-coordinate one is
+    sum_j logaddexp(ln w_j + d_j, ln sum_{m != j} w_m), with ``others`` = ``_log_sum_of_others``.
     """
-    log_weights = categorical_log_weights(probs)  # (..., D, K)
-    d = _log_hit_over_miss(y, alpha, probs.shape[-1])
-    if receiver == "paper":
+    d = _log_hit_over_miss(y, alpha, log_weights.shape[-1])
+    if others is None:
         return torch.logsumexp(log_weights + d, -1)
-    return torch.logaddexp(log_weights + d, _log_sum_of_others(log_weights)).sum(-1)
+    return torch.logaddexp(log_weights + d, others).sum(-1)
+
+
+def _receiver_weights(probs: Tensor, receiver: str) -> tuple[Tensor, Tensor | None]:
+    """ln w (..., D, K) of the receiver's mixture and, for the reference receiver, ln sum_{m != j} w_m."""
+    log_weights = categorical_log_weights(probs)
+    return log_weights, _log_sum_of_others(log_weights) if receiver == "reference" else None
 
 
 def _log_sum_of_others(log_weights: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 Data flow (paper config, B sequences of L=256 characters, K=27 classes)::
 
     theta (B,L,K) categorical input probabilities, t (B,)
-      -> Linear(K -> 768)(2*theta - 1)
+      -> Linear(K -> 768)(2*theta - 1), computed as theta @ 2W^T + (b - W 1)
          + fixed sinusoidal position code (base 1000)
          + Linear(1 -> 768)(2t - 1)                        = x_in  (B,L,768)
       -> 24 pre-LayerNorm blocks: x + Attn(LN(x)), x + MLP(LN(x))
@@ -11,6 +11,11 @@ Data flow (paper config, B sequences of L=256 characters, K=27 classes)::
       -> final LayerNorm                                   (B,L,768)
       -> concat with x_in (skip=True)                      (B,L,1536)
       -> lm_head Linear(1536 -> K)                         (B,L,K) logits
+
+Large vocabularies: the token projection is evaluated as the embedding product theta @ E with
+E = 2 W^T (K x d) plus the constant b - W 1, so no (B, L, K) temporary (2 theta - 1) is built or kept
+for backward; ``tie_embeddings`` makes E the output head's weight (its first d columns when the head
+also reads the skip features), saving K x d parameters.
 
 Initialisation as in GPT-2/nanoGPT: every Linear N(0, 0.02) with zero bias, the two residual
 output projections of each block N(0, 0.02/sqrt(2*n_layer)); LayerNorms weight 1, bias 0.
@@ -42,14 +47,20 @@ def sinusoidal_positions(seq_len: int, dim: int, base: float = 1000.0) -> Tensor
 class TextInputAdapter(nn.Module):
     """theta (B,L,K), t (B,) or (B,L) -> token embeddings (B,L,d).
 
-    Positions are the fixed sinusoidal code, or with ``learn_positions`` a learned
+    The token projection is ``Linear(K -> d)(2 theta - 1)`` (the reference's), evaluated as
+    ``theta @ (2 W)^T + (b - W 1)``: the same map without a K-wide temporary. With ``tied`` the
+    adapter owns only the bias and ``forward`` takes W (d, K) from the caller (a view of the output
+    head's weight). Positions are the fixed sinusoidal code, or with ``learn_positions`` a learned
     (seq_len, d) table (``position_embedding``, initialised N(0, 0.02)).
     """
 
-    def __init__(self, num_classes: int, seq_len: int, width: int, bias: bool, learn_positions: bool = False):
+    def __init__(
+        self, num_classes: int, seq_len: int, width: int, bias: bool, learn_positions: bool = False, tied: bool = False
+    ):
         super().__init__()
         self.seq_len = seq_len
-        self.token_proj = nn.Linear(num_classes, width, bias=bias)
+        self.token_proj = None if tied else nn.Linear(num_classes, width, bias=bias)
+        self.token_bias = nn.Parameter(torch.zeros(width)) if tied and bias else None
         self.time_proj = nn.Linear(1, width, bias=bias)
         if learn_positions:
             self.position_embedding = nn.Embedding(seq_len, width)
@@ -58,10 +69,18 @@ class TextInputAdapter(nn.Module):
             self.position_embedding = None
             self.register_buffer("positions", sinusoidal_positions(seq_len, width), persistent=False)
 
-    def forward(self, theta: Tensor, t: Tensor) -> Tensor:
+    def forward(self, theta: Tensor, t: Tensor, tied_weight: Tensor | None = None) -> Tensor:
         b, length, _ = theta.shape
         t = t.to(theta.dtype).reshape(b, -1)  # (B, 1) or (B, L)
-        tokens = self.token_proj(2 * theta - 1)  # (B, L, d)
+        if self.token_proj is None:
+            if tied_weight is None:
+                raise ValueError("a tied TextInputAdapter needs the output head's weight (tied_weight)")
+            weight, bias = tied_weight, self.token_bias
+        else:
+            weight, bias = self.token_proj.weight, self.token_proj.bias
+        # Linear(2 theta - 1) = theta (2 W)^T + (b - W 1)
+        offset = -weight.sum(1) if bias is None else bias - weight.sum(1)
+        tokens = F.linear(theta, 2 * weight, offset)  # (B, L, d)
         times = self.time_proj((2 * t - 1)[..., None])  # (B, 1 or L, d)
         if self.position_embedding is not None:
             return tokens + self.position_embedding.weight[:length].to(tokens.dtype) + times
@@ -135,6 +154,8 @@ class TextTransformer(nn.Module):
         learn_positions: a learned position table instead of the fixed sinusoidal code.
         output_projection: if set, lm_head emits this many values per token and a further
             Linear (``output_proj``, the reference's output adapter) maps them to the K logits.
+        tie_embeddings: the input token embedding E (K x d) is lm_head's weight (its first d
+            columns with ``skip``); not with ``output_projection`` (the head then is not K-wide).
     """
 
     def __init__(
@@ -152,6 +173,7 @@ class TextTransformer(nn.Module):
         adapter_bias: bool | None = None,
         learn_positions: bool = False,
         output_projection: int | None = None,
+        tie_embeddings: bool = False,
     ):
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes, minimum=2)
@@ -164,9 +186,17 @@ class TextTransformer(nn.Module):
         self.is_causal = bool(is_causal)
         self.skip = bool(skip) and not self.is_causal
 
+        self.tie_embeddings = bool(tie_embeddings)
+        if self.tie_embeddings and output_projection is not None:
+            raise ValueError("tie_embeddings needs lm_head to emit the K logits: set output_projection to None")
         adapter_bias = bias if adapter_bias is None else adapter_bias
         self.input_adapter = TextInputAdapter(
-            num_classes, seq_len, n_embd, bool(adapter_bias), learn_positions=bool(learn_positions)
+            num_classes,
+            seq_len,
+            n_embd,
+            bool(adapter_bias),
+            learn_positions=bool(learn_positions),
+            tied=self.tie_embeddings,
         )
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, self.is_causal) for _ in range(n_layer))
@@ -193,7 +223,7 @@ class TextTransformer(nn.Module):
     def forward(self, theta: Tensor, t: Tensor) -> Tensor:
         """theta: (B, L, K) probabilities; t: (B,) (or per token (B, L)) -> (B, L, K) logits."""
         self._check_input(theta, t)
-        x_in = self.input_adapter(theta, t)  # (B, L, d)
+        x_in = self.input_adapter(theta, t, self._tied_weight())  # (B, L, d)
         x = self.drop(x_in)
         for block in self.blocks:
             x = block(x)
@@ -204,8 +234,15 @@ class TextTransformer(nn.Module):
             return self.output_proj(self.lm_head(x))
         return self.lm_head(x)
 
+    def _tied_weight(self) -> Tensor | None:
+        """W (d, K) of the input token projection when tied: lm_head's weight on the final features."""
+        if not self.tie_embeddings:
+            return None
+        return self.lm_head.weight[:, : self.input_adapter.time_proj.out_features].T
+
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """Input-embedding parameters (token and time projections; positions are a fixed buffer)."""
+        """Input-embedding parameters (token and time projections; positions are a fixed buffer).
+        Tied, the token embedding is lm_head's weight and counts as the head's."""
         return list(self.input_adapter.parameters())
 
     def optim_groups(self, weight_decay: float) -> list[dict]:

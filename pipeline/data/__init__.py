@@ -19,6 +19,7 @@ generator=batch_generator(seed, rank, step, device))`` on each batch; evaluation
 ``iter_batches(out, "test", "mnist", batch_size=...)``, which is model-ready already.
 """
 
+from pipeline.data.bpe import Vocabulary, load_vocabulary
 from pipeline.data.manifest import (
     FORMAT_VERSION,
     check_values,
@@ -31,7 +32,7 @@ from pipeline.data.manifest import (
 from pipeline.data.readers import iter_batches, labelled_images, ray_dataset
 from pipeline.data.shards import prepare, reference_split
 from pipeline.data.sources import PUBLIC_URLS, download, text8_decode, text8_encode
-from pipeline.data.storage import DATASETS, SPLITS, TEXT8_ALPHABET, DataError, raw_dir, s3_filesystem
+from pipeline.data.storage import DATASETS, SPLITS, TEXT8_ALPHABET, DataError, is_text, raw_dir, s3_filesystem
 from pipeline.data.transforms import (
     VALIDATION_STEP,
     batch_generator,
@@ -47,14 +48,17 @@ __all__ = [
     "SPLITS",
     "TEXT8_ALPHABET",
     "VALIDATION_STEP",
+    "Vocabulary",
     "DataError",
     "batch_generator",
     "batch_seed",
     "check_values",
     "download",
     "expected_schema",
+    "is_text",
     "iter_batches",
     "labelled_images",
+    "load_vocabulary",
     "num_rows",
     "prepare",
     "preprocess",

@@ -36,11 +36,13 @@ import pyarrow.parquet as pq
 
 from pipeline.data.storage import (
     DATASETS,
+    ID_BYTES,
     IMAGE_SHAPE,
     MANIFEST_NAME,
     SPLITS,
     DataError,
     check_name,
+    is_text,
     join,
     read_bytes,
     resolve,
@@ -49,17 +51,18 @@ from pipeline.data.storage import (
 from pipeline.secrets import mask_config
 
 FORMAT_VERSION = 2
-VALUE_RANGES = {"mnist": ("label", 9), "cifar10": ("label", 9), "text8": ("ids", 26)}  # column, max
+# column, max (text_bpe: vocab_size - 1, from the manifest)
+VALUE_RANGES = {"mnist": ("label", 9), "cifar10": ("label", 9), "text8": ("ids", 26), "text_bpe": ("ids", None)}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def expected_schema(name: str, *, seq_len: int = 256, split: str = "test") -> pa.Schema:
-    """The Parquet schema of ``split`` of dataset ``name``. text8 rows hold ``2 * seq_len`` chars
-    in the train split and ``seq_len`` in val/test (see ``transforms.text8_rows``)."""
+    """The Parquet schema of ``split`` of dataset ``name``. Text rows hold ``2 * seq_len`` ids in
+    the train split and ``seq_len`` in val/test (see ``transforms.text8_rows``), ``ID_BYTES`` each."""
     check_name(name)
-    if name == "text8":
+    if is_text(name):
         width = 2 * int(seq_len) if split == "train" else int(seq_len)
-        return pa.schema([("ids", pa.binary(width)), ("offset", pa.int64())])
+        return pa.schema([("ids", pa.binary(width * ID_BYTES[name])), ("offset", pa.int64())])
     return pa.schema([("image", pa.binary(int(np.prod(IMAGE_SHAPE[name])))), ("label", pa.int64())])
 
 
@@ -129,7 +132,7 @@ def _check_split(entry: Any, split: str, name: str, where: str) -> None:
         _count(shard, "bytes", where, here)
         if not _SHA256.match(_need(shard, "sha256", str, where, here)):
             raise DataError(f"{where}: {here}sha256 must be 64 lowercase hex digits (got {shard['sha256']!r:.80})")
-    if name == "text8":
+    if is_text(name):
         _count(entry, "row_chars", where, at, low=1)
         _count(entry, "row_stride", where, at, low=1)
         _count(entry, "chars", where, at)
@@ -156,8 +159,11 @@ def validate_manifest(man: Any, uri: str) -> dict:
         if split not in SPLITS:
             raise DataError(f"{where}: unknown split {split!r}; expected {', '.join(SPLITS)}")
         _check_split(entry, split, name, where)
-    if name == "text8":
+    if is_text(name):
         _count(man, "seq_len", where, "", low=1)
+    if name == "text_bpe":
+        _count(man, "vocab_size", where, "", low=2)
+        _need(man, "tokenizer", dict, where, "")
     return man
 
 
@@ -292,6 +298,8 @@ def check_values(uri: str, manifest: dict, splits: Sequence[str]) -> None:
     inside a Ray Data task after the workers started, without the shard's name.
     """
     column, high = VALUE_RANGES[manifest["dataset"]]
+    high = int(manifest["vocab_size"]) - 1 if high is None else high
+    id_bytes = ID_BYTES.get(manifest["dataset"], 1)
     fs, root = resolve(uri)
     for split in splits:
         for shard in manifest["splits"][split]["shards"]:
@@ -301,9 +309,10 @@ def check_values(uri: str, manifest: dict, splits: Sequence[str]) -> None:
                     array = pq.read_table(f, columns=[column]).column(column).combine_chunks()
             except (OSError, pa.ArrowException) as exc:
                 raise DataError(f"{where}: unreadable Parquet ({exc})") from exc
-            if column == "ids":  # fixed_size_binary: one byte per id
+            if column == "ids":  # fixed_size_binary: ID_BYTES little-endian bytes per id
                 width = array.type.byte_width
                 values = np.frombuffer(array.buffers()[1], np.uint8, len(array) * width, array.offset * width)
+                values = values.view("<u2") if id_bytes == 2 else values
             else:
                 values = array.to_numpy(zero_copy_only=False)
             if values.size and (values.min() < 0 or values.max() > high):

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.data.manifest import num_rows, read_manifest, verify
-from pipeline.data.storage import DataError, check_name, join, resolve
+from pipeline.data.storage import DataError, check_name, is_text, join, resolve
 from pipeline.data.transforms import (
     as_matrix,
     preprocess,
@@ -50,7 +50,7 @@ EAGER_PREPROCESS_BYTES = 256 * 1024**2
 
 def _columns(name: str) -> tuple[str, str]:
     """(data column, auxiliary int64 column) of ``name``'s shards."""
-    return ("ids", "offset") if name == "text8" else ("image", "label")
+    return ("ids", "offset") if is_text(name) else ("image", "label")
 
 
 def _table_dict(tab: pa.Table | pa.RecordBatch) -> dict[str, Any]:
@@ -97,10 +97,10 @@ def _split_paths(uri: str, split: str, name: str, seq_len: int | None) -> tuple[
     man = read_manifest(uri)
     if man["dataset"] != name:
         raise DataError(f"{uri} holds dataset {man['dataset']!r}, not {name!r}")
-    if name == "text8" and seq_len is not None and int(seq_len) != man["seq_len"]:
+    if is_text(name) and seq_len is not None and int(seq_len) != man["seq_len"]:
         raise DataError(
             f"{uri} was prepared with seq_len {man['seq_len']}, not {seq_len}: re-run "
-            f"`bfn data prepare text8 --seq-len {seq_len} --out {uri}` or set data.seq_len"
+            f"`bfn data prepare {name.replace('_', '-')} --seq-len {seq_len} --out {uri}` or set data.seq_len"
         )
     verify(uri, [split], check_checksums=False)
     fs, root = resolve(uri)
@@ -312,8 +312,8 @@ def iter_batches(
 def labelled_images(uri: str, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Every stored row of an image split with its label: (uint8 pixels (N, H*W*C), int64 (N,)).
     ``iter_batches`` yields model inputs only; the sample-quality classifier trains on labels too."""
-    if name == "text8":
-        raise ValueError("labelled_images: text8 has no labels")
+    if is_text(name):
+        raise ValueError(f"labelled_images: {name} has no labels")
     fs, paths, _ = _split_paths(uri, split, name, None)
     tables = [_read_table(fs, p) for p in paths]
     images = np.concatenate([as_matrix(_table_dict(t), "image", None) for t in tables])

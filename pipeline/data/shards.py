@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import random_split
 
-from pipeline.data import sources
+from pipeline.data import bpe, sources
 from pipeline.data.manifest import FORMAT_VERSION, expected_schema, schema_to_json
 from pipeline.data.storage import (
     IMAGE_SHAPE,
@@ -60,6 +60,7 @@ from pipeline.data.storage import (
     DataError,
     check_name,
     exists,
+    is_text,
     join,
     resolve,
     write_bytes,
@@ -92,37 +93,77 @@ def reference_split(n: int, val_fraction: float = VAL_FRACTION, seed: int = REFE
 
 
 def _fixed_binary(mat: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """Rows of uint8 (or little-endian uint16 ids, two bytes each) as fixed-size binary values."""
+    if mat.dtype != np.uint8:
+        mat = np.ascontiguousarray(mat, dtype="<u2").view(np.uint8)
     mat = np.ascontiguousarray(mat, dtype=np.uint8)
     n, width = mat.shape
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(mat)])
 
 
-def _text8_tables(ids: np.ndarray, seq_len: int) -> tuple[dict, dict, dict]:
-    """{split: table}, {split: text8 manifest fields}, and the split rule."""
-    n = len(ids)
-    cuts = {"train": (0, int(n * 0.9)), "val": (int(n * 0.9), int(n * 0.95)), "test": (int(n * 0.95), n)}
+def _text_cuts(n: int) -> dict[str, tuple[int, int]]:
+    """The reference's text8 split of n chars: [0, .9n) / [.9n, .95n) / [.95n, n)."""
+    return {"train": (0, int(n * 0.9)), "val": (int(n * 0.9), int(n * 0.95)), "test": (int(n * 0.95), n)}
+
+
+def _text_tables(streams: dict[str, np.ndarray], seq_len: int, unit: str) -> tuple[dict, dict, dict]:
+    """{split: table}, {split: manifest fields}, and the row rule of each split's id stream."""
     tables, extra, dropped = {}, {}, {}
-    for split, (a, b) in cuts.items():
+    for split, ids in streams.items():
         train = split == "train"
-        rows, offsets = text8_rows(ids[a:b], seq_len, train=train)
+        rows, offsets = text8_rows(ids, seq_len, train=train)
         tables[split] = pa.table({"ids": _fixed_binary(rows), "offset": pa.array(offsets, pa.int64())})
-        extra[split] = {"row_chars": rows.shape[1], "row_stride": seq_len, "chars": b - a}
-        if train:  # crops start in [0, rows * seq_len); the reference's starts are [0, chars - seq_len)
-            dropped["train_unused_start_positions"] = max(b - a - seq_len - len(rows) * seq_len, 0)
+        extra[split] = {"row_chars": rows.shape[1], "row_stride": seq_len, "chars": len(ids)}
+        if train:  # crops start in [0, rows * seq_len); the reference's starts are [0, len - seq_len)
+            dropped["train_unused_start_positions"] = max(len(ids) - seq_len - len(rows) * seq_len, 0)
         else:
-            dropped.setdefault("dropped_tail_chars", {})[split] = b - a - len(rows) * seq_len
+            dropped.setdefault(f"dropped_tail_{unit}", {})[split] = len(ids) - len(rows) * seq_len
     rule = {
-        "method": "contiguous chars [0,.9n) / [.9n,.95n) / [.95n,n) (reference prepare_text8)",
-        "chars": n,
-        "char_ranges": {s: list(c) for s, c in cuts.items()},
-        "train_rows": f"2*seq_len = {2 * seq_len} chars starting every seq_len = {seq_len} chars; training "
+        "train_rows": f"2*seq_len = {2 * seq_len} {unit} starting every seq_len = {seq_len} {unit}; training "
         "crops seq_len at a uniform offset in [0, seq_len) (pipeline.data.to_model)",
-        "eval_rows": f"non-overlapping windows of seq_len = {seq_len} chars; iter_batches(stride=k) re-cuts "
-        "them into windows starting every k chars",
-        "offset": "first char of the row within its split",
+        "eval_rows": f"non-overlapping windows of seq_len = {seq_len} {unit}; iter_batches(stride=k) re-cuts "
+        f"them into windows starting every k {unit}",
+        "offset": f"first {unit[:-1]} of the row within its split",
         **dropped,
     }
     return tables, extra, rule
+
+
+def _text8_tables(ids: np.ndarray, seq_len: int) -> tuple[dict, dict, dict]:
+    """{split: table}, {split: text8 manifest fields}, and the split rule."""
+    cuts = _text_cuts(len(ids))
+    tables, extra, rule = _text_tables({s: ids[a:b] for s, (a, b) in cuts.items()}, seq_len, "chars")
+    rule = {
+        "method": "contiguous chars [0,.9n) / [.9n,.95n) / [.95n,n) (reference prepare_text8)",
+        "chars": len(ids),
+        "char_ranges": {s: list(c) for s, c in cuts.items()},
+        **rule,
+    }
+    return tables, extra, rule
+
+
+def _bpe_tables(ids: np.ndarray, seq_len: int, vocab_size: int, progress: bool) -> tuple[dict, dict, dict, Any]:
+    """text8-style chars -> a BPE tokenizer trained on the train split, and each split's token rows."""
+    text = sources.text8_decode_bytes(ids)
+    cuts = _text_cuts(len(text))
+    say(progress, f"text_bpe: training a {vocab_size:,}-token BPE on {cuts['train'][1]:,} train chars")
+    vocabulary = bpe.Vocabulary(bpe.train_tokenizer(text[: cuts["train"][1]], vocab_size).to_str())
+    if vocabulary.size < vocab_size:
+        log.warning(
+            "text_bpe: the corpus ran out of pairs to merge at %d tokens (asked %d)", vocabulary.size, vocab_size
+        )
+    streams = {split: vocabulary.encode(text[a:b]) for split, (a, b) in cuts.items()}
+    tables, extra, rule = _text_tables(streams, seq_len, "tokens")
+    for split, (a, b) in cuts.items():
+        extra[split] = {**extra[split], "tokens": extra[split]["chars"], "chars": b - a}
+        extra[split]["chars_per_token"] = round((b - a) / max(len(streams[split]), 1), 4)
+    rule = {
+        "method": "contiguous chars [0,.9n) / [.9n,.95n) / [.95n,n) (as text8), each split tokenised on its own",
+        "chars": len(text),
+        "char_ranges": {s: list(c) for s, c in cuts.items()},
+        **rule,
+    }
+    return tables, extra, rule, vocabulary
 
 
 def _image_tables(raw: dict[str, Any]) -> tuple[dict, dict]:
@@ -206,21 +247,44 @@ def _describe_source(name: str, raw: dict[str, Any], exact: bool) -> str:
 
 
 def _read_source(name: str, source: Any, progress: bool) -> tuple[dict, dict]:
-    with tempfile.TemporaryDirectory(prefix="bfn-data-") as scratch:
-        path, src = sources.locate(name, source, Path(scratch), progress=progress)
-        say(progress, f"{name}: reading {src['kind']} source {path}")
-        raw = sources.load(name, path)
+    raw_name = "text8" if name == "text_bpe" else name  # subword data are made from text8-style text
+    if source == sources.BUNDLED_LARGE:
+        if raw_name != "text8":
+            raise DataError(f"--source {sources.BUNDLED_LARGE} is text8-style text, not {name}")
+        raw, src = sources.load_bundled_large(), {"kind": "vendored", "location": "data/raw/text8"}
+    else:
+        with tempfile.TemporaryDirectory(prefix="bfn-data-") as scratch:
+            path, src = sources.locate(raw_name, source, Path(scratch), progress=progress)
+            say(progress, f"{name}: reading {src['kind']} source {path}")
+            raw = sources.load(raw_name, path)
     src["files"] = raw["files"]
     src["exact"] = all(f.get("canonical") for f in raw["files"].values())
     if src["kind"] == "vendored" and not src["exact"]:
         raise DataError(
-            f"bundled {name} files under {path} do not match their recorded checksums "
-            f"(see data/raw/{name}/PROVENANCE.md): {raw['files']}"
+            f"bundled {raw_name} files under {src['location']} do not match their recorded checksums "
+            f"(see data/raw/{raw_name}/PROVENANCE.md): {raw['files']}"
         )
     if src["kind"] == "url" and not src["exact"]:
         raise DataError(f"{name}: downloaded files are not canonical: {raw['files']}")
-    src["description"] = _describe_source(name, raw, src["exact"])
+    src["description"] = _describe_source(raw_name, raw, src["exact"])
     return raw, src
+
+
+def _tables(name: str, raw: dict, seq_len: int, vocab_size: int | None, progress: bool) -> tuple:
+    """(tables, per-split manifest fields, split rule, fields for the manifest's top level, tokenizer)."""
+    if name == "text8":
+        tables, extra, rule = _text8_tables(raw["ids"], seq_len)
+        return tables, extra, rule, {"seq_len": seq_len, "vocab": TEXT8_ALPHABET, "vocab_size": 27}, None
+    if name == "text_bpe":
+        tables, extra, rule, vocabulary = _bpe_tables(raw["ids"], seq_len, vocab_size, progress)
+        top = {
+            "seq_len": seq_len,
+            "vocab_size": vocabulary.size,
+            "tokenizer": bpe.tokenizer_record(vocabulary, vocab_size),
+        }
+        return tables, extra, rule, top, vocabulary
+    tables, rule = _image_tables(raw)
+    return tables, {}, rule, {"num_classes": NUM_CLASSES}, None
 
 
 def prepare(
@@ -230,26 +294,32 @@ def prepare(
     source: Any = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     seq_len: int = 256,
+    vocab_size: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Write ``name`` as Parquet shards plus ``manifest.json`` under ``out`` (folder or s3://).
 
     ``source`` (see ``sources.locate``): None = the bundled files under ``data/raw/<name>``;
     ``"download"`` = the canonical public file, sha256-checked; a URL; a local archive file
-    (``cifar-10-python.tar.gz``, ``text8.zip``); or a folder holding the files. Progress goes to
-    the ``logging`` module (INFO; DEBUG with ``progress=False``). Returns the manifest.
+    (``cifar-10-python.tar.gz``, ``text8.zip``); or a folder holding the files; for text8 and
+    text_bpe also ``"bundled-large"`` (the bundled text8 prefix + Wikipedia sample, 3.19M chars,
+    text_bpe's default). ``text_bpe`` trains a BPE of at most ``vocab_size`` tokens on the train
+    split and stores it as ``tokenizer.json`` beside the shards. Progress goes to the ``logging``
+    module (INFO; DEBUG with ``progress=False``). Returns the manifest.
     """
     check_name(name)
     if int(rows_per_shard) < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    if name == "text8" and int(seq_len) < 1:
+    if is_text(name) and int(seq_len) < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if name == "text_bpe":
+        bpe.check_vocab_size(vocab_size)
+        source = sources.BUNDLED_LARGE if source is None else source
+    elif vocab_size is not None:
+        raise DataError(f"--vocab is for text-bpe; {name} has a fixed alphabet")
     rows_per_shard, seq_len = int(rows_per_shard), int(seq_len)
     raw, src = _read_source(name, source, progress)
-    if name == "text8":
-        tables, extra, rule = _text8_tables(raw["ids"], seq_len)
-    else:
-        (tables, rule), extra = _image_tables(raw), {}
+    tables, extra, rule, top, vocabulary = _tables(name, raw, seq_len, vocab_size, progress)
     fs, root = resolve(out)
     _remove_old(fs, root)
     splits = {}
@@ -260,22 +330,22 @@ def prepare(
             **_write_split(fs, root, name, split, tables[split], rows_per_shard, progress),
             **extra.get(split, {}),
         }
+    if vocabulary is not None:
+        write_bytes(fs, join(root, bpe.TOKENIZER_NAME), vocabulary.to_json().encode())
+        say(progress, f"{name}: wrote {bpe.TOKENIZER_NAME} ({bpe.describe(vocabulary)})")
     manifest = {
         "dataset": name,
         "format_version": FORMAT_VERSION,
-        "shape": [seq_len] if name == "text8" else list(IMAGE_SHAPE[name]),
-        "dtype": "uint8",
+        "shape": [seq_len] if is_text(name) else list(IMAGE_SHAPE[name]),
+        "dtype": "uint16" if name == "text_bpe" else "uint8",
         "splits": splits,
         "split_rule": rule,
         "source": src,
         "rows_per_shard": rows_per_shard,
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "created_by": f"pipeline.data.prepare (pyarrow {pa.__version__}, python {sys.version.split()[0]})",
+        **top,
     }
-    if name == "text8":
-        manifest.update(seq_len=seq_len, vocab=TEXT8_ALPHABET, vocab_size=len(TEXT8_ALPHABET))
-    else:
-        manifest["num_classes"] = NUM_CLASSES
     write_bytes(fs, join(root, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
     say(
         progress,

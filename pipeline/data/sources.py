@@ -68,6 +68,10 @@ TEXT8_ZIP = "text8.zip"
 TEXT8_SHA256 = "6e890197040d37d85beb962ae1f041ff1d9a9ca8d20c7d99c85027eebf51dca7"  # member "text8"
 TEXT8_SUBSET = "text8_first100k.txt"
 TEXT8_SUBSET_SHA256 = "cf4215bfd474fdffa9944796ac527f0e8f0fd3302da25d5e5c211877c1d2ed4a"
+# --source bundled-large: the text8 prefix, one space, then a text8-style Wikipedia sample (PROVENANCE.md)
+BUNDLED_LARGE = "bundled-large"
+WIKI_SAMPLE = "enwiki_sample_wikifil.txt"
+WIKI_SAMPLE_SHA256 = "0cf035b28f92b01ff2dd0880909f6087bfb48bc8b8c726b793bccdad5c56a13c"
 
 PUBLIC_URLS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -531,6 +535,26 @@ def text8_encode(text: bytes | str, *, where: str = "text") -> np.ndarray:
             f"text8 alphabet (a-z and space); {bad.size} such chars"
         )
     return ids.astype(np.uint8)
+
+
+def load_bundled_large() -> dict[str, Any]:
+    """The bundled text8 prefix + one space + the Wikipedia sample, as ``load("text8", ...)`` returns."""
+    folder, parts, files = raw_dir() / "text8", [], {}
+    for name, sha in ((TEXT8_SUBSET, TEXT8_SUBSET_SHA256), (WIKI_SAMPLE, WIKI_SAMPLE_SHA256)):
+        if not (folder / name).is_file():
+            raise DataError(f"--source {BUNDLED_LARGE}: {folder / name} is missing (see data/raw/text8/PROVENANCE.md)")
+        data = (folder / name).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        files[name] = {"sha256": digest, "canonical": digest == sha}
+        parts.append(text8_encode(data, where=str(folder / name)))
+    ids = np.concatenate([parts[0], np.zeros(1, np.uint8), parts[1]])
+    return {"files": files, "ids": ids}
+
+
+def text8_decode_bytes(ids: np.ndarray) -> str:
+    """text8 ids (uint8 array) -> the text, vectorised (``text8_decode`` for a few ids)."""
+    ids = np.asarray(ids, dtype=np.uint8)
+    return np.where(ids == 0, 32, ids + 96).astype(np.uint8).tobytes().decode("ascii")
 
 
 def text8_decode(ids: Iterable[int]) -> str:

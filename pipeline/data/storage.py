@@ -24,7 +24,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-DATASETS = ("mnist", "cifar10", "text8")
+DATASETS = ("mnist", "cifar10", "text8", "text_bpe")
+# text datasets: bytes per stored id (text8's 27 chars fit one; subword ids up to 65,536 take two, little-endian)
+ID_BYTES = {"text8": 1, "text_bpe": 2}
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.json"
 IMAGE_SHAPE = {"mnist": (28, 28), "cifar10": (32, 32, 3)}
@@ -40,6 +42,11 @@ def check_name(name: str) -> str:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return name
+
+
+def is_text(name: str) -> bool:
+    """Text datasets are cut into windows of ``seq_len`` ids; images are not."""
+    return name in ID_BYTES
 
 
 def raw_dir() -> Path:

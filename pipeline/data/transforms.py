@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.data.storage import IMAGE_SHAPE, NUM_CLASSES, DataError, check_name
+from pipeline.data.storage import IMAGE_SHAPE, NUM_CLASSES, DataError, check_name, is_text
 
 VALIDATION_STEP = -1
 _WORKER_BATCHES, _PLAIN_READER = 0, 1  # first spawn-key word: which consumer a stream belongs to
@@ -145,10 +145,13 @@ def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256) -> dict
     """Stored rows -> ``{"x": ...}`` as the Ray datasets yield it (deterministic; pure numpy).
 
     mnist: uint8 grey levels (B, 28, 28, 1); cifar10: float32 bin centres (B, 32, 32, 3) (for 256
-    bins exactly (2p+1)/256 - 1); text8: uint8 ids (B, width). ``batch`` holds the Parquet columns
+    bins exactly (2p+1)/256 - 1); text8: uint8 ids (B, width); text_bpe: int32 ids (B, width) (their
+    range is checked against the manifest's vocab_size by ``verify``). ``batch`` holds the Parquet columns
     (pyarrow arrays or numpy). Values out of range raise ``DataError`` naming the column.
     """
     check_name(name)
+    if name == "text_bpe":  # two little-endian bytes per id; int32 because torch has few uint16 ops
+        return {"x": as_matrix(batch, "ids", None).view("<u2").astype(np.int32)}
     if name == "text8":
         ids = as_matrix(batch, "ids", None)
         if ids.size and ids.max() > 26:
@@ -185,7 +188,7 @@ def to_model(x: torch.Tensor, data_name: str, *, seq_len: int, generator: torch.
     * mnist: grey levels (B, 28, 28, 1) (any integer dtype, 0..255) -> long {0, 1} (B, 28, 28, 1),
       each pixel ~ Bernoulli(grey/255) from ``generator`` (None is an error: the draw must be seeded).
     * cifar10: float32 (B, 32, 32, 3) in [-1, 1], already binned; returned as float32.
-    * text8: ids (B, 2*seq_len) (training rows) -> long (B, seq_len), row b cropped at an offset
+    * text8, text_bpe: ids (B, 2*seq_len) (training rows) -> long (B, seq_len), row b cropped at an offset
       drawn uniformly in [0, seq_len) from ``generator``; ids (B, seq_len) (val/test) -> long as is.
 
     ``generator`` must live on ``x``'s device (see ``batch_generator``).
@@ -198,13 +201,13 @@ def to_model(x: torch.Tensor, data_name: str, *, seq_len: int, generator: torch.
         return torch.bernoulli(probs, generator=generator).long()
     if data_name == "cifar10":
         return x.float()
-    if data_name != "text8":
-        raise DataError(f"unknown dataset {data_name!r}; expected mnist, cifar10 or text8")
+    if not is_text(data_name):
+        raise DataError(f"unknown dataset {data_name!r}; expected mnist, cifar10, text8 or text_bpe")
     if x.dim() != 2 or x.shape[1] not in (seq_len, 2 * seq_len):
         raise DataError(
-            f"text8 batch has shape {tuple(x.shape)}; data.seq_len={seq_len} expects rows of "
-            f"{seq_len} (val/test) or {2 * seq_len} (train) chars: re-run `bfn data prepare text8 "
-            f"--seq-len {seq_len}`"
+            f"{data_name} batch has shape {tuple(x.shape)}; data.seq_len={seq_len} expects rows of "
+            f"{seq_len} (val/test) or {2 * seq_len} (train) ids: re-run `bfn data prepare "
+            f"{data_name.replace('_', '-')} --seq-len {seq_len}`"
         )
     ids = x.long()
     if x.shape[1] == seq_len:
@@ -220,7 +223,7 @@ def to_model(x: torch.Tensor, data_name: str, *, seq_len: int, generator: torch.
 
 
 def text8_rows(chars: np.ndarray, seq_len: int, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The stored rows of one split's char stream: (ids (R, width) uint8, offsets (R,) int64).
+    """The stored rows of one split's id stream: (ids (R, width) of its dtype, offsets (R,) int64).
 
     Rows start every ``seq_len`` chars; a training row holds ``2 * seq_len`` chars (overlapping
     its neighbour by half, so ``to_model``'s crop can start anywhere), a val/test row ``seq_len``.
@@ -230,9 +233,9 @@ def text8_rows(chars: np.ndarray, seq_len: int, *, train: bool) -> tuple[np.ndar
     count = (len(chars) - width) // seq_len + 1 if len(chars) >= width else 0
     starts = np.arange(count, dtype=np.int64) * seq_len
     if count == 0:
-        return np.empty((0, width), np.uint8), starts
+        return np.empty((0, width), chars.dtype), starts
     rows = np.lib.stride_tricks.sliding_window_view(chars, width)[::seq_len][:count]
-    return np.ascontiguousarray(rows, dtype=np.uint8), starts
+    return np.ascontiguousarray(rows), starts
 
 
 def text8_stream(ids: np.ndarray, offsets: np.ndarray, where: str) -> np.ndarray:
@@ -244,7 +247,7 @@ def text8_stream(ids: np.ndarray, offsets: np.ndarray, where: str) -> np.ndarray
     width = ids.shape[1]
     if offsets[0] != 0 or np.any(np.diff(offsets) > width) or np.any(np.diff(offsets) < 1):
         raise DataError(f"{where}: the rows' offsets do not tile one stream (first {offsets[0]}, width {width})")
-    stream = np.empty(int(offsets[-1]) + width, np.uint8)
+    stream = np.empty(int(offsets[-1]) + width, ids.dtype)
     for row, start in zip(ids, offsets, strict=True):
         stream[start : start + width] = row
     return stream
