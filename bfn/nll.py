@@ -3,7 +3,8 @@
 The n-step loss is a single-step Monte-Carlo estimate of n E_i[KL_i] (one random step i per
 example), which is why published numbers average many repeats over the test set.
 Values are kept in nats per data dimension and converted on output:
-bits/dim = nats/dim / ln 2; nats/image = nats/dim x D (binarised MNIST); bits/char = bits/dim (text8).
+bits/dim = nats/dim / ln 2; nats/image = nats/dim x D (binarised MNIST); bits/char = bits/dim x
+dims_per_char (1 for text8's characters; tokens over the characters they cover for subword text).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class NLLEstimate:
     num_dims: int
     num_repeats: int
     num_examples: int
+    dims_per_char: float = 1.0  # data dimensions per character of text (subword tokens: tokens / chars)
 
     @classmethod
     def from_terms(cls, loss: Tensor, reconstruction: Tensor, num_dims: int) -> NLLEstimate:
@@ -67,7 +69,7 @@ class NLLEstimate:
         factors = {
             "nats/dim": 1.0,
             "bits/dim": 1 / math.log(2),
-            "bits/char": 1 / math.log(2),
+            "bits/char": self.dims_per_char / math.log(2),
             "nats/image": float(self.num_dims),
         }
         if unit not in factors:

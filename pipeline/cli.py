@@ -16,6 +16,7 @@ from pipeline import data, logs, secrets
 from pipeline.config import ConfigError, compose, load
 from pipeline.core.checkpointing import CheckpointError
 from pipeline.data import DataError
+from pipeline.data.bpe import MAX_VOCAB
 from pipeline.evaluation.evaluate import evaluate, sample
 from pipeline.evaluation.quality.table import quality
 from pipeline.training.driver import fit, print_summary
@@ -83,15 +84,20 @@ def cmd_quality(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
+    name = args.dataset.replace("-", "_")  # text-bpe on the command line, text_bpe in configs
+    if (args.vocab is None) == (name == "text_bpe"):
+        raise data.DataError("--vocab: required with text-bpe (e.g. --vocab 4096), and only there")
+    seq_len = args.seq_len if args.seq_len is not None else 128 if name == "text_bpe" else 256
     out = args.out
     if out is None:
-        out = str(Path(compose([])["paths"]["data_dir"]) / args.dataset)
+        folder = f"text_bpe_{args.vocab}" if name == "text_bpe" else name
+        out = str(Path(compose([])["paths"]["data_dir"]) / folder)
     source = args.source
-    if source is None:  # the bundled MNIST is complete; CIFAR-10 and text8 are downloaded in full
-        source = None if args.dataset == "mnist" else "download"
+    if source is None:  # bundled MNIST is complete; CIFAR-10 and text8 are downloaded; text-bpe: bundled-large
+        source = None if name in ("mnist", "text_bpe") else "download"
     elif source == "bundled":
-        source = None
-    manifest = data.prepare(args.dataset, out, source=source, seq_len=args.seq_len)
+        source = None if name != "text_bpe" else data.raw_dir() / "text8" / "text8_first100k.txt"
+    manifest = data.prepare(name, out, source=source, seq_len=seq_len, vocab_size=args.vocab)
     rows = {split: info["rows"] for split, info in manifest["splits"].items()}
     print(f"prepared {args.dataset} at {out}: {rows} rows ({manifest['source']['description']})")
     return 0
@@ -200,17 +206,23 @@ def _add_data_and_import(sub) -> None:
     p = sub.add_parser("data", help="prepare or verify sharded Parquet datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("prepare", help="raw data -> Parquet shards + manifest")
-    q.add_argument("dataset", choices=["mnist", "cifar10", "text8"])
+    q.add_argument("dataset", choices=["mnist", "cifar10", "text8", "text-bpe"])
     q.add_argument("--out", default=None, help="folder or s3://bucket/prefix (default: data/shards/NAME)")
     q.add_argument(
         "--source",
         default=None,
-        metavar="FILE|FOLDER|URL|bundled|download",
+        metavar="FILE|FOLDER|URL|bundled|bundled-large|download",
         help="an archive (cifar-10-python.tar.gz, text8.zip), a folder holding the files, a URL, "
         "'bundled' (data/raw) or 'download' (the canonical file, sha256-checked); default: "
-        "bundled for mnist (complete), download for cifar10 and text8",
+        "bundled for mnist (complete), download for cifar10 and text8; text8 and text-bpe also take "
+        "'bundled-large' (text8's first 100k chars + a 3.1M-char text8-style Wikipedia sample; text-bpe's default)",
     )
-    q.add_argument("--seq-len", type=int, default=256, help="text8 window length")
+    q.add_argument(
+        "--seq-len", type=int, default=None, help="text window length (text8 256 chars, text-bpe 128 tokens)"
+    )
+    q.add_argument(
+        "--vocab", type=int, default=None, help=f"text-bpe: tokens of the BPE (27 .. {MAX_VOCAB:,}; GPT-2's is 50,257)"
+    )
     q.set_defaults(func=cmd_data_prepare)
     q = data_sub.add_parser("verify", help="check a prepared dataset's manifest, shards and checksums")
     q.add_argument("uri")

@@ -65,6 +65,8 @@ DATASETS = {
     "mnist": Dataset("discrete", 2, "image", (28, 28, 1)),
     "cifar10": Dataset("continuous", None, "image", (32, 32, 3)),
     "text8": Dataset("discrete", 27, "text", None, min_quality_samples=1),  # text metrics score one window
+    # subword tokens: K is the tokenizer's vocabulary, set in flow.num_classes and checked against the dataset
+    "text_bpe": Dataset("discrete", None, "text", None, min_quality_samples=1),
 }
 
 
@@ -291,7 +293,8 @@ class DataConfig:
         choice = f"data.name={self.name}"
         if _applies("data.num_bins", self.num_bins, self.name == "cifar10", choice, "only cifar10 is quantised"):
             _number("data.num_bins", self.num_bins, low=2, high=256, integer=True)
-        if _applies("data.seq_len", self.seq_len, self.name == "text8", choice, "only text8 is cut into windows"):
+        text = DATASETS[self.name].network_kind == "text"
+        if _applies("data.seq_len", self.seq_len, text, choice, "only text is cut into windows"):
             _number("data.seq_len", self.seq_len, low=1, integer=True)
         _number("data.fraction", self.fraction, low=0, high=1, low_open=True)
         _number("data.batch_size", self.batch_size, low=1, integer=True)
@@ -314,12 +317,21 @@ class FlowConfig:
     kind: str = _key(weights=True)  # discrete | continuous
     head: str = _key(weights=True)  # output distribution: bernoulli, categorical | discretized_normal, delta
     num_classes: int | None = _key(weights=True)  # discrete
-    beta_1: float | None  # discrete
+    beta_1: float | None  # discrete (or flow.beta_1_times_k)
     sigma_1: float | None  # continuous
     noise_prediction: bool | None  # continuous
     receiver: str | None  # discrete
     num_mc_samples: int | None  # every head but delta (its n-step loss is closed-form)
     reconstruction_std_scale: float | None  # delta
+    beta_1_times_k: float | None = _key(default=None)  # discrete: beta_1 = this / K, instead of flow.beta_1
+
+    @property
+    def beta_1_value(self) -> float | None:
+        """beta_1 of a discrete flow: flow.beta_1, or flow.beta_1_times_k / K (the rule that keeps the
+        classes equally separable at t = 1 for any K; docs/vocabulary.md)."""
+        if self.beta_1_times_k is not None:
+            return self.beta_1_times_k / self.num_classes
+        return self.beta_1
 
     def validate(self, config: Config) -> None:
         data = DATASETS[config.data.name]
@@ -331,14 +343,29 @@ class FlowConfig:
         discrete, delta = self.kind == "discrete", self.head == "delta"
         kind, head = f"flow.kind={self.kind}", f"flow.head={self.head}"
         if _applies("flow.num_classes", self.num_classes, discrete, kind, "classes of discrete data"):
-            if self.num_classes != data.num_classes:
+            if data.num_classes is None:  # a tokenizer's vocabulary: checked against the dataset before a run
+                _number("flow.num_classes", self.num_classes, low=2, integer=True)
+            elif self.num_classes != data.num_classes:
                 _fail(
                     "flow.num_classes", f"must be {data.num_classes} for data.name={config.data.name}", self.num_classes
                 )
             if self.head == "bernoulli" and self.num_classes != 2:
                 _fail("flow.head", f"{self.num_classes}-class data need categorical", self.head)
-        if _applies("flow.beta_1", self.beta_1, discrete, kind, "discrete schedule; continuous uses flow.sigma_1"):
+        if discrete and (self.beta_1 is None) == (self.beta_1_times_k is None):
+            _fail(
+                "flow.beta_1",
+                "set exactly one of flow.beta_1 and flow.beta_1_times_k (beta_1 = beta_1_times_k / K) for a "
+                f"discrete flow (flow.beta_1_times_k={self.beta_1_times_k!r})",
+                self.beta_1,
+            )
+        if self.beta_1 is not None and _applies(
+            "flow.beta_1", self.beta_1, discrete, kind, "discrete schedule; continuous uses flow.sigma_1"
+        ):
             _number("flow.beta_1", self.beta_1, low=0, low_open=True)
+        if self.beta_1_times_k is not None and _applies(
+            "flow.beta_1_times_k", self.beta_1_times_k, discrete, kind, "discrete schedule; continuous uses sigma_1"
+        ):
+            _number("flow.beta_1_times_k", self.beta_1_times_k, low=0, low_open=True)
         if _applies("flow.sigma_1", self.sigma_1, not discrete, kind, "continuous schedule; discrete uses flow.beta_1"):
             _number("flow.sigma_1", self.sigma_1, low=0, high=1, low_open=True, high_open=True)
         if _applies("flow.noise_prediction", self.noise_prediction, not discrete, kind, "continuous outputs only"):
@@ -530,12 +557,12 @@ class EvalConfig:
         check_count("eval.quality_num", self.quality_num, DATASETS[config.data.name].min_quality_samples)
         if self.quality_cache is not None:
             _text("eval.quality_cache", self.quality_cache)
-        name, text = config.data.name, config.data.name == "text8"
+        name, text = config.data.name, DATASETS[config.data.name].network_kind == "text"
         _choice("eval.unit", self.unit, UNITS)
         if (self.unit == "bits/char" and not text) or (self.unit == "nats/image" and text):
             _fail(
                 "eval.unit",
-                f"does not fit data.name={name} (bits/char is for text8, nats/image for images; "
+                f"does not fit data.name={name} (bits/char is for text, nats/image for images; "
                 f"eval={name} sets the reference's)",
                 self.unit,
             )
@@ -545,7 +572,7 @@ class EvalConfig:
         if _applies(
             "eval.text8_stride",
             self.text8_stride,
-            text,
+            name == "text8",
             f"data.name={name}",
             "window stride of text8's evaluation; eval=text8 sets 1, every offset",
         ):

@@ -20,6 +20,7 @@ SPACES: dict[str, Callable[[], dict]] = {
     "schedule_mnist": schedule.mnist,
     "schedule_text8": schedule.text8,
     "schedule_continuous": schedule.continuous,
+    "schedule_vocab": schedule.vocabulary,
     "optim": optim.optim,
     "optim_short": optim.optim_short,
     "lr": optim.lr,
@@ -31,17 +32,19 @@ SPACES: dict[str, Callable[[], dict]] = {
 _MNIST = ("smoke", "mnist_local", "mnist_binary")
 _CIFAR = ("cifar10_continuous", "cifar10_discretized_16", "cifar10_discretized_256")
 _TEXT8 = ("text8_local", "text8")
-_ALL = (*_MNIST, *_CIFAR, *_TEXT8)
+_BPE = ("text_bpe_local",)
+_ALL = (*_MNIST, *_CIFAR, *_TEXT8, *_BPE)
 MATCHING: dict[str, tuple[str, ...]] = {
     "schedule_mnist": _MNIST,
     "schedule_text8": _TEXT8,
     "schedule_continuous": _CIFAR,
+    "schedule_vocab": _BPE,
     "optim": _ALL,
     "optim_short": _ALL,
     "lr": _ALL,
     "arch_mnist": _MNIST,
     "arch_cifar": _CIFAR,
-    "arch_text8": _TEXT8,
+    "arch_text8": (*_TEXT8, *_BPE),
 }
 
 

@@ -31,3 +31,17 @@ def text8() -> dict:
 def continuous() -> dict:
     """CIFAR-10, continuous or discretised: sigma_1 in [1e-4, 1e-1]."""
     return {"flow.sigma_1": tune.loguniform(*SIGMA_1_RANGE)}
+
+
+BETA_1_TIMES_K_RULE = 16.0  # the paper's beta_1 K: text8 0.5625 x 27 = 15.2, MNIST 9 x 2 = 18
+
+
+def vocabulary() -> dict:
+    """Any vocabulary (subword text, K up to 65,536): beta_1 = beta_1_times_k / K, with beta_1 K
+    log-uniform in [8, 64] around the rule's 16. Skewed upwards: at t = 1 the true class beats one
+    other by sqrt(beta_1 K / 2) standard deviations, so K - 1 rivals ask for a larger beta_1 K as K
+    grows (docs/vocabulary.md)."""
+    return {
+        "flow.beta_1": None,
+        "flow.beta_1_times_k": tune.loguniform(BETA_1_TIMES_K_RULE / 2, BETA_1_TIMES_K_RULE * 4),
+    }

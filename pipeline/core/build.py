@@ -20,7 +20,7 @@ from pipeline.config import Config
 def build_flow_and_head(config: Config):
     f = config.flow
     if f.kind == "discrete":
-        flow = DiscreteFlow(f.num_classes, f.beta_1)
+        flow = DiscreteFlow(f.num_classes, f.beta_1_value)
         head = BernoulliHead() if f.head == "bernoulli" else CategoricalHead(f.num_classes)
         return flow, head
     flow = ContinuousFlow(f.sigma_1)

@@ -19,7 +19,7 @@ generator=batch_generator(seed, rank, step, device))`` on each batch; evaluation
 ``iter_batches(out, "test", "mnist", batch_size=...)``, which is model-ready already.
 """
 
-from pipeline.data.bpe import Vocabulary, load_vocabulary
+from pipeline.data.bpe import Vocabulary, load_vocabulary, vocabulary_of
 from pipeline.data.manifest import (
     FORMAT_VERSION,
     check_values,
@@ -72,4 +72,5 @@ __all__ = [
     "to_model",
     "validate_manifest",
     "verify",
+    "vocabulary_of",
 ]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pipeline.data.manifest import read_manifest
 from pipeline.data.storage import TEXT8_ALPHABET, DataError, join, read_bytes, resolve
 
 SPACE = "▁"  # U+2581, the Metaspace marker: a token's leading space
@@ -121,6 +122,11 @@ def load_vocabulary(uri: str, manifest: dict) -> Vocabulary:
     if vocabulary.size != manifest.get("vocab_size"):
         raise DataError(f"{where}: {vocabulary.size} tokens, the manifest says {manifest.get('vocab_size')}")
     return vocabulary
+
+
+def vocabulary_of(name: str, uri: str) -> Vocabulary | None:
+    """The tokenizer of a prepared subword dataset (None for data without one)."""
+    return load_vocabulary(uri, read_manifest(uri)) if name == "text_bpe" else None
 
 
 def describe(vocabulary: Vocabulary) -> str:

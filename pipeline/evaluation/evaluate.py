@@ -6,6 +6,7 @@ config stored beside the weights, so a checkpoint evaluates the network it was t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -71,10 +72,11 @@ def summary(estimate: NLLEstimate, unit: str, num_steps: int) -> str:
 
 def _one_pass(
     model, cfg: Config, split: str, repeat: int, max_batches: int, num_steps: int, total_rows: int, started: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example (bound loss, reconstruction) over one pass of ``split``."""
-    loss, recon = [], []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-example (bound loss, reconstruction, characters covered or None) over one pass of ``split``."""
+    loss, recon, chars = [], [], []
     text8 = cfg.data.name == "text8"  # test windows every eval.text8_stride characters (1: every offset)
+    vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri)  # bits/char of subword text
     batches = data_lib.iter_batches(
         cfg.data.uri,
         split,
@@ -83,7 +85,7 @@ def _one_pass(
         batch_size=cfg.data.val_batch_size,
         seed=repeat,
         stride=cfg.eval.text8_stride if text8 else None,
-        seq_len=cfg.data.seq_len if text8 else None,
+        seq_len=cfg.data.seq_len,
     )
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
@@ -92,12 +94,14 @@ def _one_pass(
         x = x.long() if cfg.flow.kind == "discrete" else x.float()
         loss.append(model.bound_loss(x, num_steps))
         recon.append(model.reconstruction_loss(x))
+        if vocabulary is not None:
+            chars.append(vocabulary.chars(x))
         if i % 10 == 0:
             done = sum(len(v) for v in loss)
             log.info(
                 "eval pass %d: %d/%d examples (%.0f s)", repeat + 1, done, total_rows, time.perf_counter() - started
             )
-    return torch.cat(loss), torch.cat(recon)
+    return torch.cat(loss), torch.cat(recon), torch.cat(chars) if chars else None
 
 
 @torch.no_grad()
@@ -128,10 +132,12 @@ def evaluate(
     torch.manual_seed(cfg.trainer.seed)
     losses, recons, started = [], [], time.perf_counter()
     for repeat in range(repeats):
-        loss, recon = _one_pass(model, cfg, split, repeat, max_batches, num_steps, total_rows, started)
+        loss, recon, chars = _one_pass(model, cfg, split, repeat, max_batches, num_steps, total_rows, started)
         losses.append(loss)
         recons.append(recon)
         estimate = NLLEstimate.from_terms(torch.stack(losses), torch.stack(recons), model.num_dims)
+        if chars is not None:  # every pass reads the same windows
+            estimate = dataclasses.replace(estimate, dims_per_char=len(chars) * model.num_dims / chars.sum().item())
         se = estimate.in_unit(cfg.eval.unit)["total_se"]
         if target_se is not None and repeat >= 1 and se <= target_se:
             log.info("target standard error %.4g %s reached after %d passes", target_se, cfg.eval.unit, repeat + 1)
@@ -175,4 +181,7 @@ def sample(
     if out is None:  # never into the checkpoint folder: sealed by its COMPLETE marker, possibly shared
         folder = Path(checkpoint).resolve()
         out = default_runs_dir() / "samples" / f"{folder.parent.name}_{folder.name}_{names[0]}_nfe{nfe}_seed{seed}"
-    return figures.save_samples(samples, cfg.data.name, Path(out))
+    vocabulary = data_lib.vocabulary_of(
+        cfg.data.name, cfg.data.uri
+    )  # subword ids are decoded with the data's tokenizer
+    return figures.save_samples(samples, cfg.data.name, Path(out), vocabulary)

@@ -43,13 +43,17 @@ def decode_text(ids: torch.Tensor) -> list[str]:
     return ["".join(TEXT8_ALPHABET[i] for i in row).replace(" ", "_") for row in ids.tolist()]
 
 
-def save_samples(samples: torch.Tensor, data_name: str, path_stem: str | Path) -> Path:
-    """A PNG grid for images, a .txt file for text; returns the path written."""
+def save_samples(samples: torch.Tensor, data_name: str, path_stem: str | Path, vocabulary=None) -> Path:
+    """A PNG grid for images, a .txt file for text (subword ids decoded with ``vocabulary``, the
+    dataset's tokenizer); returns the path written."""
     path_stem = Path(path_stem)
-    if data_name == "text8":
+    if data_name in ("text8", "text_bpe"):
+        if data_name == "text_bpe" and vocabulary is None:
+            raise ValueError("subword samples need the dataset's tokenizer to be decoded (vocabulary=None)")
+        rows = decode_text(samples) if vocabulary is None else [vocabulary.decode(row) for row in samples.cpu()]
         path = path_stem.with_suffix(".txt")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(decode_text(samples)) + "\n")
+        path.write_text("\n".join(rows) + "\n")
         return path
     return save_image_grid(to_uint8_images(samples, data_name), path_stem.with_suffix(".png"))
 

@@ -93,7 +93,7 @@ def _forward_flops(model, cfg) -> int:
     """Counted forward FLOPs (matmul/conv) of the network on one example, on the meta device."""
     shape = cfg.data.data_shape
     with torch.device("meta"):
-        text = cfg.data.name == "text8"  # the transformer takes probabilities (B, L, K)
+        text = cfg.data.seq_len is not None  # the transformer takes probabilities (B, L, K)
         x = torch.zeros(1, shape[0], cfg.flow.num_classes) if text else torch.zeros(1, *shape)
         with FlopCounterMode(display=False) as counter:
             model.net(x, torch.zeros(1))

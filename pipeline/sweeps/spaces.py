@@ -29,7 +29,7 @@ from pipeline.config import Config, ConfigError, flatten, net_presets
 from pipeline.core.build import build_model
 from tune_spaces.common import apply_to_dict, corner_samples, is_grid, representative_values, support
 
-SCHEDULE_KEYS = ("flow.beta_1", "flow.sigma_1")
+SCHEDULE_KEYS = ("flow.beta_1", "flow.beta_1_times_k", "flow.sigma_1")
 NLL_BOUND = re.compile(r"^val/nll_[a-z_]+$")
 
 

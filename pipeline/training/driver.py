@@ -33,7 +33,18 @@ def preflight(cfg: Config) -> dict:
             f"data.uri {cfg.data.uri} holds {manifest.get('dataset')!r}, but data.name is {cfg.data.name!r}"
         )
     data_lib.check_values(cfg.data.uri, manifest, ["train", "val"])
+    check_vocabulary(cfg, manifest)
     return manifest
+
+
+def check_vocabulary(cfg: Config, manifest: dict) -> None:
+    """A subword dataset fixes K: the model's flow.num_classes must be its tokenizer's vocabulary size."""
+    if cfg.data.name == "text_bpe" and manifest.get("vocab_size") != cfg.flow.num_classes:
+        raise data_lib.DataError(
+            f"flow.num_classes={cfg.flow.num_classes} but the tokenizer of data.uri {cfg.data.uri} has "
+            f"{manifest.get('vocab_size')} tokens: set flow.num_classes={manifest.get('vocab_size')} "
+            f"(or prepare the data with `bfn data prepare text-bpe --vocab {cfg.flow.num_classes}`)"
+        )
 
 
 def fit(cfg: Config, *, callbacks: list | None = None) -> dict:
@@ -105,7 +116,7 @@ def _datasets(cfg: Config) -> dict:
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     seed = cfg.trainer.seed
-    seq_len = cfg.data.seq_len if cfg.data.name == "text8" else None
+    seq_len = cfg.data.seq_len if data_lib.is_text(cfg.data.name) else None
     return {
         "train": data_lib.ray_dataset(
             cfg.data.uri,

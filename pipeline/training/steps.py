@@ -6,6 +6,7 @@ Shapes: x is a batch (B, *data_shape) in the model's data space (long ids or flo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -64,16 +65,18 @@ def train_step(
 
 @torch.no_grad()
 def validate(
-    model: BFN, batches, *, nll_steps: int, nll_repeats: int, max_batches: int = 0
+    model: BFN, batches, *, nll_steps: int, nll_repeats: int, max_batches: int = 0, count_chars=None
 ) -> dict[str, float | NLLEstimate]:
     """Continuous-time loss and the NLL bound over validation batches.
 
     The NLL is the n-step loss + reconstruction, or with ``nll_steps`` = 0 (n = infinity) the
     continuous-time loss + reconstruction, each over ``nll_repeats`` independent draws.
+    ``count_chars`` (subword text): ids (B, L) -> characters each window covers, so that bits/char
+    is the total over the characters of the windows seen.
     Returns {"loss": nats/dim, "nll": NLLEstimate, "examples": count}.
     """
     model.eval()
-    cts, bound, recon, examples = [], [], [], 0
+    cts, bound, recon, examples, chars = [], [], [], 0, []
     for i, x in enumerate(batches):
         if max_batches and i >= max_batches:
             break
@@ -81,9 +84,13 @@ def validate(
         bound.append(torch.stack([model.bound_loss(x, nll_steps) for _ in range(nll_repeats)]))
         recon.append(torch.stack([model.reconstruction_loss(x) for _ in range(nll_repeats)]))
         examples += x.shape[0]
+        if count_chars is not None:
+            chars.append(count_chars(x))
     if not examples:
         raise ValueError("validation split yielded no batches")
     nll = NLLEstimate.from_terms(torch.cat(bound, 1), torch.cat(recon, 1), model.num_dims)
+    if chars:
+        nll = dataclasses.replace(nll, dims_per_char=examples * model.num_dims / torch.cat(chars).sum().item())
     return {"loss": torch.cat(cts).mean().item(), "nll": nll, "examples": examples}
 
 

@@ -395,30 +395,32 @@ def _validate_and_sample(ctx: WorkerContext, ema_model, step: int, *, samples: b
         for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device)
     )
     started = time.perf_counter()
+    vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri)  # subword text: bits/char and decoding
     result = steps.validate(
         ema_model,
         batches,
         nll_steps=cfg.eval.nll_steps,
         nll_repeats=cfg.eval.val_repeats,
         max_batches=cfg.eval.val_batches,
+        count_chars=None if vocabulary is None else vocabulary.chars,
     )
     metrics = {"val/loss": result["loss"], "val/loss_bits_per_dim": result["loss"] / math.log(2)}
     metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
     log.info("%s", steps.validation_table(step, result, cfg.eval.nll_steps, cfg.eval.unit))
     if samples:
-        metrics.update(_samples(ctx, ema_model, step))
+        metrics.update(_samples(ctx, ema_model, step, vocabulary))
     metrics["val/seconds"] = time.perf_counter() - started
     return metrics
 
 
-def _samples(ctx: WorkerContext, ema_model, step: int) -> dict[str, float]:
+def _samples(ctx: WorkerContext, ema_model, step: int, vocabulary=None) -> dict[str, float]:
     """Rank 0 at a validation step: a seeded sample grid (or text file), and sample quality against
     network calls per sampler when ``eval.quality_samplers`` asks for it."""
     cfg, metrics = ctx.cfg, {}
     if cfg.eval.num_samples:
         generator = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed)
         drawn = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
-        path = figures.save_samples(drawn, cfg.data.name, ctx.run_dir / "samples" / f"step_{step:08d}")
+        path = figures.save_samples(drawn, cfg.data.name, ctx.run_dir / "samples" / f"step_{step:08d}", vocabulary)
         ctx.tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
     if cfg.eval.quality_samplers:
