@@ -174,13 +174,14 @@ def print_summary(cfg: Config, summary: dict) -> None:
     unit_key = cfg.eval.unit.replace("/", "_per_")
     lines = [f"\n[bfn] run {cfg.run.name!r} finished at step {summary.get('step')}"]
     if "val/nll_bits_per_dim" in summary:
-        per_dim = "bits/char" if cfg.eval.unit == "bits/char" else "bits/dim"  # one character is one dim
+        subword = cfg.data.name == "text_bpe"  # a dim is a token; bits/char is its own unit then
+        per_dim = "bits/token" if subword else "bits/char" if cfg.eval.unit == "bits/char" else "bits/dim"
         lines.append(
             f"  validation NLL: {summary['val/nll_bits_per_dim']:.4f} ± "
             f"{summary['val/nll_bits_per_dim_se']:.4f} {per_dim}"
             + (
-                f", {summary[f'val/nll_{unit_key}']:.2f} ± {summary[f'val/nll_{unit_key}_se']:.2f} {cfg.eval.unit}"
-                if cfg.eval.unit not in ("bits/dim", "nats/dim", "bits/char")
+                f", {summary[f'val/nll_{unit_key}']:.4f} ± {summary[f'val/nll_{unit_key}_se']:.4f} {cfg.eval.unit}"
+                if cfg.eval.unit not in ("bits/dim", "nats/dim") and (subword or cfg.eval.unit != "bits/char")
                 else ""
             )
         )

@@ -107,3 +107,40 @@ def test_gpt2_vocabulary_losses_and_n_step_nll_on_the_cpu():
         )
         assert single.shape == (B,) and torch.isfinite(single).all()
         assert torch.allclose(single.double(), double, rtol=1e-4, atol=1e-2), (receiver, single, double)
+
+
+@EXAMPLES
+@given(K=Ks, seed=st.integers(0, 10_000), peak=st.sampled_from([0.0, 5.0, 30.0]))
+def test_continuous_time_loss_without_one_hot_equals_the_one_hot_form_bit_for_bit(K, seed, peak):
+    """||e_x - p||^2 from the probabilities and x alone: the same terms summed in the same order as
+    the one-hot form, so the loss and its gradient are bit-identical (fixed-seed curves stay as they were)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 5, K, generator=g)
+    x = torch.randint(0, K, (3, 5), generator=g)
+    logits[0, 0, x[0, 0]] += peak
+    logits.requires_grad_(True)
+    t = torch.rand(3, 1, generator=g)
+    flow = DiscreteFlow(K, beta_1=0.75)
+    loss = losses.continuous_time_loss_discrete(flow, Categorical(logits), x, t)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    probs = torch.softmax(logits, -1)
+    one_hot = t * flow.beta_1 * (K * (torch.nn.functional.one_hot(x, K) - probs).square().sum(-1))
+    (one_hot_grad,) = torch.autograd.grad(one_hot.sum(), logits)
+    assert torch.equal(loss, one_hot) and torch.equal(grad, one_hot_grad)
+
+
+def test_sender_draws_in_chunks_are_the_draws_made_one_chunk_at_a_time(monkeypatch):
+    """Above SENDER_CHUNK_ELEMENTS values of y the n-step loss draws the sender samples in chunks
+    (memory O(B D K) for any K); the loss is the one of those draws passed in as y."""
+    K, B, D, S, n = 27, 2, 8, 5, 100
+    flow = DiscreteFlow(K, beta_1=0.5625)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randint(0, K, (B, D), generator=g), torch.rand(B, 1, generator=g)
+    dist = Categorical(torch.randn(B, D, K, generator=g))
+    monkeypatch.setattr(losses, "SENDER_CHUNK_ELEMENTS", 2 * B * D * K)  # chunks of 2, 2, 1 draws
+    torch.manual_seed(7)
+    chunked = losses.n_step_loss_discrete(flow, dist, x, t, n, num_samples=S)
+    mean, std = flow.sender_mean_std(x, flow.alpha(t * n + 1, n))
+    torch.manual_seed(7)
+    y = torch.cat([mean + std * torch.randn(size, *mean.shape) for size in (2, 2, 1)])
+    assert torch.equal(chunked, losses.n_step_loss_discrete(flow, dist, x, t, n, y=y))

@@ -27,7 +27,7 @@ from bfn.networks.layers import (
     linear_on_concat,
     sin_cos_embedding,
 )
-from bfn.networks.transformer import sinusoidal_positions
+from bfn.networks.transformer import TextInputAdapter, sinusoidal_positions
 
 # Networks the tests build: (architecture, constructor arguments); the class defaults are the paper's.
 SIZES = {
@@ -400,3 +400,35 @@ def test_dropout_noise_statistics_and_layout(p):
     out = layer.train()(x.requires_grad_())
     out.sum().backward()
     assert torch.equal(x.grad, out.detach())  # gradient is the same scaled mask
+
+
+def test_token_projection_is_the_reference_linear_on_2_theta_minus_1():
+    """The adapter evaluates Linear(K -> d)(2 theta - 1) as theta (2W)^T + (b - W 1), never building
+    the K-wide temporary; both agree to float64 rounding and to 1e-5 in float32."""
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        adapter = TextInputAdapter(300, 16, 32, bias=True).to(dtype)
+        theta = torch.softmax(torch.randn(2, 16, 300, dtype=dtype), -1)
+        t = torch.rand(2, dtype=dtype)
+        proj = adapter.token_proj
+        expected = proj(2 * theta - 1) + adapter.positions[:16].to(dtype) + adapter.time_proj((2 * t - 1)[:, None, None])
+        torch.testing.assert_close(adapter(theta, t), expected, rtol=tol, atol=tol)
+
+
+def test_tied_embeddings_share_the_head_weight_and_save_k_times_d_parameters():
+    kwargs = dict(num_classes=500, seq_len=8, n_layer=1, n_head=2, n_embd=16)
+    untied, tied = TextTransformer(**kwargs), TextTransformer(**kwargs, tie_embeddings=True)
+    assert count_parameters(untied) - count_parameters(tied) == 500 * 16  # the adapter's W (d x K) is gone
+    assert not any("token_proj" in name for name, _ in tied.named_parameters())
+    theta = torch.softmax(torch.randn(2, 8, 500), -1)
+    out = tied(theta, torch.rand(2))
+    out.square().mean().backward()
+    head = tied.lm_head.weight.grad
+    assert out.shape == (2, 8, 500) and head is not None and torch.isfinite(head).all()
+    # the input side reaches the head's weight: with a zero output gradient only the tie contributes
+    tied.zero_grad()
+    x_in = tied.input_adapter(theta, torch.rand(2), tied._tied_weight())
+    x_in.sum().backward()
+    assert tied.lm_head.weight.grad[:, :16].abs().sum() > 0 and tied.lm_head.weight.grad[:, 16:].abs().sum() == 0
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        TextTransformer(**kwargs, tie_embeddings=True, output_projection=64)
