@@ -242,8 +242,9 @@ def _add_bench(sub) -> None:
         "which",
         nargs="?",
         default="all",
-        choices=["all", "step", "pipeline", "device"],
-        help="device: the paper networks' step and sampler on --device (beside --official)",
+        choices=["all", "step", "pipeline", "device", "vocab"],
+        help="device: the paper networks' step and sampler on --device (beside --official); vocab: memory "
+        "and time against the vocabulary size K (`python -m pipeline.bench.vocab --help` for its options)",
     )
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--device", default="cuda", help="device mode: cuda or cpu")

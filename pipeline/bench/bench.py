@@ -310,6 +310,8 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[
 def main(args) -> int:
     if args.which == "device":
         return device_main(args)
+    if args.which == "vocab":
+        return vocab_main(["--device", "cpu" if args.device == "cuda" and not torch.cuda.is_available() else args.device])
     if args.which in ("all", "step"):
         bench_step(args.steps)
     if args.which in ("all", "pipeline"):
