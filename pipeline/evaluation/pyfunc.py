@@ -17,6 +17,7 @@ signature (an unknown param is refused by MLflow's params schema).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
@@ -49,7 +50,7 @@ class BFNSampler(mlflow.pyfunc.PythonModel):
     """A BFN's sampler behind MLflow's pyfunc interface; built in ``load_context``, never pickled."""
 
     def load_context(self, context) -> None:
-        config = json.loads(open(context.artifacts["config"]).read())
+        config = json.loads(Path(context.artifacts["config"]).read_text())
         self.cfg = Config.from_dict(config)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         weights = checkpointing.load_tensors(context.artifacts["weights"], self.device)  # weights_only=True
@@ -57,7 +58,7 @@ class BFNSampler(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(weights)
         self.model.eval()
         tokenizer = context.artifacts.get("tokenizer")
-        self.vocab = json.loads(open(tokenizer).read())["vocab"] if tokenizer else None
+        self.vocab = json.loads(Path(tokenizer).read_text())["vocab"] if tokenizer else None
 
     @torch.no_grad()
     def predict(self, context, model_input, params: dict | None = None):

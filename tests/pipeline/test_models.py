@@ -5,8 +5,10 @@ alias champion, loaded by `mlflow.pyfunc.load_model` in a fresh process and samp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +35,7 @@ def champion(tmp_path, monkeypatch):
     run_id = client.create_run(experiment).info.run_id
     model_id = models.log_model(uri, run_id, weights, cfg.raw, step=6)
     assert model_id is not None
-    assert __import__("os").environ["MLFLOW_TRACKING_URI"] == uri  # the process's MLflow settings put back
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # the process's MLflow settings put back
     assert models.register_champion(uri, "tiny-study", run_id) == 1
     return uri, run_id, model_id, weights, cfg
 
@@ -46,8 +48,8 @@ def test_a_registered_model_loads_in_a_fresh_process_and_samples(champion):
         "out = model.predict(None, params={'num_samples': 3, 'sampler': 'ode2', 'nfe': 3, 'seed': 1})\n"
         "again = model.predict(None, params={'num_samples': 3, 'sampler': 'ode2', 'nfe': 3, 'seed': 1})\n"
         "sig = model.metadata.signature\n"
-        "print(json.dumps({'shape': list(out.shape), 'dtype': str(out.dtype), 'values': sorted(set(out.ravel().tolist())),"
-        " 'same': bool((out == again).all()), 'params': sorted(p.name for p in sig.params),"
+        "print(json.dumps({'shape': list(out.shape), 'dtype': str(out.dtype),"
+        " 'values': sorted(set(out.ravel().tolist())), 'same': bool((out == again).all()), 'params': sorted(p.name for p in sig.params),"
         " 'modules': sorted(m for m in sys.modules if m.startswith('pipeline.training'))}))\n"
     )
     result = subprocess.run(
@@ -56,7 +58,7 @@ def test_a_registered_model_loads_in_a_fresh_process_and_samples(champion):
         capture_output=True,
         text=True,
         timeout=120,
-        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri},
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -76,7 +78,7 @@ def test_the_model_holds_weights_config_and_no_pickle(champion):
     version = client.get_model_version_by_alias("tiny-study", "champion")
     assert version.run_id == run_id and version.source == f"models:/{model_id}"
     local = mlflow.artifacts.download_artifacts(f"models:/{model_id}", tracking_uri=uri)
-    files = {p.relative_to(local).as_posix() for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
+    files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
     assert {"MLmodel", "artifacts/weights.pt", "artifacts/config.json", "pyfunc_code.py"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pickle"))]
     read, config = models.read_registered("models:/tiny-study@champion", uri)
