@@ -49,7 +49,8 @@ def test_a_registered_model_loads_in_a_fresh_process_and_samples(champion):
         "again = model.predict(None, params={'num_samples': 3, 'sampler': 'ode2', 'nfe': 3, 'seed': 1})\n"
         "sig = model.metadata.signature\n"
         "print(json.dumps({'shape': list(out.shape), 'dtype': str(out.dtype),"
-        " 'values': sorted(set(out.ravel().tolist())), 'same': bool((out == again).all()), 'params': sorted(p.name for p in sig.params),"
+        " 'values': sorted(set(out.ravel().tolist())), 'same': bool((out == again).all()),"
+        " 'params': sorted(p.name for p in sig.params),"
         " 'modules': sorted(m for m in sys.modules if m.startswith('pipeline.training'))}))\n"
     )
     result = subprocess.run(
