@@ -133,7 +133,7 @@ def _add_train_and_eval(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="NLL of a checkpoint (n-step loss L^n or continuous-time L∞, + reconstruction)")
-    p.add_argument("checkpoint", help="checkpoint folder (local)")
+    p.add_argument("checkpoint", help="checkpoint folder (local), or a registered model models:/NAME@ALIAS")
     p.add_argument("--split", default="test")
     p.add_argument(
         "--steps",
@@ -163,7 +163,7 @@ GRID_HELP = "the BFN-Solvers' time grid: uniform or logsnr (default: logsnr for 
 
 def _add_sample_and_quality(sub) -> None:
     p = sub.add_parser("sample", help="generate samples from a checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder, or a registered model models:/NAME@ALIAS")
     p.add_argument("--num", default=64, help="number of samples")
     p.add_argument("--sampler", default="paper", help="paper, ode1, ode2, sde1 or sde2 (see bfn/samplers.py)")
     p.add_argument("--nfe", default=None, help="network calls (>= 1); nfe = steps + 1 for every sampler")

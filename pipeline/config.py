@@ -519,9 +519,11 @@ class TrackingConfig:
     uri: str | None
     artifact_location: str | None
     experiment: str
+    system_metrics: bool = True  # each worker's CPU, memory (and GPU) per rank: system/rank<r>/...
 
     def validate(self, config: Config) -> None:
         _flag("tracking.enabled", self.enabled)
+        _flag("tracking.system_metrics", self.system_metrics)
         _text("tracking.experiment", self.experiment)
         if self.enabled and not self.uri:
             _fail("tracking.uri", "must be set when tracking.enabled is true", self.uri)

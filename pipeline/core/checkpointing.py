@@ -257,10 +257,29 @@ def _read_at(filesystem, path: str, map_location) -> dict[str, Any]:
         return read(folder, map_location)
 
 
+def read_model_at(filesystem, path: str, *, ema: bool = True) -> tuple[dict, dict]:
+    """``read_model_only`` for a checkpoint on any pyarrow filesystem (a remote one is downloaded first)."""
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return read_model_only(path, ema=ema)
+    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
+        try:
+            pyarrow.fs.copy_files(
+                path, folder, source_filesystem=filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
+            )
+        except OSError as error:
+            raise CheckpointError(f"checkpoint {path}: download failed ({error})") from None
+        return read_model_only(folder, ema=ema)
+
+
 def step_of(checkpoint) -> int:
     """The step in a checkpoint's train_state.json (a ``ray.train.Checkpoint``); -1 if unreadable."""
+    return read_step(checkpoint.filesystem, checkpoint.path)
+
+
+def read_step(filesystem, path: str) -> int:
+    """The step in the train_state.json of the checkpoint at ``path`` on ``filesystem``; -1 if unreadable."""
     try:
-        return int(_read_json(checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/train_state.json")["step"])
+        return int(_read_json(filesystem, f"{path.rstrip('/')}/train_state.json")["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1
 

@@ -1,7 +1,8 @@
 """`bfn eval` and `bfn sample`: a checkpoint's NLL on a split, and samples, without Ray.
 
 Checkpoints are read weights-only (pipeline.core.checkpointing); the model is rebuilt from the
-config stored beside the weights, so a checkpoint evaluates the network it was trained with.
+config stored beside the weights, so a checkpoint evaluates the network it was trained with. A
+registered MLflow model (``models:/NAME@champion``, ``models``) is taken wherever a checkpoint is.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -28,13 +30,20 @@ from pipeline.config import (
 )
 from pipeline.core import checkpointing
 from pipeline.core.build import build_model
-from pipeline.evaluation import figures
+from pipeline.evaluation import figures, models
 
 log = logging.getLogger(__name__)
 
 
 def load_model(checkpoint: str | Path, overrides: list[str] = (), *, use_ema: bool = True):
-    weights, config = checkpointing.read_model_only(checkpoint, ema=use_ema)
+    """The model of a checkpoint folder or of a registered MLflow model (``models:/NAME@ALIAS``, in the
+    store of ``models.tracking_uri``), in eval mode, and its config (with ``overrides`` applied)."""
+    if models.is_model_uri(checkpoint):
+        if not use_ema:
+            raise ConfigError(f"--raw-weights: {checkpoint} holds the EMA weights only")
+        weights, config = models.read_registered(str(checkpoint), models.tracking_uri(overrides))
+    else:
+        weights, config = checkpointing.read_model_only(checkpoint, ema=use_ema)
     cfg = Config.from_dict(apply_overrides(config, list(overrides)))
     model = build_model(cfg)
     try:
@@ -148,7 +157,8 @@ def evaluate(
                 "target standard error %.4g %s not reached in %d passes (%.4g)", target_se, cfg.eval.unit, repeats, se
             )
     n = "inf (continuous time)" if num_steps == 0 else str(num_steps)
-    print(f"{Path(checkpoint).name} on {split}, n = {n}:")
+    shown = checkpoint if models.is_model_uri(checkpoint) else Path(checkpoint).name
+    print(f"{shown} on {split}, n = {n}:")
     for unit in dict.fromkeys(("nats/dim", "bits/dim", cfg.eval.unit)):
         print(f"  {summary(estimate, unit, num_steps)}")
     if estimate.num_repeats == 1:
@@ -178,6 +188,9 @@ def sample(
         raise ConfigError("--grid: applies to the BFN-Solvers (ode1, ode2, sde1, sde2), not to --sampler paper")
     model, cfg = load_model(checkpoint, use_ema=use_ema)
     samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed), grid=grid)
+    if out is None and models.is_model_uri(checkpoint):
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(checkpoint)[len("models:/") :])
+        out = default_runs_dir() / "samples" / f"model_{name}_{names[0]}_nfe{nfe}_seed{seed}"
     if out is None:  # never into the checkpoint folder: sealed by its COMPLETE marker, possibly shared
         folder = Path(checkpoint).resolve()
         out = default_runs_dir() / "samples" / f"{folder.parent.name}_{folder.name}_{names[0]}_nfe{nfe}_seed{seed}"

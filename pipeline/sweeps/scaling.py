@@ -45,6 +45,8 @@ r = ``--tokens-per-param`` (D/N, Chinchilla's 20), each trained for round(C / (6
 param ``scaling.budget``, and ``fit`` then reports two estimates of N_opt ~ C^a side by side:
 Approach 2 (a parabola of L in log N per budget, its vertex, a power law over budgets; off-centre
 budgets reported and left out) and Approach 3 (a = beta / (alpha + beta) of the L(N, D) fit).
+
+``run`` registers the model of the point with the lowest final NLL as ``models:/<grid>@champion``.
 """
 
 from __future__ import annotations
@@ -374,7 +376,20 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
         _run_with_tune(plan, todo, configs[todo[0]["id"]], concurrent)
     else:
         _run_one_by_one(plan, todo, configs)
-    return _finalize(plan)
+    results = _finalize(plan)
+    _register_best(plan, results)
+    return results
+
+
+def _register_best(plan: dict, results: list[dict]) -> None:
+    """The grid point with the lowest final NLL: its model registered as ``models:/<grid>@champion``."""
+    finite = [r for r in results if r["run_id"] and math.isfinite(r["nll"])]
+    if not finite:
+        return
+    best = min(finite, key=lambda r: r["nll"])
+    planned = _planned(plan, next(e for e in plan["entries"] if e["id"] == best["id"]))
+    cfg = load([*plan["base_overrides"], *planned.overrides, f"run.name={planned.run_name}"])
+    store.register_best(cfg, plan["name"], best["run_id"])
 
 
 def _run_one_by_one(plan: dict, todo: list[dict], configs: dict) -> None:

@@ -7,7 +7,8 @@ trial counts, fit parameters). Errors printed from here are masked
 its credentials.
 
 Sweeps: a parent run ``sweep-<name>`` (role ``sweep``) and one child per trial (role ``trial``,
-``mlflow.parentRunId``). Scaling: one run per grid point (role ``run``) and one per fit
+``mlflow.parentRunId``). The best run's model of a sweep or grid is registered under the study's name
+with the alias ``champion`` (``register_best``). Scaling: one run per grid point (role ``run``) and one per fit
 (role ``fit``), all tagged ``bfn.scaling=<grid>``.
 """
 
@@ -18,8 +19,12 @@ import math
 import os
 from typing import Any
 
+from pipeline.core import checkpointing
+from pipeline.core import storage as core_storage
+from pipeline.evaluation import models
 from pipeline.sweeps.fit import ScalingError
 from pipeline.tracking import HTTP_DEFAULTS, MLflowTracker, git_sha, mask_secrets
+from pipeline.training.resume import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,22 @@ def open_run(cfg, run_name: str, tags: dict, params: dict | None = None, *, requ
     if params:
         tracker.log_params(params)
     return tracker
+
+
+def register_best(cfg, study: str, run_id: str | None) -> int | None:
+    """The best run's model (``cfg``: that run's config) registered as ``study``@champion; a run whose
+    model was never logged (Tune stopped the trial at its last report) gets it from its run folder's
+    newest complete checkpoint. The version, or None (a warning says why)."""
+    if not cfg.tracking.enabled or run_id is None:
+        return None
+    try:
+        filesystem, folder = core_storage.resolve(run_folder(cfg))
+        found = checkpointing.complete_checkpoints(filesystem, folder)
+    except (checkpointing.CheckpointError, OSError) as error:
+        log.warning("the best run's checkpoints could not be listed (%s)", masked(error))
+        found = []
+    checkpoint = (filesystem, found[0][1]) if found else None
+    return models.register_champion(cfg.tracking.uri, study, run_id, checkpoint)
 
 
 # ---------------------------------------------------------------------------------- sweeps

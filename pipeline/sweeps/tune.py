@@ -21,7 +21,8 @@ exactly as `bfn train` does. Order of work:
    ``step``) stops bad trials;
 4. at the end: runs Tune's kills left open are closed (``store``), the parent run gets
    ``sweep/summary.csv``, ``summary.md`` and ``<metric>_vs_params.png`` (``reports``), the best
-   trial becomes an experiment preset (``export``) and the command to train it is printed.
+   trial becomes an experiment preset (``export``) and the command to train it is printed, and its
+   model is registered as ``models:/<sweep>@champion`` (``store.register_best``).
 
 An interrupted sweep (same ``sweep`` name) continues with ``resume=true``: ``Tuner.restore``
 resumes unfinished and errored trials, each trial's TorchTrainer resumes from its own checkpoint,
@@ -353,16 +354,17 @@ def report(cfg, opts: SweepOptions, space: dict, overrides: list[str], where: Lo
     out_dir.mkdir(parents=True, exist_ok=True)
     files = reports.write_summary(rows, space, opts.metric, out_dir, best, opts.mode)
     files["plot"] = reports.plot_sweep(rows, space, opts.metric, out_dir / f"{_safe(opts.metric)}_vs_params.png", best)
-    export = command = None
+    export = command = registered = None
     if best is not None:
         best_overrides = runner.trial_overrides(settings, best["config"], best["trial_id"])[0]
+        registered = store.register_best(load(best_overrides), where.name, best.get("mlflow_run_id"))
         export, command = export_preset(
             best_overrides,
             where.name,
             opts.export_dir or str(Path(cfg.paths.runs_dir) / "presets"),
             user_overrides=overrides,
         )
-    return {"best": best, "files": files, "export": export, "command": command}
+    return {"best": best, "files": files, "export": export, "command": command, "registered": registered}
 
 
 def sweep(args: list[str]) -> dict:
@@ -396,6 +398,8 @@ def sweep(args: list[str]) -> dict:
             f"preset written to {out['export']}\ntrain it: {store.masked(out['command'])}",
             flush=True,
         )
+    if out["registered"] is not None:
+        print(f"its model: models:/{where.name}@champion (version {out['registered']})", flush=True)
     return {
         "sweep": where.name,
         "path": where.path,
@@ -407,6 +411,7 @@ def sweep(args: list[str]) -> dict:
         "files": {k: str(v) for k, v in out["files"].items()},
         "wall_s": wall,
         "max_concurrent": max_concurrent,
+        "registered_version": out["registered"],
     }
 
 

@@ -22,7 +22,7 @@ from pipeline.secrets import mask_text
 from pipeline.training.lease import Lease, LeaseError
 from pipeline.training.ray_runtime import init_ray, secure_local_ray
 from pipeline.training.resume import claim_run, local_run_dir, storage
-from pipeline.training.tracking_run import end_tracking, start_tracking
+from pipeline.training.tracking_run import end_tracking, log_final_model, start_tracking
 
 
 def preflight(cfg: Config) -> dict:
@@ -99,6 +99,7 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
             "storage": result.path,
         }
     )
+    summary["mlflow_model_id"] = log_final_model(cfg, tracker, result.checkpoint)
     return end_tracking(tracker, summary)
 
 

@@ -1,7 +1,8 @@
 """The driver's MLflow run of a fit: opened (or resumed) before the TorchTrainer starts, closed after it.
 
 Rank 0 logs the training metrics into the same run from its worker (``pipeline.tracking``); what the
-driver logs here is the run's description: its config, tags, data manifest and final checkpoint.
+driver logs here is the run's description: its config, tags, data manifest, final checkpoint and, once
+the run finished, its final EMA weights as an MLflow model (``log_final_model``).
 Tracking never stops training: an unreachable server is a warning and a run without tracking.
 """
 
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import Config, flatten
+from pipeline.evaluation import models
 from pipeline.secrets import mask_text, plain_http_to_remote
 from pipeline.tracking import MLflowTracker, RunInUseError, git_sha
 from pipeline.training.lease import Lease, LeaseError, describe
@@ -69,6 +71,14 @@ def start_tracking(
         }
     )
     return tracker
+
+
+def log_final_model(cfg: Config, tracker: MLflowTracker | None, checkpoint) -> str | None:
+    """A finished run's final EMA weights as its MLflow model (``pipeline.evaluation.models``), from its
+    last checkpoint (a ``ray.train.Checkpoint``, local or remote); the model id, or None."""
+    if tracker is None or checkpoint is None:
+        return None
+    return models.log_checkpoint_model(cfg.tracking.uri, tracker.run_id, checkpoint.filesystem, checkpoint.path)
 
 
 def end_tracking(tracker: MLflowTracker | None, summary: dict) -> dict:

@@ -3,8 +3,8 @@
 train_fn_per_worker({"config": ..., "runtime": ...}): build model/EMA/optimiser, resume from
 ray.train.get_checkpoint() (or a newer complete checkpoint the driver found), then step over the
 worker's shard. When to log, validate, checkpoint and report is decided by ``Cadence`` (identical
-on every rank: ``report`` is a barrier); rank 0 logs to MLflow, validates on the EMA weights and
-writes checkpoints.
+on every rank: ``report`` is a barrier); rank 0 logs to MLflow (every rank's system metrics too,
+``system_metrics``), validates on the EMA weights and writes checkpoints.
 
 The step itself never waits on the device: losses, gradient norms and the skip decision stay on the
 device and are read once per log interval (``Window``).
@@ -42,10 +42,11 @@ from pipeline.core.build import lr_at
 from pipeline.evaluation import figures
 from pipeline.evaluation.quality import quality_point
 from pipeline.tracking import MLflowTracker, NullTracker
-from pipeline.training import steps, train_state
+from pipeline.training import steps, system_metrics, train_state
 from pipeline.training.cadence import Actions, Cadence
 from pipeline.training.lease import lease_file, lost_to
 from pipeline.training.progress import Progress, Window, all_mean
+from pipeline.training.system_metrics import ProcessSampler
 from pipeline.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class WorkerContext:
     device: torch.device
     run_dir: Path
     tracker: MLflowTracker | NullTracker
+    system: ProcessSampler | None = None  # tracking.system_metrics: this rank's CPU/memory/GPU, every rank
 
 
 def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
@@ -223,7 +225,8 @@ def _start(cfg: Config, runtime: Runtime) -> tuple[WorkerContext, TrainState, Co
     if rank == 0 and cfg.tracking.enabled and runtime.mlflow_run_id:
         tracker = MLflowTracker(cfg.tracking.uri, runtime.mlflow_run_id)
     run_dir = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
-    ctx = WorkerContext(cfg, runtime, rank=rank, world=world, device=device, run_dir=run_dir, tracker=tracker)
+    system = ProcessSampler(device) if cfg.tracking.enabled and cfg.tracking.system_metrics else None
+    ctx = WorkerContext(cfg, runtime, rank, world, device, run_dir, tracker, system)
     return ctx, state, step_fn
 
 
@@ -275,6 +278,8 @@ def _log_window(
         "train/grad_norm": stats["grad_norm"],
         "train/skipped_steps": progress.skipped_total,
     }
+    if ctx.system is not None:  # every rank's process, gathered on the log step (a collective)
+        metrics.update(system_metrics.gather(ctx.system.read(), ctx.rank, ctx.world))
     progress.history["train/loss"].append((step, stats["loss"]))
     progress.throughput.append(metrics["train/samples_per_s"])
     progress.logged_at.append(time.time())

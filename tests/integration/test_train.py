@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import data as data_lib
 from pipeline.config import load
+from pipeline.evaluation import models
 from tests.servers import aws_env, create_bucket, moto_s3
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,13 @@ def test_train_checkpoint_resume_and_mlflow(ray_local, mnist_shards, tmp_path):
     assert {"train/loss", "val/loss", "val/nll_bits_per_dim", "val/nll_nats_per_image"} <= set(run.data.metrics)
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert samples and all(p.endswith(".png") for p in samples)
+    # every worker's system metrics, one series per rank on the step axis (tracking.system_metrics)
+    for rank in (0, 1):
+        for key in ("cpu_utilization_percentage", "memory_rss_megabytes"):
+            assert metric_steps(cfg, run.info.run_id, f"system/rank{rank}/{key}") == [2, 4, 6]
+    assert run.data.metrics["system/rank1/memory_rss_megabytes"] > 10
+    # the final EMA weights as the run's MLflow model, the weights of the last checkpoint
+    assert first["mlflow_model_id"] and models.logged_model(client, run.info.run_id) == first["mlflow_model_id"]
 
     # same name again with more steps: resumes at step 6, not 0, in the same MLflow run
     second = fit(smoke(tmp_path, mnist_shards, "resume", "trainer.max_steps=9"))
@@ -85,9 +93,11 @@ def test_train_checkpoint_resume_and_mlflow(ray_local, mnist_shards, tmp_path):
             "trainer.val_every=2",
             "trainer.checkpoint_every=2",
             "eval.num_samples=0",
+            "tracking.system_metrics=false",
         )
     )
     assert third["step"] == 2 and third["mlflow_run_id"] != first["mlflow_run_id"]
+    assert not [k for k in client.get_run(third["mlflow_run_id"]).data.metrics if k.startswith("system/")]
     assert metric_steps(cfg, run.info.run_id, "train/loss") == [2, 4, 6, 8, 9]
     assert metric_steps(cfg, third["mlflow_run_id"], "train/loss") == [2]
 

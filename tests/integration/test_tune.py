@@ -202,6 +202,15 @@ def test_asha_sweep_mlflow_export_retrain_resume(ray_local, machine, lr_grid, tm
         "sweep/val_nll_bits_per_dim_vs_params.png",
         "sweep/best_asha_test.yaml",
     } <= artifacts
+    # the best trial's model registered under the sweep's name: models:/asha-test@champion (Tune stops a
+    # trial at its last report, so it is logged from the trial's final checkpoint when its driver could not)
+    from pipeline.evaluation import models
+
+    assert result["registered_version"] == 1
+    champion = client.get_model_version_by_alias("asha-test", "champion")
+    assert champion.run_id == best["mlflow_run_id"]
+    weights, config = models.read_registered("models:/asha-test@champion", cfg.tracking.uri)
+    assert config["optim"]["lr"] == best["config"]["optim.lr"] and weights
     summary = Path(result["files"]["csv"]).read_text().splitlines()
     assert summary[0].startswith("trial_id,status,step,val/nll_bits_per_dim,optim.lr") and len(summary) == 5
 
