@@ -27,6 +27,7 @@ import torch
 from bfn import EMA
 from pipeline import data as data_lib
 from pipeline.bench.device import main as device_main
+from pipeline.bench.vocab import main as vocab_main
 from pipeline.config import load
 from pipeline.core.build import build_model, build_optimizer
 from pipeline.training.driver import fit
@@ -311,7 +312,9 @@ def main(args) -> int:
     if args.which == "device":
         return device_main(args)
     if args.which == "vocab":
-        return vocab_main(["--device", "cpu" if args.device == "cuda" and not torch.cuda.is_available() else args.device])
+        return vocab_main(
+            ["--device", "cpu" if args.device == "cuda" and not torch.cuda.is_available() else args.device]
+        )
     if args.which in ("all", "step"):
         bench_step(args.steps)
     if args.which in ("all", "pipeline"):

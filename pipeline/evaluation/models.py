@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import data as data_lib
 from pipeline.config import Config, compose
 from pipeline.core import checkpointing
 from pipeline.core.checkpointing import CheckpointError
@@ -37,7 +38,7 @@ CHAMPION = "champion"
 CODE = Path(__file__).with_name("pyfunc_code.py")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
 # what a fresh environment needs to load the model, beside this project installed (bfn, pipeline)
-REQUIREMENTS = ("torch", "numpy", "mlflow", "hydra-core", "omegaconf", "pyarrow", "pillow")
+REQUIREMENTS = ("torch", "numpy", "mlflow", "hydra-core", "omegaconf", "pyarrow", "pillow", "tokenizers")
 
 
 def is_model_uri(text: str | Path) -> bool:
@@ -87,6 +88,10 @@ def _write_artifacts(folder: Path, weights: dict, config: dict) -> dict[str, str
     artifacts = {"weights": str(folder / "weights.pt"), "config": str(folder / "config.json")}
     if config["data"]["name"] == "text8":  # id i is the i-th character
         (folder / "tokenizer.json").write_text(json.dumps({"vocab": list(TEXT8_ALPHABET)}))
+        artifacts["tokenizer"] = str(folder / "tokenizer.json")
+    elif config["data"]["name"] == "text_bpe":  # the dataset's BPE (sha256-checked against its manifest)
+        vocabulary = data_lib.vocabulary_of("text_bpe", config["data"]["uri"])
+        (folder / "tokenizer.json").write_text(vocabulary.to_json())
         artifacts["tokenizer"] = str(folder / "tokenizer.json")
     return artifacts
 

@@ -29,6 +29,7 @@ from bfn.samplers import sample as draw
 from pipeline.config import Config, check_count, parse_grid, parse_samplers
 from pipeline.core import checkpointing
 from pipeline.core.build import build_model
+from pipeline.data.bpe import Vocabulary
 from pipeline.evaluation.figures import to_uint8_images
 
 PARAMS = {"num_samples": 16, "sampler": "paper", "nfe": 101, "seed": 0, "grid": ""}
@@ -37,7 +38,7 @@ ARTIFACTS = ("weights", "config", "tokenizer")  # artifact names; tokenizer for 
 
 def signature(cfg: Config) -> ModelSignature:
     """No inputs (``predict(None, params=...)``); outputs (N, H, W, C) uint8 images or one string per sample."""
-    if cfg.data.name == "text8":
+    if cfg.data.seq_len is not None:  # text
         outputs = Schema([ColSpec("string")])
     else:
         outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *cfg.data.data_shape))])
@@ -58,7 +59,10 @@ class BFNSampler(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(weights)
         self.model.eval()
         tokenizer = context.artifacts.get("tokenizer")
-        self.vocab = json.loads(Path(tokenizer).read_text())["vocab"] if tokenizer else None
+        self.vocab = None
+        if tokenizer:  # text8: {"vocab": its 27 chars}; subword text: the Hugging Face tokenizer file
+            text = Path(tokenizer).read_text()
+            self.vocab = Vocabulary(text).pieces if self.cfg.data.name == "text_bpe" else json.loads(text)["vocab"]
 
     @torch.no_grad()
     def predict(self, context, model_input, params: dict | None = None):

@@ -411,7 +411,9 @@ def test_token_projection_is_the_reference_linear_on_2_theta_minus_1():
         theta = torch.softmax(torch.randn(2, 16, 300, dtype=dtype), -1)
         t = torch.rand(2, dtype=dtype)
         proj = adapter.token_proj
-        expected = proj(2 * theta - 1) + adapter.positions[:16].to(dtype) + adapter.time_proj((2 * t - 1)[:, None, None])
+        expected = (
+            proj(2 * theta - 1) + adapter.positions[:16].to(dtype) + adapter.time_proj((2 * t - 1)[:, None, None])
+        )
         torch.testing.assert_close(adapter(theta, t), expected, rtol=tol, atol=tol)
 
 
