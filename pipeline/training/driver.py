@@ -177,11 +177,13 @@ def print_summary(cfg: Config, summary: dict) -> None:
     if "val/nll_bits_per_dim" in summary:
         subword = cfg.data.name == "text_bpe"  # a dim is a token; bits/char is its own unit then
         per_dim = "bits/token" if subword else "bits/char" if cfg.eval.unit == "bits/char" else "bits/dim"
+        digits = 4 if subword else 2  # bits/char beside bits/token; nats/image beside bits/dim
         lines.append(
             f"  validation NLL: {summary['val/nll_bits_per_dim']:.4f} ± "
             f"{summary['val/nll_bits_per_dim_se']:.4f} {per_dim}"
             + (
-                f", {summary[f'val/nll_{unit_key}']:.4f} ± {summary[f'val/nll_{unit_key}_se']:.4f} {cfg.eval.unit}"
+                f", {summary[f'val/nll_{unit_key}']:.{digits}f} ± {summary[f'val/nll_{unit_key}_se']:.{digits}f} "
+                f"{cfg.eval.unit}"
                 if cfg.eval.unit not in ("bits/dim", "nats/dim") and (subword or cfg.eval.unit != "bits/char")
                 else ""
             )

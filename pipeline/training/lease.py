@@ -401,12 +401,11 @@ def experiment_differences(saved: dict, current: dict) -> list[tuple[str, object
     old = flatten({k: v for k, v in saved.items() if not k.startswith("_")})
     new = flatten({k: v for k, v in current.items() if not k.startswith("_")})
     missing = "(missing)"
-    # a key the schema gained since the checkpoint (flow.beta_1_times_k) is the same experiment while null
-    unset = {missing, None}
     return [
         (key, old.get(key, missing), new.get(key, missing))
         for key in sorted(set(old) | set(new))
         if not is_under(key, RESUMABLE)
         and old.get(key, missing) != new.get(key, missing)
-        and not {old.get(key, missing), new.get(key, missing)} <= unset
+        # a key the schema gained since the checkpoint (flow.beta_1_times_k) is the same experiment while null
+        and not (old.get(key, missing) in (missing, None) and new.get(key, missing) in (missing, None))
     ]

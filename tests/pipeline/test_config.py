@@ -107,9 +107,11 @@ def test_unused_keys_are_null_in_every_preset():
     for preset in PRESETS:
         flat = flatten(compose([f"experiment={preset}"]))
         discrete = flat["flow.kind"] == "discrete"
-        assert (flat["flow.beta_1"] is None) != discrete and (flat["flow.sigma_1"] is None) == discrete, preset
+        beta = flat["flow.beta_1"] if flat["flow.beta_1_times_k"] is None else flat["flow.beta_1_times_k"]
+        assert (beta is None) != discrete and (flat["flow.sigma_1"] is None) == discrete, preset
+        assert flat["flow.beta_1"] is None or flat["flow.beta_1_times_k"] is None, preset
         assert (flat["data.num_bins"] is None) == (flat["data.name"] != "cifar10"), preset
-        assert (flat["data.seq_len"] is None) == (flat["data.name"] != "text8"), preset
+        assert (flat["data.seq_len"] is None) == (flat["data.name"] not in ("text8", "text_bpe")), preset
 
 
 def test_small_preset_runs_a_real_step_on_cpu():
