@@ -243,10 +243,10 @@ def complete_checkpoints(filesystem, run_folder: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def _read_at(filesystem, path: str, map_location) -> dict[str, Any]:
-    """``read`` for a checkpoint on any pyarrow filesystem; a remote one is downloaded first."""
+def _on_any_filesystem(reader, filesystem, path: str):
+    """``reader(local folder)`` for a checkpoint on any pyarrow filesystem; a remote one is downloaded first."""
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        return read(path, map_location)
+        return reader(path)
     with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
         try:
             pyarrow.fs.copy_files(
@@ -254,21 +254,17 @@ def _read_at(filesystem, path: str, map_location) -> dict[str, Any]:
             )
         except OSError as error:
             raise CheckpointError(f"checkpoint {path}: download failed ({error})") from None
-        return read(folder, map_location)
+        return reader(folder)
+
+
+def _read_at(filesystem, path: str, map_location) -> dict[str, Any]:
+    """``read`` for a checkpoint on any pyarrow filesystem."""
+    return _on_any_filesystem(lambda folder: read(folder, map_location), filesystem, path)
 
 
 def read_model_at(filesystem, path: str, *, ema: bool = True) -> tuple[dict, dict]:
-    """``read_model_only`` for a checkpoint on any pyarrow filesystem (a remote one is downloaded first)."""
-    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        return read_model_only(path, ema=ema)
-    with tempfile.TemporaryDirectory(prefix="bfn-ckpt-") as folder:
-        try:
-            pyarrow.fs.copy_files(
-                path, folder, source_filesystem=filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
-            )
-        except OSError as error:
-            raise CheckpointError(f"checkpoint {path}: download failed ({error})") from None
-        return read_model_only(folder, ema=ema)
+    """``read_model_only`` for a checkpoint on any pyarrow filesystem."""
+    return _on_any_filesystem(lambda folder: read_model_only(folder, ema=ema), filesystem, path)
 
 
 def step_of(checkpoint) -> int:
