@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bfn import DiscreteFlow, losses
+from bfn import BFN, CategoricalHead, DiscreteFlow, losses
 from bfn.distributions import Categorical
+from bfn.networks import TextTransformer
 from bfn.numerics import categorical_log_weights, normal_log_prob
 
 Ks = st.sampled_from([2, 3, 27, 256])
@@ -144,3 +145,19 @@ def test_sender_draws_in_chunks_are_the_draws_made_one_chunk_at_a_time(monkeypat
     torch.manual_seed(7)
     y = torch.cat([mean + std * torch.randn(size, *mean.shape) for size in (2, 2, 1)])
     assert torch.equal(chunked, losses.n_step_loss_discrete(flow, dist, x, t, n, y=y))
+
+
+def test_gpt2_vocabulary_model_trains_and_scores_on_the_cpu():
+    """The whole model at K = 50,257 (a tiny tied transformer, 2 windows of 4 tokens): a training step's
+    loss and gradients and the n-step NLL (n = 1000, 10 sender draws) are finite."""
+    K = 50_257
+    torch.manual_seed(0)
+    net = TextTransformer(num_classes=K, seq_len=4, n_layer=1, n_head=2, n_embd=16, tie_embeddings=True)
+    model = BFN(net, DiscreteFlow(K, 16.0 / K), CategoricalHead(K), data_shape=(4,))
+    x = torch.randint(0, K, (2, 4))
+    loss = model.loss(x)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    with torch.no_grad():
+        nll = model.n_step_loss(x, 1000) + model.reconstruction_loss(x).mean(-1)
+    assert nll.shape == (2,) and torch.isfinite(nll).all()
