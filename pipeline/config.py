@@ -493,6 +493,7 @@ class RunConfig:
     ray_address: str | None  # null: an embedded local Ray sized by ray_num_cpus
     ray_num_cpus: int | None
     init_from: str | None = None  # a checkpoint whose weights start a new run
+    shared_storage: bool = False  # a local storage_path that every node of a cluster mounts (NFS)
 
     def validate(self, config: Config) -> None:
         # a name is one folder below run.storage_path: never "." / ".." / hidden, at most 128 characters
@@ -509,6 +510,7 @@ class RunConfig:
             _number("run.ray_num_cpus", self.ray_num_cpus, low=1, integer=True)
         if self.init_from is not None:
             _uri("run.init_from", self.init_from)
+        _flag("run.shared_storage", self.shared_storage)
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,18 @@ def embedded_ray_env() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
+def check_storage_is_shared(storage_path: str, shared: bool, alive_nodes: int) -> None:
+    """A run folder on a local path works on one node only, unless every node mounts it (``shared``)."""
+    local = "://" not in str(storage_path) or str(storage_path).startswith("file://")
+    if alive_nodes > 1 and local and not shared:
+        raise ConfigError(
+            f"run.storage_path: {storage_path} is a local path and this Ray cluster has {alive_nodes} nodes: "
+            "each node would write checkpoints into its own folder and a resume would not find them. Use "
+            "shared storage (s3://bucket/prefix), or set run.shared_storage=true if every node mounts this "
+            "path (NFS)"
+        )
+
+
 def init_ray(cfg: Config) -> None:
     secure_local_ray(cfg)  # before ray is imported (nothing to do when joining a cluster or when Ray runs)
     # configured first: Ray reads its node address at import
@@ -142,6 +154,9 @@ def init_ray(cfg: Config) -> None:
     quiet = logs.ray_init_kwargs()
     if cfg.run.ray_address:
         ray.init(address=cfg.run.ray_address, **quiet)
+        # before any worker starts: a cluster of several nodes needs a run folder they all see
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        check_storage_is_shared(cfg.run.storage_path, cfg.run.shared_storage, alive)
     else:
         if not _ray_binds_loopback():
             raise RuntimeError(

@@ -28,6 +28,7 @@ import pytest
 
 from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, compose, load
+from pipeline.training.ray_runtime import check_storage_is_shared
 from tests.pipeline.test_data import write_idx_folder
 
 CIFAR = "experiment=cifar10_discretized_256"
@@ -355,3 +356,20 @@ def test_cli_bad_data_names_the_shard_before_ray(prepared, tmp_path, damage):
 def test_cli_missing_data_names_the_manifest(tmp_path):
     result = bfn_train("experiment=smoke", f"data.uri={tmp_path / 'nowhere'}", tmp_path=tmp_path)
     assert_one_line_error(result, f"missing manifest {tmp_path / 'nowhere'}/manifest.json")
+
+
+def test_a_local_run_folder_is_refused_on_a_cluster_of_several_nodes():
+    """Each node would write its own folder: refused (naming the key, the node count and the remedies),
+    unless the path is declared shared (NFS); one node, or object storage, is fine."""
+    with pytest.raises(
+        ConfigError, match=r"run.storage_path: /runs/ray is a local path and this Ray cluster has 3 nodes"
+    ):
+        check_storage_is_shared("/runs/ray", False, 3)
+    with pytest.raises(ConfigError, match="run.shared_storage=true"):
+        check_storage_is_shared("file:///runs/ray", False, 2)
+    check_storage_is_shared("/runs/ray", True, 3)
+    check_storage_is_shared("/runs/ray", False, 1)
+    check_storage_is_shared("s3://bucket/runs", False, 3)
+    assert load(["run.shared_storage=true"]).run.shared_storage is True
+    with pytest.raises(ConfigError, match="run.shared_storage"):
+        load(["run.shared_storage=maybe"])
