@@ -58,9 +58,17 @@ previous prediction p_hat_r (D1 = (p_hat_s - p_hat_r)/(s - r)), exactly integrat
              + sqrt(K (beta_t - beta_s)) z
 sde1 is the paper's step with p_hat in place of a one-hot draw from p_O.
 
+Conditioning (every sampler, through ``bfn.conditioning.SamplingCondition``): ``label`` conditions
+a class-conditional network; ``guidance`` w != 0 adds classifier-free guidance, (1 + w) z_c - w z_u
+on the raw outputs (logits; noise or data prediction), evaluated by ONE call on a doubled batch
+per step: the same NFE, about twice the compute per call; w = 0 is plain conditional sampling.
+``known`` (inpainting, infilling) keeps given coordinates: before every call the input
+distribution there is the data (one-hot theta; mean = x), the paper's sender draws there come
+from the data, the solvers' predictions there are the data, and so is the result.
+
 Numerics: step coefficients are python floats computed in float64; the state math runs in float32
 with autocast off, so the network may run under bf16 autocast.
-What is not here: guidance, single-step (extra-call) second-order solvers.
+What is not here: single-step (extra-call) second-order solvers, sequential Monte Carlo.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from bfn.conditioning import Known, SamplingCondition
 from bfn.flows import ContinuousFlow, ContinuousParams, DiscreteFlow, DiscreteParams
 
 if TYPE_CHECKING:
@@ -92,6 +101,9 @@ def sample(
     return_sample: bool = False,
     t_start: float | None = None,
     grid: str | None = None,
+    label: Tensor | int | None = None,
+    guidance: float = 0.0,
+    known: Known | None = None,
 ) -> Tensor:
     """Draw (num_samples, *data_shape) from ``model`` with ``nfe`` network calls (after training).
 
@@ -105,6 +117,10 @@ def sample(
         return_sample: return a draw from the last p_O instead of its mode.
         t_start: solvers only: the first time of the grid, in (0, 1).
         grid: solvers only: ``uniform`` or ``logsnr`` (see the module docstring).
+        label: a class id (int) or (num_samples,) ids, for a conditional network.
+        guidance: classifier-free guidance scale w (needs a label); each call then runs on a
+            doubled batch (about 2x the compute, the same NFE).
+        known: ``bfn.conditioning.Known(mask, values)``: coordinates the samples keep.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -124,6 +140,9 @@ def sample(
         return_sample=return_sample,
         t_start=t_start,
         grid=grid,
+        label=label,
+        guidance=guidance,
+        known=known,
     )
 
 
@@ -137,25 +156,30 @@ def paper(
     return_sample: bool = False,
     t_start: float | None = None,
     grid: str | None = None,
+    label: Tensor | int | None = None,
+    guidance: float = 0.0,
+    known: Known | None = None,
 ) -> Tensor:
     """The paper's sampler (Algorithms 3, 6, 9): nfe - 1 Bayesian updates, then p_O at t = 1.
 
     Draws in the official order (per step: x ~ p_O, then y ~ p_S), so it reproduces the
-    pre-existing ``BFN.sample(num_steps=nfe - 1)`` bit for bit.
+    pre-existing ``BFN.sample(num_steps=nfe - 1)`` bit for bit. Known coordinates replace the
+    draw x before the sender draw, so y comes from the data there (the same random draws).
     """
     if t_start is not None or grid is not None:
         raise ValueError("t_start and grid apply to the BFN-Solver samplers, not to 'paper' (uniform steps)")
     device = device or _model_device(model)
+    condition = SamplingCondition(model, num_samples, device, label=label, guidance=guidance, known=known)
     num_steps = nfe - 1
     params = model.flow.prior(num_samples, model.num_dims, device)
     for i in range(1, num_steps + 1):
         t = torch.full((num_samples, 1), (i - 1) / num_steps, device=device)
-        x_out = model.output_distribution(params, t).sample(generator)
+        x_out = condition.data(condition.output(params, t).sample(generator))
         alpha = model.flow.alpha(i, num_steps)
         y = model.flow.sender_sample(x_out, alpha, generator)
         params = model.flow.update(params, y, alpha)
-    dist = model.output_distribution(params, torch.ones(num_samples, 1, device=device))
-    return _result(model, dist, num_samples, generator, return_sample)
+    dist = condition.output(params, torch.ones(num_samples, 1, device=device))
+    return _result(model, dist, num_samples, generator, return_sample, condition)
 
 
 def ode1(model: BFN, num_samples: int, nfe: int, **kwargs) -> Tensor:
@@ -220,9 +244,13 @@ def _solve(
     return_sample: bool = False,
     t_start: float | None = None,
     grid: str | None = None,
+    label: Tensor | int | None = None,
+    guidance: float = 0.0,
+    known: Known | None = None,
 ) -> Tensor:
     """Run a BFN-Solver: nfe - 1 solver steps on ``solver_times``, then the last prediction."""
     device = device or _model_device(model)
+    condition = SamplingCondition(model, num_samples, device, label=label, guidance=guidance, known=known)
     solver = make_solver(model.flow)
     times = solver_times(
         nfe,
@@ -233,26 +261,26 @@ def _solve(
     state = solver.initial_state(num_samples, model.num_dims, times[0], generator, device)
     previous = None  # (time, prediction) of the call before, for the second-order steps
     for j in range(nfe - 1):
-        prediction = solver.prediction(_output(model, solver, state, times[j]))
+        prediction = condition.prediction(solver.prediction(_output(condition, solver, state, times[j])))
         noise = _standard_normal(state, generator) if stochastic else None
         with torch.autocast(device_type=state.device.type, enabled=False):
             state = solver.step(
                 state, prediction, times[j], times[j + 1], previous=previous if order == 2 else None, noise=noise
             )
         previous = (times[j], prediction)
-    dist = _output(model, solver, state, times[nfe - 1])
-    return _result(model, dist, num_samples, generator, return_sample)
+    dist = _output(condition, solver, state, times[nfe - 1])
+    return _result(model, dist, num_samples, generator, return_sample, condition)
 
 
-def _output(model: BFN, solver: ContinuousSolver | DiscreteSolver, state: Tensor, t: float):
+def _output(condition: SamplingCondition, solver: ContinuousSolver | DiscreteSolver, state: Tensor, t: float):
     """p_O from one network call on the solver state at time t."""
     with torch.autocast(device_type=state.device.type, enabled=False):
         params = solver.input_params(state, t)
-    return model.output_distribution(params, torch.full((state.shape[0], 1), t, device=state.device))
+    return condition.output(params, torch.full((state.shape[0], 1), t, device=state.device))
 
 
-def _result(model: BFN, dist, num_samples: int, generator, return_sample: bool) -> Tensor:
-    out = dist.sample(generator) if return_sample else dist.mode
+def _result(model: BFN, dist, num_samples: int, generator, return_sample: bool, condition: SamplingCondition) -> Tensor:
+    out = condition.data(dist.sample(generator) if return_sample else dist.mode)
     return out.reshape(num_samples, *model.data_shape)
 
 

@@ -7,7 +7,8 @@ Everything here is plain PyTorch:
 * ``Dropout`` with a cheaper CPU mask sampler;
 * ``linear_on_concat``, a Linear layer applied to a concatenation without building it;
 * the two sinusoidal time embeddings of the reference nets, zero initialisation, and a spatial
-  self-attention block built on ``F.scaled_dot_product_attention``.
+  self-attention block built on ``F.scaled_dot_product_attention``;
+* ``LabelEmbedding``, the class-label table of conditional networks (with a "no condition" row).
 
 Image tensors inside the U-Nets are logically NCHW; when ``channels_last`` is on they are stored
 NHWC in memory, which is what the oneDNN convolutions on CPU prefer.
@@ -68,6 +69,38 @@ def per_sample_time(t: Tensor, batch: int) -> Tensor:
     if t.dim() > 1:
         t = t.reshape(batch, -1)[:, 0]
     return t if t.is_floating_point() else t.float()
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels (B,) -> (B, dim), for conditional networks (classifier-free guidance).
+
+    ``num_labels + 1`` rows: row ``num_labels`` is the learned "no condition" entry, used where
+    the label is None (unconditional calls, and the dropped labels of training).
+    """
+
+    def __init__(self, num_labels: int, dim: int, std: float = 1.0):
+        super().__init__()
+        self.num_labels = check_int("num_labels", num_labels)
+        self.table = nn.Embedding(num_labels + 1, dim)
+        nn.init.normal_(self.table.weight, mean=0.0, std=std)
+
+    def forward(self, label: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if label is None:
+            label = torch.full((batch,), self.num_labels, dtype=torch.long, device=device)
+        elif label.shape != (batch,) or label.dtype.is_floating_point or label.dtype == torch.bool:
+            raise ValueError(
+                f"label must be integer class ids of shape ({batch},), got {label.dtype} {tuple(label.shape)}"
+            )
+        elif label.device.type == "cpu" and label.numel() and (label.min() < 0 or label.max() > self.num_labels):
+            # range read back only where that costs no device sync (the BFN checks it otherwise)
+            raise ValueError(f"label must lie in [0, {self.num_labels}] ({self.num_labels}: no condition)")
+        return self.table(label)  # (B, dim)
+
+
+def check_unconditional(label: Tensor | None) -> None:
+    """A network built without ``num_labels`` takes no label."""
+    if label is not None:
+        raise ValueError("label given to a network built without num_labels (an unconditional network)")
 
 
 # ----------------------------------------------------------------------------- normalisation

@@ -6,6 +6,7 @@ Data flow (paper config, B sequences of L=256 characters, K=27 classes)::
       -> Linear(K -> 768)(2*theta - 1), computed as theta @ 2W^T + (b - W 1)
          + fixed sinusoidal position code (base 1000)
          + Linear(1 -> 768)(2t - 1)                        = x_in  (B,L,768)
+         (+ a learned class-label embedding with ``num_labels``)
       -> 24 pre-LayerNorm blocks: x + Attn(LN(x)), x + MLP(LN(x))
          (12 heads, non-causal scaled_dot_product_attention, GELU-tanh MLP 4x wide)
       -> final LayerNorm                                   (B,L,768)
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import check_divides, check_dropout, check_int
+from .layers import LabelEmbedding, check_divides, check_dropout, check_int, check_unconditional
 
 
 def sinusoidal_positions(seq_len: int, dim: int, base: float = 1000.0) -> Tensor:
@@ -156,6 +157,9 @@ class TextTransformer(nn.Module):
             Linear (``output_proj``, the reference's output adapter) maps them to the K logits.
         tie_embeddings: the input token embedding E (K x d) is lm_head's weight (its first d
             columns with ``skip``); not with ``output_projection`` (the head then is not K-wide).
+        num_labels: class-conditional network: an embedding of ``num_labels`` + 1 rows (the
+            last: no condition), N(0, 0.02), added to the input embedding of every token; None
+            (default) builds the unconditional network, parameter for parameter and draw for draw.
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class TextTransformer(nn.Module):
         learn_positions: bool = False,
         output_projection: int | None = None,
         tie_embeddings: bool = False,
+        num_labels: int | None = None,
     ):
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes, minimum=2)
@@ -208,6 +213,9 @@ class TextTransformer(nn.Module):
             self.output_proj = nn.Linear(head_out, num_classes)
         self.lm_head = nn.Linear(2 * n_embd if self.skip else n_embd, head_out, bias=bias)
         self._init_weights()
+        # built after the init, so the other parameters draw what the unconditional network draws
+        self.num_labels = None if num_labels is None else check_int("num_labels", num_labels)
+        self.label_embedding = None if num_labels is None else LabelEmbedding(num_labels, n_embd, std=0.02)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -220,10 +228,15 @@ class TextTransformer(nn.Module):
             nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, theta: Tensor, t: Tensor) -> Tensor:
-        """theta: (B, L, K) probabilities; t: (B,) (or per token (B, L)) -> (B, L, K) logits."""
+    def forward(self, theta: Tensor, t: Tensor, label: Tensor | None = None) -> Tensor:
+        """theta: (B, L, K) probabilities; t: (B,) (or per token (B, L)); label: (B,) long or None
+        (no condition) -> (B, L, K) logits."""
         self._check_input(theta, t)
         x_in = self.input_adapter(theta, t, self._tied_weight())  # (B, L, d)
+        if self.label_embedding is None:
+            check_unconditional(label)
+        else:
+            x_in = x_in + self.label_embedding(label, theta.shape[0], theta.device)[:, None].to(x_in.dtype)
         x = self.drop(x_in)
         for block in self.blocks:
             x = block(x)
@@ -241,9 +254,11 @@ class TextTransformer(nn.Module):
         return self.lm_head.weight[:, : self.input_adapter.time_proj.out_features].T
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """Input-embedding parameters (token and time projections; positions are a fixed buffer).
-        Tied, the token embedding is lm_head's weight and counts as the head's."""
-        return list(self.input_adapter.parameters())
+        """Input-embedding parameters (token and time projections, the label table if any;
+        positions are a fixed buffer). Tied, the token embedding is lm_head's weight and counts as
+        the head's."""
+        labels = [] if self.label_embedding is None else list(self.label_embedding.parameters())
+        return list(self.input_adapter.parameters()) + labels
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay on Linear weights only; biases and LayerNorm weights get

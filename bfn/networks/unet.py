@@ -13,7 +13,9 @@ Data flow (paper config, binarized MNIST, B images of 28x28x1)::
       -> per-pixel Linear(256 -> C*out_height)             (B,28,28,1,1)
 
 The time t enters through a sinusoidal embedding of t*4000 followed by Linear-SiLU-Linear; every
-ResBlock adds a (SiLU, Linear) projection of it to its hidden state (no scale-shift norm).
+ResBlock adds a (SiLU, Linear) projection of it to its hidden state (no scale-shift norm). With
+``num_labels`` a class-label embedding is added to the time embedding (improved-diffusion's
+class-conditional U-Net), its row ``num_labels`` meaning "no condition".
 GroupNorm is computed in float32. Attention only sits in the middle block unless
 ``attention_resolutions`` names a down-sampling factor (the paper config names none that occur).
 """
@@ -28,11 +30,13 @@ from .layers import (
     Dropout,
     GroupNorm32,
     ImageInputFeatures,
+    LabelEmbedding,
     SpatialSelfAttention,
     check_divides,
     check_dropout,
     check_int,
     check_int_tuple,
+    check_unconditional,
     cos_sin_embedding,
     linear_on_concat,
     per_sample_time,
@@ -139,6 +143,9 @@ class UNet(nn.Module):
             features to the first conv and the skip directly.
         scale_shift_norm: ResBlocks apply the time embedding as a scale and shift after their
             second GroupNorm (improved-diffusion's use_scale_shift_norm).
+        num_labels: class-conditional network: an embedding of ``num_labels`` + 1 rows (the
+            last: no condition) added to the time embedding; None (default) builds the
+            unconditional network, parameter for parameter and draw for draw.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class UNet(nn.Module):
         project_input: bool = True,
         scale_shift_norm: bool = False,
         num_heads_upsample: int | None = None,
+        num_labels: int | None = None,
     ):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels)
@@ -241,9 +249,13 @@ class UNet(nn.Module):
         )
         head_in = out_channels + (input_width if self.skip else 0)
         self.head = nn.Linear(head_in, in_channels * out_height)
+        # built last, so the other parameters draw what the unconditional network draws
+        self.num_labels = None if num_labels is None else check_int("num_labels", num_labels)
+        self.label_embedding = None if num_labels is None else LabelEmbedding(num_labels, emb_dim)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, H, W, C) float; t: (B,) in [0, 1] -> (B, H, W, C, out_height)."""
+    def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None) -> Tensor:
+        """x: (B, H, W, C) float; t: (B,) in [0, 1]; label: (B,) long or None (no condition)
+        -> (B, H, W, C, out_height)."""
         b, height, width, c = self._check_input(x)
         t = per_sample_time(t, b).float()  # float32: t * 4000 needs the precision
 
@@ -254,6 +266,10 @@ class UNet(nn.Module):
             x_proj = self.input_proj(x_proj)
 
         emb = self.time_mlp(cos_sin_embedding(t * TIME_SCALE, self.model_channels))
+        if self.label_embedding is None:
+            check_unconditional(label)
+        else:
+            emb = emb + self.label_embedding(label, b, x.device).to(emb.dtype)  # (B, emb_dim)
         act_emb = F.silu(emb)  # every ResBlock starts its time projection with SiLU
 
         h = x_proj.permute(0, 3, 1, 2)  # (B, mc, H, W); NHWC memory, so no copy

@@ -14,7 +14,8 @@ It never changes resolution. Data flow (paper config, B images of 32x32x3)::
 
 Time: sinusoidal embedding ([sin, cos], 128 dims) of (t + 0.001) * 1000, then
 Linear-SiLU-Linear-SiLU to 512 dims; each ResnetBlock adds a zero-initialised, bias-free
-projection of it.
+projection of it. With ``num_labels`` a class-label embedding (512 dims) is added to it, its row
+``num_labels`` meaning "no condition".
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from .layers import (
     Dropout,
     GroupNorm32,
     ImageInputFeatures,
+    LabelEmbedding,
     SpatialSelfAttention,
     check_divides,
     check_dropout,
     check_int,
+    check_unconditional,
     linear_on_concat,
     per_sample_time,
     sin_cos_embedding,
@@ -104,6 +107,9 @@ class UNetVDM(nn.Module):
         time_frequencies: how the time embedding's frequencies are computed: "exp"
             (exp(-ln(1e4) i / (half - 1))) or "logspace" (torch.logspace, as the reference
             does; the two differ by a few float32 ulps).
+        num_labels: class-conditional network: an embedding of ``num_labels`` + 1 rows (the
+            last: no condition) added to the time embedding; None (default) builds the
+            unconditional network, parameter for parameter and draw for draw.
     """
 
     def __init__(
@@ -122,6 +128,7 @@ class UNetVDM(nn.Module):
         channels_last: bool = True,
         input_features: dict | None = None,
         time_frequencies: str = "exp",
+        num_labels: int | None = None,
     ):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels)
@@ -175,12 +182,20 @@ class UNetVDM(nn.Module):
         self.up_attn = nn.ModuleList(maybe_attention() for _ in range(n_blocks + 1))
         self.conv_out = nn.Sequential(GroupNorm32(norm_groups, d), nn.SiLU(), zero_init_(nn.Conv2d(d, d, 3, padding=1)))
         self.head = nn.Linear(num_features + d, in_channels * out_height)
+        # built last, so the other parameters draw what the unconditional network draws
+        self.num_labels = None if num_labels is None else check_int("num_labels", num_labels)
+        self.label_embedding = None if num_labels is None else LabelEmbedding(num_labels, cond_dim)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, H, W, C) float (the input mean mu); t: (B,) in [0, 1] -> (B, H, W, C, h)."""
+    def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None) -> Tensor:
+        """x: (B, H, W, C) float (the input mean mu); t: (B,) in [0, 1]; label: (B,) long or None
+        (no condition) -> (B, H, W, C, h)."""
         b, height, width, c = self._check_input(x)
         t = per_sample_time(t, b).float()
         cond = self.time_mlp(sin_cos_embedding((t + 0.001) * 1000.0, self.embedding_dim, method=self.time_frequencies))
+        if self.label_embedding is None:
+            check_unconditional(label)
+        else:
+            cond = cond + self.label_embedding(label, b, x.device).to(cond.dtype)  # (B, 4d)
         if self.input_features is not None:
             x = self.input_features(x, t)  # (B, H, W, F): replaces the input below
 

@@ -85,3 +85,29 @@ class DataPredictionMLP(FlatMLP):
         out = super().forward(mean, t)
         eps = (mean - gamma * out[..., 0]) / (gamma * variance).sqrt()
         return torch.cat([eps.unsqueeze(-1), out[..., 1:]], dim=-1)
+
+
+class ConditionalMLP(nn.Module):
+    """A class-conditional FlatMLP: net(inputs, t, label=None), label row num_labels = no condition."""
+
+    def __init__(self, in_shape, data_shape, out_height, num_labels, hidden=64):
+        super().__init__()
+        self.num_labels = num_labels
+        self.labels = nn.Embedding(num_labels + 1, 8)
+        self.mlp = FlatMLP((math.prod(in_shape) + 8,), data_shape, out_height, hidden)
+
+    def forward(self, inputs, t, label=None):
+        if label is None:
+            label = torch.full((inputs.shape[0],), self.num_labels, dtype=torch.long, device=inputs.device)
+        return self.mlp(torch.cat([inputs.flatten(1), self.labels(label)], dim=1), t)
+
+
+class FixedLabel(nn.Module):
+    """An unconditional view of a conditional net: always called with ``label`` (None: no condition)."""
+
+    def __init__(self, net, label):
+        super().__init__()
+        self.net, self.label = net, label
+
+    def forward(self, inputs, t):
+        return self.net(inputs, t, self.label)
