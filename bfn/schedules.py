@@ -81,3 +81,24 @@ class DiscreteSchedule:
     def alpha(self, i: Tensor | int, num_steps: int) -> Tensor | float:
         """Accuracy of step i of num_steps: beta_1 (2i - 1) / n^2."""
         return ((self.sqrt_beta_1 / num_steps) ** 2) * (2 * i - 1)
+
+
+def _rivals(beta_1_times_k: float, num_classes: int) -> float:
+    """Expected number of wrong classes whose logit beats the true one at t = 1: y_x - y_k ~ N(b, 2b)
+    with b = beta_1 K, so each rival wins with probability Phi(-sqrt(b / 2))."""
+    return (num_classes - 1) * 0.5 * math.erfc(math.sqrt(beta_1_times_k / 2) / math.sqrt(2))
+
+
+TEXT8_RIVALS = _rivals(0.5625 * 27, 27)  # the paper's text8 setting: 0.076 rivals at t = 1
+
+
+def identifiable_beta_1_times_k(num_classes: int, rivals: float = TEXT8_RIVALS) -> float:
+    """beta_1 K that leaves ``rivals`` expected wrong classes above the true one at t = 1 (default: as
+    many as the paper's text8 schedule leaves, so it returns 15.19 for K = 27 and 34.0 for K = 4,096).
+    A fixed beta_1 K keeps each pair of classes equally separable but not the whole vocabulary:
+    with K - 1 rivals the product must grow, slowly (like ln K)."""
+    if num_classes < 2 or not 0 < rivals < (num_classes - 1) / 2:
+        raise ValueError(f"need num_classes >= 2 and 0 < rivals < (K - 1) / 2, got {num_classes}, {rivals}")
+    tail = torch.tensor(rivals / (num_classes - 1), dtype=torch.float64)
+    z = -torch.special.ndtri(tail).item()  # Phi(-z) = tail
+    return 2 * z * z

@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import bfn.samplers
 from bfn.networks import NETWORKS, constructor_args
+from bfn.schedules import identifiable_beta_1_times_k
 from pipeline.secrets import MASK, is_secret_key, mask_params
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -323,12 +324,15 @@ class FlowConfig:
     receiver: str | None  # discrete
     num_mc_samples: int | None  # every head but delta (its n-step loss is closed-form)
     reconstruction_std_scale: float | None  # delta
-    beta_1_times_k: float | None = _key(default=None)  # discrete: beta_1 = this / K, instead of flow.beta_1
+    # discrete: beta_1 = this / K, instead of flow.beta_1; "auto": bfn.schedules.identifiable_beta_1_times_k(K)
+    beta_1_times_k: float | str | None = _key(default=None)
 
     @property
     def beta_1_value(self) -> float | None:
-        """beta_1 of a discrete flow: flow.beta_1, or flow.beta_1_times_k / K (the rule that keeps the
-        classes equally separable at t = 1 for any K; docs/vocabulary.md)."""
+        """beta_1 of a discrete flow: flow.beta_1, or flow.beta_1_times_k / K, where "auto" takes the
+        beta_1 K that leaves text8's number of rival classes at t = 1 (docs/vocabulary.md)."""
+        if self.beta_1_times_k == "auto":
+            return identifiable_beta_1_times_k(self.num_classes) / self.num_classes
         if self.beta_1_times_k is not None:
             return self.beta_1_times_k / self.num_classes
         return self.beta_1
@@ -362,8 +366,12 @@ class FlowConfig:
             "flow.beta_1", self.beta_1, discrete, kind, "discrete schedule; continuous uses flow.sigma_1"
         ):
             _number("flow.beta_1", self.beta_1, low=0, low_open=True)
-        if self.beta_1_times_k is not None and _applies(
-            "flow.beta_1_times_k", self.beta_1_times_k, discrete, kind, "discrete schedule; continuous uses sigma_1"
+        if (
+            self.beta_1_times_k is not None
+            and _applies(
+                "flow.beta_1_times_k", self.beta_1_times_k, discrete, kind, "discrete schedule; continuous uses sigma_1"
+            )
+            and self.beta_1_times_k != "auto"
         ):
             _number("flow.beta_1_times_k", self.beta_1_times_k, low=0, low_open=True)
         if _applies("flow.sigma_1", self.sigma_1, not discrete, kind, "continuous schedule; discrete uses flow.beta_1"):

@@ -49,17 +49,27 @@ class TextInputAdapter(nn.Module):
     """theta (B,L,K), t (B,) or (B,L) -> token embeddings (B,L,d).
 
     The token projection is ``Linear(K -> d)(2 theta - 1)`` (the reference's), evaluated as
-    ``theta @ (2 W)^T + (b - W 1)``: the same map without a K-wide temporary. With ``tied`` the
+    ``theta @ (2 W)^T + (b - W 1)``: the same map without a K-wide temporary. With ``product`` it is
+    ``theta @ W^T + b``, an embedding lookup averaged over theta: the reference's shift by -W 1 (a
+    sum of K columns, 64x a column's size at K = 4,096) would drown the token signal for large K. With ``tied`` the
     adapter owns only the bias and ``forward`` takes W (d, K) from the caller (a view of the output
     head's weight). Positions are the fixed sinusoidal code, or with ``learn_positions`` a learned
     (seq_len, d) table (``position_embedding``, initialised N(0, 0.02)).
     """
 
     def __init__(
-        self, num_classes: int, seq_len: int, width: int, bias: bool, learn_positions: bool = False, tied: bool = False
+        self,
+        num_classes: int,
+        seq_len: int,
+        width: int,
+        bias: bool,
+        learn_positions: bool = False,
+        tied: bool = False,
+        product: bool = False,
     ):
         super().__init__()
         self.seq_len = seq_len
+        self.product = product
         self.token_proj = None if tied else nn.Linear(num_classes, width, bias=bias)
         self.token_bias = nn.Parameter(torch.zeros(width)) if tied and bias else None
         self.time_proj = nn.Linear(1, width, bias=bias)
@@ -79,13 +89,21 @@ class TextInputAdapter(nn.Module):
             weight, bias = tied_weight, self.token_bias
         else:
             weight, bias = self.token_proj.weight, self.token_proj.bias
-        # Linear(2 theta - 1) = theta (2 W)^T + (b - W 1)
-        offset = -weight.sum(1) if bias is None else bias - weight.sum(1)
-        tokens = F.linear(theta, 2 * weight, offset)  # (B, L, d)
+        if self.product:  # theta @ E: a one-hot theta looks its token up; a flat one gives the mean embedding
+            tokens = F.linear(theta, weight, bias)  # (B, L, d)
+        else:  # Linear(2 theta - 1) = theta (2 W)^T + (b - W 1)
+            offset = -weight.sum(1) if bias is None else bias - weight.sum(1)
+            tokens = F.linear(theta, 2 * weight, offset)  # (B, L, d)
         times = self.time_proj((2 * t - 1)[..., None])  # (B, 1 or L, d)
         if self.position_embedding is not None:
             return tokens + self.position_embedding.weight[:length].to(tokens.dtype) + times
         return tokens + self.positions[:length].to(tokens.dtype) + times
+
+
+def _embedding_kind(value: str) -> str:
+    if value not in ("reference", "product"):
+        raise ValueError(f"input_embedding must be 'reference' or 'product', got {value!r}")
+    return value
 
 
 class SelfAttention(nn.Module):
@@ -157,6 +175,8 @@ class TextTransformer(nn.Module):
             Linear (``output_proj``, the reference's output adapter) maps them to the K logits.
         tie_embeddings: the input token embedding E (K x d) is lm_head's weight (its first d
             columns with ``skip``); not with ``output_projection`` (the head then is not K-wide).
+        input_embedding: "reference" (Linear(K -> d) on 2 theta - 1, the official network) or
+            "product" (theta @ E: no offset growing with K; for large vocabularies).
         num_labels: class-conditional network: an embedding of ``num_labels`` + 1 rows (the
             last: no condition), N(0, 0.02), added to the input embedding of every token; None
             (default) builds the unconditional network, parameter for parameter and draw for draw.
@@ -179,6 +199,7 @@ class TextTransformer(nn.Module):
         output_projection: int | None = None,
         tie_embeddings: bool = False,
         num_labels: int | None = None,
+        input_embedding: str = "reference",
     ):
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes, minimum=2)
@@ -202,6 +223,7 @@ class TextTransformer(nn.Module):
             bool(adapter_bias),
             learn_positions=bool(learn_positions),
             tied=self.tie_embeddings,
+            product=_embedding_kind(input_embedding) == "product",
         )
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, self.is_causal) for _ in range(n_layer))
