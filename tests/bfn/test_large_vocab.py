@@ -5,6 +5,7 @@ would need 10 GB per sender sample."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from bfn import BFN, CategoricalHead, DiscreteFlow, losses
 from bfn.distributions import Categorical
 from bfn.networks import TextTransformer
 from bfn.numerics import categorical_log_weights, normal_log_prob
+from bfn.schedules import TEXT8_RIVALS, identifiable_beta_1_times_k
 
 Ks = st.sampled_from([2, 3, 27, 256])
 EXAMPLES = settings(max_examples=60, deadline=None)
@@ -161,3 +163,30 @@ def test_gpt2_vocabulary_model_trains_and_scores_on_the_cpu():
     with torch.no_grad():
         nll = model.n_step_loss(x, 1000) + model.reconstruction_loss(x).mean(-1)
     assert nll.shape == (2,) and torch.isfinite(nll).all()
+
+
+def test_identifiable_schedule_matches_text8_and_grows_slowly_with_k():
+    """beta_1 K for text8's 0.076 rivals at t = 1: the paper's own 0.5625 x 27 at K = 27, then slowly
+    (like ln K) larger; the rivals it leaves are the target."""
+    assert identifiable_beta_1_times_k(27) == pytest.approx(0.5625 * 27, rel=1e-9)
+    values = [identifiable_beta_1_times_k(k) for k in (256, 4096, 32768, 50257)]
+    assert values == sorted(values) and values[1] == pytest.approx(34.02, abs=0.01) and values[-1] < 45
+    for K in (256, 4096, 50257):  # P(y_k > y_x) with y_x - y_k ~ N(b, 2b), from torch's own normal CDF
+        b = torch.tensor(identifiable_beta_1_times_k(K), dtype=torch.float64)
+        wins = torch.distributions.Normal(b, (2 * b).sqrt()).cdf(torch.zeros((), dtype=torch.float64))
+        assert (K - 1) * wins.item() == pytest.approx(TEXT8_RIVALS, rel=1e-6)
+    with pytest.raises(ValueError, match="num_classes"):
+        identifiable_beta_1_times_k(1)
+
+
+def test_product_input_embedding_looks_one_hot_tokens_up():
+    """input_embedding=product: a one-hot theta gives its token's embedding column (+ bias), a flat
+    theta the mean column, with no offset that grows with K."""
+    net = TextTransformer(num_classes=300, seq_len=4, n_layer=1, n_head=2, n_embd=16, input_embedding="product")
+    adapter = net.input_adapter
+    ids = torch.tensor([[3, 299, 0, 7]])
+    t = torch.zeros(1)
+    tokens = adapter(torch.nn.functional.one_hot(ids, 300).float(), t) - adapter(torch.zeros(1, 4, 300), t)
+    torch.testing.assert_close(tokens[0], adapter.token_proj.weight.T[ids[0]])
+    with pytest.raises(ValueError, match="input_embedding"):
+        TextTransformer(num_classes=300, seq_len=4, n_layer=1, n_head=2, n_embd=16, input_embedding="lookup")
