@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bfn import NLLEstimate
+from bfn.schedules import identifiable_beta_1_times_k
 from pipeline import cli, config, data
 from pipeline.data import bpe, sources
 from pipeline.training import steps
@@ -72,14 +73,21 @@ def test_a_changed_tokenizer_file_is_refused(prepared, tmp_path):
         data.load_vocabulary(str(copy), manifest)
 
 
+def overrides(out) -> list[str]:
+    return ["experiment=text_bpe_local", f"data.uri={out}", "data.seq_len=32", f"flow.num_classes={VOCAB}"]
+
+
 def test_a_model_whose_k_differs_from_the_tokenizer_is_refused_naming_both(prepared):
     out, _ = prepared
     cfg = config.load(["experiment=text_bpe_local", f"data.uri={out}", "data.seq_len=32", "flow.num_classes=512"])
     with pytest.raises(data.DataError, match=r"flow.num_classes=512 but the tokenizer .* has 300 tokens"):
         preflight(cfg)
-    cfg = config.load(["experiment=text_bpe_local", f"data.uri={out}", "data.seq_len=32", f"flow.num_classes={VOCAB}"])
+    cfg = config.load(overrides(out))
     assert preflight(cfg)["vocab_size"] == VOCAB
-    assert cfg.flow.beta_1_value == pytest.approx(16.0 / VOCAB)
+    assert cfg.flow.beta_1_value == pytest.approx(identifiable_beta_1_times_k(VOCAB) / VOCAB)  # "auto"
+    assert config.load([*overrides(out), "flow.beta_1_times_k=20"]).flow.beta_1_value == pytest.approx(20 / VOCAB)
+    with pytest.raises(config.ConfigError, match="set exactly one of flow.beta_1 and flow.beta_1_times_k"):
+        config.load([*overrides(out), "flow.beta_1=0.1"])
 
 
 def test_bits_per_char_is_total_nats_over_the_characters_the_tokens_cover():
