@@ -23,7 +23,7 @@ from pipeline.training import steps, worker
 from pipeline.training.lease import experiment_differences
 from tests.pipeline.test_data import write_idx_folder
 
-COND = ["model.num_labels=10", "model.cond_drop=0.1", "eval.guidance=1.0"]
+COND = ["model=conditional", "eval.guidance=1.0"]
 
 
 # ------------------------------------------------------------------------------------------ config
