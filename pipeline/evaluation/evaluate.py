@@ -95,14 +95,16 @@ def _one_pass(
         seed=repeat,
         stride=cfg.eval.text8_stride if text8 else None,
         seq_len=cfg.data.seq_len,
+        labels=cfg.model.conditional,
     )
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         x = torch.from_numpy(batch["x"])
         x = x.long() if cfg.flow.kind == "discrete" else x.float()
-        loss.append(model.bound_loss(x, num_steps))
-        recon.append(model.reconstruction_loss(x))
+        label = torch.from_numpy(batch["label"]) if "label" in batch else None  # conditional: p(x | label)
+        loss.append(model.bound_loss(x, num_steps, label))
+        recon.append(model.reconstruction_loss(x, label))
         if vocabulary is not None:
             chars.append(vocabulary.chars(x))
         if i % 10 == 0:
@@ -126,8 +128,9 @@ def evaluate(
     target_se: float | None = None,
 ) -> NLLEstimate:
     """NLL bound = n-step loss (n = 0: continuous-time loss) + reconstruction, over ``repeats``
-    passes of ``split``. With ``target_se`` (in ``eval.unit``), passes continue until the standard
-    error of the total is at most ``target_se`` (at least 2 passes, at most ``repeats``)."""
+    passes of ``split``; of a conditional model, the NLL of p(x | label) with each example's own label
+    (as validation reports it). With ``target_se`` (in ``eval.unit``), passes continue until the
+    standard error of the total is at most ``target_se`` (at least 2 passes, at most ``repeats``)."""
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
     num_steps = parse_steps(num_steps) if num_steps is not None else cfg.eval.nll_steps
     repeats = repeats if repeats is not None else cfg.eval.nll_repeats

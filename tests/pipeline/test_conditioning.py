@@ -18,7 +18,7 @@ from pipeline import data as data_lib
 from pipeline.config import Config, ConfigError, compose, load
 from pipeline.core import checkpointing
 from pipeline.core.build import build_flow_and_head, build_model, build_optimizer
-from pipeline.evaluation.evaluate import inpaint_checkpoint, sample
+from pipeline.evaluation.evaluate import evaluate, inpaint_checkpoint, sample
 from pipeline.training import steps, worker
 from pipeline.training.lease import experiment_differences
 from tests.pipeline.test_data import write_idx_folder
@@ -250,3 +250,18 @@ def test_inpaint_continues_a_text8_prompt(checkpoints, tmp_path):
                      "--steps", "2", "--out", str(tmp_path / "t")]) == 0  # fmt: skip
     lines = (tmp_path / "t.txt").read_text().splitlines()
     assert len(lines) == 2 and all(len(line) == 19 and line.startswith("the_cat") for line in lines)
+
+
+def test_eval_of_a_conditional_model_conditions_on_each_examples_label(checkpoints, monkeypatch):
+    seen = []
+    original = BFN.bound_loss
+    monkeypatch.setattr(
+        BFN, "bound_loss", lambda self, x, n, label=None: seen.append(label) or original(self, x, n, label)
+    )
+    estimate = evaluate(checkpoints["cond"], num_steps=2, repeats=1, max_batches=1)
+    assert (
+        estimate.num_examples > 0 and seen and all(label is not None and label.shape == (len(label),) for label in seen)
+    )
+    seen.clear()
+    evaluate(checkpoints["plain"], num_steps=2, repeats=1, max_batches=1)
+    assert seen == [None]
