@@ -1,4 +1,4 @@
-"""The `bfn` command: train, eval, sample, data, bench (+ tune, scaling, submit, jobs, stack).
+"""The `bfn` command: train, eval, sample, inpaint, data, bench (+ tune, scaling, submit, jobs, stack).
 
 Every command that builds a model takes Hydra overrides (`experiment=smoke trainer.max_steps=10`).
 Bad input exits with status 2 and one line naming the culprit, before Ray starts.
@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, compose, load
 from pipeline.core.checkpointing import CheckpointError
 from pipeline.data import DataError
 from pipeline.data.bpe import MAX_VOCAB
-from pipeline.evaluation.evaluate import evaluate, sample
+from pipeline.evaluation.evaluate import evaluate, inpaint_checkpoint, sample
 from pipeline.evaluation.quality.table import quality
 from pipeline.training.driver import fit, print_summary
 from pipeline.training.official import import_official
@@ -59,8 +59,30 @@ def cmd_sample(args) -> int:
         out=args.out,
         use_ema=not args.raw_weights,
         grid=args.grid,
+        classes=args.classes,
+        guidance=args.guidance,
     )
     logging.getLogger(__name__).info("samples written to %s", path)
+    return 0
+
+
+def cmd_inpaint(args) -> int:
+    path = inpaint_checkpoint(
+        args.checkpoint,
+        keep=args.keep,
+        text=args.text,
+        fill=args.fill,
+        num=args.num,
+        split=args.split,
+        num_steps=args.steps,
+        nfe=args.nfe,
+        sampler=args.sampler,
+        seed=args.seed,
+        grid=args.grid,
+        out=args.out,
+        use_ema=not args.raw_weights,
+    )
+    logging.getLogger(__name__).info("completions written to %s", path)
     return 0
 
 
@@ -179,8 +201,31 @@ def _add_sample_and_quality(sub) -> None:
         default=None,
         help="output path stem (default: runs/samples/RUN_CKPT_SAMPLER_nfeN_seedS; never the checkpoint)",
     )
+    p.add_argument(
+        "--class",
+        dest="classes",
+        default=None,
+        help="conditional models: a class, a comma list or 'all' (--num samples of each, one row per class)",
+    )
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (with --class)")
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("inpaint", help="complete test images from a kept part, or text from a prompt")
+    p.add_argument("checkpoint", help="checkpoint folder, or a registered model models:/NAME@ALIAS")
+    p.add_argument("--keep", default=None, help="images: top-half, left-half or MASK.png (white pixels kept)")
+    p.add_argument("--text", default=None, help='text8: a prompt kept at the start ("a prompt", a-z and space)')
+    p.add_argument("--fill", default=64, help="text: characters sampled after the prompt")
+    p.add_argument("--num", default=8, help="test images (or text completions)")
+    p.add_argument("--split", default="test", help="images: the split the test images come from")
+    p.add_argument("--sampler", default="paper", help="paper, ode1, ode2, sde1 or sde2 (see bfn/samplers.py)")
+    p.add_argument("--nfe", default=None, help="network calls (>= 1); nfe = steps + 1")
+    p.add_argument("--steps", default=None, help="updates before the last call (default 100); give --steps or --nfe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help=GRID_HELP)
+    p.add_argument("--out", default=None, help="output path stem (default: runs/inpaint/RUN_CKPT_KEEP_seedS)")
+    p.add_argument("--raw-weights", action="store_true")
+    p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("quality", help="sample quality against the number of network calls, per sampler")
     p.add_argument("checkpoint")

@@ -53,18 +53,20 @@ def _key(*, resumable: bool = False, weights: bool = False, default: Any = MISSI
 
 @dataclass(frozen=True)
 class Dataset:
-    """What a dataset fixes: the flow its data need, its classes, the network kind, its shape."""
+    """What a dataset fixes: the flow its data need, its classes, the network kind, its shape, and
+    the class labels its rows carry (``num_labels``; None: unlabelled, no conditional model)."""
 
     flow_kind: str
     num_classes: int | None
     network_kind: str
     shape: tuple[int, ...] | None  # None: (data.seq_len,)
     min_quality_samples: int = 2  # a Frechet distance needs a covariance: two feature vectors
+    num_labels: int | None = None
 
 
 DATASETS = {
-    "mnist": Dataset("discrete", 2, "image", (28, 28, 1)),
-    "cifar10": Dataset("continuous", None, "image", (32, 32, 3)),
+    "mnist": Dataset("discrete", 2, "image", (28, 28, 1), num_labels=10),
+    "cifar10": Dataset("continuous", None, "image", (32, 32, 3), num_labels=10),
     "text8": Dataset("discrete", 27, "text", None, min_quality_samples=1),  # text metrics score one window
     # subword tokens: K is the tokenizer's vocabulary, set in flow.num_classes and checked against the dataset
     "text_bpe": Dataset("discrete", None, "text", None, min_quality_samples=1),
@@ -424,16 +426,54 @@ class NetConfig:
             )
         if not isinstance(self.kwargs, dict):
             _fail("net.kwargs", "must be a mapping of constructor arguments", self.kwargs)
-        takes = [a for a in constructor_args(self.arch) if a not in network.data_keys]
+        takes = [a for a in constructor_args(self.arch) if a not in (*network.data_keys, "num_labels")]
         for key, value in self.kwargs.items():
             if key in network.data_keys:
                 _fail(f"net.kwargs.{key}", "is set from the data and flow groups; remove it", value)
+            if key == "num_labels":
+                _fail("net.kwargs.num_labels", "is set from model.num_labels (class conditioning); remove it", value)
             if key not in takes:
                 _fail(
                     f"net.kwargs.{key}",
                     f"is not an argument of {network.cls.__name__}; it takes {', '.join(takes)}",
                     value,
                 )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Class conditioning of the BFN (bfn.conditioning): both null is an unconditional model, the
+    network and losses of a config without this section. Older configs lack the section: read as nulls."""
+
+    OPTIONAL: ClassVar[bool] = True  # a config (checkpoint) written before the section existed has none
+
+    num_labels: int | None = _key(weights=True, default=None)  # the dataset's classes: a label embedding
+    cond_drop: float | None = _key(default=None)  # training labels dropped to "no condition" (guidance)
+
+    def validate(self, config: Config) -> None:
+        name = config.data.name
+        labels = DATASETS[name].num_labels
+        if self.num_labels is not None:
+            if labels is None:
+                _fail("model.num_labels", f"data.name={name} has no class labels; leave it null", self.num_labels)
+            _number("model.num_labels", self.num_labels, integer=True)
+            if self.num_labels != labels:
+                _fail(
+                    "model.num_labels", f"must be {labels}, the classes of data.name={name} (or null)", self.num_labels
+                )
+        choice = f"model.num_labels={self.num_labels}"
+        if _applies(
+            "model.cond_drop",
+            self.cond_drop,
+            self.num_labels is not None,
+            choice,
+            "probability that a training label becomes 'no condition'; only a conditional model has labels",
+        ):
+            _number("model.cond_drop", self.cond_drop, low=0, high=1)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_labels is not None
 
 
 @dataclass(frozen=True)
@@ -559,8 +599,17 @@ class EvalConfig:
     quality_nfe: list  # network calls per sample, one quality point per value and sampler
     quality_num: int  # samples per quality point
     quality_cache: str | None  # the quality classifier's cache; null: <paths.runs_dir>/quality/classifiers
+    guidance: float | None = None  # conditional models: classifier-free guidance of the validation grid
 
     def validate(self, config: Config) -> None:
+        if _applies(
+            "eval.guidance",
+            self.guidance,
+            config.model.conditional,
+            f"model.num_labels={config.model.num_labels}",
+            "guidance scale of the per-class validation samples; 0: no guidance",
+        ):
+            _number("eval.guidance", self.guidance)
         if isinstance(self.quality_samplers, str) or not isinstance(self.quality_samplers, list | tuple):
             _fail("eval.quality_samplers", "must be a list of sampler names", self.quality_samplers)
         if self.quality_samplers:
@@ -601,6 +650,7 @@ SECTIONS = {
     "paths": PathsConfig,
     "data": DataConfig,
     "flow": FlowConfig,
+    "model": ModelConfig,
     "net": NetConfig,
     "optim": OptimConfig,
     "run": RunConfig,
@@ -615,6 +665,7 @@ class Config:
     paths: PathsConfig
     data: DataConfig
     flow: FlowConfig
+    model: ModelConfig
     net: NetConfig
     optim: OptimConfig
     trainer: TrainerConfig
@@ -644,6 +695,8 @@ class Config:
 
 
 def _section(name: str, section_cls: type, values: Any):
+    if values is None and getattr(section_cls, "OPTIONAL", False):
+        values = {}
     if not isinstance(values, dict):
         _fail(name, "section is missing", values)
     known = {f.name: f for f in fields(section_cls)}

@@ -109,8 +109,11 @@ def pipeline_knowledge_in(root) -> list[str]:
 
     hints = typing.get_type_hints(Config)
     sections = {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
-    # "net." also prefixes the official checkpoints' state-dict keys: only the net section's own fields count there
-    net_keys = [f"net\\.{f.name}(?!\\w)" for f in dataclasses.fields(sections.pop("net"))]
+    # "net." and "model." also prefix the official checkpoints' state-dict keys and attribute paths in
+    # prose: only those sections' own fields count there
+    net_keys = [
+        f"{name}\\.{f.name}(?!\\w)" for name in ("net", "model") for f in dataclasses.fields(sections.pop(name))
+    ]
     config_key = re.compile(rf"(?<![\w.])(?:(?:{'|'.join(sections)})\.[A-Za-z_]\w*|{'|'.join(net_keys)})")
     presets = sorted(path.stem for path in (REPO / "pipeline" / "conf" / "net").glob("*.yaml"))
     assert presets, "no conf/net presets found"

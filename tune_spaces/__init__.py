@@ -1,5 +1,5 @@
 """Ray Tune search spaces for BFN, keyed by dotted config paths (``optim.lr``,
-``net.kwargs.model_channels``), one module per concern: schedule, optim, architecture.
+``net.kwargs.model_channels``), one module per concern: schedule, optim, architecture, conditioning.
 
 ``SPACES[name]()`` returns ``{dotted_key: tune domain}``; ``get_space("a+b")`` merges spaces.
 ``MATCHING[name]`` lists the experiment presets a space is meant for (the tests check that every
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import architecture, optim, schedule
+from . import architecture, conditioning, optim, schedule
 from .common import apply_to_dict, corner_samples, to_overrides
 
 SPACES: dict[str, Callable[[], dict]] = {
@@ -27,12 +27,14 @@ SPACES: dict[str, Callable[[], dict]] = {
     "arch_mnist": architecture.mnist_unet,
     "arch_cifar": architecture.cifar_unet_vdm,
     "arch_text8": architecture.text8_transformer,
+    "conditioning": conditioning.conditioning,
 }
 
 _MNIST = ("smoke", "mnist_local", "mnist_binary")
 _CIFAR = ("cifar10_continuous", "cifar10_discretized_16", "cifar10_discretized_256")
 _TEXT8 = ("text8_local", "text8")
 _BPE = ("text_bpe_local",)
+_COND = ("mnist_cond_local", "cifar10_cond_local")
 _ALL = (*_MNIST, *_CIFAR, *_TEXT8, *_BPE)
 MATCHING: dict[str, tuple[str, ...]] = {
     "schedule_mnist": _MNIST,
@@ -45,6 +47,7 @@ MATCHING: dict[str, tuple[str, ...]] = {
     "arch_mnist": _MNIST,
     "arch_cifar": _CIFAR,
     "arch_text8": (*_TEXT8, *_BPE),
+    "conditioning": _COND,
 }
 
 

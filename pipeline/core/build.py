@@ -42,9 +42,12 @@ def build_model(config: Config) -> BFN:
         "num_classes": config.flow.num_classes,
         "seq_len": data_shape[0],
     }
+    if config.model.conditional:  # a label embedding; an unconditional network is built exactly as before
+        data_kwargs["num_labels"] = config.model.num_labels
     net = build_network(config.net.arch, **{**data_kwargs, **config.net.kwargs})
     f = config.flow
     options = {"receiver": f.receiver, "num_mc_samples": f.num_mc_samples}  # null where the flow/head has none
+    options["cond_drop"] = config.model.cond_drop  # null (unconditional): BFN's default, no label draws
     if f.head == "delta":  # scored as a discretised Gaussian on the data's bins (paper Sec. 7.2)
         options.update(
             reconstruction_bins=config.data.num_bins, reconstruction_std=f.sigma_1 * f.reconstruction_std_scale

@@ -112,15 +112,15 @@ def _split_paths(uri: str, split: str, name: str, seq_len: int | None) -> tuple[
 # ================================================================================================
 
 
-def _ray_preprocess(tab: pa.Table, *, name: str, num_bins: int) -> dict[str, np.ndarray]:
-    return preprocess(name, _table_dict(tab.combine_chunks()), num_bins=num_bins)
+def _ray_preprocess(tab: pa.Table, *, name: str, num_bins: int, labels: bool = False) -> dict[str, np.ndarray]:
+    return preprocess(name, _table_dict(tab.combine_chunks()), num_bins=num_bins, labels=labels)
 
 
-def _preprocessed_bytes(tab: pa.Table, name: str, num_bins: int) -> int:
+def _preprocessed_bytes(tab: pa.Table, name: str, num_bins: int, labels: bool = False) -> int:
     """Bytes of ``preprocess``'s output for ``tab``, from its output for the first row."""
     if tab.num_rows == 0:
         return 0
-    row = _ray_preprocess(tab.slice(0, 1), name=name, num_bins=num_bins)
+    row = _ray_preprocess(tab.slice(0, 1), name=name, num_bins=num_bins, labels=labels)
     return tab.num_rows * sum(values.nbytes for values in row.values())
 
 
@@ -154,6 +154,7 @@ def ray_dataset(
     materialize: bool = True,
     seed: int | None = 0,
     seq_len: int | None = None,
+    labels: bool = False,
 ) -> Any:
     """A Ray Dataset of ``{"x": ...}`` rows of ``split`` (local folder or s3://), as ``preprocess`` makes them.
 
@@ -164,7 +165,8 @@ def ray_dataset(
     tasks) and maps ``preprocess`` lazily. Such a small split whose preprocessed rows fit in
     ``EAGER_PREPROCESS_BYTES`` is preprocessed here too: iterating it then runs no Ray task at all
     (a map task launched from a Train worker waited ~2 s for its CPU budget each validation).
-    ``seq_len``: when given, must match the text8 manifest.
+    ``seq_len``: when given, must match the text8 manifest. ``labels`` (class-conditional runs): rows
+    ``{"x", "label"}``; without it the dataset is exactly the unconditional one.
     The rows are not model-ready: apply ``to_model`` to each batch. Needs a running Ray (or starts one).
     """
     import ray.data  # lazy: pipeline.data is imported by the commands that run without Ray, which never import it
@@ -181,11 +183,11 @@ def ray_dataset(
         table = _keep_subset(pa.concat_tables(tables), **subset)
         step = max(1, -(-table.num_rows // SMALL_SPLIT_BLOCKS))
         blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
-        if _preprocessed_bytes(table, name, num_bins) <= EAGER_PREPROCESS_BYTES:
+        if _preprocessed_bytes(table, name, num_bins, labels) <= EAGER_PREPROCESS_BYTES:
             # the blocks the lazy map below would yield, computed once here: a seeded local shuffle
             # depends on block boundaries, so a launch draws the same batches either way
             blocks = [
-                _tensor_block(_ray_preprocess(b, name=name, num_bins=num_bins))
+                _tensor_block(_ray_preprocess(b, name=name, num_bins=num_bins, labels=labels))
                 for b in _map_bundles(blocks, RAY_MAP_BATCH_SIZE)
             ]
             return ray.data.from_blocks(blocks)
@@ -201,7 +203,7 @@ def ray_dataset(
         _ray_preprocess,
         batch_format="pyarrow",
         batch_size=RAY_MAP_BATCH_SIZE,
-        fn_kwargs={"name": name, "num_bins": num_bins},
+        fn_kwargs={"name": name, "num_bins": num_bins, "labels": labels},
         udf_modifying_row_count=False,
     )
 
@@ -274,6 +276,7 @@ def iter_batches(
     epoch: int = 0,
     stride: int | None = None,
     seq_len: int | None = None,
+    labels: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Model-ready ``{"x": numpy}`` batches of ``split`` without Ray (evaluation, benchmarks, tests).
 
@@ -287,7 +290,8 @@ def iter_batches(
     ``stride`` (text8 only): windows of seq_len chars starting every ``stride`` chars of the
     split's stored stream (for val/test: ``stride=seq_len`` gives the stored rows, ``stride=1``
     every offset as the reference evaluates; the tail shorter than one row, counted in the
-    manifest, is not part of the stream). ``fraction`` must then be 1.
+    manifest, is not part of the stream). ``fraction`` must then be 1. ``labels`` (images): batches
+    ``{"x", "label"}`` with the class ids int64 (B,).
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -305,8 +309,9 @@ def iter_batches(
         source = _permute(source, seed, epoch)
     generator = reader_generator(seed, epoch)
     for raw in _rebatch(source, int(batch_size)):
-        x = torch.from_numpy(preprocess(name, raw, num_bins=num_bins)["x"])
-        yield {"x": to_model(x, name, seq_len=rows_seq_len, generator=generator).numpy()}
+        rows = preprocess(name, raw, num_bins=num_bins, labels=labels)
+        x = to_model(torch.from_numpy(rows["x"]), name, seq_len=rows_seq_len, generator=generator).numpy()
+        yield {"x": x, "label": rows["label"]} if labels else {"x": x}
 
 
 def labelled_images(uri: str, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -141,8 +141,10 @@ def _check_labels(batch: dict[str, Any], n: int) -> None:
         raise DataError(f"column 'label' has values outside 0..{NUM_CLASSES - 1} (min {y.min()}, max {y.max()})")
 
 
-def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256) -> dict[str, np.ndarray]:
+def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256, labels: bool = False) -> dict[str, np.ndarray]:
     """Stored rows -> ``{"x": ...}`` as the Ray datasets yield it (deterministic; pure numpy).
+
+    ``labels`` (class-conditional runs, images only): ``{"x", "label"}``, the class ids int64 (B,).
 
     mnist: uint8 grey levels (B, 28, 28, 1); cifar10: float32 bin centres (B, 32, 32, 3) (for 256
     bins exactly (2p+1)/256 - 1); text8: uint8 ids (B, width); text_bpe: int32 ids (B, width) (their
@@ -150,6 +152,8 @@ def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256) -> dict
     (pyarrow arrays or numpy). Values out of range raise ``DataError`` naming the column.
     """
     check_name(name)
+    if labels and is_text(name):
+        raise ValueError(f"labels: {name} rows carry no class labels")
     if name == "text_bpe":  # two little-endian bytes per id; int32 because torch has few uint16 ops
         return {"x": as_matrix(batch, "ids", None).view("<u2").astype(np.int32)}
     if name == "text8":
@@ -161,10 +165,23 @@ def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256) -> dict
     img = as_matrix(batch, "image", int(np.prod(IMAGE_SHAPE[name])))
     _check_labels(batch, len(img))
     if name == "mnist":
-        return {"x": img.reshape(len(img), 28, 28, 1).copy()}
-    if int(num_bins) < 2:
-        raise ValueError(f"num_bins must be >= 2, got {num_bins}")
-    return {"x": bin_centres(int(num_bins))[img].reshape(len(img), 32, 32, 3)}
+        out = {"x": img.reshape(len(img), 28, 28, 1).copy()}
+    else:
+        if int(num_bins) < 2:
+            raise ValueError(f"num_bins must be >= 2, got {num_bins}")
+        out = {"x": bin_centres(int(num_bins))[img].reshape(len(img), 32, 32, 3)}
+    if labels:
+        out["label"] = _labels(batch, len(img))
+    return out
+
+
+def _labels(batch: dict[str, Any], n: int) -> np.ndarray:
+    """The (checked) ``label`` column as int64 (B,); a conditional run needs it."""
+    if "label" not in batch:
+        raise DataError("column 'label' is missing; a class-conditional run (model.num_labels) needs it")
+    y = batch["label"]
+    y = y.to_numpy(zero_copy_only=False) if isinstance(y, pa.Array | pa.ChunkedArray) else y
+    return np.asarray(y, dtype=np.int64).reshape(n).copy()
 
 
 # ================================================================================================

@@ -30,7 +30,7 @@ from pipeline.config import (
 )
 from pipeline.core import checkpointing
 from pipeline.core.build import build_model
-from pipeline.evaluation import figures, models
+from pipeline.evaluation import figures, inpaint, models
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,16 @@ def _one_pass(
         seed=repeat,
         stride=cfg.eval.text8_stride if text8 else None,
         seq_len=cfg.data.seq_len,
+        labels=cfg.model.conditional,
     )
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         x = torch.from_numpy(batch["x"])
         x = x.long() if cfg.flow.kind == "discrete" else x.float()
-        loss.append(model.bound_loss(x, num_steps))
-        recon.append(model.reconstruction_loss(x))
+        label = torch.from_numpy(batch["label"]) if "label" in batch else None  # conditional: p(x | label)
+        loss.append(model.bound_loss(x, num_steps, label))
+        recon.append(model.reconstruction_loss(x, label))
         if vocabulary is not None:
             chars.append(vocabulary.chars(x))
         if i % 10 == 0:
@@ -126,8 +128,9 @@ def evaluate(
     target_se: float | None = None,
 ) -> NLLEstimate:
     """NLL bound = n-step loss (n = 0: continuous-time loss) + reconstruction, over ``repeats``
-    passes of ``split``. With ``target_se`` (in ``eval.unit``), passes continue until the standard
-    error of the total is at most ``target_se`` (at least 2 passes, at most ``repeats``)."""
+    passes of ``split``; of a conditional model, the NLL of p(x | label) with each example's own label
+    (as validation reports it). With ``target_se`` (in ``eval.unit``), passes continue until the
+    standard error of the total is at most ``target_se`` (at least 2 passes, at most ``repeats``)."""
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
     num_steps = parse_steps(num_steps) if num_steps is not None else cfg.eval.nll_steps
     repeats = repeats if repeats is not None else cfg.eval.nll_repeats
@@ -166,9 +169,29 @@ def evaluate(
     return estimate
 
 
+def resolve_nfe(num_steps, nfe) -> int:
+    """``--steps`` n or ``--nfe`` (nfe = n + 1; default n = 100) -> the number of network calls."""
+    if num_steps is not None and nfe is not None:
+        raise ConfigError(f"--steps and --nfe: give one of them (nfe = steps + 1; got {num_steps}, {nfe})")
+    if nfe is None:
+        nfe = check_count("--steps", 100 if num_steps is None else num_steps, 1) + 1
+    return check_count("--nfe", nfe, 1)
+
+
 @torch.no_grad()
 def sample(
-    checkpoint, *, num=64, num_steps=None, nfe=None, sampler="paper", seed=0, out=None, use_ema=True, grid=None
+    checkpoint,
+    *,
+    num=64,
+    num_steps=None,
+    nfe=None,
+    sampler="paper",
+    seed=0,
+    out=None,
+    use_ema=True,
+    grid=None,
+    classes=None,
+    guidance=None,
 ) -> Path:
     """`bfn sample`: ``num`` samples drawn with ``sampler`` (bfn.samplers.SAMPLERS) in ``nfe``
     network calls, as a PNG grid (images) or a text file (text8), at ``out`` (a path stem; default
@@ -176,18 +199,23 @@ def sample(
 
     Every sampler makes nfe - 1 updates and one last call for the result, so ``num_steps`` n (the
     paper's number of steps, the older flag) means nfe = n + 1; give one of the two (default n = 100).
+    ``classes`` ("3", "1,7", "all"; conditional models): ``num`` samples of each class, one grid row
+    per class, guided with ``guidance`` (classifier-free; None: 0).
     """
-    if num_steps is not None and nfe is not None:
-        raise ConfigError(f"--steps and --nfe: give one of them (nfe = steps + 1; got {num_steps}, {nfe})")
-    if nfe is None:
-        nfe = check_count("--steps", 100 if num_steps is None else num_steps, 1) + 1
-    nfe = check_count("--nfe", nfe, 1)
+    nfe = resolve_nfe(num_steps, nfe)
     names = parse_samplers(sampler, several=False)
     num = check_count("--num", num, 1)
     if parse_grid(grid) is not None and names[0] == "paper":
         raise ConfigError("--grid: applies to the BFN-Solvers (ode1, ode2, sde1, sde2), not to --sampler paper")
     model, cfg = load_model(checkpoint, use_ema=use_ema)
-    samples = draw(model, num, sampler=names[0], nfe=nfe, generator=torch.Generator().manual_seed(seed), grid=grid)
+    label, scale = inpaint.labels_for(cfg, classes, guidance, num)
+    generator = torch.Generator().manual_seed(seed)
+    if label is None:  # unconditional: the call (and draws) of a model without labels
+        samples = draw(model, num, sampler=names[0], nfe=nfe, generator=generator, grid=grid)
+    else:
+        samples = draw(
+            model, len(label), sampler=names[0], nfe=nfe, generator=generator, grid=grid, label=label, guidance=scale
+        )
     if out is None and models.is_model_uri(checkpoint):
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(checkpoint)[len("models:/") :])
         out = default_runs_dir() / "samples" / f"model_{name}_{names[0]}_nfe{nfe}_seed{seed}"
@@ -197,4 +225,11 @@ def sample(
     vocabulary = data_lib.vocabulary_of(
         cfg.data.name, cfg.data.uri
     )  # subword ids are decoded with the data's tokenizer
-    return figures.save_samples(samples, cfg.data.name, Path(out), vocabulary)
+    return figures.save_samples(samples, cfg.data.name, Path(out), vocabulary, cols=None if label is None else num)
+
+
+def inpaint_checkpoint(checkpoint, *, num_steps=None, nfe=None, use_ema=True, **options) -> Path:
+    """`bfn inpaint`: ``pipeline.evaluation.inpaint.inpaint`` on the model of ``checkpoint``."""
+    nfe = resolve_nfe(num_steps, nfe)
+    model, cfg = load_model(checkpoint, use_ema=use_ema)
+    return inpaint.inpaint(model, cfg, checkpoint, nfe=nfe, **options)

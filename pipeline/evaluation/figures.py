@@ -21,10 +21,10 @@ def to_uint8_images(samples: torch.Tensor, data_name: str) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, *, scale: int = 3) -> Path:
-    """Tile (N, H, W, C) uint8 images into a roughly square PNG grid (1-pixel gaps)."""
+def save_image_grid(images: np.ndarray, path: str | Path, *, scale: int = 3, cols: int | None = None) -> Path:
+    """Tile (N, H, W, C) uint8 images into a PNG grid (1-pixel gaps): ``cols`` per row, or roughly square."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 128, dtype=np.uint8)
     for i, image in enumerate(images):
@@ -43,9 +43,11 @@ def decode_text(ids: torch.Tensor) -> list[str]:
     return ["".join(TEXT8_ALPHABET[i] for i in row).replace(" ", "_") for row in ids.tolist()]
 
 
-def save_samples(samples: torch.Tensor, data_name: str, path_stem: str | Path, vocabulary=None) -> Path:
-    """A PNG grid for images, a .txt file for text (subword ids decoded with ``vocabulary``, the
-    dataset's tokenizer); returns the path written."""
+def save_samples(
+    samples: torch.Tensor, data_name: str, path_stem: str | Path, vocabulary=None, *, cols: int | None = None
+) -> Path:
+    """A PNG grid for images (``cols`` per row, or roughly square), a .txt file for text (subword ids
+    decoded with ``vocabulary``, the dataset's tokenizer); returns the path written."""
     path_stem = Path(path_stem)
     if data_name in ("text8", "text_bpe"):
         if data_name == "text_bpe" and vocabulary is None:
@@ -55,7 +57,7 @@ def save_samples(samples: torch.Tensor, data_name: str, path_stem: str | Path, v
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rows) + "\n")
         return path
-    return save_image_grid(to_uint8_images(samples, data_name), path_stem.with_suffix(".png"))
+    return save_image_grid(to_uint8_images(samples, data_name), path_stem.with_suffix(".png"), cols=cols)
 
 
 def pyplot():

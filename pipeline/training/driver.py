@@ -118,6 +118,7 @@ def _datasets(cfg: Config) -> dict:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     seed = cfg.trainer.seed
     seq_len = cfg.data.seq_len if data_lib.is_text(cfg.data.name) else None
+    labels = cfg.model.conditional  # rows {"x", "label"}; an unconditional run's datasets are unchanged
     return {
         "train": data_lib.ray_dataset(
             cfg.data.uri,
@@ -127,9 +128,16 @@ def _datasets(cfg: Config) -> dict:
             fraction=cfg.data.fraction,
             seed=seed,
             seq_len=seq_len,
+            labels=labels,
         ),
         "val": data_lib.ray_dataset(
-            cfg.data.uri, "val", cfg.data.name, num_bins=cfg.data.num_bins, seed=seed + 1, seq_len=seq_len
+            cfg.data.uri,
+            "val",
+            cfg.data.name,
+            num_bins=cfg.data.num_bins,
+            seed=seed + 1,
+            seq_len=seq_len,
+            labels=labels,
         ),
     }
 

@@ -32,9 +32,21 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def train_step(
-    model, raw: BFN, x: torch.Tensor, optimizer, ema: EMA, *, grad_clip: float, lr: float, amp: bool = False
+    model,
+    raw: BFN,
+    x: torch.Tensor,
+    optimizer,
+    ema: EMA,
+    *,
+    grad_clip: float,
+    lr: float,
+    amp: bool = False,
+    label: torch.Tensor | None = None,
 ) -> StepResult:
     """Continuous-time loss -> backward -> clip -> AdamW -> EMA.
+
+    ``label`` (B,) long: the class ids of a conditional model's batch (None: the unconditional call,
+    exactly as before conditioning existed).
 
     ``model`` may be the DDP wrapper of ``raw``. The step is skipped when the loss or the
     (all-reduced) gradient norm is not finite, a decision every rank takes identically; a
@@ -46,7 +58,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(x.device, amp):
-        loss = model(x)
+        loss = model(x) if label is None else model(x, label=label)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = grad_clip if grad_clip > 0 else float("inf")
@@ -71,18 +83,20 @@ def validate(
 
     The NLL is the n-step loss + reconstruction, or with ``nll_steps`` = 0 (n = infinity) the
     continuous-time loss + reconstruction, each over ``nll_repeats`` independent draws.
+    ``batches`` yields x, or (x, label) pairs for a conditional model (its NLL is then of p(x | label)).
     ``count_chars`` (subword text): ids (B, L) -> characters each window covers, so that bits/char
     is the total over the characters of the windows seen.
     Returns {"loss": nats/dim, "nll": NLLEstimate, "examples": count}.
     """
     model.eval()
     cts, bound, recon, examples, chars = [], [], [], 0, []
-    for i, x in enumerate(batches):
+    for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        cts.append(model.continuous_time_loss(x).mean(-1))
-        bound.append(torch.stack([model.bound_loss(x, nll_steps) for _ in range(nll_repeats)]))
-        recon.append(torch.stack([model.reconstruction_loss(x) for _ in range(nll_repeats)]))
+        x, label = batch if isinstance(batch, tuple) else (batch, None)
+        cts.append(model.continuous_time_loss(x, label=label).mean(-1))
+        bound.append(torch.stack([model.bound_loss(x, nll_steps, label) for _ in range(nll_repeats)]))
+        recon.append(torch.stack([model.reconstruction_loss(x, label) for _ in range(nll_repeats)]))
         examples += x.shape[0]
         if count_chars is not None:
             chars.append(count_chars(x))

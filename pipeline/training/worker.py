@@ -83,8 +83,9 @@ class WorkerContext:
 
 
 def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
-    """Endless (epoch, stored batch) over a Ray dataset (iterator), one pass per epoch; the local
-    shuffle is seeded per (seed, epoch) so a launch is reproducible."""
+    """Endless (epoch, stored batch, labels or None) over a Ray dataset (iterator), one pass per epoch;
+    the local shuffle is seeded per (seed, epoch) so a launch is reproducible. Labels: the (B,) class
+    ids of a conditional run's rows (``model.num_labels``); None for unconditional runs."""
     while True:
         for batch in dataset.iter_torch_batches(
             batch_size=batch_size,
@@ -93,7 +94,7 @@ def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
             local_shuffle_seed=seed * 1_000_003 + epoch,
             device=device,
         ):
-            yield epoch, batch["x"]
+            yield epoch, batch["x"], batch.get("label")
         epoch += 1
 
 
@@ -233,7 +234,7 @@ def _start(cfg: Config, runtime: Runtime) -> tuple[WorkerContext, TrainState, Co
 def _advance(ctx: WorkerContext, state: TrainState, step_fn: CompiledStep, train_iter, window: Window) -> None:
     """One optimiser step on the next batch: the state moves one step on, the result joins the window."""
     cfg = ctx.cfg
-    state.epoch, stored = next(train_iter)
+    state.epoch, stored, label = next(train_iter)
     x = _model_batch(cfg, stored, ctx.rank, state.step)
     result = step_fn(
         state.model,
@@ -243,6 +244,7 @@ def _advance(ctx: WorkerContext, state: TrainState, step_fn: CompiledStep, train
         grad_clip=cfg.optim.grad_clip,
         lr=lr_at(cfg, state.step),
         amp=cfg.trainer.amp,
+        label=label,
     )
     window.add(result)
     state.step += 1
@@ -396,7 +398,7 @@ def _validate_and_sample(ctx: WorkerContext, ema_model, step: int, *, samples: b
     val = _shard("val")
     generator = data_lib.batch_generator(cfg.trainer.seed, 0, data_lib.VALIDATION_STEP, device)
     batches = (
-        data_lib.to_model(b["x"], cfg.data.name, seq_len=cfg.data.seq_len, generator=generator)
+        _with_label(data_lib.to_model(b["x"], cfg.data.name, seq_len=cfg.data.seq_len, generator=generator), b)
         for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device)
     )
     started = time.perf_counter()
@@ -424,8 +426,12 @@ def _samples(ctx: WorkerContext, ema_model, step: int, vocabulary=None) -> dict[
     cfg, metrics = ctx.cfg, {}
     if cfg.eval.num_samples:
         generator = torch.Generator(device=ctx.device).manual_seed(cfg.trainer.seed)
-        drawn = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
-        path = figures.save_samples(drawn, cfg.data.name, ctx.run_dir / "samples" / f"step_{step:08d}", vocabulary)
+        stem = ctx.run_dir / "samples" / f"step_{step:08d}"
+        if cfg.model.conditional:
+            path = _class_grid(cfg, ema_model, generator, stem)
+        else:
+            drawn = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
+            path = figures.save_samples(drawn, cfg.data.name, stem, vocabulary)
         ctx.tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
     if cfg.eval.quality_samplers:
@@ -433,3 +439,19 @@ def _samples(ctx: WorkerContext, ema_model, step: int, vocabulary=None) -> dict[
         for path in sorted((ctx.run_dir / "quality").glob(f"*_step{step:08d}.*")):
             ctx.tracker.log_artifact(path, "quality")
     return metrics
+
+
+def _with_label(x: torch.Tensor, batch: dict):
+    """A validation batch for ``steps.validate``: x, or (x, labels) for a conditional run."""
+    return x if batch.get("label") is None else (x, batch["label"])
+
+
+def _class_grid(cfg: Config, ema_model, generator: torch.Generator, stem: Path) -> Path:
+    """A conditional model's validation grid: one row per class, eval.num_samples // model.num_labels
+    samples each (at least one), guided with eval.guidance; returns the PNG written."""
+    per_class = max(1, cfg.eval.num_samples // cfg.model.num_labels)
+    label = torch.arange(cfg.model.num_labels, device=generator.device).repeat_interleave(per_class)
+    drawn = ema_model.sample(
+        len(label), cfg.eval.sample_steps, generator=generator, label=label, guidance=cfg.eval.guidance
+    )
+    return figures.save_samples(drawn, cfg.data.name, stem, cols=per_class)

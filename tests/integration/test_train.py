@@ -167,9 +167,13 @@ def test_fine_tuning_starts_a_new_run_from_another_runs_weights(ray_local, mnist
 
 def test_validation_logs_sample_quality_per_sampler_and_nfe(ray_local, tmp_path):
     """eval.quality_*: through Ray Train, each validation logs one point per (sampler, NFE) to MLflow,
-    on the step axis, with that point's samples as artifacts; the classifier is trained once, cached."""
+    on the step axis, with that point's samples as artifacts; the classifier is trained once, cached.
+    The run is class-conditional (model=conditional; one fit covers both): labelled Ray batches reach
+    the step, and each validation logs a grid with one row per class."""
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
+    from pipeline.core import checkpointing
     from pipeline.training.driver import fit
     from tests.pipeline.test_data import write_idx_folder
 
@@ -186,9 +190,13 @@ def test_validation_logs_sample_quality_per_sampler_and_nfe(ray_local, tmp_path)
         "eval.quality_nfe=[2,3]",
         "eval.quality_num=4",
         f"eval.quality_cache={cache}",
+        "model=conditional",
+        "eval.guidance=1.0",
     )
     result = fit(cfg)
     assert result["step"] == 6
+    weights = checkpointing.read(result["checkpoint"])["model"]
+    assert weights["net.label_embedding.table.weight"].shape[0] == 11  # 10 classes + "no condition"
 
     client = MlflowClient(cfg.tracking.uri)
     run = client.get_run(result["mlflow_run_id"])
@@ -203,6 +211,9 @@ def test_validation_logs_sample_quality_per_sampler_and_nfe(ray_local, tmp_path)
     assert "sde2_nfe3_step00000006.png" in artifacts and "paper_nfe2_step00000003.png" in artifacts
     assert len(artifacts) == 2 * 2 * 2
     assert [p.name for p in cache.iterdir()] and all(p.name.startswith("mnist-") for p in cache.iterdir())
+    grids = sorted(a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "samples"))
+    assert grids == ["step_00000003.png", "step_00000006.png"], grids
+    assert Image.open(result["run_dir"] + "/samples/step_00000006.png").size[1] == 3 * (10 * 29 + 1)  # a row per class
 
 
 @pytest.mark.standalone
