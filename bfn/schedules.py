@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 from torch import Tensor
@@ -99,6 +100,5 @@ def identifiable_beta_1_times_k(num_classes: int, rivals: float = TEXT8_RIVALS) 
     with K - 1 rivals the product must grow, slowly (like ln K)."""
     if num_classes < 2 or not 0 < rivals < (num_classes - 1) / 2:
         raise ValueError(f"need num_classes >= 2 and 0 < rivals < (K - 1) / 2, got {num_classes}, {rivals}")
-    tail = torch.tensor(rivals / (num_classes - 1), dtype=torch.float64)
-    z = -torch.special.ndtri(tail).item()  # Phi(-z) = tail
+    z = -NormalDist().inv_cdf(rivals / (num_classes - 1))  # Phi(-z) = the tail each rival may take
     return 2 * z * z

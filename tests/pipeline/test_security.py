@@ -353,6 +353,7 @@ def test_joining_a_cluster_leaves_auth_and_addresses_alone(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, dict(os.environ))))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])  # the joined cluster: one node
     monkeypatch.delenv(ray_runtime.LOOPBACK_ENV, raising=False)
     monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "cluster-token-from-the-user")
