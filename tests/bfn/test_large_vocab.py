@@ -190,3 +190,23 @@ def test_product_input_embedding_looks_one_hot_tokens_up():
     torch.testing.assert_close(tokens[0], adapter.token_proj.weight.T[ids[0]])
     with pytest.raises(ValueError, match="input_embedding"):
         TextTransformer(num_classes=300, seq_len=4, n_layer=1, n_head=2, n_embd=16, input_embedding="lookup")
+
+
+def test_large_vocabulary_loss_under_bf16_autocast_stays_close_to_float32():
+    """The network may run in bf16 (autocast); the loss math stays float32 (autocast off), so the loss
+    at K = 4,096 moves by bf16 rounding of the network only. Checked with the CPU's bf16 autocast (no
+    GPU here; CUDA's autocast casts the same Linear and attention calls)."""
+    K = 4096
+    torch.manual_seed(0)
+    net = TextTransformer(num_classes=K, seq_len=16, n_layer=2, n_head=2, n_embd=32, input_embedding="product")
+    model = BFN(net, DiscreteFlow(K, identifiable_beta_1_times_k(K) / K), CategoricalHead(K), data_shape=(16,))
+    x, t = torch.randint(0, K, (4, 16)), torch.rand(4)
+    torch.manual_seed(1)  # the same sender noise for both
+    full = model.loss(x, t)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model.loss(x, t)
+    half.backward()
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert half.item() == pytest.approx(full.item(), rel=1e-2) and half.item() != full.item()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
