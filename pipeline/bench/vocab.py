@@ -183,14 +183,14 @@ def table(rows: list[dict], args) -> str:
             f"{_ratio(after, before, 'peak_bytes'):>10} {before_s:>9} {after_s:>8} "
             f"{_ratio(after, before, 'seconds'):>11} {elem:>16}"
         )
-    for what, points in per_k.items():
-        big = [(k, v) for k, v in points if v is not None and k >= 4096]
-        if len(big) >= 2:
-            spread = max(v for _, v in big) / min(v for _, v in big)
-            lines.append(
-                f"{what}: bytes per B D K element vary {spread:.2f}x over K = "
-                f"{', '.join(f'{k:,}' for k, _ in big)} (1.00x = memory linear in K)"
-            )
+    for what, points in per_k.items():  # linear in K: the same memory per added class between any two K
+        big = [(k, v * args.batch * args.length * k) for k, v in points if v is not None and k >= 4096]
+        slopes = [
+            f"{k0:,} -> {k1:,}: {(m1 - m0) / (k1 - k0) * 1000 / 2**20:.1f} MiB"
+            for (k0, m0), (k1, m1) in zip(big, big[1:], strict=False)
+        ]
+        if slopes:
+            lines.append(f"{what}: memory added per 1,000 classes, {'; '.join(slopes)} (equal = linear in K)")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.bench import vocab as vocab_bench
 from pipeline.bench.bench import bench_step
 
 
@@ -98,3 +99,17 @@ def test_an_idle_worker_that_becomes_the_training_worker_is_filed_as_one(monkeyp
     title[:] = ["ray::IDLE"]  # a role, once known, is kept (an actor's process is never reused)
     meter._snapshot()
     assert meter.roles[4242] == "training worker"
+
+
+def test_bench_vocab_measures_before_and_after_and_reports_ratios():
+    """`bfn bench vocab` at toy sizes: both versions run (in fresh processes), the table has their
+    ratios, a K x K receiver over the budget is reported as skipped with its size, and memory
+    linearity is stated as memory per added class."""
+    args = vocab_bench.parse(["--vocabs", "300", "--batch", "2", "--length", "8", "--repeats", "1"])
+    args.budget_gib = 1e-6  # K = 300's K x K receiver (1.4 MB) counts as not fitting
+    rows = vocab_bench.run(args)
+    assert [(r["K"], r["what"]) for r in rows] == [(300, "step"), (300, "nll")]
+    assert all(r["after"]["seconds"] > 0 and r["after"]["peak_bytes"] >= 0 for r in rows)
+    assert rows[0]["before"] is not None and rows[1]["before_skipped"] and rows[1]["before"] is None
+    text = vocab_bench.table(rows, args)
+    assert "n/a (0 GiB K x K)" in text and text.splitlines()[2].split()[4].endswith("x")  # the step's memory ratio
