@@ -112,4 +112,4 @@ def test_bench_vocab_measures_before_and_after_and_reports_ratios():
     assert all(r["after"]["seconds"] > 0 and r["after"]["peak_bytes"] >= 0 for r in rows)
     assert rows[0]["before"] is not None and rows[1]["before_skipped"] and rows[1]["before"] is None
     text = vocab_bench.table(rows, args)
-    assert "n/a (0 GiB K x K)" in text and text.splitlines()[2].split()[4].endswith("x")  # the step's memory ratio
+    assert "n/a (0 GiB K x K)" in text and text.splitlines()[2].split()[7].endswith("x")  # the step's time ratio
