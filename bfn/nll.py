@@ -9,6 +9,7 @@ dims_per_char (1 for text8's characters; tokens over the characters they cover f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -63,6 +64,11 @@ class NLLEstimate:
             num_repeats=loss.shape[0],
             num_examples=loss.shape[1],
         )
+
+    def per_chars(self, chars: int | float) -> NLLEstimate:
+        """This estimate with bits/char over ``chars``, the characters its examples cover (subword
+        text: total nats over those characters, so it compares with a character model)."""
+        return dataclasses.replace(self, dims_per_char=self.num_examples * self.num_dims / chars)
 
     def scale(self, unit: str) -> float:
         """Factor turning nats/dim into ``unit``."""

@@ -7,7 +7,6 @@ registered MLflow model (``models:/NAME@champion``, ``models``) is taken whereve
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -80,12 +79,20 @@ def summary(estimate: NLLEstimate, unit: str, num_steps: int) -> str:
 
 
 def _one_pass(
-    model, cfg: Config, split: str, repeat: int, max_batches: int, num_steps: int, total_rows: int, started: float
+    model,
+    cfg: Config,
+    split: str,
+    repeat: int,
+    max_batches: int,
+    num_steps: int,
+    total_rows: int,
+    started: float,
+    vocabulary=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-example (bound loss, reconstruction, characters covered or None) over one pass of ``split``."""
+    """Per-example (bound loss, reconstruction, characters covered or None) over one pass of ``split``;
+    ``vocabulary`` (subword text) counts the characters each window covers."""
     loss, recon, chars = [], [], []
     text8 = cfg.data.name == "text8"  # test windows every eval.text8_stride characters (1: every offset)
-    vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri)  # bits/char of subword text
     batches = data_lib.iter_batches(
         cfg.data.uri,
         split,
@@ -143,13 +150,16 @@ def evaluate(
     total_rows = data_lib.num_rows(cfg.data.uri, split)
     torch.manual_seed(cfg.trainer.seed)
     losses, recons, started = [], [], time.perf_counter()
+    vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri)  # bits/char of subword text
     for repeat in range(repeats):
-        loss, recon, chars = _one_pass(model, cfg, split, repeat, max_batches, num_steps, total_rows, started)
+        loss, recon, chars = _one_pass(
+            model, cfg, split, repeat, max_batches, num_steps, total_rows, started, vocabulary
+        )
         losses.append(loss)
         recons.append(recon)
         estimate = NLLEstimate.from_terms(torch.stack(losses), torch.stack(recons), model.num_dims)
         if chars is not None:  # every pass reads the same windows
-            estimate = dataclasses.replace(estimate, dims_per_char=len(chars) * model.num_dims / chars.sum().item())
+            estimate = estimate.per_chars(chars.sum().item())
         se = estimate.in_unit(cfg.eval.unit)["total_se"]
         if target_se is not None and repeat >= 1 and se <= target_se:
             log.info("target standard error %.4g %s reached after %d passes", target_se, cfg.eval.unit, repeat + 1)
@@ -210,21 +220,15 @@ def sample(
     model, cfg = load_model(checkpoint, use_ema=use_ema)
     label, scale = inpaint.labels_for(cfg, classes, guidance, num)
     generator = torch.Generator().manual_seed(seed)
-    if label is None:  # unconditional: the call (and draws) of a model without labels
-        samples = draw(model, num, sampler=names[0], nfe=nfe, generator=generator, grid=grid)
-    else:
-        samples = draw(
-            model, len(label), sampler=names[0], nfe=nfe, generator=generator, grid=grid, label=label, guidance=scale
-        )
+    count = num if label is None else len(label)  # no label and guidance 0: the unconditional call
+    samples = draw(model, count, sampler=names[0], nfe=nfe, generator=generator, grid=grid, label=label, guidance=scale)
     if out is None and models.is_model_uri(checkpoint):
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(checkpoint)[len("models:/") :])
         out = default_runs_dir() / "samples" / f"model_{name}_{names[0]}_nfe{nfe}_seed{seed}"
     if out is None:  # never into the checkpoint folder: sealed by its COMPLETE marker, possibly shared
         folder = Path(checkpoint).resolve()
         out = default_runs_dir() / "samples" / f"{folder.parent.name}_{folder.name}_{names[0]}_nfe{nfe}_seed{seed}"
-    vocabulary = data_lib.vocabulary_of(
-        cfg.data.name, cfg.data.uri
-    )  # subword ids are decoded with the data's tokenizer
+    vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri)  # subword ids: the data's tokenizer
     return figures.save_samples(samples, cfg.data.name, Path(out), vocabulary, cols=None if label is None else num)
 
 

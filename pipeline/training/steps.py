@@ -6,7 +6,6 @@ Shapes: x is a batch (B, *data_shape) in the model's data space (long ids or flo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +103,7 @@ def validate(
         raise ValueError("validation split yielded no batches")
     nll = NLLEstimate.from_terms(torch.cat(bound, 1), torch.cat(recon, 1), model.num_dims)
     if chars:
-        nll = dataclasses.replace(nll, dims_per_char=examples * model.num_dims / torch.cat(chars).sum().item())
+        nll = nll.per_chars(torch.cat(chars).sum().item())
     return {"loss": torch.cat(cts).mean().item(), "nll": nll, "examples": examples}
 
 

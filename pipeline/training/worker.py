@@ -80,6 +80,7 @@ class WorkerContext:
     run_dir: Path
     tracker: MLflowTracker | NullTracker
     system: ProcessSampler | None = None  # tracking.system_metrics: this rank's CPU/memory/GPU, every rank
+    vocabulary: data_lib.Vocabulary | None = None  # subword text: bits/char and decoded samples (rank 0)
 
 
 def _batches(dataset, batch_size: int, device, epoch: int, seed: int):
@@ -227,7 +228,8 @@ def _start(cfg: Config, runtime: Runtime) -> tuple[WorkerContext, TrainState, Co
         tracker = MLflowTracker(cfg.tracking.uri, runtime.mlflow_run_id)
     run_dir = Path(runtime.local_run_dir or tempfile.mkdtemp(prefix="bfn-run-"))
     system = ProcessSampler(device) if cfg.tracking.enabled and cfg.tracking.system_metrics else None
-    ctx = WorkerContext(cfg, runtime, rank, world, device, run_dir, tracker, system)
+    vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri) if rank == 0 else None  # read once
+    ctx = WorkerContext(cfg, runtime, rank, world, device, run_dir, tracker, system, vocabulary)
     return ctx, state, step_fn
 
 
@@ -402,7 +404,7 @@ def _validate_and_sample(ctx: WorkerContext, ema_model, step: int, *, samples: b
         for b in val.iter_torch_batches(batch_size=cfg.data.val_batch_size, device=device)
     )
     started = time.perf_counter()
-    vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri)  # subword text: bits/char and decoding
+    vocabulary = ctx.vocabulary
     result = steps.validate(
         ema_model,
         batches,
@@ -415,12 +417,12 @@ def _validate_and_sample(ctx: WorkerContext, ema_model, step: int, *, samples: b
     metrics.update(steps.nll_metrics(result["nll"], cfg.eval.unit))
     log.info("%s", steps.validation_table(step, result, cfg.eval.nll_steps, cfg.eval.unit))
     if samples:
-        metrics.update(_samples(ctx, ema_model, step, vocabulary))
+        metrics.update(_samples(ctx, ema_model, step))
     metrics["val/seconds"] = time.perf_counter() - started
     return metrics
 
 
-def _samples(ctx: WorkerContext, ema_model, step: int, vocabulary=None) -> dict[str, float]:
+def _samples(ctx: WorkerContext, ema_model, step: int) -> dict[str, float]:
     """Rank 0 at a validation step: a seeded sample grid (or text file), and sample quality against
     network calls per sampler when ``eval.quality_samplers`` asks for it."""
     cfg, metrics = ctx.cfg, {}
@@ -431,7 +433,7 @@ def _samples(ctx: WorkerContext, ema_model, step: int, vocabulary=None) -> dict[
             path = _class_grid(cfg, ema_model, generator, stem)
         else:
             drawn = ema_model.sample(cfg.eval.num_samples, cfg.eval.sample_steps, generator=generator)
-            path = figures.save_samples(drawn, cfg.data.name, stem, vocabulary)
+            path = figures.save_samples(drawn, cfg.data.name, stem, ctx.vocabulary)
         ctx.tracker.log_artifact(path, "samples")
         metrics["val/samples_written"] = 1.0
     if cfg.eval.quality_samplers:
