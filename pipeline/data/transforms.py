@@ -130,15 +130,17 @@ def as_matrix(batch: dict[str, Any], col: str, width: int | None) -> np.ndarray:
     return mat
 
 
-def _check_labels(batch: dict[str, Any], n: int) -> None:
+def _checked_labels(batch: dict[str, Any], n: int) -> np.ndarray | None:
+    """The ``label`` column as numpy, its length and range checked (None when the batch has none)."""
     if "label" not in batch:
-        return
+        return None
     y = batch["label"]
     y = np.asarray(y.to_numpy(zero_copy_only=False) if isinstance(y, pa.Array | pa.ChunkedArray) else y)
     if len(y) != n:
         raise DataError(f"column 'label' has {len(y)} rows, column 'image' {n}")
     if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
         raise DataError(f"column 'label' has values outside 0..{NUM_CLASSES - 1} (min {y.min()}, max {y.max()})")
+    return y
 
 
 def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256, labels: bool = False) -> dict[str, np.ndarray]:
@@ -163,7 +165,7 @@ def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256, labels:
             raise DataError(f"column 'ids' has id {ids[tuple(bad)]} > 26 at row {bad[0]}, position {bad[1]}")
         return {"x": ids.copy()}
     img = as_matrix(batch, "image", int(np.prod(IMAGE_SHAPE[name])))
-    _check_labels(batch, len(img))
+    y = _checked_labels(batch, len(img))
     if name == "mnist":
         out = {"x": img.reshape(len(img), 28, 28, 1).copy()}
     else:
@@ -171,17 +173,10 @@ def preprocess(name: str, batch: dict[str, Any], *, num_bins: int = 256, labels:
             raise ValueError(f"num_bins must be >= 2, got {num_bins}")
         out = {"x": bin_centres(int(num_bins))[img].reshape(len(img), 32, 32, 3)}
     if labels:
-        out["label"] = _labels(batch, len(img))
+        if y is None:
+            raise DataError("column 'label' is missing; a class-conditional run (model.num_labels) needs it")
+        out["label"] = y.astype(np.int64).reshape(len(img))  # astype copies: the block owns its labels
     return out
-
-
-def _labels(batch: dict[str, Any], n: int) -> np.ndarray:
-    """The (checked) ``label`` column as int64 (B,); a conditional run needs it."""
-    if "label" not in batch:
-        raise DataError("column 'label' is missing; a class-conditional run (model.num_labels) needs it")
-    y = batch["label"]
-    y = y.to_numpy(zero_copy_only=False) if isinstance(y, pa.Array | pa.ChunkedArray) else y
-    return np.asarray(y, dtype=np.int64).reshape(n).copy()
 
 
 # ================================================================================================
