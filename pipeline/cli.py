@@ -100,6 +100,10 @@ def cmd_quality(args) -> int:
         device=args.device,
         use_ema=not args.raw_weights,
         grid=args.grid,
+        guidance=args.guidance,
+        inpaint=args.inpaint,
+        fill=args.fill,
+        prompt=args.prompt,
     )
     print(table)  # the table is the command's result
     return 0
@@ -243,6 +247,19 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument("--cache", default=None, help="classifier cache folder (default: runs/quality/classifiers)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument(
+        "--guidance",
+        default=None,
+        help="conditional models: guidance scales w, e.g. 0,0.5,1,2,4 (class accuracy, FD, FD per class; "
+        "and the same network without a label)",
+    )
+    p.add_argument(
+        "--inpaint",
+        default=None,
+        help="image models: complete test images from top-half, left-half or MASK.png (accuracy vs true labels)",
+    )
+    p.add_argument("--fill", default=None, help="text8 models: characters to fill after a prompt (accuracy vs truth)")
+    p.add_argument("--prompt", default=None, help="with --fill: known characters before the span (default: the rest)")
     _overrides(p)
     p.set_defaults(func=cmd_quality)
 

@@ -240,6 +240,23 @@ def parse_nfe(text: str | int | list, flag: str = "--nfe") -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def parse_guidance(text: str | float | list, flag: str = "--guidance") -> list[float]:
+    """Classifier-free guidance scales from "0,0.5,2", 2.0 or [0, 2]: finite numbers; ConfigError names ``flag``."""
+    items = text.split(",") if isinstance(text, str) else [text] if isinstance(text, int | float) else list(text)
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or isinstance(item, bool):
+            raise ConfigError(f"{flag}: guidance scales must be finite numbers, e.g. 0,0.5,1,2,4 (got {item!r})")
+        values.append(value)
+    if not values:
+        raise ConfigError(f"{flag}: give at least one guidance scale")
+    return list(dict.fromkeys(values))
+
+
 def check_count(flag: str, value: int | str, low: int, why: str = "") -> int:
     """A whole number >= ``low`` given as an int or as command-line text; ConfigError names ``flag``."""
     number = _whole(value)

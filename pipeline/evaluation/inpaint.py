@@ -58,8 +58,8 @@ def labels_for(cfg: Config, classes: str | int | None, guidance: float | None, p
     return labels, float(guidance or 0.0)
 
 
-def image_mask(keep: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """``--keep`` -> a bool mask of the data shape (H, W, C): True where pixels are kept."""
+def image_mask(keep: str, shape: tuple[int, ...], flag: str = "--keep") -> torch.Tensor:
+    """``--keep`` -> a bool mask of the data shape (H, W, C): True where pixels are kept; errors name ``flag``."""
     h, w, c = shape
     mask = torch.zeros(h, w, dtype=torch.bool)
     if keep == "top-half":
@@ -72,14 +72,14 @@ def image_mask(keep: str, shape: tuple[int, ...]) -> torch.Tensor:
             picture = Image.open(path)
             picture.load()
         except (OSError, UnidentifiedImageError) as error:
-            raise ConfigError(f"--keep: cannot read the mask {path} ({type(error).__name__})") from None
+            raise ConfigError(f"{flag}: cannot read the mask {path} ({type(error).__name__})") from None
         if picture.size != (w, h):
             raise ConfigError(
-                f"--keep: the mask {path} is {picture.size[0]}x{picture.size[1]} pixels; the model's images are {w}x{h}"
+                f"{flag}: the mask {path} is {picture.size[0]}x{picture.size[1]} pixels; the model's images are {w}x{h}"
             )
         mask = torch.from_numpy(np.asarray(picture.convert("L")) >= 128)  # white: kept
     else:
-        raise ConfigError(f"--keep: must be {', '.join(KEEPS)} or a MASK.png (white pixels kept) (got {keep!r})")
+        raise ConfigError(f"{flag}: must be {', '.join(KEEPS)} or a MASK.png (white pixels kept) (got {keep!r})")
     return mask.unsqueeze(-1).expand(h, w, c).clone()
 
 

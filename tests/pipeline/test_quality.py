@@ -11,6 +11,7 @@ from unittest.mock import patch
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bfn.samplers
 from bfn import EMA
@@ -358,3 +359,161 @@ def test_quality_table_for_text8(tmp_path):
     assert 0 <= rows[1].stat("spelling_accuracy")[0] <= 1 and rows[1].stat("char_js_bits")[0] > 0
     assert "| sampler | NFE | spelling accuracy ↑ | char JS (bits) ↓ | s/sample |" in text
     assert (tmp_path / "t_samples" / "sde1_nfe3_seed0.txt").is_file()
+
+
+# ------------------------------------------------------------- conditional generation (issue 18.5)
+@pytest.fixture(scope="module")
+def cond_checkpoint(mnist, tmp_path_factory):
+    overrides = [
+        "experiment=smoke",
+        f"data.uri={mnist}",
+        "data.val_batch_size=20",
+        "model=conditional",
+        "eval.guidance=1.0",
+    ]
+    cfg = load(overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return checkpointing.save(
+        tmp_path_factory.mktemp("quality_cond") / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(cfg, model),
+        train_state={"step": 3, "epoch": 0},
+        config=compose(overrides),
+    )
+
+
+@pytest.mark.parametrize(("num", "classes"), [(10, 10), (23, 10), (40, 10), (7, 3)])
+def test_balanced_labels_spread_the_samples_evenly_in_blocks(num, classes):
+    from pipeline.evaluation.quality.conditional import balanced_labels
+
+    labels = balanced_labels(num, classes)
+    counts = np.bincount(labels.numpy(), minlength=classes)
+    assert len(labels) == num and counts.max() - counts.min() <= 1 and len(counts) == classes
+    assert torch.equal(labels, labels.sort().values)  # blocks: one grid row per class
+
+
+def test_conditional_scores_count_the_requested_class_and_compare_each_class_with_its_own(mnist, cache):
+    scorer = qm.ImageScorer(mnist, "mnist", 2, cache, device=torch.device("cpu"))
+    batch = next(data_lib.iter_batches(mnist, "test", "mnist", batch_size=1000, labels=True))
+    x, truth = batch["x"], batch["label"]
+    predicted = scorer.features_and_probs(x)[1].argmax(1)
+    assert scorer.score_conditional(x, predicted)["class_accuracy"] == 1.0
+    assert scorer.score_conditional(x, (predicted + 1) % 10)["class_accuracy"] == 0.0
+    scores = scorer.score_conditional(x, truth)  # the reference's own rows, class by class
+    assert scores["class_accuracy"] == pytest.approx(float((predicted == truth).mean()))
+    for c in range(10):
+        enough = (truth == c).sum() >= 2
+        assert (scores[f"fd_class_{c}"] == pytest.approx(0, abs=1e-6)) if enough else np.isnan(scores[f"fd_class_{c}"])
+    assert scores["fd_class"] == pytest.approx(0, abs=1e-6) and scores["fd"] == pytest.approx(0, abs=1e-6)
+    shuffled = scorer.score_conditional(x, np.roll(truth, 7))  # the wrong class's images: farther
+    assert shuffled["fd_class"] > 0.01 and shuffled["fd"] == pytest.approx(0, abs=1e-6)
+
+
+def test_quality_with_guidance_has_a_row_per_scale_beside_the_network_without_a_label(cond_checkpoint, cache, tmp_path):
+    from pipeline.evaluation.quality.table import quality
+
+    rows, text = quality(
+        cond_checkpoint, samplers="paper", nfe="2", num=20, seeds=2, guidance="0,2", out=tmp_path / "g", cache=cache
+    )
+    assert [(r.label, r.guidance) for r in rows] == [
+        ("data (val split, 3 rows)", None),  # the tiny data holds 3 val rows
+        ("paper, no label", None),
+        ("paper", 0.0),
+        ("paper", 2.0),
+    ]
+    assert (
+        "| sampler | NFE | w | FD ↓ | confidence ↑ | label entropy (bits) ↑ | class accuracy ↑ | FD per class" in text
+    )
+    assert "class_accuracy" not in rows[1].values and len(rows[2].values["class_accuracy"]) == 2
+    with (tmp_path / "g.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["guidance"] for r in table] == ["", "", "0", "2"]
+    assert {f"fd_class_{c}_mean" for c in range(10)} <= set(table[2])
+    grid = Image.open(tmp_path / "g_samples" / "paper_nfe2_w2_seed0.png")
+    assert grid.size == (3 * (2 * 29 + 1), 3 * (10 * 29 + 1))  # one row per class, 2 samples each
+
+
+def test_inpainting_with_every_pixel_known_scores_exactly_as_the_originals(cond_checkpoint, cache, tmp_path):
+    from pipeline.evaluation.quality.table import quality
+
+    Image.new("L", (28, 28), 255).save(tmp_path / "all.png")
+    kwargs = dict(samplers="paper,sde2", nfe="2", num=12, seeds=2, cache=cache)
+    rows, _ = quality(cond_checkpoint, inpaint=str(tmp_path / "all.png"), out=tmp_path / "all", **kwargs)
+    assert [r.label for r in rows] == [
+        "originals (test images)",
+        f"{tmp_path / 'all.png'} kept, the rest blank",
+        f"paper, {tmp_path / 'all.png'} kept",
+        f"sde2, {tmp_path / 'all.png'} kept",
+    ]
+    for row in rows[1:]:  # everything known: the completions are the originals
+        assert row.values["class_accuracy"] == rows[0].values["class_accuracy"]
+        assert row.values["fd"] == pytest.approx(rows[0].values["fd"], abs=1e-9)
+    rows, text = quality(cond_checkpoint, inpaint="top-half", out=tmp_path / "top", **kwargs)
+    assert [r.label for r in rows][1:] == [
+        "top-half kept, the rest blank",
+        "paper, top-half kept",
+        "sde2, top-half kept",
+    ]
+    assert all(0 <= v <= 1 for r in rows for v in r.values["class_accuracy"])
+    assert "test images completed from the top-half kept pixels" in text
+    assert (tmp_path / "top_samples" / "paper_nfe2_top-half_seed0.png").is_file()
+
+
+def test_text_fill_accuracy_beside_exact_unigram_baselines(tmp_path):
+    from pipeline.evaluation.quality.table import quality
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "text8").write_text(" the cat sat on the mat" * 400)
+    data_lib.prepare("text8", str(tmp_path / "text8"), source=str(source), seq_len=46, progress=False)
+    overrides = ["experiment=text8", "net=text8_transformer_tiny", f"data.uri={tmp_path / 'text8'}"]
+    overrides += ["data.seq_len=46", "data.batch_size=4", "trainer=cpu_1"]
+    model = build_model(load(overrides))
+    folder = checkpointing.save(
+        tmp_path / "ckpt",
+        model=model,
+        ema=EMA(model, 0.9),
+        optimizer=build_optimizer(load(overrides), model),
+        train_state={"step": 0, "epoch": 0},
+        config=compose(overrides),
+    )
+    rows, text = quality(folder, samplers="paper", nfe="2", num=3, seeds=1, fill="10", prompt="30", out=tmp_path / "f")
+    assert [r.label for r in rows] == [
+        "unigram draw (train frequencies)",
+        "unigram mode (always ' ')",
+        "paper, 30 known",
+    ]
+    truth = next(data_lib.iter_batches(str(tmp_path / "text8"), "test", "text8", batch_size=3, shuffle=True,
+                                       stride=46))["x"][:, 30:40]  # fmt: skip
+    text_chars = " the cat sat on the mat"
+    freq = {c: text_chars.count(c) / len(text_chars) for c in set(text_chars)}
+    expected = np.mean([freq[" abcdefghijklmnopqrstuvwxyz"[i]] for i in truth.ravel()])
+    assert rows[0].stat("fill_accuracy")[0] == pytest.approx(expected, abs=2e-3)  # train split: ~the same text
+    assert rows[1].stat("fill_accuracy")[0] == pytest.approx(float((truth == 0).mean()))
+    assert 0 <= rows[2].stat("fill_accuracy")[0] <= 1
+    assert "| sampler | NFE | fill accuracy (chars) ↑ | s/sample |" in text
+    assert "truth" in (tmp_path / "f_samples" / "paper_nfe2_fill10_seed0.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("which", "args", "names"),
+    [
+        ("plain", ["--guidance", "1"], ["--guidance", "unconditional"]),
+        ("cond", ["--guidance", "1,x"], ["--guidance", "'x'"]),
+        ("cond", ["--guidance", "nan"], ["--guidance", "finite"]),
+        ("cond", ["--guidance", "1", "--num", "12"], ["--num", ">= 20"]),
+        ("cond", ["--guidance", "1", "--inpaint", "top-half"], ["--guidance and --inpaint"]),
+        ("cond", ["--inpaint", "bottom-half"], ["--inpaint", "top-half"]),
+        ("cond", ["--fill", "10"], ["--fill", "text8"]),
+        ("cond", ["--prompt", "10"], ["--prompt", "--fill"]),
+    ],
+)
+def test_conditional_quality_bad_flags_exit_2_naming_them(
+    checkpoint, cond_checkpoint, cache, which, args, names, capsys
+):
+    folder = {"plain": checkpoint, "cond": cond_checkpoint}[which]
+    assert bfn_main(["quality", str(folder), "--cache", str(cache), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bfn: error:") and "\n" not in err and all(n in err for n in names), err

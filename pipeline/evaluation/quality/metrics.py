@@ -7,6 +7,12 @@ Images (MNIST binarised, CIFAR-10), in the features of ``classifier.SmallCNN``:
   * ``confidence``: mean over samples of the classifier's largest class probability (recognisable digits).
   * ``label_entropy_bits``: entropy of the mean predicted label distribution, bits (diversity; at most
     log2 10 = 3.32).
+  * ``class_accuracy`` (labelled images): share of images whose classifier argmax is their label: the
+    requested class for conditional samples, the true class for completed test images.
+  * ``fd_class`` (conditional samples): the FD of the samples requested as class c against the test
+    images of class c, averaged over classes (each class's value is ``fd_class_c``; NaN, and left
+    out of the mean, where the samples or the test images of a class are fewer than two).
+text8 infilling: ``fill_accuracy``, the share of sampled characters equal to the held-out truth.
 text8 (27 symbols, id 0 = space):
   * ``spelling_accuracy``: share of generated words found in the train split's vocabulary. Words are
     split on spaces; each sample's first and last piece are dropped, since a window cuts words.
@@ -16,6 +22,8 @@ The matrix square root uses numpy's ``eigh`` on symmetric products (no scipy).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -54,6 +62,11 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     cross = np.trace(_sqrt_psd(root @ cov2 @ root))
     value = float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * cross)
     return max(value, 0.0)
+
+
+def features_fd(features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """FD of (N >= 2, d) features against reference (mean, covariance)."""
+    return frechet_distance(*feature_stats(features), *reference)
 
 
 def entropy_bits(p: np.ndarray) -> float:
@@ -116,13 +129,17 @@ class ImageScorer:
     ) -> None:
         self.name, self.device = name, device
         self.net, self.classifier = clf.load_or_train(uri, name, num_bins, cache_dir, spec=spec, device=device)
-        features = []
-        for batch in data_lib.iter_batches(uri, "test", name, batch_size=1000, num_bins=num_bins):
+        features, labels = [], []
+        for batch in data_lib.iter_batches(uri, "test", name, batch_size=1000, num_bins=num_bins, labels=True):
             features.append(self.features_and_probs(batch["x"])[0])
+            labels.append(batch["label"])
             if sum(len(f) for f in features) >= max_reference_rows:
                 break
-        self.reference = feature_stats(np.concatenate(features)[:max_reference_rows])
-        self.reference_rows = min(sum(len(f) for f in features), max_reference_rows)
+        features = np.concatenate(features)[:max_reference_rows]
+        self.reference = feature_stats(features)
+        self.reference_rows = len(features)
+        self._test_features, self._test_labels = features, np.concatenate(labels)[:max_reference_rows]
+        self._class_reference: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @torch.no_grad()
     def features_and_probs(self, images) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +155,43 @@ class ImageScorer:
     def score(self, samples) -> dict[str, float]:
         """(N >= 2, H, W, C) model-space images -> fd, confidence, label_entropy_bits."""
         features, probs = self.features_and_probs(samples)
-        return {"fd": frechet_distance(*feature_stats(features), *self.reference), **label_stats(probs)}
+        return {"fd": features_fd(features, self.reference), **label_stats(probs)}
+
+    def class_reference(self, label: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Feature statistics of the test images of class ``label`` (computed once); None with
+        fewer than two such images (no covariance)."""
+        if label not in self._class_reference:
+            rows = self._test_features[self._test_labels == label]
+            self._class_reference[label] = feature_stats(rows) if len(rows) >= 2 else None
+        return self._class_reference[label]
+
+    def _class_fd(self, features: np.ndarray, label: int) -> float:
+        reference = self.class_reference(label)
+        return math.nan if reference is None or len(features) < 2 else features_fd(features, reference)
+
+    def score_labelled(self, samples, labels) -> dict[str, float]:
+        """``score`` plus ``class_accuracy``: the classifier's argmax equals ``labels`` (N,)."""
+        features, probs = self.features_and_probs(samples)
+        return {
+            "fd": features_fd(features, self.reference),
+            **label_stats(probs),
+            "class_accuracy": float((probs.argmax(1) == np.asarray(labels)).mean()),
+        }
+
+    def score_conditional(self, samples, labels) -> dict[str, float]:
+        """``score_labelled`` for samples requested as ``labels``, plus the FD of each class's
+        samples against that class's test images (``fd_class_c``) and their mean (``fd_class``)."""
+        features, probs = self.features_and_probs(samples)
+        labels = np.asarray(labels)
+        per_class = {f"fd_class_{c}": self._class_fd(features[labels == c], int(c)) for c in np.unique(labels)}
+        finite = [v for v in per_class.values() if math.isfinite(v)]
+        return {
+            "fd": features_fd(features, self.reference),
+            **label_stats(probs),
+            "class_accuracy": float((probs.argmax(1) == labels).mean()),
+            "fd_class": float(np.mean(finite)) if finite else math.nan,
+            **per_class,
+        }
 
     def describe(self) -> str:
         c = self.classifier
@@ -181,6 +234,9 @@ METRICS = {  # name -> (label, better direction), in table order
     "fd": ("FD", "lower"),
     "confidence": ("confidence", "higher"),
     "label_entropy_bits": ("label entropy (bits)", "higher"),
+    "class_accuracy": ("class accuracy", "higher"),
+    "fd_class": ("FD per class (mean)", "lower"),
+    "fill_accuracy": ("fill accuracy (chars)", "higher"),
     "spelling_accuracy": ("spelling accuracy", "higher"),
     "char_js_bits": ("char JS (bits)", "lower"),
 }

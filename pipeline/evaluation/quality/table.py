@@ -12,18 +12,27 @@ import csv
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import bfn.samplers
 from pipeline import data as data_lib
-from pipeline.config import check_count, default_runs_dir, parse_grid, parse_nfe, parse_samplers
+from pipeline.config import (
+    ConfigError,
+    check_count,
+    default_runs_dir,
+    parse_grid,
+    parse_guidance,
+    parse_nfe,
+    parse_samplers,
+)
 from pipeline.evaluation import figures
 from pipeline.evaluation.evaluate import load_model
+from pipeline.evaluation.inpaint import image_mask as inpaint_mask
+from pipeline.evaluation.quality import conditional as cond
 from pipeline.evaluation.quality import metrics as qm
+from pipeline.evaluation.quality.row import Row
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +69,6 @@ def draw(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return torch.cat(chunks), time.perf_counter() - started
-
-
-@dataclass
-class Row:
-    label: str
-    nfe: int | None
-    num: int
-    values: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, scores: dict[str, float]) -> None:
-        for key, value in scores.items():
-            self.values.setdefault(key, []).append(float(value))
-
-    def stat(self, key: str) -> tuple[float, float]:
-        v = self.values.get(key, [])
-        if not v:
-            return math.nan, math.nan
-        return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
 
 
 def data_row(cfg, scorer, num: int, seeds: int) -> Row:
@@ -148,15 +139,21 @@ def metric_keys(rows: list[Row]) -> list[str]:
     return [k for k in qm.METRICS if k in present]
 
 
+def _guided(rows: list[Row]) -> bool:
+    return any(row.guidance is not None for row in rows)
+
+
 def markdown(rows: list[Row]) -> str:
     keys = metric_keys(rows)
     arrows = {"lower": "↓", "higher": "↑"}
-    head = ["sampler", "NFE", *(f"{qm.METRICS[k][0]} {arrows[qm.METRICS[k][1]]}" for k in keys), "s/sample"]
+    guided = ["w"] if _guided(rows) else []
+    head = ["sampler", "NFE", *guided, *(f"{qm.METRICS[k][0]} {arrows[qm.METRICS[k][1]]}" for k in keys), "s/sample"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
         cells = [
             row.label,
             "–" if row.nfe is None else str(row.nfe),
+            *(["–" if row.guidance is None else f"{row.guidance:g}"] if guided else []),
             *(_cell(row, k) for k in keys),
             _cell(row, "seconds_per_sample", 3),
         ]
@@ -167,15 +164,20 @@ def markdown(rows: list[Row]) -> str:
 def write(rows: list[Row], stem: Path, header: str) -> tuple[Path, Path]:
     """``stem``.csv (means and standard deviations) and ``stem``.md (header + table)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    keys = [*metric_keys(rows), *(k for k in ("words", "seconds_per_sample") if any(k in r.values for r in rows))]
+    per_class = sorted({k for r in rows for k in r.values if k.startswith("fd_class_")}, key=lambda k: int(k[9:]))
+    extra = [k for k in ("words", "seconds_per_sample") if any(k in r.values for r in rows)]
+    keys = [*metric_keys(rows), *per_class, *extra]
+    guided = ["guidance"] if _guided(rows) else []
     csv_path, md_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["sampler", "nfe", "num", "seeds", *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
+        head = ["sampler", "nfe", *guided, "num", "seeds", *(f"{k}_{s}" for k in keys for s in ("mean", "std"))]
+        writer.writerow(head)
         for row in rows:
             seeds = max((len(v) for v in row.values.values()), default=0)
             cells = [f"{x:.6g}" if not math.isnan(x) else "" for k in keys for x in row.stat(k)]
-            writer.writerow([row.label, "" if row.nfe is None else row.nfe, row.num, seeds, *cells])
+            w = ["" if row.guidance is None else f"{row.guidance:g}"] if guided else []
+            writer.writerow([row.label, "" if row.nfe is None else row.nfe, *w, row.num, seeds, *cells])
     md_path.write_text(header + "\n\n" + markdown(rows) + "\n")
     return csv_path, md_path
 
@@ -203,28 +205,63 @@ def quality(
     device: str | None = None,
     use_ema: bool = True,
     grid: str | None = None,
+    guidance=None,
+    inpaint: str | None = None,
+    fill=None,
+    prompt=None,
 ) -> tuple[list[Row], str]:
-    """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text)."""
+    """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text).
+
+    At most one of: ``guidance`` (scales w; class-conditional models: a row per (sampler, NFE, w)),
+    ``inpaint`` (a --keep value; image models), ``fill`` (characters after a ``prompt``; text8
+    models). See ``conditional.py`` for those tables."""
     samplers, nfes, grid = parse_samplers(samplers), parse_nfe(nfe), parse_grid(grid)
     num, seeds, batch_size = (
         check_count(f, v, 1) for f, v in (("--num", num), ("--seeds", seeds), ("--batch-size", batch_size))
     )
+    chosen = [f for f, v in (("--guidance", guidance), ("--inpaint", inpaint), ("--fill", fill)) if v is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)}: give one (each makes its own table)")
+    guidances = None if guidance is None else parse_guidance(guidance)
+    fill = None if fill is None else check_count("--fill", fill, 1)
+    if prompt is not None and fill is None:
+        raise ConfigError("--prompt: the number of known characters before a --fill span; give --fill too")
+    prompt = None if prompt is None else check_count("--prompt", prompt, 1)
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
-    check_count("--num", num, qm.min_samples(cfg.data.name), f" for {cfg.data.name} (a covariance needs two samples)")
+    text = data_lib.is_text(cfg.data.name)
+    if guidances is not None:
+        cond.check_guidances(cfg.model, guidances, num)
+    if inpaint is not None and text:
+        raise ConfigError(f"--inpaint: the model is a text model (data.name={cfg.data.name}); use --fill")
+    if fill is not None and cfg.data.name != "text8":
+        raise ConfigError(f"--fill: infilling is measured on text8 models (data.name={cfg.data.name}); use --inpaint")
+    if fill is not None:
+        prompt = cond.check_fill(cfg, fill, prompt)
+    if inpaint is not None:
+        inpaint_mask(inpaint, cfg.data.data_shape, flag="--inpaint")  # a bad --keep fails before the classifier trains
+    elif fill is None:
+        check_count(
+            "--num", num, qm.min_samples(cfg.data.name), f" for {cfg.data.name} (a covariance needs two samples)"
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_lib.verify(cfg.data.uri, splits=["train", "val", "test"], check_checksums=False)
     runs = default_runs_dir() if out is None or cache is None else None
     cache = Path(cache) if cache is not None else runs / "quality" / "classifiers"
     checkpoint = Path(checkpoint).resolve()
-    stem = Path(out) if out is not None else runs / "quality" / f"{checkpoint.parent.name}_{checkpoint.name}"
+    mode = (
+        ""
+        if not chosen
+        else "_" + ("guidance" if guidances else f"inpaint_{Path(inpaint).stem}" if inpaint else "fill")
+    )
+    stem = Path(out) if out is not None else runs / "quality" / f"{checkpoint.parent.name}_{checkpoint.name}{mode}"
     stem = stem.with_suffix("") if stem.suffix in (".csv", ".md") else stem
-    scorer = qm.make_scorer(cfg.data.uri, cfg.data.name, cfg.data.num_bins, cache, device=device)
+    scorer = (
+        None
+        if fill is not None
+        else qm.make_scorer(cfg.data.uri, cfg.data.name, cfg.data.num_bins, cache, device=device)
+    )
     model = model.to(device)
-    rows = [data_row(cfg, scorer, num, seeds)]
-    rows += run(
-        model,
-        cfg,
-        scorer,
+    common = dict(
         samplers=samplers,
         nfes=nfes,
         num=num,
@@ -234,11 +271,26 @@ def quality(
         samples_dir=stem.with_name(stem.name + "_samples"),
         grid=grid,
     )
+    if guidances is not None:
+        rows = cond.guidance_rows(model, cfg, scorer, guidances=guidances, **common)
+    elif inpaint is not None:
+        rows = cond.inpaint_rows(model, cfg, scorer, keep=inpaint, **common)
+    elif fill is not None:
+        rows = cond.fill_rows(model, cfg, fill=fill, prompt=prompt, **common)
+    else:
+        rows = [data_row(cfg, scorer, num, seeds), *run(model, cfg, scorer, **common)]
+    what = {
+        "--guidance": "class-conditional samples (labels spread evenly over the classes) for each guidance scale w, "
+        "and the same network without a label",
+        "--inpaint": f"test images completed from the {inpaint} kept pixels, without a label",
+        "--fill": f"text8 test windows: {prompt} characters known, the next {fill} sampled",
+    }
     header = "\n".join(
         [
             f"Sample quality of {checkpoint} ({cfg.data.name}, {'EMA' if use_ema else 'raw'} weights, {device.type}): "
-            f"{num} samples per cell, mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.",
-            scorer.describe() + ".",
+            f"{num} {'samples' if not chosen else 'rows'} per cell, mean ± standard deviation over {seeds} "
+            f"seed{'s' if seeds > 1 else ''}." + (f" Rows: {what[chosen[0]]}." if chosen else ""),
+            *([scorer.describe() + "."] if scorer is not None else []),
             _solver_grid(model, grid) + ".",
             "Metrics: "
             + "; ".join(f"{qm.METRICS[k][0]} ({qm.METRICS[k][1]} is better)" for k in metric_keys(rows))
