@@ -102,3 +102,44 @@ def test_a_logging_failure_is_a_warning(tmp_path, caplog):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert models.log_model(uri, "no-such-run", build_model(cfg).state_dict(), cfg.raw) is None
     assert "model was not logged" in caplog.text
+
+
+def test_a_conditional_model_takes_a_class_and_a_guidance_scale(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load(["experiment=smoke", "model=conditional", "eval.guidance=1.0", f"tracking.uri={uri}"])
+    torch.manual_seed(0)
+    weights = build_model(cfg).state_dict()
+    for key, value in weights.items():  # a fresh U-Net's output layer is zero: random weights listen to the label
+        if value.is_floating_point():
+            weights[key] = value + 0.3 * torch.randn_like(value)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cond-models", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    model_id = models.log_model(uri, run_id, weights, cfg.raw, step=1)
+    code = (
+        "import json, mlflow\n"
+        f"model = mlflow.pyfunc.load_model('models:/{model_id}')\n"
+        "base = {'num_samples': 4, 'nfe': 3, 'seed': 0}\n"
+        "draw = lambda **p: model.predict(None, params={**base, **p})\n"
+        "guided = {'class': 3, 'guidance': 2.0}\n"
+        "three, again, unlabelled = draw(**guided), draw(**guided), draw()\n"
+        "errors = []\n"
+        "for bad in ({'class': 10}, {'guidance': 1.0}):\n"
+        "    try:\n"
+        "        draw(**bad)\n"
+        "    except Exception as error:\n"
+        "        errors.append(str(error))\n"
+        "print(json.dumps({'params': sorted(p.name for p in model.metadata.signature.params),"
+        " 'same': bool((three == again).all()), 'differs': bool((three != unlabelled).any()), 'errors': errors}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=os.environ.copy()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["params"] == ["class", "grid", "guidance", "nfe", "num_samples", "sampler", "seed"]
+    assert out["same"] and out["differs"]  # seeded; the label reaches the network
+    assert "classes 0..9" in out["errors"][0] and "give class too" in out["errors"][1]
