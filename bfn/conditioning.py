@@ -102,8 +102,10 @@ class SamplingCondition:
         label: Tensor | int | None = None,
         guidance: float = 0.0,
         known: Known | None = None,
+        replace_input: bool = True,
     ) -> None:
         num_labels = model.num_labels
+        self.replace_input = replace_input  # False: known inputs follow the data's own flow (SMC)
         self.guidance = check_guidance(guidance, num_labels, label)
         self.label = check_label(label, num_labels, num_samples, device)
         self.model = model
@@ -116,7 +118,7 @@ class SamplingCondition:
 
     def input_params(self, params):
         """Known coordinates set to the data: one-hot theta, or mean = x."""
-        if self.mask is None:
+        if self.mask is None or not self.replace_input:
             return params
         if isinstance(params, DiscreteParams):
             one_hot = F.one_hot(self.values, self.num_classes).to(params.probs.dtype)  # (B, D, K)

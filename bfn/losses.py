@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from bfn.distributions import DiscretizedNormal
+from bfn.distributions import Bernoulli, Categorical, DiscretizedNormal
 from bfn.flows import ContinuousFlow, DiscreteFlow
 from bfn.numerics import categorical_log_weights, normal_log_prob
 
@@ -189,6 +189,26 @@ def _log_sum_of_others(log_weights: Tensor) -> Tensor:
     weights = torch.where(is_top, 0.0, log_weights.exp())
     without_top = torch.logsumexp(log_weights.masked_fill(is_top, float("-inf")), dim=-1, keepdim=True)
     return torch.where(is_top, without_top, torch.log1p(-weights))
+
+
+def sender_log_ratio(dist, y: Tensor, x: Tensor, alpha: float) -> Tensor:
+    """ln p_S(y | x) - ln p_R(y | theta) per dimension for ONE sender draw y, any data kind, (B, D).
+
+    The per-draw integrand of the n-step loss with the receiver the paper's sampler draws from (for
+    discrete data the joint mixture, eq. 191; for a Delta output N(x_hat, 1/alpha); for a binned
+    output the mixture over bins, eq. 118). Sequential Monte Carlo weighs a particle whose sender
+    draw came from the data instead of from its receiver by the negative of this.
+    y: (B, D, K) for discrete data, (B, D) otherwise; x: (B, D); alpha: the step's accuracy.
+    """
+    if isinstance(dist, Bernoulli | Categorical):
+        return _log_sender_over_receiver(y, x.unsqueeze(-1), alpha, categorical_log_weights(dist.probs), None)
+    std = alpha**-0.5
+    if isinstance(dist, DiscretizedNormal):
+        components = normal_log_prob(y.unsqueeze(-1), dist.centres, std)  # (B, D, K)
+        log_receiver = torch.logsumexp(categorical_log_weights(dist.probs) + components, -1)
+    else:
+        log_receiver = normal_log_prob(y, dist.data_mean, std)
+    return normal_log_prob(y, x, std) - log_receiver
 
 
 def reconstruction_loss_discrete(dist, x: Tensor) -> Tensor:

@@ -65,10 +65,17 @@ per step: the same NFE, about twice the compute per call; w = 0 is plain conditi
 ``known`` (inpainting, infilling) keeps given coordinates: before every call the input
 distribution there is the data (one-hot theta; mean = x), the paper's sender draws there come
 from the data, the solvers' predictions there are the data, and so is the result.
+``particles`` P > 1 (the paper's sampler, with ``known``) is sequential Monte Carlo instead: P
+particles per sample, whose known inputs follow the data's own flow (what the network was trained
+on); each step multiplies a particle's weight by p_R(y) / p_S(y | x) over the known coordinates
+(the sender draw came from the data, not from the particle's receiver), the last call by
+p_O(x_known); particles are resampled whenever the effective sample size falls below P / 2, and
+one is drawn per sample by its final weight. In the limit of many particles this samples the
+model's own conditional p(x_unknown | x_known); P times the compute of one sample.
 
 Numerics: step coefficients are python floats computed in float64; the state math runs in float32
 with autocast off, so the network may run under bf16 autocast.
-What is not here: single-step (extra-call) second-order solvers, sequential Monte Carlo.
+What is not here: single-step (extra-call) second-order solvers; SMC for the BFN-Solvers.
 """
 
 from __future__ import annotations
@@ -81,7 +88,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from bfn.conditioning import Known, SamplingCondition
+from bfn import losses
+from bfn.conditioning import Known, SamplingCondition, check_label
 from bfn.flows import ContinuousFlow, ContinuousParams, DiscreteFlow, DiscreteParams
 
 if TYPE_CHECKING:
@@ -104,6 +112,7 @@ def sample(
     label: Tensor | int | None = None,
     guidance: float = 0.0,
     known: Known | None = None,
+    particles: int = 1,
 ) -> Tensor:
     """Draw (num_samples, *data_shape) from ``model`` with ``nfe`` network calls (after training).
 
@@ -121,6 +130,8 @@ def sample(
         guidance: classifier-free guidance scale w (needs a label); each call then runs on a
             doubled batch (about 2x the compute, the same NFE).
         known: ``bfn.conditioning.Known(mask, values)``: coordinates the samples keep.
+        particles: > 1: sequential Monte Carlo over that many particles per sample (``paper``
+            sampler and ``known`` only; see the module docstring), particles x the compute.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -130,7 +141,29 @@ def sample(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if grid is not None and grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    if isinstance(particles, bool) or not isinstance(particles, numbers.Integral) or particles < 1:
+        raise ValueError(f"particles must be an int >= 1, got {particles!r}")
     device = device or _model_device(model)
+    if particles > 1:
+        if sampler != "paper" or known is None:
+            raise ValueError(
+                f"particles={particles}: sequential Monte Carlo runs the 'paper' sampler with known coordinates "
+                f"(got sampler={sampler!r}, known={'given' if known is not None else None})"
+            )
+        if t_start is not None or grid is not None:
+            raise ValueError("t_start and grid apply to the BFN-Solver samplers, not to 'paper' (uniform steps)")
+        return smc(
+            model,
+            num_samples,
+            int(nfe),
+            int(particles),
+            generator=generator,
+            device=device,
+            return_sample=return_sample,
+            label=label,
+            guidance=guidance,
+            known=known,
+        )
     return SAMPLERS[sampler](
         model,
         num_samples,
@@ -180,6 +213,85 @@ def paper(
         params = model.flow.update(params, y, alpha)
     dist = condition.output(params, torch.ones(num_samples, 1, device=device))
     return _result(model, dist, num_samples, generator, return_sample, condition)
+
+
+def smc(
+    model: BFN,
+    num_samples: int,
+    nfe: int,
+    particles: int,
+    *,
+    known: Known,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    return_sample: bool = False,
+    label: Tensor | int | None = None,
+    guidance: float = 0.0,
+) -> Tensor:
+    """Sequential Monte Carlo inpainting with the paper's sampler (see the module docstring).
+
+    Particles of sample b are rows b P .. b P + P - 1 of one batch of B P rows. Without resampling
+    and with P = 1 it is the paper's sampler whose known inputs follow the data's flow.
+    """
+    B, P = num_samples, particles
+    device = device or _model_device(model)
+    label = check_label(label, model.num_labels, B, device)
+    mask, values = known.mask, known.values
+    if mask.dim() > len(model.data_shape):  # per-sample coordinates: one copy per particle
+        mask = mask.repeat_interleave(P, 0)
+    if values.dim() > len(model.data_shape):
+        values = values.repeat_interleave(P, 0)
+    condition = SamplingCondition(
+        model,
+        B * P,
+        device,
+        label=None if label is None else label.repeat_interleave(P),
+        guidance=guidance,
+        known=Known(mask, values),
+        replace_input=False,
+    )
+    mask, x = condition.mask, condition.values  # (B P, D)
+    num_steps = nfe - 1
+    params = model.flow.prior(B * P, model.num_dims, device)
+    log_weights = torch.zeros(B, P, device=device)
+    for i in range(1, num_steps + 1):
+        t = torch.full((B * P, 1), (i - 1) / num_steps, device=device)
+        dist = condition.output(params, t)
+        x_out = condition.data(dist.sample(generator))
+        alpha = model.flow.alpha(i, num_steps)
+        y = model.flow.sender_sample(x_out, alpha, generator)
+        log_ratio = torch.where(mask, -losses.sender_log_ratio(dist, y, x, alpha), 0.0)  # ln p_R - ln p_S
+        log_weights = log_weights + log_ratio.sum(-1).view(B, P)
+        params = model.flow.update(params, y, alpha)
+        params, log_weights = _resample(params, log_weights, generator)
+    dist = condition.output(params, torch.ones(B * P, 1, device=device))
+    log_weights = log_weights + torch.where(mask, _log_prob(model, dist, x), 0.0).sum(-1).view(B, P)
+    chosen = torch.multinomial(torch.softmax(log_weights, -1), 1, generator=generator)[:, 0]  # (B,)
+    out = _result(model, dist, B * P, generator, return_sample, condition)
+    return out.view(B, P, *model.data_shape)[torch.arange(B, device=device), chosen]
+
+
+def _resample(params, log_weights: Tensor, generator) -> tuple:
+    """Multinomial resampling of the samples whose effective sample size is below P / 2 (no sync)."""
+    B, P = log_weights.shape
+    weights = torch.softmax(log_weights, -1)
+    low = (1 / weights.square().sum(-1) < P / 2)[:, None]  # (B, 1)
+    drawn = torch.multinomial(weights, P, replacement=True, generator=generator)  # (B, P)
+    index = torch.where(low, drawn, torch.arange(P, device=drawn.device))
+    rows = (index + P * torch.arange(B, device=drawn.device)[:, None]).reshape(-1)
+    if isinstance(params, DiscreteParams):
+        params = DiscreteParams(params.probs[rows])
+    else:  # the precision is a float shared by every row while sampling
+        params = ContinuousParams(params.mean[rows], params.precision)
+    return params, torch.where(low, 0.0, log_weights)
+
+
+def _log_prob(model: BFN, dist, x: Tensor) -> Tensor:
+    """ln p_O(x | theta(1)) per dimension; a Delta output is scored as the reconstruction loss does."""
+    if model.discrete:
+        return losses.reconstruction_loss_discrete(dist, x).neg()
+    bins, std = model.reconstruction_bins, model.reconstruction_std
+    return losses.reconstruction_loss_continuous(dist, x, num_bins=bins, std=std).neg()
 
 
 def ode1(model: BFN, num_samples: int, nfe: int, **kwargs) -> Tensor:

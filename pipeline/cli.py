@@ -81,6 +81,7 @@ def cmd_inpaint(args) -> int:
         grid=args.grid,
         out=args.out,
         use_ema=not args.raw_weights,
+        particles=args.particles,
     )
     logging.getLogger(__name__).info("completions written to %s", path)
     return 0
@@ -104,6 +105,7 @@ def cmd_quality(args) -> int:
         inpaint=args.inpaint,
         fill=args.fill,
         prompt=args.prompt,
+        particles=args.particles,
     )
     print(table)  # the table is the command's result
     return 0
@@ -228,6 +230,11 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help=GRID_HELP)
     p.add_argument("--out", default=None, help="output path stem (default: runs/inpaint/RUN_CKPT_KEEP_seedS)")
+    p.add_argument(
+        "--particles",
+        default=1,
+        help="> 1: sequential Monte Carlo over that many particles per completion (paper sampler; x the compute)",
+    )
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_inpaint)
 
@@ -260,6 +267,12 @@ def _add_sample_and_quality(sub) -> None:
     )
     p.add_argument("--fill", default=None, help="text8 models: characters to fill after a prompt (accuracy vs truth)")
     p.add_argument("--prompt", default=None, help="with --fill: known characters before the span (default: the rest)")
+    p.add_argument(
+        "--particles",
+        default=None,
+        help="with --inpaint/--fill: particle counts, e.g. 1,4,16 (1: each --sampler; P > 1: sequential Monte Carlo "
+        "with the paper sampler, P times the compute)",
+    )
     _overrides(p)
     p.set_defaults(func=cmd_quality)
 

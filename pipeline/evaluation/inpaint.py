@@ -6,7 +6,8 @@
   kept) and samples the rest with ``bfn.conditioning.Known``; a PNG grid of three rows: the
   originals, the kept part (the rest grey), the completions. For text8 (``--text "a prompt" --fill
   64``) the prompt's characters are known at the start and the next ``fill`` are sampled; the
-  completions are written one per line.
+  completions are written one per line. ``--particles P`` > 1 completes by sequential Monte Carlo
+  over P particles each (``bfn.samplers.smc``).
 
 Bad input raises ``ConfigError`` naming the flag: the CLI exits with status 2.
 """
@@ -119,12 +120,15 @@ def check_mode(cfg: Config, keep: str | None, text: str | None) -> None:
 @torch.no_grad()
 def inpaint(model, cfg: Config, checkpoint, *, keep=None, text=None, fill=64, num=8, split="test", **options) -> Path:
     """Complete ``num`` test images (``keep``) or ``num`` continuations of a prompt (``text``);
-    ``options``: nfe, sampler, seed, grid, out. Returns the path written."""
+    ``options``: nfe, sampler, seed, grid, out, particles. Returns the path written."""
     check_mode(cfg, keep, text)
     num = check_count("--num", num, 1)
     sampler = parse_samplers(options.get("sampler", "paper"), several=False)[0]
     grid = parse_grid(options.get("grid"))
     seed, nfe = int(options.get("seed", 0)), options["nfe"]
+    particles = check_count("--particles", options.get("particles", 1), 1)
+    if particles > 1 and sampler != "paper":
+        raise ConfigError(f"--particles: sequential Monte Carlo runs the paper sampler (got --sampler {sampler})")
     generator = torch.Generator().manual_seed(seed)
     tag = "text" if text is not None else Path(keep).stem
     out = Path(options.get("out") or _default_out(checkpoint, tag, seed))
@@ -135,7 +139,10 @@ def inpaint(model, cfg: Config, checkpoint, *, keep=None, text=None, fill=64, nu
         mask[: len(ids)] = True
         values = torch.zeros(cfg.data.seq_len, dtype=torch.long)
         values[: len(ids)] = ids
-        drawn = draw(model, num, sampler=sampler, nfe=nfe, generator=generator, grid=grid, known=Known(mask, values))
+        known = Known(mask, values)
+        drawn = draw(
+            model, num, sampler=sampler, nfe=nfe, generator=generator, grid=grid, known=known, particles=particles
+        )
         rows = figures.decode_text(drawn[:, : len(ids) + fill])
         path = out.with_suffix(".txt")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +151,9 @@ def inpaint(model, cfg: Config, checkpoint, *, keep=None, text=None, fill=64, nu
     mask = image_mask(keep, cfg.data.data_shape)
     x = _test_images(cfg, split, num, seed)
     known = Known(mask, x)
-    drawn = draw(model, len(x), sampler=sampler, nfe=nfe, generator=generator, grid=grid, known=known)
+    drawn = draw(
+        model, len(x), sampler=sampler, nfe=nfe, generator=generator, grid=grid, known=known, particles=particles
+    )
     original = figures.to_uint8_images(x, cfg.data.name)
     kept = np.where(mask.numpy(), original, np.uint8(128))  # the unknown pixels grey
     completed = figures.to_uint8_images(drawn, cfg.data.name)

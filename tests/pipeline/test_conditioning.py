@@ -208,6 +208,10 @@ def test_bad_conditioning_input_exits_2_naming_it(checkpoints, tmp_path, capsys)
     _fails(capsys, ["inpaint", text8, "--keep", "top-half"], "--keep", "text model")
     _fails(capsys, ["inpaint", text8, "--text", "the c@t"], "--text", "'@'", "position 5")
     _fails(capsys, ["inpaint", text8, "--text", "the cat", "--fill", "40"], "--fill", "data.seq_len=46")
+    _fails(capsys, ["inpaint", cond, "--keep", "top-half", "--particles", "0"], "--particles", ">= 1")
+    _fails(
+        capsys, ["inpaint", cond, "--keep", "top-half", "--particles", "4", "--sampler", "ode2"], "--particles", "paper"
+    )
 
 
 def test_sample_draws_one_row_per_class(checkpoints, tmp_path):
@@ -228,14 +232,16 @@ def _cells(path, rows: int, cols: int, size: int = 28) -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize("keep", ["top-half", "left-half", "mask.png"])
-def test_inpaint_keeps_the_known_pixels(checkpoints, tmp_path, keep):
+@pytest.mark.parametrize(("keep", "particles"), [("top-half", 1), ("left-half", 1), ("mask.png", 1), ("top-half", 3)])
+def test_inpaint_keeps_the_known_pixels(checkpoints, tmp_path, keep, particles):
     mask = np.zeros((28, 28), np.uint8)
     mask[5:20, 3:9] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     kept = {"top-half": np.s_[:14, :], "left-half": np.s_[:, :14], "mask.png": np.s_[5:20, 3:9]}[keep]
     arg = str(tmp_path / keep) if keep.endswith(".png") else keep
-    path = inpaint_checkpoint(checkpoints["cond"], keep=arg, num=3, num_steps=2, out=tmp_path / "out")
+    path = inpaint_checkpoint(
+        checkpoints["cond"], keep=arg, num=3, num_steps=2, out=tmp_path / "out", particles=particles
+    )
     cells = _cells(path, 3, 3)
     original, shown, completed = cells
     assert np.array_equal(completed[:, kept[0], kept[1]], original[:, kept[0], kept[1]])

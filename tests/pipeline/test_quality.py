@@ -450,11 +450,12 @@ def test_inpainting_with_every_pixel_known_scores_exactly_as_the_originals(cond_
     for row in rows[1:]:  # everything known: the completions are the originals
         assert row.values["class_accuracy"] == rows[0].values["class_accuracy"]
         assert row.values["fd"] == pytest.approx(rows[0].values["fd"], abs=1e-9)
-    rows, text = quality(cond_checkpoint, inpaint="top-half", out=tmp_path / "top", **kwargs)
+    rows, text = quality(cond_checkpoint, inpaint="top-half", out=tmp_path / "top", particles="1,3", **kwargs)
     assert [r.label for r in rows][1:] == [
         "top-half kept, the rest blank",
         "paper, top-half kept",
         "sde2, top-half kept",
+        "SMC, 3 particles, top-half kept",
     ]
     assert all(0 <= v <= 1 for r in rows for v in r.values["class_accuracy"])
     assert "test images completed from the top-half kept pixels" in text
@@ -508,6 +509,8 @@ def test_text_fill_accuracy_beside_exact_unigram_baselines(tmp_path):
         ("cond", ["--inpaint", "bottom-half"], ["--inpaint", "top-half"]),
         ("cond", ["--fill", "10"], ["--fill", "text8"]),
         ("cond", ["--prompt", "10"], ["--prompt", "--fill"]),
+        ("cond", ["--particles", "4"], ["--particles", "--inpaint"]),
+        ("cond", ["--inpaint", "top-half", "--particles", "1,0"], ["--particles", ">= 1"]),
     ],
 )
 def test_conditional_quality_bad_flags_exit_2_naming_them(

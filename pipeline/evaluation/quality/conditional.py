@@ -10,7 +10,9 @@ Three tables, one per flag (each row: mean ± standard deviation over seeds, as 
   Beside them, per (sampler, NFE), the same network without a label (its "no condition" entry:
   the unconditional model that classifier-free guidance is trained into).
 * ``--inpaint top-half`` (image models): ``num`` test images (a new draw of the test split for
-  every seed) with the kept pixels known (``bfn.conditioning.Known``), completed without a label.
+  every seed) with the kept pixels known (``bfn.conditioning.Known``), completed without a label,
+  by each sampler and, for each ``--particles`` count P > 1, by sequential Monte Carlo over P
+  particles (``bfn.samplers.smc``; ``--fill`` likewise).
   Metric: the classifier's accuracy on the completions against the images' true labels. Two
   baselines bound it: the classifier on the originals (the ceiling) and on the kept part alone
   with the rest set to the background (what the kept half already tells the classifier).
@@ -62,7 +64,9 @@ def check_guidances(model_cfg, values: list[float], num: int) -> None:
         )
 
 
-def _draw(model, sampler, nfe, num, *, seed, batch_size, device, grid, label=None, guidance=0.0, known=None):
+def _draw(
+    model, sampler, nfe, num, *, seed, batch_size, device, grid, label=None, guidance=0.0, known=None, particles=1
+):
     """``num`` samples in batches, one seeded generator; (samples, seconds). ``label`` (num,) and
     ``known`` values (num, ...) are sliced per batch."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -83,6 +87,7 @@ def _draw(model, sampler, nfe, num, *, seed, batch_size, device, grid, label=Non
                 label=None if label is None else label[start:stop].to(device),
                 guidance=guidance,
                 known=part,
+                particles=particles,
             ).cpu()
         )
     if device.type == "cuda":
@@ -167,7 +172,20 @@ def _batch(cfg, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------------- inpainting
 def inpaint_rows(
-    model, cfg, scorer, *, keep, samplers, nfes, num, seeds, batch_size, device, samples_dir=None, grid=None
+    model,
+    cfg,
+    scorer,
+    *,
+    keep,
+    samplers,
+    nfes,
+    num,
+    seeds,
+    batch_size,
+    device,
+    samples_dir=None,
+    grid=None,
+    particles=(1,),
 ) -> list[Row]:
     """Completions of ``num`` test images per (sampler, NFE, seed), then the two baselines."""
     mask = image_mask(keep, cfg.data.data_shape, flag="--inpaint")
@@ -181,9 +199,9 @@ def inpaint_rows(
         blank = torch.where(mask, x, torch.full_like(x, BACKGROUND[cfg.data.name]))
         kept_only.add(scorer.score_labelled(blank, batch["label"]))
     rows = []
-    for sampler in samplers:
+    for sampler, count in _runs(samplers, particles):
         for nfe in nfes:
-            row = Row(f"{sampler}, {keep} kept", nfe, num)
+            row = Row(f"{_name(sampler, count)}, {keep} kept", nfe, num)
             for seed, batch in enumerate(batches):
                 x = torch.from_numpy(batch["x"]).to(dtype)
                 drawn, seconds = _draw(
@@ -196,6 +214,7 @@ def inpaint_rows(
                     device=device,
                     grid=grid,
                     known=Known(mask.to(device), x),
+                    particles=count,
                 )
                 row.add({**scorer.score_labelled(drawn, batch["label"]), "seconds_per_sample": seconds / num})
                 if seed == 0 and samples_dir is not None:
@@ -203,7 +222,8 @@ def inpaint_rows(
                     original = figures.to_uint8_images(x[:shown], cfg.data.name)
                     kept = np.where(mask.numpy(), original, np.uint8(128))
                     completed = figures.to_uint8_images(drawn[:shown], cfg.data.name)
-                    path = Path(samples_dir) / f"{sampler}_nfe{nfe}_{keep}_seed0.png"
+                    tag = sampler if count == 1 else f"smc{count}"
+                    path = Path(samples_dir) / f"{tag}_nfe{nfe}_{Path(keep).stem}_seed0.png"
                     figures.save_image_grid(np.concatenate([original, kept, completed]), path, cols=shown)
                 _log(row, seed)
             rows.append(row)
@@ -230,7 +250,20 @@ def unigram(uri: str) -> np.ndarray:
 
 
 def fill_rows(
-    model, cfg, *, fill, prompt, samplers, nfes, num, seeds, batch_size, device, samples_dir=None, grid=None
+    model,
+    cfg,
+    *,
+    fill,
+    prompt,
+    samplers,
+    nfes,
+    num,
+    seeds,
+    batch_size,
+    device,
+    samples_dir=None,
+    grid=None,
+    particles=(1,),
 ) -> list[Row]:
     """Per (sampler, NFE): accuracy of the ``fill`` characters after a ``prompt``-character prompt."""
     seq_len = int(cfg.data.seq_len)
@@ -246,9 +279,9 @@ def fill_rows(
     mask = torch.zeros(seq_len, dtype=torch.bool)
     mask[:prompt] = True
     rows = []
-    for sampler in samplers:
+    for sampler, count in _runs(samplers, particles):
         for nfe in nfes:
-            row = Row(f"{sampler}, {prompt} known", nfe, num)
+            row = Row(f"{_name(sampler, count)}, {prompt} known", nfe, num)
             for seed, truth in enumerate(windows):
                 drawn, seconds = _draw(
                     model,
@@ -260,11 +293,13 @@ def fill_rows(
                     device=device,
                     grid=grid,
                     known=Known(mask.to(device), truth),
+                    particles=count,
                 )
                 accuracy = float((drawn[:, span] == truth[:, span]).double().mean())
                 row.add({"fill_accuracy": accuracy, "seconds_per_sample": seconds / len(truth)})
                 if seed == 0 and samples_dir is not None:
-                    path = Path(samples_dir) / f"{sampler}_nfe{nfe}_fill{fill}_seed0.txt"
+                    tag = sampler if count == 1 else f"smc{count}"
+                    path = Path(samples_dir) / f"{tag}_nfe{nfe}_fill{fill}_seed0.txt"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     lines = []
                     for got, want in zip(drawn[:8], truth[:8], strict=True):
@@ -275,6 +310,15 @@ def fill_rows(
                 _log(row, seed)
             rows.append(row)
     return [draw_row, mode_row, *rows]
+
+
+def _runs(samplers: list[str], particles) -> list[tuple[str, int]]:
+    """(sampler, particles) pairs: every sampler alone, then SMC (the paper sampler) per count > 1."""
+    return [(sampler, 1) for sampler in samplers if 1 in particles] + [("paper", p) for p in particles if p > 1]
+
+
+def _name(sampler: str, particles: int) -> str:
+    return sampler if particles == 1 else f"SMC, {particles} particles"
 
 
 def _text_windows(cfg, num: int, seed: int) -> torch.Tensor:

@@ -209,6 +209,7 @@ def quality(
     inpaint: str | None = None,
     fill=None,
     prompt=None,
+    particles=None,
 ) -> tuple[list[Row], str]:
     """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text).
 
@@ -227,6 +228,12 @@ def quality(
     if prompt is not None and fill is None:
         raise ConfigError("--prompt: the number of known characters before a --fill span; give --fill too")
     prompt = None if prompt is None else check_count("--prompt", prompt, 1)
+    if particles is not None and inpaint is None and fill is None:
+        raise ConfigError("--particles: sequential Monte Carlo completes known parts; give --inpaint or --fill too")
+    items = [1] if particles is None else str(particles).split(",")
+    particles = list(
+        dict.fromkeys(check_count("--particles", item.strip() if isinstance(item, str) else item, 1) for item in items)
+    )
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
     text = data_lib.is_text(cfg.data.name)
     if guidances is not None:
@@ -274,9 +281,9 @@ def quality(
     if guidances is not None:
         rows = cond.guidance_rows(model, cfg, scorer, guidances=guidances, **common)
     elif inpaint is not None:
-        rows = cond.inpaint_rows(model, cfg, scorer, keep=inpaint, **common)
+        rows = cond.inpaint_rows(model, cfg, scorer, keep=inpaint, particles=particles, **common)
     elif fill is not None:
-        rows = cond.fill_rows(model, cfg, fill=fill, prompt=prompt, **common)
+        rows = cond.fill_rows(model, cfg, fill=fill, prompt=prompt, particles=particles, **common)
     else:
         rows = [data_row(cfg, scorer, num, seeds), *run(model, cfg, scorer, **common)]
     what = {
