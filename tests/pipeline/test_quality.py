@@ -41,18 +41,25 @@ def mnist(tmp_path_factory):
     return _prepare_mnist(tmp_path_factory.mktemp("quality_data"))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(mnist, tmp_path_factory):
-    overrides = ["experiment=smoke", f"data.uri={mnist}", "data.val_batch_size=20"]
+def _save_fresh(folder, overrides: list[str]):
+    """A checkpoint of a freshly built model (seed 0) for ``overrides``."""
     cfg = load(overrides)
+    torch.manual_seed(0)
     model = build_model(cfg)
     return checkpointing.save(
-        tmp_path_factory.mktemp("quality_ckpt") / "ckpt",
+        folder / "ckpt",
         model=model,
         ema=EMA(model, 0.9),
         optimizer=build_optimizer(cfg, model),
         train_state={"step": 3, "epoch": 0},
         config=compose(overrides),
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(mnist, tmp_path_factory):
+    return _save_fresh(
+        tmp_path_factory.mktemp("quality_ckpt"), ["experiment=smoke", f"data.uri={mnist}", "data.val_batch_size=20"]
     )
 
 
@@ -364,24 +371,8 @@ def test_quality_table_for_text8(tmp_path):
 # ------------------------------------------------------------- conditional generation (issue 18.5)
 @pytest.fixture(scope="module")
 def cond_checkpoint(mnist, tmp_path_factory):
-    overrides = [
-        "experiment=smoke",
-        f"data.uri={mnist}",
-        "data.val_batch_size=20",
-        "model=conditional",
-        "eval.guidance=1.0",
-    ]
-    cfg = load(overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    return checkpointing.save(
-        tmp_path_factory.mktemp("quality_cond") / "ckpt",
-        model=model,
-        ema=EMA(model, 0.9),
-        optimizer=build_optimizer(cfg, model),
-        train_state={"step": 3, "epoch": 0},
-        config=compose(overrides),
-    )
+    overrides = ["experiment=smoke", f"data.uri={mnist}", "data.val_batch_size=20", "model=conditional"]
+    return _save_fresh(tmp_path_factory.mktemp("quality_cond"), [*overrides, "eval.guidance=1.0"])
 
 
 @pytest.mark.parametrize(("num", "classes"), [(10, 10), (23, 10), (40, 10), (7, 3)])

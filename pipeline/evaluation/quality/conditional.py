@@ -64,13 +64,26 @@ def check_guidances(model_cfg, values: list[float], num: int) -> None:
         )
 
 
-def _draw(
-    model, sampler, nfe, num, *, seed, batch_size, device, grid, label=None, guidance=0.0, known=None, particles=1
-):
-    """``num`` samples in batches, one seeded generator; (samples, seconds). ``label`` (num,) and
-    ``known`` values (num, ...) are sliced per batch."""
+def draw(
+    model,
+    sampler: str,
+    nfe: int,
+    num: int,
+    *,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    grid: str | None = None,
+    label: torch.Tensor | None = None,
+    guidance: float = 0.0,
+    known: Known | None = None,
+    particles: int = 1,
+) -> tuple[torch.Tensor, float]:
+    """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds).
+    ``grid``: the solvers' time grid (None: the flow's default); the paper's sampler has none.
+    ``label`` (num,) and ``known`` values (num, ...) are sliced per batch."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    grid = None if sampler == "paper" else grid
+    grid = None if sampler == "paper" else grid  # one table mixes the paper's sampler with the solvers
     started, chunks = time.perf_counter(), []
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
@@ -115,7 +128,7 @@ def guidance_rows(
             for w in [None, *guidances]:
                 row = Row(f"{sampler}, no label" if w is None else sampler, nfe, num, guidance=w)
                 for seed in range(seeds):
-                    drawn, seconds = _draw(
+                    drawn, seconds = draw(
                         model,
                         sampler,
                         nfe,
@@ -204,7 +217,7 @@ def inpaint_rows(
             row = Row(f"{_name(sampler, count)}, {keep} kept", nfe, num)
             for seed, batch in enumerate(batches):
                 x = torch.from_numpy(batch["x"]).to(dtype)
-                drawn, seconds = _draw(
+                drawn, seconds = draw(
                     model,
                     sampler,
                     nfe,
@@ -283,7 +296,7 @@ def fill_rows(
         for nfe in nfes:
             row = Row(f"{_name(sampler, count)}, {prompt} known", nfe, num)
             for seed, truth in enumerate(windows):
-                drawn, seconds = _draw(
+                drawn, seconds = draw(
                     model,
                     sampler,
                     nfe,

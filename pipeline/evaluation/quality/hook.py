@@ -16,7 +16,7 @@ import torch
 from pipeline.config import Config, parse_nfe, parse_samplers
 from pipeline.evaluation import figures
 from pipeline.evaluation.quality import metrics as qm
-from pipeline.evaluation.quality.table import draw
+from pipeline.evaluation.quality.conditional import draw
 
 log = logging.getLogger(__name__)
 

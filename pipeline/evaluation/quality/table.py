@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -35,40 +34,6 @@ from pipeline.evaluation.quality import metrics as qm
 from pipeline.evaluation.quality.row import Row
 
 log = logging.getLogger(__name__)
-
-
-# -------------------------------------------------------------------------------------- sampling
-def draw(
-    model,
-    sampler: str,
-    nfe: int,
-    num: int,
-    *,
-    seed: int,
-    batch_size: int,
-    device: torch.device,
-    grid: str | None = None,
-) -> tuple[torch.Tensor, float]:
-    """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds).
-    ``grid``: the solvers' time grid (None: the flow's default); the paper's sampler has none."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    grid = None if sampler == "paper" else grid  # one table mixes the paper's sampler with the solvers
-    started, chunks = time.perf_counter(), []
-    for start in range(0, num, batch_size):
-        chunks.append(
-            bfn.samplers.sample(
-                model,
-                min(batch_size, num - start),
-                sampler=sampler,
-                nfe=nfe,
-                generator=generator,
-                device=device,
-                grid=grid,
-            ).cpu()
-        )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return torch.cat(chunks), time.perf_counter() - started
 
 
 def data_row(cfg, scorer, num: int, seeds: int) -> Row:
@@ -109,7 +74,7 @@ def run(
         for nfe in nfes:
             row = Row(sampler, nfe, num)
             for seed in range(seeds):
-                samples, seconds = draw(
+                samples, seconds = cond.draw(
                     model, sampler, nfe, num, seed=seed, batch_size=batch_size, device=device, grid=grid
                 )
                 row.add({**scorer.score(samples), "seconds_per_sample": seconds / num})
