@@ -65,13 +65,16 @@ per step: the same NFE, about twice the compute per call; w = 0 is plain conditi
 ``known`` (inpainting, infilling) keeps given coordinates: before every call the input
 distribution there is the data (one-hot theta; mean = x), the paper's sender draws there come
 from the data, the solvers' predictions there are the data, and so is the result.
-``particles`` P > 1 (the paper's sampler, with ``known``) is sequential Monte Carlo instead: P
-particles per sample, whose known inputs follow the data's own flow (what the network was trained
-on); each step multiplies a particle's weight by p_R(y) / p_S(y | x) over the known coordinates
-(the sender draw came from the data, not from the particle's receiver), the last call by
-p_O(x_known); particles are resampled whenever the effective sample size falls below P / 2, and
-one is drawn per sample by its final weight. In the limit of many particles this samples the
-model's own conditional p(x_unknown | x_known); P times the compute of one sample.
+``particles`` P > 1 (the paper's sampler, with ``known``) is twisted sequential Monte Carlo
+instead: P particles per sample, whose known inputs follow the data's own flow (what the network
+was trained on). Over the known coordinates, each step multiplies a particle's weight by
+p_R(y) / p_S(y | x) (its sender draw came from the data, not from its receiver) and by the twist
+psi(theta_i) / psi(theta_{i-1}), psi(theta) = p_O(x_known | theta) from the step's own network call
+(so it costs nothing extra); the last call's p_O(x_known) replaces the last psi. The twists cancel
+in the product, so the target is exactly the model's own conditional p(x_unknown | x_known); they
+steer resampling (below an effective sample size of P / 2) towards particles whose unknown part
+already predicts the known part. One particle per sample is drawn by its final weight. P times the
+compute of one sample.
 
 Numerics: step coefficients are python floats computed in float64; the state math runs in float32
 with autocast off, so the network may run under bf16 autocast.
@@ -90,7 +93,9 @@ from torch import Tensor
 
 from bfn import losses
 from bfn.conditioning import Known, SamplingCondition, check_label
+from bfn.distributions import Delta
 from bfn.flows import ContinuousFlow, ContinuousParams, DiscreteFlow, DiscreteParams
+from bfn.numerics import normal_log_prob
 
 if TYPE_CHECKING:
     from bfn.model import BFN
@@ -254,24 +259,29 @@ def smc(
     num_steps = nfe - 1
     params = model.flow.prior(B * P, model.num_dims, device)
     log_weights = torch.zeros(B, P, device=device)
+    twist = torch.zeros(B * P, device=device)  # ln psi of each particle's current input
     for i in range(1, num_steps + 1):
         t = torch.full((B * P, 1), (i - 1) / num_steps, device=device)
         dist = condition.output(params, t)
+        new_twist = torch.where(mask, _twist_log_prob(model, dist, x, t), 0.0).sum(-1)
+        log_weights = log_weights + (new_twist - twist).view(B, P)
+        twist = new_twist
         x_out = condition.data(dist.sample(generator))
         alpha = model.flow.alpha(i, num_steps)
         y = model.flow.sender_sample(x_out, alpha, generator)
         log_ratio = torch.where(mask, -losses.sender_log_ratio(dist, y, x, alpha), 0.0)  # ln p_R - ln p_S
         log_weights = log_weights + log_ratio.sum(-1).view(B, P)
         params = model.flow.update(params, y, alpha)
-        params, log_weights = _resample(params, log_weights, generator)
+        params, log_weights, twist = _resample(params, log_weights, twist, generator)
     dist = condition.output(params, torch.ones(B * P, 1, device=device))
-    log_weights = log_weights + torch.where(mask, _log_prob(model, dist, x), 0.0).sum(-1).view(B, P)
+    final = torch.where(mask, _log_prob(model, dist, x), 0.0).sum(-1) - twist
+    log_weights = log_weights + final.view(B, P)
     chosen = torch.multinomial(torch.softmax(log_weights, -1), 1, generator=generator)[:, 0]  # (B,)
     out = _result(model, dist, B * P, generator, return_sample, condition)
     return out.view(B, P, *model.data_shape)[torch.arange(B, device=device), chosen]
 
 
-def _resample(params, log_weights: Tensor, generator) -> tuple:
+def _resample(params, log_weights: Tensor, twist: Tensor, generator) -> tuple:
     """Multinomial resampling of the samples whose effective sample size is below P / 2 (no sync)."""
     B, P = log_weights.shape
     weights = torch.softmax(log_weights, -1)
@@ -283,7 +293,16 @@ def _resample(params, log_weights: Tensor, generator) -> tuple:
         params = DiscreteParams(params.probs[rows])
     else:  # the precision is a float shared by every row while sampling
         params = ContinuousParams(params.mean[rows], params.precision)
-    return params, torch.where(low, 0.0, log_weights)
+    return params, torch.where(low, 0.0, log_weights), twist[rows]
+
+
+def _twist_log_prob(model: BFN, dist, x: Tensor, t: Tensor) -> Tensor:
+    """ln psi per dimension: p_O(x | theta) of the network's current prediction; a Delta output
+    as N(x; x_hat, 1/beta(t)), the flow's own noise level in data space (sigma_1^2 near t = 1)."""
+    if isinstance(dist, Delta):
+        std = model.flow.schedule.beta(t).clamp(min=1e-6).rsqrt()  # (B, 1): at t = 0 every particle is alike
+        return normal_log_prob(x, dist.data_mean, std)
+    return _log_prob(model, dist, x)
 
 
 def _log_prob(model: BFN, dist, x: Tensor) -> Tensor:
