@@ -175,9 +175,17 @@ def _trainer(cfg: Config, loop_config: dict, datasets: dict, callbacks: list | N
             ),
         ),
         datasets=datasets,
-        # one worker reads the whole stream itself: no split coordinator actor to start and feed
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.max_workers > 1 else []),
+        dataset_config=data_config(cfg),
     )
+
+
+def data_config(cfg: Config):
+    """How the datasets reach the workers: "train" is split into one disjoint stream per worker (Ray Data's
+    ``streaming_split``, equal sizes); "val" is not split, rank 0 alone validates on all of it. One worker
+    reads the whole stream itself: no split coordinator actor to start and feed."""
+    import ray.train
+
+    return ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.max_workers > 1 else [])
 
 
 def scaling_config(cfg: Config):

@@ -51,6 +51,7 @@ from pipeline.training.system_metrics import ProcessSampler
 from pipeline.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
+PREEMPTION_WAIT_S = 120.0  # a preemption notice without a deadline: Ray Train's own assumption of the time left
 
 
 class BadStepsError(RuntimeError):
@@ -280,7 +281,18 @@ def _checkpoint_if_preempted(ctx: WorkerContext, state: TrainState, metrics: dic
             state.step,
         )
     _report(ctx, state, metrics, progress, checkpoint=True)
+    _wait_for_reclaim(info)
     raise PreemptedError(f"preempted at step {state.step} (ranks {info.preempted_ranks}); checkpoint written")
+
+
+def _wait_for_reclaim(info) -> None:
+    """Hold this worker until the preempted nodes are gone (or their deadline, else ``PREEMPTION_WAIT_S``, has
+    passed): Ray Train sizes the restarted group from the nodes it counts, and it counts a draining node's
+    resources until the node is reclaimed. Ranks on a preempted node end with it."""
+    deadline = info.deadline_ms / 1000 if info.deadline_ms else time.time() + PREEMPTION_WAIT_S
+    leaving = set(info.preempted_node_ids)
+    while time.time() < deadline + 5 and leaving & {node["NodeID"] for node in ray.nodes() if node["Alive"]}:
+        time.sleep(1.0)
 
 
 def _advance(ctx: WorkerContext, state: TrainState, step_fn: CompiledStep, train_iter, window: Window) -> None:
