@@ -52,11 +52,11 @@ RAY_SETTINGS = {
     "RAY_health_check_failure_threshold": "5",
 }
 # the elastic job: Ray Train's preemption watcher polls every second (default 5 s); a worker group that cannot
-# start within 30 s (default 60 s: e.g. sized for a node GCS has not yet declared dead) is retried at the new size
+# start within 20 s (default 60 s: e.g. sized for a node GCS has not yet declared dead) is retried at the new size
 JOB_ENV = (
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S=1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5",
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=30",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=20",
 )
 
 
@@ -159,8 +159,8 @@ def _launches(logs: str) -> list[tuple[int, int, int]]:
 def _event(watch: Watch, act) -> dict:
     """Do ``act()`` and wait for the launch it causes; what it cost. A launch is rank 0's "world size W from step S"
     line; the next training step is the launch's first MLflow point past S (logged, so an upper bound by one log
-    interval). Steps re-done: the last step logged before the event minus S."""
-    before, launched = watch.points(), len(_launches(_job_logs(watch.stack, watch.job_id)))
+    interval). Steps re-done: the last step logged before that point (by the launch before) minus S."""
+    launched = len(_launches(_job_logs(watch.stack, watch.job_id)))
     event_ms = int(time.time() * 1000)
     detail = act() or {}
     new: list[tuple[int, int, int]] = []
@@ -172,7 +172,7 @@ def _event(watch: Watch, act) -> dict:
     points = watch.wait_for("a new launch and its first step", relaunched)
     world, resumed, nodes = new[0]
     first = next(p for p in watch.after(event_ms, points) if int(p["step"]) > resumed)
-    last = max(int(p["step"]) for p in before)
+    last = max(int(p["step"]) for p in points if int(p["timestamp"]) < int(first["timestamp"]))
     return {
         **detail,
         "seconds_to_next_step": (int(first["timestamp"]) - event_ms) / 1000,
@@ -380,12 +380,19 @@ def elastic(stack, s3_mnist):
     watch.wait_for("4 steps after preemption", lambda ps: _steps_at(ps, out["preempt"]["world_size_after"]) >= 4)
 
     # 5. bfn jobs stop, bfn jobs logs, and a second bfn submit of the same run that resumes and ends
-    stopped_at = max(int(p["step"]) for p in watch.points())
     stop = _run(stack, [BFN, "jobs", "stop", job, *_address(stack), "--wait", "--timeout", "120"], timeout=200)
+    # after the stop: rank 0 logs a step before it reports its checkpoint, so no checkpoint is past this step
+    stopped_at = max(int(p["step"]) for p in watch.points())
     out["stop"] = {"rc": stop.returncode, "stdout": stop.stdout, "last_logged_step": stopped_at}
     out["logs"] = _run(stack, [BFN, "jobs", "logs", job, *_address(stack)], timeout=120).stdout  # as a user reads it
-    end = f"trainer.max_steps={stopped_at + 2 * LOG_EVERY}"
-    resume = _submit(stack, [end if o.startswith("trainer.max_steps=") else o for o in overrides])
+    # resumed at a fixed size (trainer.num_workers may change on resume): Ray Train's elastic policy sizes a group
+    # from Ray Data's AutoscalingCoordinator, which holds a stopped run's reservation until it expires (180 s,
+    # a Ray constant), so an elastic resubmission would wait that long; a fixed group starts at once
+    changed = {"trainer.max_steps": f"{stopped_at + 2 * LOG_EVERY}", "trainer.num_workers": "1"}
+    changed["trainer.resize_check_s"] = "null"
+    resume = _submit(
+        stack, [f"{o.split('=')[0]}={changed.get(o.split('=')[0], o.split('=', 1)[1])}" for o in overrides]
+    )
     out["resume"] = {"rc": resume.returncode, "out": resume.stdout + resume.stderr}
     out["run_id"] = watch.run_id
     out["points"] = watch.points()
