@@ -175,6 +175,7 @@ def _event(watch: Watch, act) -> dict:
     last = max(int(p["step"]) for p in points if int(p["timestamp"]) < int(first["timestamp"]))
     return {
         **detail,
+        "event_ms": event_ms,
         "seconds_to_next_step": (int(first["timestamp"]) - event_ms) / 1000,
         "last_step_before": last,
         "resumed_from_step": resumed,
@@ -325,7 +326,7 @@ def elastic(stack, s3_mnist):
     job = f"bfn-train-{name}"
     sent = _submit(stack, overrides, wait=False, job_id=job, env=JOB_ENV)
     assert sent.returncode == 0, sent.stdout + sent.stderr
-    watch, events, out = Watch(stack, name, job), {}, {"name": name, "job_id": job, "overrides": overrides}
+    watch, out = Watch(stack, name, job), {"name": name, "job_id": job, "overrides": overrides}
     t0 = time.time()
 
     # 1. two nodes, two workers
@@ -398,7 +399,6 @@ def elastic(stack, s3_mnist):
     out["points"] = watch.points()
     out["steps_per_s"] = _steps_per_s(stack, watch.run_id)
     out["launches"] = _launches(out["logs"]) + _launches(out["resume"]["out"])
-    out["events"] = events
     _write_bench(out)
     return out
 
