@@ -25,7 +25,7 @@ $(CHROMIUM):  ## headless browser for the MLflow UI test (Debian package)
 # Five pytest processes, each under a timeout (a starved Ray hangs instead of failing): the
 # cluster and fault tests start Ray runtimes of their own, and Ray Train's clean-up actor gives up
 # when it finds several Ray instances on one machine.
-test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~21 min on 2 cores
+test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~17 min on 2 cores
 	timeout -s INT -k 60 2700 $(BIN)/python -m pytest -q -m "not cluster and not faults and not standalone and not multinode"
 	timeout -s INT -k 60 600 $(BIN)/python -m pytest -q -m standalone
 	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m cluster
@@ -35,7 +35,7 @@ test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~21
 test-faults: $(STAMP)  ## only the fault-injection runs (worker/driver SIGKILL, MLflow and S3 outages); ~5 min
 	timeout -s INT -k 60 1500 $(BIN)/python -m pytest -q -m faults
 
-test-multinode: $(STAMP)  ## only the multi-node tier (head + worker raylets on 127.0.0.1: node loss, preemption); ~9 min
+test-multinode: $(STAMP)  ## only the multi-node tier (head + worker raylets on 127.0.0.1: node loss, preemption); ~5 min
 	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m multinode
 
 test-fast: $(STAMP)  ## only the fast tests (no Ray, no servers)

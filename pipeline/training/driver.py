@@ -165,8 +165,8 @@ def _trainer(cfg: Config, loop_config: dict, datasets: dict, callbacks: list | N
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
-            # a node drained for preemption restarts the group without using max_failures (Ray's own budget,
-            # unlimited by default); the workers checkpoint when the notice comes (worker.preemption_notice)
+            # a preemption notice makes the workers checkpoint and stop (worker._checkpoint_if_preempted): Ray Train
+            # 2.60 counts that stop as one of max_failures and restarts the group on the nodes that remain
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
             # Ray Train's own INFO lines (resources, worker groups, reports) only with -v

@@ -60,7 +60,8 @@ class BadStepsError(RuntimeError):
 
 class PreemptedError(RuntimeError):
     """A node of this worker group is being preempted: every rank checkpointed and stops; Ray Train restarts the
-    group on the nodes that remain (FailureConfig.max_preemption_failures, not max_failures)."""
+    group on the nodes that remain (one of FailureConfig.max_failures: Ray Train 2.60 spends its separate
+    preemption budget only on workers the reclaim itself killed)."""
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,8 @@ def _checkpoint_if_preempted(ctx: WorkerContext, state: TrainState, metrics: dic
             state.step,
         )
     _report(ctx, state, metrics, progress, checkpoint=True)
+    if ctx.rank == 0:
+        log.warning("checkpoint of step %d written; waiting for the preempted node(s) to go", state.step)
     _wait_for_reclaim(info)
     raise PreemptedError(f"preempted at step {state.step} (ranks {info.preempted_ranks}); checkpoint written")
 
