@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-faults test-fast run bench lint mlflow-ui clean
+.PHONY: help install test test-faults test-fast test-multinode run bench lint mlflow-ui clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,17 +22,21 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):  ## headless browser for the MLflow UI test (Debian package)
 	-(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1
 
-# Three pytest processes, each under a timeout (a starved Ray hangs instead of failing): the
+# Five pytest processes, each under a timeout (a starved Ray hangs instead of failing): the
 # cluster and fault tests start Ray runtimes of their own, and Ray Train's clean-up actor gives up
 # when it finds several Ray instances on one machine.
-test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~12 min on 2 cores
-	timeout -s INT -k 60 2700 $(BIN)/python -m pytest -q -m "not cluster and not faults and not standalone"
+test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~17 min on 2 cores
+	timeout -s INT -k 60 2700 $(BIN)/python -m pytest -q -m "not cluster and not faults and not standalone and not multinode"
 	timeout -s INT -k 60 600 $(BIN)/python -m pytest -q -m standalone
 	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m cluster
 	timeout -s INT -k 60 1500 $(BIN)/python -m pytest -q -m faults
+	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m multinode
 
 test-faults: $(STAMP)  ## only the fault-injection runs (worker/driver SIGKILL, MLflow and S3 outages); ~5 min
 	timeout -s INT -k 60 1500 $(BIN)/python -m pytest -q -m faults
+
+test-multinode: $(STAMP)  ## only the multi-node tier (head + worker raylets on 127.0.0.1: node loss, preemption); ~5 min
+	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m multinode
 
 test-fast: $(STAMP)  ## only the fast tests (no Ray, no servers)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -319,13 +319,15 @@ class DataConfig:
         _number("data.fraction", self.fraction, low=0, high=1, low_open=True)
         _number("data.batch_size", self.batch_size, low=1, integer=True)
         _number("data.val_batch_size", self.val_batch_size, low=1, integer=True)
-        workers = config.trainer.num_workers
-        if self.batch_size % workers:
-            _fail(
-                "data.batch_size",
-                f"is the global batch: must be divisible by trainer.num_workers={workers}",
-                self.batch_size,
-            )
+        trainer = config.trainer
+        # the global batch is split evenly at every world size an elastic run may take (no accumulation)
+        sizes = range(trainer.min_workers, trainer.max_workers + 1)
+        if any(self.batch_size % workers for workers in sizes):
+            which = f"trainer.num_workers={trainer.num_workers}"
+            if trainer.elastic:
+                every = ", ".join(map(str, sizes))
+                which = f"every world size of trainer.num_workers={list(trainer.num_workers)} ({every})"
+            _fail("data.batch_size", f"is the global batch: must be divisible by {which}", self.batch_size)
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -532,9 +534,39 @@ class TrainerConfig:
     seed: int = _key()
     compile: bool = _key(resumable=True)
     max_minutes: float = _key(resumable=True)
+    # Ray resources each worker needs beside its CPUs/GPU, e.g. {bfn_worker: 1}: a custom resource that
+    # only the training nodes offer keeps workers off the head node
+    resources: dict | None = _key(resumable=True, default=None)
+    # elastic runs (num_workers [min, max]): seconds between Ray Train's checks for room to grow
+    resize_check_s: float | None = _key(resumable=True, default=None)
 
     def validate(self, config: Config) -> None:
-        _number("trainer.num_workers", self.num_workers, low=1, integer=True)
+        if self.elastic:
+            low, high = self.num_workers
+            for key, value in (("trainer.num_workers[0]", low), ("trainer.num_workers[1]", high)):
+                _number(key, value, low=1, integer=True)
+            if low > high:
+                _fail("trainer.num_workers", "is a range [min, max]: min must not exceed max", self.num_workers)
+        elif isinstance(self.num_workers, list | tuple):
+            _fail("trainer.num_workers", "must be a number of workers or a range [min, max]", self.num_workers)
+        else:
+            _number("trainer.num_workers", self.num_workers, low=1, integer=True)
+        if self.resources is not None:
+            if not isinstance(self.resources, dict) or not all(isinstance(k, str) for k in self.resources):
+                _fail("trainer.resources", "must map resource names to amounts", self.resources)
+            for name, amount in self.resources.items():
+                if name in ("CPU", "GPU"):
+                    _fail(f"trainer.resources.{name}", "is set by trainer.cpus_per_worker / use_gpu", amount)
+                _number(f"trainer.resources.{name}", amount, low=0, low_open=True)
+        if self.resize_check_s is not None:  # null: Ray's default (60 s)
+            if not self.elastic:
+                _fail(
+                    "trainer.resize_check_s",
+                    f"is not used with trainer.num_workers={self.num_workers} (a fixed number of workers never "
+                    "resizes); leave it null",
+                    self.resize_check_s,
+                )
+            _number("trainer.resize_check_s", self.resize_check_s, low=0, low_open=True)
         _number("trainer.cpus_per_worker", self.cpus_per_worker, low=0, low_open=True)
         for key in ("max_steps", "log_every", "val_every", "checkpoint_every", "num_to_keep", "max_bad_steps"):
             _number(f"trainer.{key}", getattr(self, key), low=1, integer=True)
@@ -547,6 +579,19 @@ class TrainerConfig:
             _fail(
                 "trainer.amp", "bf16 autocast runs on GPUs only and trainer.use_gpu is false; set it to false", self.amp
             )
+
+    @property
+    def elastic(self) -> bool:
+        """A range [min, max] of workers: Ray Train's elastic ScalingConfig, resized as nodes come and go."""
+        return isinstance(self.num_workers, list | tuple) and len(self.num_workers) == 2
+
+    @property
+    def min_workers(self) -> int:
+        return int(self.num_workers[0]) if self.elastic else int(self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        return int(self.num_workers[1]) if self.elastic else int(self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -707,8 +752,9 @@ class Config:
 
     @property
     def batch_size_per_worker(self) -> int:
-        """Each worker's batch: data.batch_size is global, split evenly over trainer.num_workers."""
-        return self.data.batch_size // self.trainer.num_workers
+        """Each worker's batch at the largest world size: data.batch_size is global, split evenly over the
+        workers (an elastic run's workers take data.batch_size // its world size at each launch)."""
+        return self.data.batch_size // self.trainer.max_workers
 
 
 def _section(name: str, section_cls: type, values: Any):

@@ -65,7 +65,24 @@ S3_DUMMY_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-MOTO_READY_PATH = "/moto-api/"  # moto's dashboard: it answers once the server serves requests
+MOTO_READY_PATH = "/moto-api/"
+NODE_PREFIX = "node"  # worker nodes joined by add_node: node1, node2, ...
+# `ray start` for a joining node, kept on loopback: on Linux `ray start` replaces 127.0.0.1 in --address and
+# --node-ip-address by the machine's network address (services.resolve_ip_for_localhost, a private function
+# replaced here, in this development stack only), and the head listens on loopback alone
+_LOOPBACK_NODE = (
+    "import sys; import ray._private.services as services; services.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
+)
+# every Ray node on one machine needs ports of its own (the agent's listen port is fixed by default)
+_NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)  # moto's dashboard: it answers once the server serves requests
 _MAX_RAY_TEMP_DIR_LEN = 36  # unix socket paths must stay under 108 bytes; Ray adds about 70
 # Variables of the caller that must not leak into the services we start.
 _SCRUB_ENV = (
@@ -383,6 +400,7 @@ def _ray_env(base_env: dict[str, str], state: dict[str, Any], ray_tmp: Path) -> 
         "AWS_ENDPOINT_URL": state["urls"]["s3"],
         "MLFLOW_S3_ENDPOINT_URL": state["urls"]["s3"],
         **S3_DUMMY_CREDENTIALS,
+        **state.get("ray_settings", {}),
     }
 
 
@@ -443,8 +461,12 @@ def up(
     mlflow_port: int | None = None,
     s3_port: int | None = None,
     echo: Callable[[str], None] = log.info,
+    ray_settings: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start S3 (moto), MLflow and a token-auth Ray head on 127.0.0.1; return the state dict.
+
+    ``ray_settings``: environment of every Ray node of the stack (head and ``add_node``), e.g. Ray's system
+    settings ``RAY_health_check_period_ms``.
 
     Every wait is bounded by ``timeout`` seconds; on any failure everything already started is
     stopped and a :class:`StackError` names the service, its URL and the tail of its log.
@@ -466,6 +488,7 @@ def up(
         "s3": s3_port or free_port(),
     }
     state = _new_state(root, ports, bucket, _new_token(root))
+    state["ray_settings"] = dict(ray_settings or {})
     try:
         _start_services(_Launcher(root, state), state, num_cpus, object_store_memory, timeout)
     except BaseException as error:
@@ -482,6 +505,84 @@ def up(
         f"MLflow {urls['mlflow']}, S3 {urls['s3']} (bucket {bucket})"
     )
     return state
+
+
+# --------------------------------------------------------------------------- worker nodes
+
+
+def add_node(
+    root_dir: str | os.PathLike,
+    *,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    object_store_memory: int = 256 * 1024**2,
+    timeout: float = 180.0,
+) -> dict[str, Any]:
+    """Join one more Ray node (a raylet of its own, ``ray start --address --block``) to the stack's head, on
+    127.0.0.1 with ports of its own and the head's environment (token, S3, marker). ``resources``: custom
+    resources it offers (``{"bfn_worker": 1}``: training workers that ask for it run on such nodes only).
+    Returns ``{"name", "pid", "node_id"}``; ``down`` stops it with the rest."""
+    root = Path(root_dir).resolve()
+    state = load_state(root)
+    if state is None or "ray" not in state["services"]:
+        raise StackError(f"no stack running from {root}: `bfn stack up --dir {root}` first")
+    name = f"{NODE_PREFIX}{1 + sum(n.startswith(NODE_PREFIX) for n in state['services'])}"
+    # a temp folder of its own: nodes sharing one would each stream every node's worker logs to the job
+    ray_tmp = Path(state["ray_temp_dir"]) / name
+    argv = [
+        sys.executable,
+        "-c",
+        _LOOPBACK_NODE,
+        "start",
+        "--block",
+        f"--address={HOST}:{state['ports']['ray']}",
+        f"--node-ip-address={HOST}",
+        f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps(resources or {})}",
+        f"--object-store-memory={object_store_memory}",
+        f"--temp-dir={ray_tmp}",
+        *(f"--{port}={free_port()}" for port in _NODE_PORTS),
+        "--disable-usage-stats",
+    ]
+    known = {svc.get("node_id") for svc in state["services"].values()}
+    launcher = _Launcher(root, state)
+    base_env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the head's loopback switch) makes `ray start` refuse to join a node;
+    # with it on, _LOOPBACK_NODE keeps --node-ip-address and --address on 127.0.0.1
+    env = {**_ray_env(base_env, state, ray_tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    launcher.launch(name, argv, env, marked=True)
+    found: list[str] = []
+
+    def joined() -> bool:
+        found[:] = sorted(_node_ids(state) - known)
+        return bool(found)
+
+    launcher.wait(name, f"Ray node {name}", joined, f"a new alive node in the cluster at {HOST}", timeout)
+    state["services"][name]["node_id"] = found[0]
+    _write_state(root, state)
+    return {"name": name, "pid": state["services"][name]["pid"], "node_id": found[0]}
+
+
+def raylet_pid(root_dir: str | os.PathLike, name: str) -> int:
+    """The raylet process of node ``name`` (a child of its ``ray start --block``): what a node loss kills."""
+    state = load_state(root_dir)
+    if state is None or name not in state["services"]:
+        raise StackError(f"no node {name!r} in the stack at {root_dir}")
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(state["services"][name]["pid"]).children(recursive=True):
+            if child.name() == "raylet":
+                return child.pid
+    raise StackError(f"node {name!r} has no raylet running")
+
+
+def _node_ids(state: dict[str, Any]) -> set[str]:
+    """Alive worker (non-head) node ids, from the dashboard's state API (with the stack's token)."""
+    token = Path(state["token_path"]).read_text().strip()
+    status, body = http_status(state["urls"]["ray_dashboard"] + "/api/v0/nodes", token, timeout=10)
+    if status != 200:
+        raise ValueError(f"dashboard /api/v0/nodes answered {status}")
+    nodes = json.loads(body)["data"]["result"]["result"]
+    return {n["node_id"] for n in nodes if n["state"] == "ALIVE" and not n["is_head_node"]}
 
 
 def create_bucket(s3_url: str, bucket: str) -> None:
@@ -509,9 +610,10 @@ def down(root_dir: str | os.PathLike, *, echo: Callable[[str], None] = log.info,
         echo(f"no stack state at {root / STATE_FILE}; nothing to stop")
         return {}
     started = time.monotonic()
+    nodes = sorted(name for name in state["services"] if name.startswith(NODE_PREFIX))
     reports = {
         name: _stop_service(state["services"][name], state["id"], grace)
-        for name in ("ray", "mlflow", "s3")
+        for name in (*nodes, "ray", "mlflow", "s3")
         if name in state["services"]
     }
     # a last sweep for anything carrying the marker (e.g. a Ray worker that changed session)
@@ -546,10 +648,11 @@ def status(root_dir: str | os.PathLike) -> dict[str, Any]:
     }
     services = {}
     for name, svc in state["services"].items():
-        base, probe = probes[name]
-        healthy = False
+        base, probe = probes.get(name, (urls["ray_dashboard"], None))  # a worker node: its process is its health
+        healthy = probe is None and alive(svc["pid"], svc.get("start_time"))
         with contextlib.suppress(OSError, ValueError):
-            healthy = http_status(base + probe, token if name == "ray" else None, timeout=2)[0] == 200
+            if probe is not None:
+                healthy = http_status(base + probe, token if name == "ray" else None, timeout=2)[0] == 200
         services[name] = {
             "pid": svc["pid"],
             "alive": alive(svc["pid"], svc.get("start_time")),

@@ -64,7 +64,7 @@ class TrialSettings:
 # --------------------------------------------------------------------------------- resources
 def trial_resources(cfg, driver_cpus: float) -> dict[str, float]:
     """Logical resources one trial holds: its driver plus its Train workers."""
-    workers = cfg.trainer.num_workers
+    workers = cfg.trainer.max_workers  # an elastic trial may grow to its maximum
     return {
         "CPU": driver_cpus + workers * cfg.trainer.cpus_per_worker,
         "GPU": float(workers) if cfg.trainer.use_gpu else 0.0,

@@ -9,6 +9,7 @@ MLflow run (``tracking_run``); the loop each worker runs is ``worker``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -77,6 +78,8 @@ def _fit(cfg: Config, lease: Lease, newest: tuple[Any, str] | None, callbacks: l
         "verbose": logs.verbose(),
         "newest_checkpoint": found,
         "lease": lease.token,
+        # Ray Train's watcher is on unless switched off (embedded runtimes: ray_runtime.embedded_ray_env)
+        "watch_preemption": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") not in ("0", "false", "False"),
     }
     trainer = _trainer(cfg, {"config": cfg.raw, "runtime": runtime}, datasets, callbacks)
     try:
@@ -156,16 +159,14 @@ def _trainer(cfg: Config, loop_config: dict, datasets: dict, callbacks: list | N
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.num_workers,
-            use_gpu=cfg.trainer.use_gpu,
-            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
+            # a preemption notice makes the workers checkpoint and stop (worker._checkpoint_if_preempted): Ray Train
+            # 2.60 counts that stop as one of max_failures and restarts the group on the nodes that remain
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
             # Ray Train's own INFO lines (resources, worker groups, reports) only with -v
@@ -174,8 +175,37 @@ def _trainer(cfg: Config, loop_config: dict, datasets: dict, callbacks: list | N
             ),
         ),
         datasets=datasets,
-        # one worker reads the whole stream itself: no split coordinator actor to start and feed
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.num_workers > 1 else []),
+        dataset_config=data_config(cfg),
+    )
+
+
+def data_config(cfg: Config):
+    """How the datasets reach the workers: "train" is split into one disjoint stream per worker (Ray Data's
+    ``streaming_split``, equal sizes); "val" is not split, rank 0 alone validates on all of it. One worker
+    reads the whole stream itself: no split coordinator actor to start and feed."""
+    import ray.train
+
+    return ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.max_workers > 1 else [])
+
+
+def scaling_config(cfg: Config):
+    """``trainer.num_workers`` as Ray Train's ScalingConfig: a number is a fixed group (FailureConfig restarts it
+    at the same size); a range [min, max] is Ray's elastic group, restarted at whatever size the cluster has room
+    for when a node is lost, and grown again at the next resize check once nodes come back."""
+    import ray.train
+
+    trainer = cfg.trainer
+    resources = {"CPU": trainer.cpus_per_worker, **(trainer.resources or {})}
+    if not trainer.elastic:
+        return ray.train.ScalingConfig(
+            num_workers=trainer.num_workers, use_gpu=trainer.use_gpu, resources_per_worker=resources
+        )
+    extra = {} if trainer.resize_check_s is None else {"elastic_resize_monitor_interval_s": trainer.resize_check_s}
+    return ray.train.ScalingConfig(
+        num_workers=(trainer.min_workers, trainer.max_workers),
+        use_gpu=trainer.use_gpu,
+        resources_per_worker=resources,
+        **extra,
     )
 
 

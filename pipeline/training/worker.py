@@ -20,6 +20,7 @@ partial epoch is seen in a different order. Other ranks reseed from (seed, rank,
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import tempfile
@@ -50,10 +51,17 @@ from pipeline.training.system_metrics import ProcessSampler
 from pipeline.training.train_state import TrainState
 
 log = logging.getLogger(__name__)
+PREEMPTION_WAIT_S = 120.0  # a preemption notice without a deadline: Ray Train's own assumption of the time left
 
 
 class BadStepsError(RuntimeError):
     """Too many consecutive non-finite steps; a diagnostic checkpoint was written aside."""
+
+
+class PreemptedError(RuntimeError):
+    """A node of this worker group is being preempted: every rank checkpointed and stops; Ray Train restarts the
+    group on the nodes that remain (one of FailureConfig.max_failures: Ray Train 2.60 spends its separate
+    preemption budget only on workers the reclaim itself killed)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Runtime:
     verbose: bool = False
     newest_checkpoint: Any = None  # ray.train.Checkpoint: the run folder's newest complete one at launch
     lease: dict | None = None  # the driver's run-folder lease ({run_folder, id}): checked before each report
+    watch_preemption: bool = False  # Ray Train's preemption watcher runs: ask for its notice at each log step
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,8 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
         metrics: dict[str, float] = {}
         if actions.log:
             metrics, actions = _log_and_check(ctx, state, window, progress, cadence, actions)
+            if runtime.watch_preemption and not actions.last:
+                _checkpoint_if_preempted(ctx, state, metrics, progress)
         if ctx.rank == 0 and actions.validate:
             metrics.update(_validate_and_sample(ctx, state.ema.model, state.step))
             progress.history["val/loss"].append((state.step, metrics["val/loss"]))
@@ -230,7 +241,61 @@ def _start(cfg: Config, runtime: Runtime) -> tuple[WorkerContext, TrainState, Co
     system = ProcessSampler(device) if cfg.tracking.enabled and cfg.tracking.system_metrics else None
     vocabulary = data_lib.vocabulary_of(cfg.data.name, cfg.data.uri) if rank == 0 else None  # read once
     ctx = WorkerContext(cfg, runtime, rank, world, device, run_dir, tracker, system, vocabulary)
+    _record_nodes(ctx, state.step)
     return ctx, state, step_fn
+
+
+def _record_nodes(ctx: WorkerContext, step: int) -> None:
+    """Which Ray node each rank of this launch runs on: one progress line and the MLflow tag ``bfn.rank_nodes``
+    (JSON, rank -> node id), rewritten at every launch of an elastic or restarted run."""
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if ctx.world > 1:  # once per launch, beside DDP's own start-up collectives
+        nodes = [None] * ctx.world
+        torch.distributed.all_gather_object(nodes, node)
+    if ctx.rank == 0:
+        log.info(
+            "world size %d from step %d on %d node(s): %s",
+            ctx.world,
+            step,
+            len(set(nodes)),
+            ", ".join(f"rank {r} on {n[:12]}" for r, n in enumerate(nodes)),
+        )
+        ctx.tracker.set_tags({"bfn.rank_nodes": json.dumps(dict(enumerate(nodes)))})
+
+
+def _checkpoint_if_preempted(ctx: WorkerContext, state: TrainState, metrics: dict, progress: Progress) -> None:
+    """At a log step: whether Ray Train saw a node of this group drained for preemption (its watcher polls
+    the drain state; ``get_preemption_info`` agrees on one answer across ranks, a barrier, so it is asked at log
+    steps only, never per step). On a notice every rank reports a checkpoint of this step and raises
+    ``PreemptedError``: Ray Train restarts the group on the remaining nodes, losing no step since the notice."""
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return
+    left = "none" if info.deadline_ms is None else f"{info.deadline_ms / 1000 - time.time():.0f} s"
+    if ctx.rank == 0:
+        log.warning(
+            "preemption notice for node(s) %s (ranks %s, deadline in %s): checkpoint at step %d, then stop",
+            ", ".join(n[:12] for n in info.preempted_node_ids),
+            info.preempted_ranks,
+            left,
+            state.step,
+        )
+    _report(ctx, state, metrics, progress, checkpoint=True)
+    if ctx.rank == 0:
+        log.warning("checkpoint of step %d written; waiting for the preempted node(s) to go", state.step)
+    _wait_for_reclaim(info)
+    raise PreemptedError(f"preempted at step {state.step} (ranks {info.preempted_ranks}); checkpoint written")
+
+
+def _wait_for_reclaim(info) -> None:
+    """Hold this worker until the preempted nodes are gone (or their deadline, else ``PREEMPTION_WAIT_S``, has
+    passed): Ray Train sizes the restarted group from the nodes it counts, and it counts a draining node's
+    resources until the node is reclaimed. Ranks on a preempted node end with it."""
+    deadline = info.deadline_ms / 1000 if info.deadline_ms else time.time() + PREEMPTION_WAIT_S
+    leaving = set(info.preempted_node_ids)
+    while time.time() < deadline + 5 and leaving & {node["NodeID"] for node in ray.nodes() if node["Alive"]}:
+        time.sleep(1.0)
 
 
 def _advance(ctx: WorkerContext, state: TrainState, step_fn: CompiledStep, train_iter, window: Window) -> None:
@@ -281,6 +346,7 @@ def _log_window(
         "train/samples_per_s": stats["good"] * cfg.data.batch_size / max(stats["seconds"], 1e-9),
         "train/grad_norm": stats["grad_norm"],
         "train/skipped_steps": progress.skipped_total,
+        "train/world_size": ctx.world,  # elastic runs change it from launch to launch
     }
     if ctx.system is not None:  # every rank's process, gathered on the log step (a collective)
         metrics.update(system_metrics.gather(ctx.system.read(), ctx.rank, ctx.world))

@@ -119,6 +119,15 @@ BAD = [  # (overrides, the key the message must name)
     (["optim.warmup_steps=1.5"], "optim.warmup_steps"),
     # trainer
     (["trainer.num_workers=0"], "trainer.num_workers"),
+    # elastic ranges: every world size must split the global batch; extra resources; the resize check
+    (["trainer.num_workers=[1,3]"], "data.batch_size"),
+    (["trainer.num_workers=[2,1]"], "trainer.num_workers"),
+    (["trainer.num_workers=[0,2]"], "trainer.num_workers[0]"),
+    (["trainer.num_workers=[1,2,3]"], "trainer.num_workers"),
+    (["trainer.resize_check_s=5"], "trainer.resize_check_s"),
+    (["trainer.num_workers=[1,2]", "trainer.resize_check_s=0"], "trainer.resize_check_s"),
+    (["trainer.resources={CPU:1}"], "trainer.resources.CPU"),
+    (["trainer.resources={bfn_worker:0}"], "trainer.resources.bfn_worker"),
     (["trainer.cpus_per_worker=0"], "trainer.cpus_per_worker"),
     *[
         ([f"trainer.{k}=0"], f"trainer.{k}")
@@ -199,6 +208,8 @@ def test_every_bad_value_names_its_key(overrides, key):
         ["++net.kwargs.model_channels=32"],
         ["++run.init_from=s3://bucket/run/checkpoint_000001"],
         ["trainer=gpu_1"],
+        ["trainer.num_workers=[1,2]", "trainer.resize_check_s=5", "trainer.resources={bfn_worker:1}"],
+        ["trainer.num_workers=[1,4]", "data.batch_size=24"],
     ],
 )
 def test_good_values_load(overrides):
@@ -373,3 +384,20 @@ def test_a_local_run_folder_is_refused_on_a_cluster_of_several_nodes():
     assert load(["run.shared_storage=true"]).run.shared_storage is True
     with pytest.raises(ConfigError, match="run.shared_storage"):
         load(["run.shared_storage=maybe"])
+
+
+def test_num_workers_range_is_ray_trains_elastic_scaling_config_and_a_number_stays_fixed():
+    """A range [min, max] becomes ScalingConfig(num_workers=(min, max)) with the resize check; a number builds
+    exactly the ScalingConfig of a fixed group as before (no elastic setting), and the per-worker batch is
+    data.batch_size over the world size of each launch."""
+    from pipeline.training.driver import scaling_config
+
+    fixed = scaling_config(load(["trainer.num_workers=2"]))
+    assert fixed.num_workers == 2 and not fixed.elasticity_enabled
+    assert fixed.resources_per_worker == {"CPU": 1}
+    elastic_cfg = load(["trainer.num_workers=[1,2]", "trainer.resize_check_s=5", "trainer.resources={bfn_worker:1}"])
+    elastic = scaling_config(elastic_cfg)
+    assert elastic.num_workers == (1, 2) and elastic.elasticity_enabled
+    assert (elastic.min_workers, elastic.max_workers, elastic.elastic_resize_monitor_interval_s) == (1, 2, 5)
+    assert elastic.resources_per_worker == {"CPU": 1, "bfn_worker": 1}
+    assert elastic_cfg.batch_size_per_worker == elastic_cfg.data.batch_size // 2
