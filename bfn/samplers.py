@@ -118,6 +118,7 @@ def sample(
     guidance: float = 0.0,
     known: Known | None = None,
     particles: int = 1,
+    infer_label: bool = False,
 ) -> Tensor:
     """Draw (num_samples, *data_shape) from ``model`` with ``nfe`` network calls (after training).
 
@@ -137,6 +138,8 @@ def sample(
         known: ``bfn.conditioning.Known(mask, values)``: coordinates the samples keep.
         particles: > 1: sequential Monte Carlo over that many particles per sample (``paper``
             sampler and ``known`` only; see the module docstring), particles x the compute.
+        infer_label: SMC with a conditional network: the particles' classes are inferred from the
+            known coordinates instead of given (``smc``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -149,6 +152,8 @@ def sample(
     if isinstance(particles, bool) or not isinstance(particles, numbers.Integral) or particles < 1:
         raise ValueError(f"particles must be an int >= 1, got {particles!r}")
     device = device or _model_device(model)
+    if infer_label and particles == 1:
+        raise ValueError("infer_label weighs particles of every class: give particles >= the number of classes")
     if particles > 1:
         if sampler != "paper" or known is None:
             raise ValueError(
@@ -168,6 +173,7 @@ def sample(
             label=label,
             guidance=guidance,
             known=known,
+            infer_label=infer_label,
         )
     return SAMPLERS[sampler](
         model,
@@ -232,15 +238,29 @@ def smc(
     return_sample: bool = False,
     label: Tensor | int | None = None,
     guidance: float = 0.0,
+    infer_label: bool = False,
 ) -> Tensor:
     """Sequential Monte Carlo inpainting with the paper's sampler (see the module docstring).
 
     Particles of sample b are rows b P .. b P + P - 1 of one batch of B P rows. Without resampling
     and with P = 1 it is the paper's sampler whose known inputs follow the data's flow.
+    ``infer_label`` (a class-conditional network, no ``label``): particle j starts with class
+    j mod num_labels and keeps it through resampling, so the class is one more latent that the
+    known coordinates' weights infer; the target is the conditional of the mixture
+    sum_c p(c) p(x | c) (uniform p(c)) rather than of the network's unlabelled mode.
     """
     B, P = num_samples, particles
     device = device or _model_device(model)
     label = check_label(label, model.num_labels, B, device)
+    if infer_label:
+        if model.num_labels is None or label is not None or model.num_labels > P:
+            raise ValueError(
+                f"infer_label needs a conditional network (num_labels={model.num_labels}), no label "
+                f"(got {'one' if label is not None else None}) and particles >= num_labels (got {P})"
+            )
+        per_particle = torch.arange(B * P, device=device) % P % model.num_labels
+    else:
+        per_particle = None if label is None else label.repeat_interleave(P)
     mask, values = known.mask, known.values
     if mask.dim() > len(model.data_shape):  # per-sample coordinates: one copy per particle
         mask = mask.repeat_interleave(P, 0)
@@ -250,7 +270,7 @@ def smc(
         model,
         B * P,
         device,
-        label=None if label is None else label.repeat_interleave(P),
+        label=per_particle,
         guidance=guidance,
         known=Known(mask, values),
         replace_input=False,
@@ -272,7 +292,10 @@ def smc(
         log_ratio = torch.where(mask, -losses.sender_log_ratio(dist, y, x, alpha), 0.0)  # ln p_R - ln p_S
         log_weights = log_weights + log_ratio.sum(-1).view(B, P)
         params = model.flow.update(params, y, alpha)
-        params, log_weights, twist = _resample(params, log_weights, twist, generator)
+        rows, log_weights = _resample(log_weights, generator)
+        params, twist = _take(params, rows), twist[rows]
+        if infer_label:  # a particle's class travels with it
+            condition.label = condition.label[rows]
     dist = condition.output(params, torch.ones(B * P, 1, device=device))
     final = torch.where(mask, _log_prob(model, dist, x), 0.0).sum(-1) - twist
     log_weights = log_weights + final.view(B, P)
@@ -281,19 +304,23 @@ def smc(
     return out.view(B, P, *model.data_shape)[torch.arange(B, device=device), chosen]
 
 
-def _resample(params, log_weights: Tensor, twist: Tensor, generator) -> tuple:
-    """Multinomial resampling of the samples whose effective sample size is below P / 2 (no sync)."""
+def _resample(log_weights: Tensor, generator) -> tuple[Tensor, Tensor]:
+    """Multinomial resampling of the samples whose effective sample size is below P / 2, without a
+    sync: (the rows (B P,) each particle continues from, the log weights after)."""
     B, P = log_weights.shape
     weights = torch.softmax(log_weights, -1)
     low = (1 / weights.square().sum(-1) < P / 2)[:, None]  # (B, 1)
     drawn = torch.multinomial(weights, P, replacement=True, generator=generator)  # (B, P)
     index = torch.where(low, drawn, torch.arange(P, device=drawn.device))
     rows = (index + P * torch.arange(B, device=drawn.device)[:, None]).reshape(-1)
+    return rows, torch.where(low, 0.0, log_weights)
+
+
+def _take(params, rows: Tensor):
+    """Input params of the given rows; the precision is a float shared by every row while sampling."""
     if isinstance(params, DiscreteParams):
-        params = DiscreteParams(params.probs[rows])
-    else:  # the precision is a float shared by every row while sampling
-        params = ContinuousParams(params.mean[rows], params.precision)
-    return params, torch.where(low, 0.0, log_weights), twist[rows]
+        return DiscreteParams(params.probs[rows])
+    return ContinuousParams(params.mean[rows], params.precision)
 
 
 def _twist_log_prob(model: BFN, dist, x: Tensor, t: Tensor) -> Tensor:

@@ -82,6 +82,7 @@ def cmd_inpaint(args) -> int:
         out=args.out,
         use_ema=not args.raw_weights,
         particles=args.particles,
+        infer_class=args.infer_class,
     )
     logging.getLogger(__name__).info("completions written to %s", path)
     return 0
@@ -106,6 +107,7 @@ def cmd_quality(args) -> int:
         fill=args.fill,
         prompt=args.prompt,
         particles=args.particles,
+        infer_class=args.infer_class,
     )
     print(table)  # the table is the command's result
     return 0
@@ -235,6 +237,12 @@ def _add_sample_and_quality(sub) -> None:
         default=1,
         help="> 1: sequential Monte Carlo over that many particles per completion (paper sampler; x the compute)",
     )
+    p.add_argument(
+        "--infer-class",
+        action="store_true",
+        help="conditional models, with --particles >= the number of classes: particles carry classes that the "
+        "known part's weights infer",
+    )
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_inpaint)
 
@@ -272,6 +280,12 @@ def _add_sample_and_quality(sub) -> None:
         default=None,
         help="with --inpaint/--fill: particle counts, e.g. 1,4,16 (1: each --sampler; P > 1: sequential Monte Carlo "
         "with the paper sampler, P times the compute)",
+    )
+    p.add_argument(
+        "--infer-class",
+        action="store_true",
+        help="with --inpaint and a conditional model: SMC particles carry classes (particle j: class j mod K) "
+        "that the kept pixels' weights infer; --particles >= K",
     )
     _overrides(p)
     p.set_defaults(func=cmd_quality)
@@ -322,6 +336,9 @@ def _add_bench(sub) -> None:
         "and time against the vocabulary size K (`python -m pipeline.bench.vocab --help` for its options)",
     )
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="pipeline mode: rounds of plain loop + Ray fit; medians are printed"
+    )
     p.add_argument("--device", default="cuda", help="device mode: cuda or cpu")
     p.add_argument(
         "--networks",

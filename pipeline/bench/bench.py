@@ -13,6 +13,7 @@ pipeline  steady-state samples/s of the Ray Train loop vs a plain single-process
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import tempfile
@@ -33,6 +34,8 @@ from pipeline.core.build import build_model, build_optimizer
 from pipeline.training.driver import fit
 from pipeline.training.ray_runtime import init_ray
 from pipeline.training.steps import train_step
+
+log = logging.getLogger(__name__)
 
 
 def _time_interleaved(fns: dict, steps: int, warmup: int = 3) -> dict[str, float]:
@@ -239,73 +242,108 @@ def _data_throughput(uri: str, seconds: float = 10.0) -> float:
     return rows / (time.perf_counter() - started)
 
 
-def bench_pipeline(steps: int = 60, overrides: list[str] | None = None) -> dict[str, float]:
-    """Plain loop, Ray Train (1 worker, then 2), plain loop again with Ray stopped: the plain rate
-    is the mean of the two runs around the Ray fits, so a drift of the machine's speed hits both.
-    ``overrides``: Hydra overrides of the mnist_local preset (data.uri=..., net=...)."""
+def bench_pipeline(steps: int = 60, overrides: list[str] | None = None, rounds: int = 3) -> dict[str, float]:
+    """``rounds`` rounds of: plain loop, then Ray Train with 1 worker in a fresh runtime; a last plain
+    loop closes them. Each round's ratio divides its fit's rate by the mean of the plain loops around
+    it, so a drift of the machine's speed hits both sides; the results are medians over rounds (a
+    slow or busy machine moves one round, not the median). The first round also fits 2 workers and
+    times Ray Data's delivery. ``overrides``: Hydra overrides of the mnist_local preset."""
     user = list(overrides or [])
     cfg = load(
         ["experiment=mnist_local", *user, f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
     )
     uri = cfg.data.uri
+    common = [f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
+    plains, fits = [], []
     with tempfile.TemporaryDirectory(prefix="bfn-bench-") as folder:
         root = Path(folder)
-        common = [f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
-        before = _plain_throughput(uri, steps, user)
-        init_ray(cfg)
-        one = _fit_throughput([*common, "trainer=cpu_1", "run.name=bench1"], root, user)
-        two = _fit_throughput([*common, "run.name=bench2"], root, user)
-        data = _data_throughput(uri)
-        ray.shutdown()
-        after = _plain_throughput(uri, steps, user)
-    plain = (before["samples_per_s"] + after["samples_per_s"]) / 2
-    worker_share = one["cpu"].get("training worker")  # None: no sample found the training process
-    plain_share = (before["cpu_share"] + after["cpu_share"]) / 2
+        for r in range(rounds):
+            plains.append(_plain_throughput(uri, steps, user))
+            init_ray(cfg)
+            fits.append(_fit_throughput([*common, "trainer=cpu_1", f"run.name=bench1_{r}"], root, user))
+            if r == 0:
+                two = _fit_throughput([*common, f"run.name=bench2_{r}"], root, user)
+                data = _data_throughput(uri)
+            ray.shutdown()
+            log.info(
+                "bench pipeline: round %d/%d: plain %.1f, Ray %.1f samples/s, start-up %.1f s",
+                r + 1,
+                rounds,
+                plains[-1]["samples_per_s"],
+                fits[-1]["samples_per_s"],
+                fits[-1]["startup_s"],
+            )
+        plains.append(_plain_throughput(uri, steps, user))
+    rates = [p["samples_per_s"] for p in plains]
+    around = [(rates[r] + rates[r + 1]) / 2 for r in range(rounds)]
+    ratios = [f["samples_per_s"] / plain for f, plain in zip(fits, around, strict=True)]
+    startups = [f["startup_s"] for f in fits]
+    plain_share = statistics.mean(p["cpu_share"] for p in plains)
+    per_cpu = [  # samples per CPU-second of the training process: the loop's own host cost
+        (f["samples_per_s"] / f["cpu"]["training worker"]) / (plain / plain_share)
+        for f, plain in zip(fits, around, strict=True)
+        if f["cpu"].get("training worker")
+    ]
+    one = fits[0]
     results = {
-        "plain_samples_per_s": plain,
-        "plain_spread": abs(before["samples_per_s"] - after["samples_per_s"]) / plain,
-        "ray_1worker_samples_per_s": one["samples_per_s"],
-        "ray_over_plain": one["samples_per_s"] / plain,
-        "ray_startup_s": one["startup_s"],
+        "rounds": rounds,
+        "plain_samples_per_s": statistics.median(rates),
+        "plain_spread": (max(rates) - min(rates)) / statistics.median(rates),
+        "ray_1worker_samples_per_s": statistics.median(f["samples_per_s"] for f in fits),
+        "ray_over_plain": statistics.median(ratios),
+        "ray_over_plain_rounds": ratios,
+        "ray_startup_s": statistics.median(startups),
+        "ray_startup_s_rounds": startups,
         "ray_2workers_samples_per_s": two["samples_per_s"],
         "two_over_one_workers": two["samples_per_s"] / one["samples_per_s"],
         "data_rows_per_s": data,
         "data_over_consumption": data / one["samples_per_s"],
-        "worker_cpu_share": worker_share,
+        "worker_cpu_share": one["cpu"].get("training worker"),  # None: no sample found the training process
         "plain_cpu_share": plain_share,
-        # samples per CPU-second of the training process itself: the loop's own host cost
-        "per_cpu_ray_over_plain": (one["samples_per_s"] / worker_share) / (plain / plain_share)
-        if worker_share
-        else None,
+        "per_cpu_ray_over_plain": statistics.median(per_cpu) if per_cpu else None,
     }
-    print(f"\n== pipeline: mnist_local preset, batch 32, {steps} steps per fit ==")
+    _print_pipeline(results, steps, rates, one["cpu"])
+    return results
+
+
+def _print_pipeline(results: dict, steps: int, rates: list[float], shares: dict[str, float]) -> None:
+    rounds = results["rounds"]
+    listed = lambda values, fmt: ", ".join(fmt.format(v) for v in values)  # noqa: E731
+    print(f"\n== pipeline: mnist_local preset, batch 32, {steps} steps per fit, medians over {rounds} rounds ==")
     print(
-        f"  plain single-process loop    {plain:8.1f} samples/s   (1.00x; {before['samples_per_s']:.1f} before "
-        f"the Ray fits, {after['samples_per_s']:.1f} after)"
+        f"  plain single-process loop    {results['plain_samples_per_s']:8.1f} samples/s   "
+        f"(1.00x; runs {listed(rates, '{:.1f}')})"
     )
     print(
-        f"  Ray Train, 1 worker x 2 CPU  {one['samples_per_s']:8.1f} samples/s   "
-        f"({results['ray_over_plain']:.2f}x plain; goal >= 0.95)  startup {one['startup_s']:.1f} s (goal <= 14.8 s)"
+        f"  Ray Train, 1 worker x 2 CPU  {results['ray_1worker_samples_per_s']:8.1f} samples/s   "
+        f"({results['ray_over_plain']:.2f}x plain, goal >= 0.95; "
+        f"rounds {listed(results['ray_over_plain_rounds'], '{:.2f}x')})"
     )
     print(
-        f"  Ray Train, 2 workers x 1 CPU {two['samples_per_s']:8.1f} samples/s   "
-        f"({results['two_over_one_workers']:.2f}x one worker, same 2 cores)"
+        f"  start-up per fit             {results['ray_startup_s']:8.1f} s           "
+        f"(goal <= 14.8 s; rounds {listed(results['ray_startup_s_rounds'], '{:.1f} s')})"
     )
     print(
-        f"  Ray Data delivery            {data:8.1f} rows/s      "
+        f"  Ray Train, 2 workers x 1 CPU {results['ray_2workers_samples_per_s']:8.1f} samples/s   "
+        f"({results['two_over_one_workers']:.2f}x one worker, same 2 cores; round 1)"
+    )
+    print(
+        f"  Ray Data delivery            {results['data_rows_per_s']:8.1f} rows/s      "
         f"({results['data_over_consumption']:.1f}x what one worker consumes; goal >= 10)"
     )
-    print(f"  share of the {os.cpu_count()} cores in the 1-worker fit's steady state (plain loop: {plain_share:.1%}):")
-    for role, share in one["cpu"].items():
+    print(
+        f"  share of the {os.cpu_count()} cores in round 1's 1-worker steady state "
+        f"(plain loop: {results['plain_cpu_share']:.1%}):"
+    )
+    for role, share in shares.items():
         print(f"    {role:<22} {share:6.1%}")
     if results["per_cpu_ray_over_plain"] is None:
         print("  per CPU-second of the training process: not measured (no CPU sample found the training process)")
     else:
         print(
             f"  per CPU-second of the training process, Ray Train's loop does "
-            f"{results['per_cpu_ray_over_plain']:.2f}x the plain loop's samples"
+            f"{results['per_cpu_ray_over_plain']:.2f}x the plain loop's samples (median)"
         )
-    return results
 
 
 def main(args) -> int:
@@ -318,5 +356,5 @@ def main(args) -> int:
     if args.which in ("all", "step"):
         bench_step(args.steps)
     if args.which in ("all", "pipeline"):
-        bench_pipeline(max(args.steps * 3, 12), args.overrides)
+        bench_pipeline(max(args.steps * 3, 12), args.overrides, rounds=args.rounds)
     return 0

@@ -129,6 +129,12 @@ def inpaint(model, cfg: Config, checkpoint, *, keep=None, text=None, fill=64, nu
     particles = check_count("--particles", options.get("particles", 1), 1)
     if particles > 1 and sampler != "paper":
         raise ConfigError(f"--particles: sequential Monte Carlo runs the paper sampler (got --sampler {sampler})")
+    infer = bool(options.get("infer_class", False))
+    if infer and (cfg.model.num_labels is None or particles < cfg.model.num_labels):
+        raise ConfigError(
+            f"--infer-class: needs a conditional model (model.num_labels={cfg.model.num_labels}) and --particles "
+            f">= the number of classes (got {particles})"
+        )
     generator = torch.Generator().manual_seed(seed)
     tag = "text" if text is not None else Path(keep).stem
     out = Path(options.get("out") or _default_out(checkpoint, tag, seed))
@@ -152,7 +158,15 @@ def inpaint(model, cfg: Config, checkpoint, *, keep=None, text=None, fill=64, nu
     x = _test_images(cfg, split, num, seed)
     known = Known(mask, x)
     drawn = draw(
-        model, len(x), sampler=sampler, nfe=nfe, generator=generator, grid=grid, known=known, particles=particles
+        model,
+        len(x),
+        sampler=sampler,
+        nfe=nfe,
+        generator=generator,
+        grid=grid,
+        known=known,
+        particles=particles,
+        infer_label=infer,
     )
     original = figures.to_uint8_images(x, cfg.data.name)
     kept = np.where(mask.numpy(), original, np.uint8(128))  # the unknown pixels grey

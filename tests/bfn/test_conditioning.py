@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from bfn import BFN, losses, sample
 from bfn.conditioning import Known
+from bfn.distributions import CategoricalHead
+from bfn.flows import DiscreteFlow
 from bfn.networks import build_network
 from bfn.samplers import smc
 from tests.bfn.nets import ConditionalMLP, FixedLabel
@@ -289,6 +291,42 @@ def test_smc_approaches_the_models_own_conditional_as_particles_grow(kind):
     torch.testing.assert_close(shares[16], torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.05, rtol=0)
 
 
+class ClassPrototypes(torch.nn.Module):
+    """Class c is prototype c exactly: the Bayes-optimal conditional network of K-class data over M
+    prototypes, with label M for "no condition" (a uniform prior over the prototypes)."""
+
+    def __init__(self, prototypes: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("one_hot", torch.nn.functional.one_hot(prototypes, num_classes).float())  # (M, D, K)
+        self.num_labels = prototypes.shape[0]
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, inputs, t, label=None):
+        M = self.num_labels
+        score = torch.einsum("bdk,mdk->bm", inputs.clamp(min=1e-30).log(), self.one_hot)
+        label = torch.full((inputs.shape[0],), M) if label is None else label
+        prior = torch.where(label[:, None] == M, 0.0, torch.where(torch.arange(M) == label[:, None], 0.0, -1e4))
+        posterior = torch.softmax(prior + score, -1)
+        return (torch.einsum("bm,mdk->bdk", posterior, self.one_hot) + 1e-12).log()
+
+
+def test_smc_infers_the_class_from_the_known_part():
+    """Five classes, each one prototype; prototypes 1 and 2 agree on the known half. Particles that
+    carry classes (infer_label) end on prototype 1 or 2, half each (uniform class prior), never on
+    another class's prototype: the weights inferred the class from the known half alone."""
+    g = seeded(0)
+    prototypes = torch.randint(0, 5, (5, 8), generator=g)
+    prototypes[2, :4] = prototypes[1, :4]
+    for m in (0, 3, 4):
+        prototypes[m, 0] = (prototypes[1, 0] + 1 + m) % 5  # the other classes differ on the known half
+    model = BFN(ClassPrototypes(prototypes, 5), DiscreteFlow(5, 2.0), CategoricalHead(5), data_shape=(8,)).eval()
+    known = Known(torch.arange(8) < 4, prototypes[1])
+    out = smc(model, 400, 30, 5, known=known, generator=seeded(1), infer_label=True)
+    shares = prototype_frequencies(out, prototypes)
+    assert shares[[0, 3, 4, 5]].sum() == 0, shares
+    assert abs(shares[1] - 0.5) < 0.1, shares  # sd 0.025 on 400 samples
+
+
 def test_bad_smc_arguments_raise_value_errors_naming_them():
     model = conditional_model("binary").eval()
     known = Known(torch.ones(model.data_shape, dtype=torch.bool), make_values("binary", seeded(0)))
@@ -298,6 +336,9 @@ def test_bad_smc_arguments_raise_value_errors_naming_them():
         ({"particles": 4}, "known=None"),
         ({"particles": 4, "known": known, "sampler": "ode2"}, "sampler='ode2'"),
         ({"particles": 4, "known": known, "grid": "uniform"}, "grid"),
+        ({"particles": 4, "known": known, "infer_label": True}, "particles >= num_labels"),
+        ({"particles": 5, "known": known, "infer_label": True, "label": 1}, "no label"),
+        ({"infer_label": True}, "infer_label"),
     ):
         with pytest.raises(ValueError, match=match):
             sample(model, 3, nfe=3, **kwargs)

@@ -450,6 +450,10 @@ def test_inpainting_with_every_pixel_known_scores_exactly_as_the_originals(cond_
     ]
     assert all(0 <= v <= 1 for r in rows for v in r.values["class_accuracy"])
     assert "test images completed from the top-half kept pixels" in text
+    rows, _ = quality(cond_checkpoint, inpaint="top-half", out=tmp_path / "inf", particles="10", infer_class=True,
+                      **{**kwargs, "samplers": "paper", "seeds": 1})  # fmt: skip
+    assert rows[-1].label == "SMC, 10 particles, class inferred, top-half kept"
+    assert (tmp_path / "inf_samples" / "smc10_inferred_nfe2_top-half_seed0.png").is_file()
     assert (tmp_path / "top_samples" / "paper_nfe2_top-half_seed0.png").is_file()
 
 
@@ -501,6 +505,8 @@ def test_text_fill_accuracy_beside_exact_unigram_baselines(tmp_path):
         ("cond", ["--fill", "10"], ["--fill", "text8"]),
         ("cond", ["--prompt", "10"], ["--prompt", "--fill"]),
         ("cond", ["--particles", "4"], ["--particles", "--inpaint"]),
+        ("cond", ["--inpaint", "top-half", "--particles", "4", "--infer-class"], ["--infer-class", "classes"]),
+        ("plain", ["--inpaint", "top-half", "--particles", "10", "--infer-class"], ["--infer-class", "num_labels"]),
         ("cond", ["--inpaint", "top-half", "--particles", "1,0"], ["--particles", ">= 1"]),
     ],
 )

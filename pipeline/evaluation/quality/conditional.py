@@ -12,7 +12,8 @@ Three tables, one per flag (each row: mean ± standard deviation over seeds, as 
 * ``--inpaint top-half`` (image models): ``num`` test images (a new draw of the test split for
   every seed) with the kept pixels known (``bfn.conditioning.Known``), completed without a label,
   by each sampler and, for each ``--particles`` count P > 1, by sequential Monte Carlo over P
-  particles (``bfn.samplers.smc``; ``--fill`` likewise).
+  particles (``bfn.samplers.smc``; ``--fill`` likewise). With ``--infer-class`` (a conditional
+  model) the SMC particles carry classes that the known pixels' weights infer.
   Metric: the classifier's accuracy on the completions against the images' true labels. Two
   baselines bound it: the classifier on the originals (the ceiling) and on the kept part alone
   with the rest set to the background (what the kept half already tells the classifier).
@@ -78,6 +79,7 @@ def draw(
     guidance: float = 0.0,
     known: Known | None = None,
     particles: int = 1,
+    infer_label: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """``num`` samples in batches of ``batch_size`` from one seeded generator; (samples, seconds).
     ``grid``: the solvers' time grid (None: the flow's default); the paper's sampler has none.
@@ -101,6 +103,7 @@ def draw(
                 guidance=guidance,
                 known=part,
                 particles=particles,
+                infer_label=infer_label and particles > 1,
             ).cpu()
         )
     if device.type == "cuda":
@@ -199,8 +202,10 @@ def inpaint_rows(
     samples_dir=None,
     grid=None,
     particles=(1,),
+    infer_label=False,
 ) -> list[Row]:
-    """Completions of ``num`` test images per (sampler, NFE, seed), then the two baselines."""
+    """Completions of ``num`` test images per (sampler, NFE, seed), then the two baselines.
+    ``infer_label``: the SMC rows infer each image's class with a conditional network."""
     mask = image_mask(keep, cfg.data.data_shape, flag="--inpaint")
     num = min(num, data_lib.num_rows(cfg.data.uri, "test"))
     batches = [_batch(cfg, "test", num, seed) for seed in range(seeds)]
@@ -214,7 +219,8 @@ def inpaint_rows(
     rows = []
     for sampler, count in _runs(samplers, particles):
         for nfe in nfes:
-            row = Row(f"{_name(sampler, count)}, {keep} kept", nfe, num)
+            name = _name(sampler, count) + (", class inferred" if infer_label and count > 1 else "")
+            row = Row(f"{name}, {keep} kept", nfe, num)
             for seed, batch in enumerate(batches):
                 x = torch.from_numpy(batch["x"]).to(dtype)
                 drawn, seconds = draw(
@@ -228,6 +234,7 @@ def inpaint_rows(
                     grid=grid,
                     known=Known(mask.to(device), x),
                     particles=count,
+                    infer_label=infer_label,
                 )
                 row.add({**scorer.score_labelled(drawn, batch["label"]), "seconds_per_sample": seconds / num})
                 if seed == 0 and samples_dir is not None:
@@ -235,7 +242,7 @@ def inpaint_rows(
                     original = figures.to_uint8_images(x[:shown], cfg.data.name)
                     kept = np.where(mask.numpy(), original, np.uint8(128))
                     completed = figures.to_uint8_images(drawn[:shown], cfg.data.name)
-                    tag = sampler if count == 1 else f"smc{count}"
+                    tag = sampler if count == 1 else f"smc{count}" + ("_inferred" if infer_label else "")
                     path = Path(samples_dir) / f"{tag}_nfe{nfe}_{Path(keep).stem}_seed0.png"
                     figures.save_image_grid(np.concatenate([original, kept, completed]), path, cols=shown)
                 _log(row, seed)

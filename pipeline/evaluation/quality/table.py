@@ -175,6 +175,7 @@ def quality(
     fill=None,
     prompt=None,
     particles=None,
+    infer_class: bool = False,
 ) -> tuple[list[Row], str]:
     """`bfn quality`: the table for every (sampler, NFE), written to ``out``.csv/.md; (rows, text).
 
@@ -201,6 +202,12 @@ def quality(
     )
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
     text = data_lib.is_text(cfg.data.name)
+    if infer_class and (inpaint is None or cfg.model.num_labels is None or max(particles) < cfg.model.num_labels):
+        raise ConfigError(
+            "--infer-class: SMC particles of every class complete an --inpaint: needs a conditional model "
+            f"(model.num_labels={cfg.model.num_labels}), --inpaint and --particles >= the number of classes "
+            f"(got --particles {','.join(map(str, particles))})"
+        )
     if guidances is not None:
         cond.check_guidances(cfg.model, guidances, num)
     if inpaint is not None and text:
@@ -246,7 +253,9 @@ def quality(
     if guidances is not None:
         rows = cond.guidance_rows(model, cfg, scorer, guidances=guidances, **common)
     elif inpaint is not None:
-        rows = cond.inpaint_rows(model, cfg, scorer, keep=inpaint, particles=particles, **common)
+        rows = cond.inpaint_rows(
+            model, cfg, scorer, keep=inpaint, particles=particles, infer_label=infer_class, **common
+        )
     elif fill is not None:
         rows = cond.fill_rows(model, cfg, fill=fill, prompt=prompt, particles=particles, **common)
     else:
