@@ -466,15 +466,7 @@ def test_text_fill_accuracy_beside_exact_unigram_baselines(tmp_path):
     data_lib.prepare("text8", str(tmp_path / "text8"), source=str(source), seq_len=46, progress=False)
     overrides = ["experiment=text8", "net=text8_transformer_tiny", f"data.uri={tmp_path / 'text8'}"]
     overrides += ["data.seq_len=46", "data.batch_size=4", "trainer=cpu_1"]
-    model = build_model(load(overrides))
-    folder = checkpointing.save(
-        tmp_path / "ckpt",
-        model=model,
-        ema=EMA(model, 0.9),
-        optimizer=build_optimizer(load(overrides), model),
-        train_state={"step": 0, "epoch": 0},
-        config=compose(overrides),
-    )
+    folder = _save_fresh(tmp_path, overrides)
     rows, text = quality(folder, samplers="paper", nfe="2", num=3, seeds=1, fill="10", prompt="30", out=tmp_path / "f")
     assert [r.label for r in rows] == [
         "unigram draw (train frequencies)",
