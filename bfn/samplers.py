@@ -1,4 +1,5 @@
 """Samplers for a trained BFN, chosen by name, with a budget of network calls (NFE).
+(Longer than 500 lines: every sampler, guidance and SMC share one step, one condition and one NFE contract.)
 
 Shapes: B samples, D = prod(data_shape), K classes.
 
@@ -253,12 +254,13 @@ def smc(
     device = device or _model_device(model)
     label = check_label(label, model.num_labels, B, device)
     if infer_label:
-        if model.num_labels is None or label is not None or model.num_labels > P:
+        classes = model.num_labels
+        if classes is None or label is not None or classes > P:
             raise ValueError(
-                f"infer_label needs a conditional network (num_labels={model.num_labels}), no label "
+                f"infer_label needs a conditional network (num_labels={classes}), no label "
                 f"(got {'one' if label is not None else None}) and particles >= num_labels (got {P})"
             )
-        per_particle = torch.arange(B * P, device=device) % P % model.num_labels
+        per_particle = torch.arange(B * P, device=device) % P % classes
     else:
         per_particle = None if label is None else label.repeat_interleave(P)
     mask, values = known.mask, known.values

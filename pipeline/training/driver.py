@@ -183,7 +183,7 @@ def data_config(cfg: Config):
     """How the datasets reach the workers: "train" is split into one disjoint stream per worker (Ray Data's
     ``streaming_split``, equal sizes); "val" is not split, rank 0 alone validates on all of it. One worker
     reads the whole stream itself: no split coordinator actor to start and feed."""
-    import ray.train
+    import ray.train  # lazy: Ray reads its node address at import, after ray_env_at_entry
 
     return ray.train.DataConfig(datasets_to_split=["train"] if cfg.trainer.max_workers > 1 else [])
 
@@ -192,7 +192,7 @@ def scaling_config(cfg: Config):
     """``trainer.num_workers`` as Ray Train's ScalingConfig: a number is a fixed group (FailureConfig restarts it
     at the same size); a range [min, max] is Ray's elastic group, restarted at whatever size the cluster has room
     for when a node is lost, and grown again at the next resize check once nodes come back."""
-    import ray.train
+    import ray.train  # lazy: Ray reads its node address at import, after ray_env_at_entry
 
     trainer = cfg.trainer
     resources = {"CPU": trainer.cpus_per_worker, **(trainer.resources or {})}

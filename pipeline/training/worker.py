@@ -1,4 +1,5 @@
 """The per-worker training function that Ray Train runs on every worker.
+(Longer than 500 lines: one worker's life, from resume through step, validation, checkpoint and preemption.)
 
 train_fn_per_worker({"config": ..., "runtime": ...}): build model/EMA/optimiser, resume from
 ray.train.get_checkpoint() (or a newer complete checkpoint the driver found), then step over the

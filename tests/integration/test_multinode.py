@@ -1,4 +1,5 @@
 """Several Ray nodes on this machine: a token-auth head and worker nodes, each a raylet of its own on 127.0.0.1.
+(Longer than 500 lines: one stack started once serves every check; a second module would start a second cluster.)
 
 One stack for the module (``devstack.up``: head, MLflow server, moto S3; ``devstack.add_node`` twice: worker nodes
 with one CPU and the custom resource ``bfn_worker``, which every training worker asks for, so the head hosts none).

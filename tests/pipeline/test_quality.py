@@ -1,4 +1,7 @@
-"""Sample-quality metrics, the classifier cache, `bfn quality` and `bfn sample --sampler/--nfe` (no Ray)."""
+"""Sample-quality metrics, the classifier cache, `bfn quality` and `bfn sample --sampler/--nfe` (no Ray).
+
+Longer than 500 lines: the metrics, the unconditional and conditional rows and the CLI share one checkpoint fixture.
+"""
 
 from __future__ import annotations
 
