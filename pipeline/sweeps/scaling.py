@@ -125,8 +125,9 @@ def measure(cfg, train_rows: int | None = None) -> dict[str, Any]:
     }
 
 
-def _axes(cfg, widths, depths, steps, fractions) -> tuple[str, dict, list]:
-    """(family, its FAMILIES entry, the grid's axes) with the config's own values as defaults."""
+def _axes(cfg, overrides, widths, depths, steps, fractions) -> tuple[str, dict, list]:
+    """(family, its FAMILIES entry, the grid's axes) with the config's own values as defaults. A pinned
+    argument the user sets explicitly (``net.kwargs.norm_groups=4``: finer widths) replaces the family's."""
     # lazy: build_parser imports this module for every command, and commands without Ray never import it
     from tune_spaces.architecture import FAMILIES, family_of  # (tune_spaces imports ray.tune)
 
@@ -134,6 +135,9 @@ def _axes(cfg, widths, depths, steps, fractions) -> tuple[str, dict, list]:
     if family is None:
         raise ScalingError(f"net.name={cfg.net.name} has no width/depth family; one of {', '.join(FAMILIES)}")
     info = FAMILIES[family]
+    explicit = {re.sub(r"^\+*", "", o.split("=", 1)[0]) for o in overrides if "=" in o}
+    pinned = {k: cfg.net.kwargs[k] if f"net.kwargs.{k}" in explicit else v for k, v in info["pinned"].items()}
+    info = {**info, "pinned": pinned}
     depth = cfg.net.kwargs[info["depth"]]
     return (
         family,
@@ -158,7 +162,7 @@ def make_plan(
 ) -> dict:
     """The grid (width x depth x steps x fraction) over a base config, with N, D, C per point."""
     cfg = _load_plan_config(name, overrides)
-    family, info, axes = _axes(cfg, widths, depths, steps, fractions)
+    family, info, axes = _axes(cfg, overrides, widths, depths, steps, fractions)
     train_rows = _train_rows(cfg)
     entries = [
         _entry(cfg, info, int(width), int(depth), int(n_steps), float(fraction), train_rows)
@@ -217,16 +221,37 @@ def _entry(
 def _plan(name: str, overrides: Sequence[str], cfg, family: str, entries: list[dict]) -> dict:
     from pipeline.sweeps.runner import pin_paths  # lazy, as in _axes: runner imports ray
 
+    _warn_ema_lag(cfg, entries)
+    # a point cut by the preset's time budget would not spend its D: no time budget unless asked for
+    timed = any(re.sub(r"^\+*", "", o).startswith("trainer.max_minutes=") for o in overrides)
     return {
         "name": name,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "family": family,
-        "base_overrides": [*overrides, *pin_paths(cfg)],
+        "base_overrides": [*([] if timed else ["trainer.max_minutes=0"]), *overrides, *pin_paths(cfg)],
         "metric": NLL_METRIC,
         "tracking": {"uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment, "enabled": cfg.tracking.enabled},
         "batch_size": cfg.data.batch_size,
         "entries": entries,
     }
+
+
+def _warn_ema_lag(cfg, entries: list[dict]) -> None:
+    """Validation reads the EMA weights: a point shorter than 3 EMA time constants is scored on
+    weights that still remember their initialisation, which flatters no size and biases short runs."""
+    decay = cfg.optim.ema_decay
+    horizon = 1.0 / (1.0 - decay) if decay > 0 else 0.0
+    short = [e["id"] for e in entries if e["steps"] < 3 * horizon]
+    if short:
+        log.warning(
+            "%d of %d grid points train for fewer than 3 EMA time constants (optim.ema_decay=%g: %.0f steps), "
+            "e.g. %s; their NLL is the EMA's lag more than the model's (optim.ema_decay=0 scores the last weights)",
+            len(short),
+            len(entries),
+            decay,
+            horizon,
+            short[0],
+        )
 
 
 # ========================================================================= IsoFLOP plan
@@ -294,7 +319,7 @@ def make_isoflop_plan(
     ``make_plan`` (``bfn scaling run`` runs it) plus ``budget`` per entry and ``"kind": "isoflop"``."""
     _check_isoflop(budgets, sizes, tokens_per_param)
     cfg = _load_plan_config(name, overrides)
-    family, info, _ = _axes(cfg, None, None, None, None)
+    family, info, _ = _axes(cfg, overrides, None, None, None, None)
     depth = int(cfg.net.kwargs[info["depth"]])
     per_step = cfg.data.batch_size * int(np.prod(cfg.data.data_shape))
     candidates = _candidate_sizes(cfg, info, depth)
@@ -460,7 +485,8 @@ def _finalize(plan: dict) -> list[dict]:
         run_id = runs.get(entry["id"])
         nll = float("nan")
         if run_id is not None:
-            nll = store.finalize_point(track["uri"], run_id, plan["metric"], store.grid_params(entry, plan["metric"]))
+            params = store.grid_params(entry, plan["metric"])
+            nll = store.finalize_point(track["uri"], run_id, plan["metric"], params, steps=entry["steps"])
         results.append({"id": entry["id"], "nll": nll, "run_id": run_id})
     return results
 

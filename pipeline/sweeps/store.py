@@ -224,9 +224,10 @@ def finished_points(uri: str, experiment: str, grid: str) -> dict[str, str]:
     return done
 
 
-def finalize_point(uri: str, run_id: str, metric: str, params: dict) -> float:
+def finalize_point(uri: str, run_id: str, metric: str, params: dict, steps: int | None = None) -> float:
     """Record a trained grid point's final validation NLL (the last value of ``metric``) as the
-    metric ``scaling/nll`` (NaN when it never validated), and its params when a run made by an
+    metric ``scaling/nll`` (NaN when it never validated, or validated last before its planned
+    ``steps``: a point that stopped early did not spend its D), and its params when a run made by an
     older plan lacks them."""
     client = _client(uri)
     logged = client.get_run(run_id).data.params if params else {}
@@ -234,7 +235,11 @@ def finalize_point(uri: str, run_id: str, metric: str, params: dict) -> float:
     if missing:
         MLflowTracker(uri, run_id).log_params(missing)
     history = client.get_metric_history(run_id, metric)
-    value = max(history, key=lambda m: (m.step, m.timestamp)).value if history else float("nan")
+    last = max(history, key=lambda m: (m.step, m.timestamp)) if history else None
+    value = float("nan") if last is None else last.value
+    if last is not None and steps is not None and last.step < steps:
+        log.warning("run %s validated last at step %d of %d: no final NLL (rerun the point)", run_id, last.step, steps)
+        value = float("nan")
     client.log_metric(run_id, FINAL_NLL, float(value))
     return float(value)
 

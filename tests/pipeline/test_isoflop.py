@@ -74,6 +74,45 @@ def test_isoflop_plan_spends_each_budget_around_the_expected_optimum(tmp_path):
     assert "kind" not in S.make_plan("g", ["experiment=smoke"], widths=[8], depths=[1], steps=[4])
 
 
+def test_an_explicit_pinned_argument_gives_finer_widths_and_no_time_budget_cuts_a_point():
+    """GroupNorm's 8 groups leave the small U-Nets too coarse for 5 sizes at 1e13 FLOPs; the user's
+    net.kwargs.norm_groups=4 replaces the family's pinned 8 (widths in steps of 4). The preset's
+    trainer.max_minutes would stop a point before it spends its budget: plans run without one."""
+    base = ["experiment=mnist_local"]
+    with pytest.raises(S.ScalingError, match="only 4 distinct widths"):
+        S.make_isoflop_plan("iso", base, budgets=[1e13], sizes=5)
+    plan = S.make_isoflop_plan("iso", [*base, "net.kwargs.norm_groups=4"], budgets=[1e13], sizes=5)
+    widths = [e["width"] for e in plan["entries"]]
+    assert len(set(widths)) == 5 and any(w % 8 for w in widths)
+    assert all("++net.kwargs.norm_groups=4" in e["overrides"] for e in plan["entries"])
+    assert plan["base_overrides"][0] == "trainer.max_minutes=0"
+    timed = S.make_isoflop_plan("iso", [*base, "trainer.max_minutes=30"], budgets=[1e14], sizes=3)
+    assert "trainer.max_minutes=0" not in timed["base_overrides"]
+
+
+def test_points_shorter_than_the_ema_horizon_are_reported(caplog):
+    """mnist_local's EMA (0.995, 200 steps) would score 1e13's largest points (61 steps) mostly on
+    their initial weights; optim.ema_decay=0 scores the last weights and silences the warning."""
+    overrides = ["experiment=mnist_local", "net.kwargs.norm_groups=4"]
+    with caplog.at_level("WARNING", logger="pipeline.sweeps.scaling"):
+        S.make_isoflop_plan("iso", overrides, budgets=[1e13], sizes=5)
+    assert "fewer than 3 EMA time constants (optim.ema_decay=0.995: 200 steps)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.sweeps.scaling"):
+        S.make_isoflop_plan("iso", [*overrides, "optim.ema_decay=0"], budgets=[1e13], sizes=5)
+    assert "EMA" not in caplog.text
+
+
+def test_a_point_that_stopped_before_its_steps_has_no_final_nll(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("scaling"))
+    metrics = [Metric("val/nll_bits_per_dim", 0.3, 0, 40)]
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param("scaling.N", "10")])
+    assert math.isnan(store.finalize_point(uri, run.info.run_id, "val/nll_bits_per_dim", {}, steps=50))
+    assert store.finalize_point(uri, run.info.run_id, "val/nll_bits_per_dim", {}, steps=40) == 0.3
+
+
 def test_isoflop_plan_refuses_a_budget_it_cannot_spend():
     """At 1e11 FLOPs the optimum (N ~ 2.9e4) is below the smallest U-Net of mnist_local."""
     with pytest.raises(S.ScalingError, match=r"--budgets 1e\+11: the expected optimum"):
