@@ -308,3 +308,52 @@ def plot_fit(nd: dict, c: dict, runs: list[dict], path: Path, prediction: dict |
         fontsize=10,
     )
     return _save(fig, path)
+
+
+def plot_isoflop(runs: list[dict], nd: dict, exponents: dict, path: Path, title: str = "") -> Path:
+    """IsoFLOP curves (L against N per budget, each budget's parabola and vertex) and N_opt(C), D_opt(C):
+    Approach 2's vertices with their power law beside Approach 3's compute-optimal line from L(N, D)."""
+    plt = pyplot()
+    two = exponents.get("approach2") or {}
+    per_budget = {b["budget"]: b for b in two.get("per_budget", [])}
+    budgets = sorted({float(r["budget"]) for r in runs if math.isfinite(r.get("budget", float("nan")))})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    cmap = plt.get_cmap("viridis")
+    for i, budget in enumerate(budgets):
+        color = cmap(i / max(len(budgets) - 1, 1))
+        group = sorted((r for r in runs if r.get("budget") == budget and math.isfinite(r["nll"])), key=lambda r: r["N"])
+        log_n, loss = np.log([r["N"] for r in group]), np.array([r["nll"] for r in group])
+        found = per_budget.get(budget, {})
+        marker = "o" if found.get("off_centre") is None and found else "x"
+        axes[0].scatter(np.exp(log_n), loss, color=color, marker=marker, zorder=3, label=f"C={budget:.2g}")
+        if len(set(log_n.tolist())) >= 3:
+            centre = log_n.mean()
+            coeffs = np.polyfit(log_n - centre, loss, 2)
+            grid = np.linspace(log_n.min() - 0.2, log_n.max() + 0.2, 80)
+            axes[0].plot(np.exp(grid), np.polyval(coeffs, grid - centre), color=color, alpha=0.7)
+        if math.isfinite(found.get("N_opt", float("nan"))):
+            vertex = ([found["N_opt"]], [found["L_opt"]])
+            axes[0].scatter(*vertex, marker="*", s=160, color=color, edgecolors="k", zorder=4)
+    axes[0].set(xscale="log", xlabel="N (non-embedding parameters)", ylabel="final val NLL", title="IsoFLOP curves")
+    c_grid = np.geomspace(budgets[0] / 2, budgets[-1] * 2, 60) if budgets else np.array([])
+    three = [compute_optimal(nd["params"], c) for c in c_grid]
+    for ax, key, exponent in ((axes[1], "N_opt", "a"), (axes[2], "D_opt", "b")):
+        used = [b for b in per_budget.values() if b["off_centre"] is None]
+        left = [b for b in per_budget.values() if b["off_centre"] is not None and math.isfinite(b[key])]
+        ax.scatter([b["budget"] for b in used], [b[key] for b in used], color="C3", zorder=3, label="vertices (used)")
+        if left:
+            ax.scatter([b["budget"] for b in left], [b[key] for b in left], color="C3", marker="x", label="off-centre")
+        if two.get("params"):
+            p, (low, high) = two["params"], two["ci"][exponent]
+            k = p["k_N"] if key == "N_opt" else p["k_D"]
+            label = f"Approach 2: C^{p[exponent]:.2f} [{low:.2f}, {high:.2f}]"
+            ax.plot(c_grid, k * c_grid ** p[exponent], color="C3", label=label)
+        a3, (low, high) = exponents["approach3"][exponent], exponents["approach3"]["ci"][exponent]
+        label = f"Approach 3: C^{a3:.2f} [{low:.2f}, {high:.2f}]"
+        ax.plot(c_grid, [t[key] for t in three], color="C0", ls="--", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="C = 6ND (FLOPs)", ylabel=key, title=f"{key}(C)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}  IsoFLOP: o used, x off-centre (left out of Approach 2)", fontsize=10)
+    return _save(fig, path)

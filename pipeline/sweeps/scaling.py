@@ -367,13 +367,14 @@ def _run_name(plan: dict, entry: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{plan['name']}-{entry['id']}")
 
 
-def _planned(plan: dict, entry: dict):
+def _planned(plan: dict, entry: dict, parent_id: str | None = None):
     from pipeline.sweeps.runner import PlannedRun  # lazy, as in _axes: runner imports ray
 
+    tags = store.grid_tags(plan["name"], entry["id"])
     return PlannedRun(
         overrides=list(entry["overrides"]),
         run_name=_run_name(plan, entry),
-        tags=store.grid_tags(plan["name"], entry["id"]),
+        tags={**tags, "mlflow.parentRunId": parent_id} if parent_id else tags,
         params=store.grid_params(entry, plan["metric"]),
     )
 
@@ -389,6 +390,7 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
             "the plan's config has tracking.enabled=false; scaling runs are read back from "
             "MLflow, so tracking must be on"
         )
+    started = time.perf_counter()
     done = {} if force else store.finished_points(track["uri"], track["experiment"], plan["name"])
     todo = [e for e in plan["entries"] if e["id"] not in done]
     if done:
@@ -397,29 +399,47 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
     for entry in todo:  # validate every point before training any
         planned = _planned(plan, entry)
         configs[entry["id"]] = load([*plan["base_overrides"], *planned.overrides, f"run.name={planned.run_name}"])
+    study = store.open_study(load(list(plan["base_overrides"])), plan["name"], _study_params(plan))
     if concurrent > 1 and len(todo) > 1:
-        _run_with_tune(plan, todo, configs[todo[0]["id"]], concurrent)
+        _run_with_tune(plan, todo, configs[todo[0]["id"]], concurrent, study.run_id)
     else:
-        _run_one_by_one(plan, todo, configs)
+        _run_one_by_one(plan, todo, configs, study.run_id)
     results = _finalize(plan)
-    _register_best(plan, results)
+    best = _register_best(plan, results)
+    store.close_study(study, plan["entries"], results, best, time.perf_counter() - started)
     return results
 
 
-def _register_best(plan: dict, results: list[dict]) -> None:
+def _study_params(plan: dict) -> dict[str, Any]:
+    """The plan as the study run's params: what a person browsing MLflow needs to read the grid."""
+    sizes = {e.get("budget") for e in plan["entries"]}
+    params = {
+        "scaling.kind": plan.get("kind", "grid"),
+        "scaling.family": plan["family"],
+        "scaling.points": len(plan["entries"]),
+        "scaling.budgets": ",".join(f"{b:g}" for b in plan.get("budgets", [])) or None,
+        "scaling.sizes_per_budget": len(plan["entries"]) // len(sizes) if plan.get("budgets") else None,
+        "scaling.metric": plan["metric"],
+        "scaling.base_overrides": " ".join(o for o in plan["base_overrides"] if not o.startswith("paths.")),
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _register_best(plan: dict, results: list[dict]) -> dict | None:
     """The grid point with the lowest final NLL: its model registered as ``models:/<grid>@champion``."""
     finite = [r for r in results if r["run_id"] and math.isfinite(r["nll"])]
     if not finite:
-        return
+        return None
     best = min(finite, key=lambda r: r["nll"])
     planned = _planned(plan, next(e for e in plan["entries"] if e["id"] == best["id"]))
     cfg = load([*plan["base_overrides"], *planned.overrides, f"run.name={planned.run_name}"])
     store.register_best(cfg, plan["name"], best["run_id"])
+    return best
 
 
-def _run_one_by_one(plan: dict, todo: list[dict], configs: dict) -> None:
+def _run_one_by_one(plan: dict, todo: list[dict], configs: dict, parent_id: str) -> None:
     for entry in todo:
-        cfg, planned = configs[entry["id"]], _planned(plan, entry)
+        cfg, planned = configs[entry["id"]], _planned(plan, entry, parent_id)
         store.open_run(cfg, planned.run_name, planned.tags, planned.params, required=True)
         started = time.perf_counter()
         summary = fit(cfg)
@@ -432,7 +452,7 @@ def _run_one_by_one(plan: dict, todo: list[dict], configs: dict) -> None:
         )
 
 
-def _run_with_tune(plan: dict, todo: list[dict], first_cfg, concurrent: int) -> None:
+def _run_with_tune(plan: dict, todo: list[dict], first_cfg, concurrent: int, parent_id: str) -> None:
     """The grid points as Tune trials (a grid over entry ids, FIFO, no early stopping)."""
     # lazy, as in _axes
     from ray import tune
@@ -456,7 +476,8 @@ def _run_with_tune(plan: dict, todo: list[dict], first_cfg, concurrent: int) -> 
         overrides=plan["base_overrides"],
         sweep=f"scaling-{plan['name']}",
         metric=plan["metric"],
-        planned={e["id"]: _planned(plan, e) for e in todo},
+        parent_run_id=parent_id,
+        planned={e["id"]: _planned(plan, e, parent_id) for e in todo},
     )
     storage_path, storage_fs = storage(first_cfg)
     runner.run_tune(
@@ -517,6 +538,8 @@ def fit_grid(
     out.mkdir(parents=True, exist_ok=True)
     files = reports.write_fit_tables(nd, c, runs, prediction, out, exponents)
     files["plot"] = reports.plot_fit(nd, c, runs, out / "scaling_fit.png", prediction, title=name)
+    if any(math.isfinite(r.get("budget", float("nan"))) for r in runs):
+        files["isoflop_plot"] = reports.plot_isoflop(runs, nd, exponents, out / "isoflop.png", title=name)
     run_id = None
     if log_to_mlflow:
         run_id = store.log_fit(uri, experiment, name, nd, c, prediction, files, artifact_location, exponents)

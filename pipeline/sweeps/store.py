@@ -8,8 +8,9 @@ its credentials.
 
 Sweeps: a parent run ``sweep-<name>`` (role ``sweep``) and one child per trial (role ``trial``,
 ``mlflow.parentRunId``). The best run's model of a sweep or grid is registered under the study's name
-with the alias ``champion`` (``register_best``). Scaling: one run per grid point (role ``run``) and one per fit
-(role ``fit``), all tagged ``bfn.scaling=<grid>``.
+with the alias ``champion`` (``register_best``). Scaling: a parent run ``scaling-<grid>`` (role
+``study``), one child per grid point (role ``run``) and one run per fit (role ``fit``, its tables and
+plots also artifacts of the study run), all tagged ``bfn.scaling=<grid>``.
 """
 
 from __future__ import annotations
@@ -214,6 +215,46 @@ def grid_runs(uri: str, experiment: str, grid: str, role: str = "run") -> list:
     return _search(uri, experiment, query)
 
 
+def open_study(cfg, grid: str, params: dict):
+    """The study's parent run ``scaling-<grid>`` (role ``study``), reopened by a resumed ``bfn scaling run``."""
+    study = open_run(cfg, f"scaling-{grid}", {GRID_TAG: grid, GRID_ROLE_TAG: "study"}, params, required=True)
+    study.set_tags({"git_sha": git_sha(), "mlflow.note.content": f"bfn scaling run: the grid {grid}"})
+    return study
+
+
+def close_study(study, entries: list[dict], results: list[dict], best: dict | None, wall: float) -> None:
+    """What the whole study cost and found: points finished, total compute of the finished points (6ND
+    and counted), the points' own training wall time summed over every invocation, this invocation's wall
+    time, and the best point as tags."""
+    by_id = {e["id"]: e for e in entries}
+    finished = [r for r in results if math.isfinite(r["nll"])]
+    client = study.client
+    seconds = 0.0
+    for r in finished:
+        info = client.get_run(r["run_id"]).info
+        seconds += ((info.end_time or info.start_time) - info.start_time) / 1000.0
+    study.log_metrics(
+        {
+            "study/points": len(results),
+            "study/points_finished": len(finished),
+            "study/C_total": sum(by_id[r["id"]]["C"] for r in finished),
+            "study/C_measured_total": sum(by_id[r["id"]].get("C_measured") or 0.0 for r in finished),
+            "study/points_wall_s": round(seconds, 1),
+            "study/invocation_wall_s": round(wall, 1),
+        },
+        step=0,
+    )
+    if best is not None:
+        study.set_tags({"bfn.best_point": best["id"], "bfn.best_run_id": best["run_id"]})
+    study.finish()
+
+
+def find_study(uri: str, experiment: str, grid: str) -> str | None:
+    """The run id of the grid's study run, or None (a grid run before studies had parents)."""
+    runs = grid_runs(uri, experiment, grid, role="study")
+    return runs[0].info.run_id if runs else None
+
+
 def finished_points(uri: str, experiment: str, grid: str) -> dict[str, str]:
     """{grid point id: run id} of the points that finished with a finite final NLL."""
     done = {}
@@ -320,4 +361,11 @@ def log_fit(
     for path in files.values():
         tracker.log_artifact(path, "scaling")
     tracker.finish()
+    study = find_study(uri, experiment, grid)
+    if study is not None:
+        parent = MLflowTracker(uri, study)
+        for path in files.values():
+            parent.log_artifact(path, "fit")
+        parent.set_tags({"bfn.fit_run_id": tracker.run_id})
+        parent.finish(status=None)
     return tracker.run_id

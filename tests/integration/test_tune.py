@@ -363,6 +363,9 @@ def test_tiny_scaling_grid_end_to_end(ray_local, machine, tmp_path):
     assert {"scaling.N", "scaling.D", "scaling.C"} <= set(data.params) and store.FINAL_NLL in data.metrics
     assert float(data.params["scaling.C"]) == 6 * float(data.params["scaling.N"]) * float(data.params["scaling.D"])
     assert client.get_run(fit["mlflow_run_id"]).data.tags[store.GRID_ROLE_TAG] == "fit"
+    study = store.find_study(cfg.tracking.uri, cfg.tracking.experiment, "tiny")
+    assert all(client.get_run(r["run_id"]).data.tags["mlflow.parentRunId"] == study for r in runs)
+    assert client.get_run(study).data.metrics["study/points_finished"] == 6
     # a second `run` finds every point done and trains nothing
     started = time.perf_counter()
     assert [r["nll"] for r in S.run_plan(plan, concurrent=2)] == [r["nll"] for r in results]

@@ -180,16 +180,34 @@ def test_a_grid_without_budgets_skips_approach_2():
 
 # --------------------------------------------------------------------- through MLflow (sqlite)
 def test_fit_reads_budgets_and_reports_both_approaches(tmp_path):
+    """The runs as `bfn scaling run` leaves them: children of the study run, which then holds the study's
+    totals and, once fitted, the fit's tables and plots."""
+    from pipeline.config import load
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load(["experiment=smoke", f"tracking.uri={uri}", "tracking.experiment=scaling"])
+    study = store.open_study(cfg, "iso", {"scaling.kind": "isoflop"})
     client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("scaling")
+    exp_id = client.get_experiment_by_name("scaling").experiment_id
+    entries, results = [], []
     for i, r in enumerate(isoflop_runs(shift={4: 1 / 24})):
         entry = {k: r[k] for k in ("N", "D", "C", "C_measured", "budget")}
-        run = client.create_run(exp_id, run_name=f"iso-p{i}", tags=store.grid_tags("iso", f"p{i}"))
+        tags = {**store.grid_tags("iso", f"p{i}"), "mlflow.parentRunId": study.run_id}
+        run = client.create_run(exp_id, run_name=f"iso-p{i}", tags=tags)
         params = [Param(k, str(v)) for k, v in store.grid_params(entry, "val/nll_bits_per_dim").items()]
         client.log_batch(run.info.run_id, metrics=[Metric(store.FINAL_NLL, r["nll"], 0, 0)], params=params)
         client.set_terminated(run.info.run_id)
+        entries.append({"id": f"p{i}", **entry})
+        results.append({"id": f"p{i}", "nll": r["nll"], "run_id": run.info.run_id})
+    store.close_study(study, entries, results, results[0], wall=12.5)
+    totals = client.get_run(study.run_id).data.metrics
+    assert totals["study/points_finished"] == len(results) and totals["study/invocation_wall_s"] == 12.5
+    assert totals["study/C_total"] == pytest.approx(sum(e["C"] for e in entries))
     result = S.fit_grid(uri, "scaling", "iso", n_boot=40, out_dir=tmp_path / "out", artifact_location=str(tmp_path))
+    assert len(result["runs"]) == len(results)  # the study run is no grid point
+    shown = {a.path for a in client.list_artifacts(study.run_id, "fit")}
+    assert {"fit/fit.md", "fit/scaling_fit.png", "fit/isoflop.png"} <= shown, shown
+    assert client.get_run(study.run_id).data.tags["bfn.fit_run_id"] == result["mlflow_run_id"]
     assert {r["budget"] for r in result["runs"]} == set(BUDGETS.tolist())
     md = Path(result["files"]["markdown"]).read_text()
     assert "| 3: L(N,D) fit, a = beta/(alpha+beta) |" in md and "| 2: IsoFLOP parabolas |" in md
