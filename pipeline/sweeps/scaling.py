@@ -406,7 +406,7 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
         _run_one_by_one(plan, todo, configs, study.run_id)
     results = _finalize(plan)
     best = _register_best(plan, results)
-    store.close_study(study, plan["entries"], results, best, time.perf_counter() - started)
+    store.close_study(study, track["uri"], track["experiment"], plan["name"], best, time.perf_counter() - started)
     return results
 
 

@@ -222,24 +222,19 @@ def open_study(cfg, grid: str, params: dict):
     return study
 
 
-def close_study(study, entries: list[dict], results: list[dict], best: dict | None, wall: float) -> None:
-    """What the whole study cost and found: points finished, total compute of the finished points (6ND
-    and counted), the points' own training wall time summed over every invocation, this invocation's wall
-    time, and the best point as tags."""
-    by_id = {e["id"]: e for e in entries}
-    finished = [r for r in results if math.isfinite(r["nll"])]
-    client = study.client
-    seconds = 0.0
-    for r in finished:
-        info = client.get_run(r["run_id"]).info
-        seconds += ((info.end_time or info.start_time) - info.start_time) / 1000.0
+def close_study(study, uri: str, experiment: str, grid: str, best: dict | None, wall: float) -> None:
+    """What the whole study cost and found, over every run of the grid (a plan that extends a grid
+    under the same name adds to it): points finished, their total compute (6ND and counted), their
+    own training wall time summed, this invocation's wall time, and this plan's best point as tags."""
+    runs = grid_runs(uri, experiment, grid)
+    finished = [r for r in runs if math.isfinite(r.data.metrics.get(FINAL_NLL, float("nan")))]
     study.log_metrics(
         {
-            "study/points": len(results),
+            "study/points": len(runs),
             "study/points_finished": len(finished),
-            "study/C_total": sum(by_id[r["id"]]["C"] for r in finished),
-            "study/C_measured_total": sum(by_id[r["id"]].get("C_measured") or 0.0 for r in finished),
-            "study/points_wall_s": round(seconds, 1),
+            "study/C_total": sum(_param(r, "scaling.C") for r in finished),
+            "study/C_measured_total": sum(_param(r, "scaling.C_measured") for r in finished),
+            "study/points_wall_s": round(sum((r.info.end_time - r.info.start_time) / 1e3 for r in finished), 1),
             "study/invocation_wall_s": round(wall, 1),
         },
         step=0,

@@ -189,7 +189,7 @@ def test_fit_reads_budgets_and_reports_both_approaches(tmp_path):
     study = store.open_study(cfg, "iso", {"scaling.kind": "isoflop"})
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.get_experiment_by_name("scaling").experiment_id
-    entries, results = [], []
+    results = []
     for i, r in enumerate(isoflop_runs(shift={4: 1 / 24})):
         entry = {k: r[k] for k in ("N", "D", "C", "C_measured", "budget")}
         tags = {**store.grid_tags("iso", f"p{i}"), "mlflow.parentRunId": study.run_id}
@@ -197,12 +197,11 @@ def test_fit_reads_budgets_and_reports_both_approaches(tmp_path):
         params = [Param(k, str(v)) for k, v in store.grid_params(entry, "val/nll_bits_per_dim").items()]
         client.log_batch(run.info.run_id, metrics=[Metric(store.FINAL_NLL, r["nll"], 0, 0)], params=params)
         client.set_terminated(run.info.run_id)
-        entries.append({"id": f"p{i}", **entry})
-        results.append({"id": f"p{i}", "nll": r["nll"], "run_id": run.info.run_id})
-    store.close_study(study, entries, results, results[0], wall=12.5)
+        results.append({"id": f"p{i}", "nll": r["nll"], "run_id": run.info.run_id, "C": entry["C"]})
+    store.close_study(study, uri, "scaling", "iso", results[0], wall=12.5)
     totals = client.get_run(study.run_id).data.metrics
     assert totals["study/points_finished"] == len(results) and totals["study/invocation_wall_s"] == 12.5
-    assert totals["study/C_total"] == pytest.approx(sum(e["C"] for e in entries))
+    assert totals["study/C_total"] == pytest.approx(sum(r["C"] for r in results), rel=1e-6)
     result = S.fit_grid(uri, "scaling", "iso", n_boot=40, out_dir=tmp_path / "out", artifact_location=str(tmp_path))
     assert len(result["runs"]) == len(results)  # the study run is no grid point
     shown = {a.path for a in client.list_artifacts(study.run_id, "fit")}
