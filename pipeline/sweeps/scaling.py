@@ -394,7 +394,14 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
     done = {} if force else store.finished_points(track["uri"], track["experiment"], plan["name"])
     todo = [e for e in plan["entries"] if e["id"] not in done]
     if done:
-        log.info("scaling %s: %d grid points already done, %d to train", plan["name"], len(done), len(todo))
+        log.info(
+            "scaling %s: %d of the plan's %d points already done (the grid holds %d), %d to train",
+            plan["name"],
+            len(plan["entries"]) - len(todo),
+            len(plan["entries"]),
+            len(done),
+            len(todo),
+        )
     configs = {}
     for entry in todo:  # validate every point before training any
         planned = _planned(plan, entry)
