@@ -20,6 +20,9 @@ import numpy as np
 
 HUBER_DELTA = 1e-3
 PARAMS = {"ND": ("E", "A", "alpha", "B", "beta"), "C": ("E", "A", "gamma")}
+# IsoFLOP parabolas use the sizes whose loss is within this fraction of their budget's lowest: far from the
+# minimum a profile is no parabola (a large model given a handful of steps sits near its initial loss)
+ISOFLOP_NEAR = 0.25
 
 
 class ScalingError(ValueError):
@@ -277,15 +280,24 @@ def _vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float] | None:
     return centre + float(x), float(c0 - c1**2 / (4 * c2))
 
 
+def near_minimum(group: list[dict]) -> list[dict]:
+    """The runs of one budget whose loss is within ISOFLOP_NEAR of the budget's lowest: its parabola's points."""
+    lowest = min(r["nll"] for r in group)
+    return [r for r in group if r["nll"] <= lowest * (1 + ISOFLOP_NEAR)]
+
+
 def _budget_optimum(budget: float, group: list[dict]) -> dict:
-    """One budget's parabola fit, with the reason it is off-centre (None when usable)."""
-    log_n = np.log([r["N"] for r in group])
-    loss = np.array([r["nll"] for r in group])
+    """One budget's parabola fit (on ``near_minimum``), with the reason it is off-centre (None when usable)."""
+    all_n = np.log([r["N"] for r in group])
+    near = near_minimum(group)
+    log_n = np.log([r["N"] for r in near])
+    loss = np.array([r["nll"] for r in near])
     out = {
         "budget": budget,
         "n_runs": len(group),
-        "N_min": float(np.exp(log_n.min())),
-        "N_max": float(np.exp(log_n.max())),
+        "n_near": len(near),
+        "N_min": float(np.exp(all_n.min())),
+        "N_max": float(np.exp(all_n.max())),
     }
     if len(set(log_n.tolist())) < 3:
         return {
@@ -293,7 +305,8 @@ def _budget_optimum(budget: float, group: list[dict]) -> dict:
             "N_opt": float("nan"),
             "D_opt": float("nan"),
             "L_opt": float("nan"),
-            "off_centre": f"budget {budget:.3g}: {len(set(log_n.tolist()))} distinct N; a parabola needs 3",
+            "off_centre": f"budget {budget:.3g}: {len(set(log_n.tolist()))} distinct N within "
+            f"{ISOFLOP_NEAR:.0%} of its lowest loss; a parabola needs 3: add sizes near the minimum",
         }
     vertex = _vertex(log_n, loss)
     n_opt = float(np.exp(vertex[0])) if vertex else float("nan")
@@ -305,9 +318,9 @@ def _budget_optimum(budget: float, group: list[dict]) -> dict:
         }
     )
     lowest = int(np.argmin(loss))
-    if log_n[lowest] == log_n.min():
+    if log_n[lowest] == all_n.min():
         edge, direction = "smallest", "smaller"
-    elif log_n[lowest] == log_n.max():
+    elif log_n[lowest] == all_n.max():
         edge, direction = "largest", "larger"
     else:
         edge = direction = None
@@ -324,8 +337,8 @@ def _budget_optimum(budget: float, group: list[dict]) -> dict:
     elif not log_n.min() <= vertex[0] <= log_n.max():
         side = "smaller" if vertex[0] < log_n.min() else "larger"
         out["off_centre"] = (
-            f"budget {budget:.3g}: the parabola's vertex N = {n_opt:.3g} lies outside the sampled "
-            f"[{out['N_min']:.3g}, {out['N_max']:.3g}]: extend this budget to {side} N"
+            f"budget {budget:.3g}: the parabola's vertex N = {n_opt:.3g} lies outside the sizes it was fitted on "
+            f"[{np.exp(log_n.min()):.3g}, {np.exp(log_n.max()):.3g}]: extend this budget to {side} N"
         )
     else:
         out["off_centre"] = None
@@ -339,12 +352,13 @@ def _power_law(budgets: np.ndarray, values: np.ndarray) -> tuple[float, float]:
 
 
 def fit_isoflop(runs: list[dict], *, n_boot: int = 200, seed: int = 0) -> dict:
-    """Approach 2 (Hoffmann et al. 2022): per budget a parabola of L in log N, its vertex N_opt(C)
-    and D_opt = C / (6 N_opt); then N_opt = k C^a and D_opt = k' C^b by least squares in log-log,
-    with 95% percentile bootstrap intervals (runs resampled with replacement within each budget,
-    everything refitted). A budget whose lowest loss sits at its smallest or largest N, whose
-    parabola opens downward or whose vertex lies outside its sampled N is off-centre: reported in
-    ``off_centre`` and left out of the exponent fit. Runs are {"budget", "N", "nll"}; C is the budget."""
+    """Approach 2 (Hoffmann et al. 2022): per budget a parabola of L in log N through the sizes within
+    ISOFLOP_NEAR of the budget's lowest loss, its vertex N_opt(C) and D_opt = C / (6 N_opt); then
+    N_opt = k C^a and D_opt = k' C^b by least squares in log-log, with 95% percentile bootstrap
+    intervals (runs resampled with replacement within each budget, everything refitted). A budget
+    whose lowest loss sits at its smallest or largest N, whose parabola opens downward or whose
+    vertex lies outside the sizes it was fitted on is off-centre: reported in ``off_centre`` and left
+    out of the exponent fit. Runs are {"budget", "N", "nll"}; C is the budget."""
     groups: dict[float, list[dict]] = {}
     for r in runs:
         if not (math.isfinite(r.get("budget", float("nan"))) and r["nll"] > 0 and math.isfinite(r["nll"])):
@@ -361,7 +375,7 @@ def fit_isoflop(runs: list[dict], *, n_boot: int = 200, seed: int = 0) -> dict:
     c = np.array([p["budget"] for p in usable])
     a, k_n = _power_law(c, np.array([p["N_opt"] for p in usable]))
     b, k_d = _power_law(c, np.array([p["D_opt"] for p in usable]))
-    boot = _isoflop_bootstrap([groups[p["budget"]] for p in usable], c, n_boot, seed)
+    boot = _isoflop_bootstrap([near_minimum(groups[p["budget"]]) for p in usable], c, n_boot, seed)
     return {
         "kind": "isoflop",
         "params": {"a": a, "b": b, "k_N": k_n, "k_D": k_d},
@@ -369,7 +383,7 @@ def fit_isoflop(runs: list[dict], *, n_boot: int = 200, seed: int = 0) -> dict:
         "per_budget": per_budget,
         "off_centre": [p["off_centre"] for p in per_budget if p["off_centre"]],
         "n_budgets": len(usable),
-        "n_runs": sum(len(groups[p["budget"]]) for p in usable),
+        "n_runs": sum(p["n_near"] for p in usable),
         "n_boot": len(boot),
     }
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.evaluation.figures import pyplot
-from pipeline.sweeps.fit import PARAMS, compute_optimal, law, law_name, reliability_warnings
+from pipeline.sweeps.fit import ISOFLOP_NEAR, PARAMS, compute_optimal, law, law_name, near_minimum, reliability_warnings
 
 
 def _fmt(value: Any) -> str:
@@ -173,11 +173,15 @@ def _exponents_markdown(exponents: dict) -> str:
             f"| 2: IsoFLOP parabolas | {_fmt(p['a'])} | {_ci(two['ci']['a'])} | {_fmt(p['b'])} | {_ci(two['ci']['b'])} "
             f"| {two['n_budgets']} budgets, {two['n_runs']} runs, {two['n_boot']} bootstrap fits |"
         )
-        md += ["", "| budget C | runs | N range | N_opt (vertex) | D_opt | used |", "|---|---|---|---|---|---|"]
+        md += [
+            "",
+            "| budget C | runs (in the parabola) | N range | N_opt (vertex) | D_opt | used |",
+            "|---|---|---|---|---|---|",
+        ]
         for b in two["per_budget"]:
             md.append(
-                f"| {b['budget']:.3g} | {b['n_runs']} | [{b['N_min']:.3g}, {b['N_max']:.3g}] | {b['N_opt']:.3g} "
-                f"| {b['D_opt']:.3g} | {'no: off-centre' if b['off_centre'] else 'yes'} |"
+                f"| {b['budget']:.3g} | {b['n_runs']} ({b['n_near']}) | [{b['N_min']:.3g}, {b['N_max']:.3g}] "
+                f"| {b['N_opt']:.3g} | {b['D_opt']:.3g} | {'no: off-centre' if b['off_centre'] else 'yes'} |"
             )
         if two["off_centre"]:
             md += ["", *(f"OFF-CENTRE (left out of Approach 2): {m}" for m in two["off_centre"])]
@@ -326,9 +330,11 @@ def plot_isoflop(runs: list[dict], nd: dict, exponents: dict, path: Path, title:
         found = per_budget.get(budget, {})
         marker = "o" if found.get("off_centre") is None and found else "x"
         axes[0].scatter(np.exp(log_n), loss, color=color, marker=marker, zorder=3, label=f"C={budget:.2g}")
+        near = near_minimum(group) if group else []
+        log_n = np.log([r["N"] for r in near])
         if len(set(log_n.tolist())) >= 3:
             centre = log_n.mean()
-            coeffs = np.polyfit(log_n - centre, loss, 2)
+            coeffs = np.polyfit(log_n - centre, [r["nll"] for r in near], 2)
             grid = np.linspace(log_n.min() - 0.2, log_n.max() + 0.2, 80)
             axes[0].plot(np.exp(grid), np.polyval(coeffs, grid - centre), color=color, alpha=0.7)
         if math.isfinite(found.get("N_opt", float("nan"))):
@@ -355,5 +361,9 @@ def plot_isoflop(runs: list[dict], nd: dict, exponents: dict, path: Path, title:
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{title}  IsoFLOP: o used, x off-centre (left out of Approach 2)", fontsize=10)
+    fig.suptitle(
+        f"{title}  IsoFLOP: o used, x off-centre (left out of Approach 2); parabolas through the sizes within "
+        f"{ISOFLOP_NEAR:.0%} of each budget's lowest loss",
+        fontsize=10,
+    )
     return _save(fig, path)

@@ -217,3 +217,22 @@ def test_fit_reads_budgets_and_reports_both_approaches(tmp_path):
     metrics = client.get_run(result["mlflow_run_id"]).data.metrics
     assert metrics["fit/approach2/a"] == pytest.approx(result["exponents"]["approach2"]["params"]["a"])
     assert "fit/approach3/a_ci_low" in metrics
+
+
+def test_a_parabola_is_fitted_near_the_minimum_not_through_untrained_sizes():
+    """A widened budget holds sizes far above its optimum that barely trained (loss near the initial one):
+    the parabola uses the sizes within ISOFLOP_NEAR of the lowest loss, so its vertex is the true optimum."""
+    true_log_opt = math.log(2e4)
+    sizes = np.geomspace(3e3, 3e5, 9)
+    runs = []
+    for budget, shift in ((1e12, 0.0), (1e13, math.log(3.0))):
+        for n in sizes * math.exp(shift):
+            loss = 4.4 + 0.3 * (math.log(n) - true_log_opt - shift) ** 2
+            runs.append({"budget": budget, "N": float(n), "nll": loss if loss < 6 else 14.0})  # untrained: flat 14
+    two = F.fit_isoflop(runs, n_boot=20)
+    assert two["off_centre"] == [] and all(b["n_near"] < b["n_runs"] for b in two["per_budget"])
+    assert two["per_budget"][0]["N_opt"] == pytest.approx(2e4, rel=0.01)
+    assert two["params"]["a"] == pytest.approx(math.log(3.0) / math.log(10.0), rel=0.01)
+    # through every size, the flat untrained losses drag the vertex away
+    far = F._vertex(np.log([r["N"] for r in runs[:9]]), np.array([r["nll"] for r in runs[:9]]))
+    assert far is None or abs(far[0] - true_log_opt) > 0.1  # >10% off in N_opt
