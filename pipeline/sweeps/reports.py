@@ -358,6 +358,7 @@ def plot_isoflop(runs: list[dict], nd: dict, exponents: dict, path: Path, title:
         label = f"Approach 3: C^{a3:.2f} [{low:.2f}, {high:.2f}]"
         ax.plot(c_grid, [t[key] for t in three], color="C0", ls="--", label=label)
         ax.set(xscale="log", yscale="log", xlabel="C = 6ND (FLOPs)", ylabel=key, title=f"{key}(C)")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a span under a decade labels every minor tick
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
