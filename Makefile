@@ -25,7 +25,7 @@ $(CHROMIUM):  ## headless browser for the MLflow UI test (Debian package)
 # Five pytest processes, each under a timeout (a starved Ray hangs instead of failing): the
 # cluster and fault tests start Ray runtimes of their own, and Ray Train's clean-up actor gives up
 # when it finds several Ray instances on one machine.
-test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); ~27 min on 2 cores
+test: $(STAMP) $(CHROMIUM)  ## run the whole test suite (what .ci/run runs); 22-27 min on 2 cores
 	timeout -s INT -k 60 2700 $(BIN)/python -m pytest -q -m "not cluster and not faults and not standalone and not multinode"
 	timeout -s INT -k 60 600 $(BIN)/python -m pytest -q -m standalone
 	timeout -s INT -k 60 900 $(BIN)/python -m pytest -q -m cluster
