@@ -249,11 +249,9 @@ def bench_pipeline(steps: int = 60, overrides: list[str] | None = None, rounds: 
     slow or busy machine moves one round, not the median). The first round also fits 2 workers and
     times Ray Data's delivery. ``overrides``: Hydra overrides of the mnist_local preset."""
     user = list(overrides or [])
-    cfg = load(
-        ["experiment=mnist_local", *user, f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
-    )
-    uri = cfg.data.uri
     common = [f"trainer.max_steps={steps}", f"trainer.log_every={max(steps // 6, 1)}"]
+    cfg = load(["experiment=mnist_local", *user, *common])
+    uri = cfg.data.uri
     plains, fits = [], []
     with tempfile.TemporaryDirectory(prefix="bfn-bench-") as folder:
         root = Path(folder)

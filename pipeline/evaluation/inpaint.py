@@ -117,6 +117,16 @@ def check_mode(cfg: Config, keep: str | None, text: str | None) -> None:
         raise ConfigError(f"--text: prompts are read in text8's alphabet; data.name={name} is not text8")
 
 
+def check_infer_class(num_labels: int | None, particles: list[int]) -> None:
+    """``--infer-class`` weighs SMC particles of every class: a conditional model and, among the
+    ``--particles`` counts, one of at least the number of classes."""
+    if num_labels is None or max(particles) < num_labels:
+        raise ConfigError(
+            f"--infer-class: needs a conditional model (model.num_labels={num_labels}) and --particles "
+            f">= the number of classes (got --particles {','.join(map(str, particles))})"
+        )
+
+
 @torch.no_grad()
 def inpaint(model, cfg: Config, checkpoint, *, keep=None, text=None, fill=64, num=8, split="test", **options) -> Path:
     """Complete ``num`` test images (``keep``) or ``num`` continuations of a prompt (``text``);
@@ -130,11 +140,8 @@ def inpaint(model, cfg: Config, checkpoint, *, keep=None, text=None, fill=64, nu
     if particles > 1 and sampler != "paper":
         raise ConfigError(f"--particles: sequential Monte Carlo runs the paper sampler (got --sampler {sampler})")
     infer = bool(options.get("infer_class", False))
-    if infer and (cfg.model.num_labels is None or particles < cfg.model.num_labels):
-        raise ConfigError(
-            f"--infer-class: needs a conditional model (model.num_labels={cfg.model.num_labels}) and --particles "
-            f">= the number of classes (got {particles})"
-        )
+    if infer:
+        check_infer_class(cfg.model.num_labels, [particles])
     generator = torch.Generator().manual_seed(seed)
     tag = "text" if text is not None else Path(keep).stem
     out = Path(options.get("out") or _default_out(checkpoint, tag, seed))

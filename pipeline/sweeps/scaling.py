@@ -135,7 +135,7 @@ def _axes(cfg, overrides, widths, depths, steps, fractions) -> tuple[str, dict, 
     if family is None:
         raise ScalingError(f"net.name={cfg.net.name} has no width/depth family; one of {', '.join(FAMILIES)}")
     info = FAMILIES[family]
-    explicit = {re.sub(r"^\+*", "", o.split("=", 1)[0]) for o in overrides if "=" in o}
+    explicit = _given_keys(overrides)
     pinned = {k: cfg.net.kwargs[k] if f"net.kwargs.{k}" in explicit else v for k, v in info["pinned"].items()}
     info = {**info, "pinned": pinned}
     depth = cfg.net.kwargs[info["depth"]]
@@ -149,6 +149,11 @@ def _axes(cfg, overrides, widths, depths, steps, fractions) -> tuple[str, dict, 
             list(fractions or [cfg.data.fraction]),
         ],
     )
+
+
+def _given_keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys the overrides give a value (Hydra's + and ++ prefixes dropped)."""
+    return {re.sub(r"^\+*", "", o.split("=", 1)[0]) for o in overrides if "=" in o}
 
 
 def make_plan(
@@ -223,7 +228,7 @@ def _plan(name: str, overrides: Sequence[str], cfg, family: str, entries: list[d
 
     _warn_ema_lag(cfg, entries)
     # a point cut by the preset's time budget would not spend its D: no time budget unless asked for
-    timed = any(re.sub(r"^\+*", "", o).startswith("trainer.max_minutes=") for o in overrides)
+    timed = "trainer.max_minutes" in _given_keys(overrides)
     return {
         "name": name,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -419,13 +424,13 @@ def run_plan(plan: dict, *, concurrent: int = 1, force: bool = False) -> list[di
 
 def _study_params(plan: dict) -> dict[str, Any]:
     """The plan as the study run's params: what a person browsing MLflow needs to read the grid."""
-    sizes = {e.get("budget") for e in plan["entries"]}
+    budgets = plan.get("budgets", [])
     params = {
         "scaling.kind": plan.get("kind", "grid"),
         "scaling.family": plan["family"],
         "scaling.points": len(plan["entries"]),
-        "scaling.budgets": ",".join(f"{b:g}" for b in plan.get("budgets", [])) or None,
-        "scaling.sizes_per_budget": len(plan["entries"]) // len(sizes) if plan.get("budgets") else None,
+        "scaling.budgets": ",".join(f"{b:g}" for b in budgets) or None,
+        "scaling.sizes_per_budget": len(plan["entries"]) // len(budgets) if budgets else None,
         "scaling.metric": plan["metric"],
         "scaling.base_overrides": " ".join(o for o in plan["base_overrides"] if not o.startswith("paths.")),
     }
@@ -483,8 +488,7 @@ def _run_with_tune(plan: dict, todo: list[dict], first_cfg, concurrent: int, par
         overrides=plan["base_overrides"],
         sweep=f"scaling-{plan['name']}",
         metric=plan["metric"],
-        parent_run_id=parent_id,
-        planned={e["id"]: _planned(plan, e, parent_id) for e in todo},
+        planned={e["id"]: _planned(plan, e, parent_id) for e in todo},  # their tags name the parent
     )
     storage_path, storage_fs = storage(first_cfg)
     runner.run_tune(

@@ -103,7 +103,7 @@ def draw(
                 guidance=guidance,
                 known=part,
                 particles=particles,
-                infer_label=infer_label and particles > 1,
+                infer_label=infer_label,
             ).cpu()
         )
     if device.type == "cuda":
@@ -219,7 +219,8 @@ def inpaint_rows(
     rows = []
     for sampler, count in _runs(samplers, particles):
         for nfe in nfes:
-            name = _name(sampler, count) + (", class inferred" if infer_label and count > 1 else "")
+            inferred = infer_label and count > 1  # the class is inferred by SMC particles only
+            name = _name(sampler, count) + (", class inferred" if inferred else "")
             row = Row(f"{name}, {keep} kept", nfe, num)
             for seed, batch in enumerate(batches):
                 x = torch.from_numpy(batch["x"]).to(dtype)
@@ -234,7 +235,7 @@ def inpaint_rows(
                     grid=grid,
                     known=Known(mask.to(device), x),
                     particles=count,
-                    infer_label=infer_label,
+                    infer_label=inferred,
                 )
                 row.add({**scorer.score_labelled(drawn, batch["label"]), "seconds_per_sample": seconds / num})
                 if seed == 0 and samples_dir is not None:
@@ -242,7 +243,7 @@ def inpaint_rows(
                     original = figures.to_uint8_images(x[:shown], cfg.data.name)
                     kept = np.where(mask.numpy(), original, np.uint8(128))
                     completed = figures.to_uint8_images(drawn[:shown], cfg.data.name)
-                    tag = sampler if count == 1 else f"smc{count}" + ("_inferred" if infer_label else "")
+                    tag = sampler if count == 1 else f"smc{count}" + ("_inferred" if inferred else "")
                     path = Path(samples_dir) / f"{tag}_nfe{nfe}_{Path(keep).stem}_seed0.png"
                     figures.save_image_grid(np.concatenate([original, kept, completed]), path, cols=shown)
                 _log(row, seed)

@@ -28,6 +28,7 @@ from pipeline.config import (
 )
 from pipeline.evaluation import figures
 from pipeline.evaluation.evaluate import load_model
+from pipeline.evaluation.inpaint import check_infer_class
 from pipeline.evaluation.inpaint import image_mask as inpaint_mask
 from pipeline.evaluation.quality import conditional as cond
 from pipeline.evaluation.quality import metrics as qm
@@ -202,12 +203,10 @@ def quality(
     )
     model, cfg = load_model(checkpoint, overrides, use_ema=use_ema)
     text = data_lib.is_text(cfg.data.name)
-    if infer_class and (inpaint is None or cfg.model.num_labels is None or max(particles) < cfg.model.num_labels):
-        raise ConfigError(
-            "--infer-class: SMC particles of every class complete an --inpaint: needs a conditional model "
-            f"(model.num_labels={cfg.model.num_labels}), --inpaint and --particles >= the number of classes "
-            f"(got --particles {','.join(map(str, particles))})"
-        )
+    if infer_class and inpaint is None:
+        raise ConfigError("--infer-class: SMC particles of every class complete an --inpaint; give --inpaint too")
+    if infer_class:
+        check_infer_class(cfg.model.num_labels, particles)
     if guidances is not None:
         cond.check_guidances(cfg.model, guidances, num)
     if inpaint is not None and text:
