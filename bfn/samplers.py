@@ -75,7 +75,8 @@ psi(theta_i) / psi(theta_{i-1}), psi(theta) = p_O(x_known | theta) from the step
 in the product, so the target is exactly the model's own conditional p(x_unknown | x_known); they
 steer resampling (below an effective sample size of P / 2) towards particles whose unknown part
 already predicts the known part. One particle per sample is drawn by its final weight. P times the
-compute of one sample.
+compute of one sample. ``infer_label`` runs one such particle system per class of a conditional
+network and takes the class of largest total weight (``smc``).
 
 Numerics: step coefficients are python floats computed in float64; the state math runs in float32
 with autocast off, so the network may run under bf16 autocast.
@@ -139,8 +140,8 @@ def sample(
         known: ``bfn.conditioning.Known(mask, values)``: coordinates the samples keep.
         particles: > 1: sequential Monte Carlo over that many particles per sample (``paper``
             sampler and ``known`` only; see the module docstring), particles x the compute.
-        infer_label: SMC with a conditional network: the particles' classes are inferred from the
-            known coordinates instead of given (``smc``).
+        infer_label: SMC with a conditional network: the class is inferred from the known
+            coordinates instead of given, with ``particles`` / num_labels particles per class (``smc``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -154,7 +155,7 @@ def sample(
         raise ValueError(f"particles must be an int >= 1, got {particles!r}")
     device = device or _model_device(model)
     if infer_label and particles == 1:
-        raise ValueError("infer_label weighs particles of every class: give particles >= the number of classes")
+        raise ValueError("infer_label weighs particles of every class: give particles a multiple of num_labels")
     if particles > 1:
         if sampler != "paper" or known is None:
             raise ValueError(
@@ -245,22 +246,28 @@ def smc(
 
     Particles of sample b are rows b P .. b P + P - 1 of one batch of B P rows. Without resampling
     and with P = 1 it is the paper's sampler whose known inputs follow the data's flow.
-    ``infer_label`` (a class-conditional network, no ``label``): particle j starts with class
-    j mod num_labels and keeps it through resampling, so the class is one more latent that the
-    known coordinates' weights infer; the target is the conditional of the mixture
-    sum_c p(c) p(x | c) (uniform p(c)) rather than of the network's unlabelled mode.
+    ``infer_label`` (a class-conditional network, no ``label``, P a multiple of num_labels C):
+    particle j of a sample carries class j // (P / C), and each class's P / C particles are their
+    own particle system: resampling stays within a class and keeps the class's total weight, so
+    that weight estimates p(x_known | c) and no class is dropped on an early step's weights. The
+    particles of a sample share the sender draws at known coordinates: the classes are compared on
+    one draw of the data's flow, not each on its own noise (the class posterior is then the one
+    given that draw, the same where the network's receiver matches the sender). The result is a
+    particle of the most probable class (with ``return_sample``, of a class drawn by its weight),
+    drawn by weight within it.
     """
     B, P = num_samples, particles
     device = device or _model_device(model)
     label = check_label(label, model.num_labels, B, device)
+    blocks = 1  # particle systems per sample: one per class when the class is inferred
     if infer_label:
-        classes = model.num_labels
-        if classes is None or label is not None or classes > P:
+        blocks = model.num_labels
+        if blocks is None or label is not None or P % blocks:
             raise ValueError(
-                f"infer_label needs a conditional network (num_labels={classes}), no label "
-                f"(got {'one' if label is not None else None}) and particles >= num_labels (got {P})"
+                f"infer_label needs a conditional network (num_labels={blocks}), no label "
+                f"(got {'one' if label is not None else None}) and particles a multiple of num_labels (got {P})"
             )
-        per_particle = torch.arange(B * P, device=device) % P % classes
+        per_particle = torch.arange(B * P, device=device) % P // (P // blocks)
     else:
         per_particle = None if label is None else label.repeat_interleave(P)
     mask, values = known.mask, known.values
@@ -291,31 +298,38 @@ def smc(
         x_out = condition.data(dist.sample(generator))
         alpha = model.flow.alpha(i, num_steps)
         y = model.flow.sender_sample(x_out, alpha, generator)
+        if infer_label:  # every particle of a sample takes its first particle's draw at known coordinates
+            first = y.view(B, P, *y.shape[1:])[:, :1].expand(B, P, *y.shape[1:]).reshape(y.shape)
+            y = torch.where(mask.view(*mask.shape, *(1,) * (y.dim() - mask.dim())), first, y)
         log_ratio = torch.where(mask, -losses.sender_log_ratio(dist, y, x, alpha), 0.0)  # ln p_R - ln p_S
         log_weights = log_weights + log_ratio.sum(-1).view(B, P)
         params = model.flow.update(params, y, alpha)
-        rows, log_weights = _resample(log_weights, generator)
-        params, twist = _take(params, rows), twist[rows]
-        if infer_label:  # a particle's class travels with it
-            condition.label = condition.label[rows]
+        rows, log_weights = _resample(log_weights.view(B * blocks, P // blocks), generator)
+        params, twist, log_weights = _take(params, rows), twist[rows], log_weights.view(B, P)
     dist = condition.output(params, torch.ones(B * P, 1, device=device))
     final = torch.where(mask, _log_prob(model, dist, x), 0.0).sum(-1) - twist
     log_weights = log_weights + final.view(B, P)
+    if infer_label and not return_sample:  # the mode over classes, as p_O's mode over values
+        mass = log_weights.view(B, blocks, P // blocks).logsumexp(-1)  # ln of each class's weight
+        best = per_particle.view(B, P) == mass.argmax(-1, keepdim=True)
+        log_weights = torch.where(best, log_weights, -math.inf)
     chosen = torch.multinomial(torch.softmax(log_weights, -1), 1, generator=generator)[:, 0]  # (B,)
     out = _result(model, dist, B * P, generator, return_sample, condition)
     return out.view(B, P, *model.data_shape)[torch.arange(B, device=device), chosen]
 
 
 def _resample(log_weights: Tensor, generator) -> tuple[Tensor, Tensor]:
-    """Multinomial resampling of the samples whose effective sample size is below P / 2, without a
-    sync: (the rows (B P,) each particle continues from, the log weights after)."""
-    B, P = log_weights.shape
+    """Multinomial resampling of the particle systems (rows of (S, P)) whose effective sample size
+    is below P / 2, without a sync: (the rows (S P,) each particle continues from, the log weights
+    after). A resampled system keeps its total weight, spread evenly over its particles."""
+    S, P = log_weights.shape
     weights = torch.softmax(log_weights, -1)
-    low = (1 / weights.square().sum(-1) < P / 2)[:, None]  # (B, 1)
-    drawn = torch.multinomial(weights, P, replacement=True, generator=generator)  # (B, P)
+    low = (1 / weights.square().sum(-1) < P / 2)[:, None]  # (S, 1)
+    drawn = torch.multinomial(weights, P, replacement=True, generator=generator)  # (S, P)
     index = torch.where(low, drawn, torch.arange(P, device=drawn.device))
-    rows = (index + P * torch.arange(B, device=drawn.device)[:, None]).reshape(-1)
-    return rows, torch.where(low, 0.0, log_weights)
+    rows = (index + P * torch.arange(S, device=drawn.device)[:, None]).reshape(-1)
+    mean = log_weights.logsumexp(-1, keepdim=True) - math.log(P)
+    return rows, torch.where(low, mean, log_weights)
 
 
 def _take(params, rows: Tensor):

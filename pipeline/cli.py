@@ -240,8 +240,8 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument(
         "--infer-class",
         action="store_true",
-        help="conditional models, with --particles >= the number of classes: particles carry classes that the "
-        "known part's weights infer",
+        help="conditional models, with --particles a multiple of the number of classes K: one particle system "
+        "per class, whose weights on the known part infer the class",
     )
     p.add_argument("--raw-weights", action="store_true")
     p.set_defaults(func=cmd_inpaint)
@@ -284,8 +284,8 @@ def _add_sample_and_quality(sub) -> None:
     p.add_argument(
         "--infer-class",
         action="store_true",
-        help="with --inpaint and a conditional model: SMC particles carry classes (particle j: class j mod K) "
-        "that the kept pixels' weights infer; --particles >= K",
+        help="with --inpaint and a conditional model: one SMC particle system per class, whose weights on "
+        "the kept pixels infer the class; --particles a multiple of K",
     )
     _overrides(p)
     p.set_defaults(func=cmd_quality)

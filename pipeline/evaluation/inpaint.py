@@ -118,12 +118,14 @@ def check_mode(cfg: Config, keep: str | None, text: str | None) -> None:
 
 
 def check_infer_class(num_labels: int | None, particles: list[int]) -> None:
-    """``--infer-class`` weighs SMC particles of every class: a conditional model and, among the
-    ``--particles`` counts, one of at least the number of classes."""
-    if num_labels is None or max(particles) < num_labels:
+    """``--infer-class`` runs one SMC particle system per class: a conditional model, and every
+    ``--particles`` count above 1 a multiple of the number of classes (at least one such count)."""
+    smc = [count for count in particles if count > 1]
+    if num_labels is None or not smc or any(count % num_labels for count in smc):
         raise ConfigError(
-            f"--infer-class: needs a conditional model (model.num_labels={num_labels}) and --particles "
-            f">= the number of classes (got --particles {','.join(map(str, particles))})"
+            f"--infer-class: needs a conditional model (model.num_labels={num_labels}) and --particles a "
+            f"multiple of the number of classes, the same number of particles per class "
+            f"(got --particles {','.join(map(str, particles))})"
         )
 
 

@@ -311,9 +311,11 @@ class ClassPrototypes(torch.nn.Module):
 
 
 def test_smc_infers_the_class_from_the_known_part():
-    """Five classes, each one prototype; prototypes 1 and 2 agree on the known half. Particles that
-    carry classes (infer_label) end on prototype 1 or 2, half each (uniform class prior), never on
-    another class's prototype: the weights inferred the class from the known half alone."""
+    """Five classes, each one prototype; prototypes 1 and 2 agree on the known half. One particle
+    system per class (infer_label): drawn by weight (return_sample), the completions are prototype
+    1 or 2, half each (uniform class prior), never another class's; by default the most probable
+    class is taken, so every completion is one of the two that fit, and with two particles per class
+    (resampling within a class) the same holds."""
     g = seeded(0)
     prototypes = torch.randint(0, 5, (5, 8), generator=g)
     prototypes[2, :4] = prototypes[1, :4]
@@ -321,10 +323,13 @@ def test_smc_infers_the_class_from_the_known_part():
         prototypes[m, 0] = (prototypes[1, 0] + 1 + m) % 5  # the other classes differ on the known half
     model = BFN(ClassPrototypes(prototypes, 5), DiscreteFlow(5, 2.0), CategoricalHead(5), data_shape=(8,)).eval()
     known = Known(torch.arange(8) < 4, prototypes[1])
-    out = smc(model, 400, 30, 5, known=known, generator=seeded(1), infer_label=True)
-    shares = prototype_frequencies(out, prototypes)
+    drawn = smc(model, 400, 30, 5, known=known, generator=seeded(1), infer_label=True, return_sample=True)
+    shares = prototype_frequencies(drawn, prototypes)
     assert shares[[0, 3, 4, 5]].sum() == 0, shares
     assert abs(shares[1] - 0.5) < 0.1, shares  # sd 0.025 on 400 samples
+    for particles in (5, 10):
+        mode = prototype_frequencies(smc(model, 50, 30, particles, known=known, infer_label=True), prototypes)
+        assert mode[[1, 2]].sum() == 1, (particles, mode)
 
 
 def test_bad_smc_arguments_raise_value_errors_naming_them():
@@ -336,7 +341,7 @@ def test_bad_smc_arguments_raise_value_errors_naming_them():
         ({"particles": 4}, "known=None"),
         ({"particles": 4, "known": known, "sampler": "ode2"}, "sampler='ode2'"),
         ({"particles": 4, "known": known, "grid": "uniform"}, "grid"),
-        ({"particles": 4, "known": known, "infer_label": True}, "particles >= num_labels"),
+        ({"particles": 4, "known": known, "infer_label": True}, "particles a multiple of num_labels"),
         ({"particles": 5, "known": known, "infer_label": True, "label": 1}, "no label"),
         ({"infer_label": True}, "infer_label"),
     ):

@@ -210,6 +210,7 @@ def test_bad_conditioning_input_exits_2_naming_it(checkpoints, tmp_path, capsys)
     _fails(capsys, ["inpaint", text8, "--text", "the cat", "--fill", "40"], "--fill", "data.seq_len=46")
     _fails(capsys, ["inpaint", cond, "--keep", "top-half", "--particles", "0"], "--particles", ">= 1")
     _fails(capsys, ["inpaint", cond, "--keep", "top-half", "--particles", "4", "--infer-class"], "--infer-class")
+    _fails(capsys, ["inpaint", cond, "--keep", "top-half", "--particles", "15", "--infer-class"], "multiple")
     _fails(capsys, ["inpaint", plain, "--keep", "top-half", "--particles", "10", "--infer-class"], "--infer-class")
     _fails(
         capsys, ["inpaint", cond, "--keep", "top-half", "--particles", "4", "--sampler", "ode2"], "--particles", "paper"

@@ -501,6 +501,7 @@ def test_text_fill_accuracy_beside_exact_unigram_baselines(tmp_path):
         ("cond", ["--prompt", "10"], ["--prompt", "--fill"]),
         ("cond", ["--particles", "4"], ["--particles", "--inpaint"]),
         ("cond", ["--inpaint", "top-half", "--particles", "4", "--infer-class"], ["--infer-class", "classes"]),
+        ("cond", ["--inpaint", "top-half", "--particles", "1,15", "--infer-class"], ["--infer-class", "multiple"]),
         ("plain", ["--inpaint", "top-half", "--particles", "10", "--infer-class"], ["--infer-class", "num_labels"]),
         ("cond", ["--inpaint", "top-half", "--particles", "1,0"], ["--particles", ">= 1"]),
     ],
