@@ -270,14 +270,22 @@ def reliability_warnings(nd: dict, c: dict, runs: list[dict], prediction: dict |
 
 
 # ===================================================================== IsoFLOP (Approach 2)
+def _parabola(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, list[float]]:
+    """(centre, [c2, c1, c0]) of L = c2 x^2 + c1 x + c0 with x = log N - centre (centred for conditioning)."""
+    centre = float(log_n.mean())
+    return centre, [float(c) for c in np.polyfit(log_n - centre, loss, 2)]
+
+
 def _vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float] | None:
-    """(log N, L) at the vertex of the parabola L = c2 log N^2 + c1 log N + c0; None when it opens downward."""
-    centre = float(log_n.mean())  # centred for conditioning
-    c2, c1, c0 = np.polyfit(log_n - centre, loss, 2)
+    """(log N, L) at the vertex of the parabola of L in log N; None when it opens downward."""
+    return _parabola_vertex(*_parabola(log_n, loss))
+
+
+def _parabola_vertex(centre: float, coeffs: list[float]) -> tuple[float, float] | None:
+    c2, c1, c0 = coeffs
     if not c2 > 0:
         return None
-    x = -c1 / (2 * c2)
-    return centre + float(x), float(c0 - c1**2 / (4 * c2))
+    return centre - c1 / (2 * c2), c0 - c1**2 / (4 * c2)
 
 
 def near_minimum(group: list[dict]) -> list[dict]:
@@ -286,7 +294,7 @@ def near_minimum(group: list[dict]) -> list[dict]:
     return [r for r in group if r["nll"] <= lowest * (1 + ISOFLOP_NEAR)]
 
 
-def _budget_optimum(budget: float, group: list[dict]) -> dict:
+def budget_optimum(budget: float, group: list[dict]) -> dict:
     """One budget's parabola fit (on ``near_minimum``), with the reason it is off-centre (None when usable)."""
     all_n = np.log([r["N"] for r in group])
     near = near_minimum(group)
@@ -308,10 +316,12 @@ def _budget_optimum(budget: float, group: list[dict]) -> dict:
             "off_centre": f"budget {budget:.3g}: {len(set(log_n.tolist()))} distinct N within "
             f"{ISOFLOP_NEAR:.0%} of its lowest loss; a parabola needs 3: add sizes near the minimum",
         }
-    vertex = _vertex(log_n, loss)
+    centre, coeffs = _parabola(log_n, loss)
+    vertex = _parabola_vertex(centre, coeffs)
     n_opt = float(np.exp(vertex[0])) if vertex else float("nan")
     out.update(
         {
+            "parabola": {"centre": centre, "coeffs": coeffs, "log_N": [float(log_n.min()), float(log_n.max())]},
             "N_opt": n_opt,
             "D_opt": budget / (6.0 * n_opt) if vertex else float("nan"),
             "L_opt": vertex[1] if vertex else float("nan"),
@@ -364,7 +374,7 @@ def fit_isoflop(runs: list[dict], *, n_boot: int = 200, seed: int = 0) -> dict:
         if not (math.isfinite(r.get("budget", float("nan"))) and r["nll"] > 0 and math.isfinite(r["nll"])):
             continue
         groups.setdefault(float(r["budget"]), []).append(r)
-    per_budget = [_budget_optimum(b, groups[b]) for b in sorted(groups)]
+    per_budget = [budget_optimum(b, groups[b]) for b in sorted(groups)]
     usable = [p for p in per_budget if p["off_centre"] is None]
     if len(usable) < 2:
         why = "; ".join(p["off_centre"] for p in per_budget if p["off_centre"]) or "no other budgets"

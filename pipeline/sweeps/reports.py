@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.evaluation.figures import pyplot
-from pipeline.sweeps.fit import ISOFLOP_NEAR, PARAMS, compute_optimal, law, law_name, near_minimum, reliability_warnings
+from pipeline.sweeps.fit import (
+    ISOFLOP_NEAR,
+    PARAMS,
+    budget_optimum,
+    compute_optimal,
+    law,
+    law_name,
+    reliability_warnings,
+)
 
 
 def _fmt(value: Any) -> str:
@@ -330,13 +338,12 @@ def plot_isoflop(runs: list[dict], nd: dict, exponents: dict, path: Path, title:
         found = per_budget.get(budget, {})
         marker = "o" if found.get("off_centre") is None and found else "x"
         axes[0].scatter(np.exp(log_n), loss, color=color, marker=marker, zorder=3, label=f"C={budget:.2g}")
-        near = near_minimum(group) if group else []
-        log_n = np.log([r["N"] for r in near])
-        if len(set(log_n.tolist())) >= 3:
-            centre = log_n.mean()
-            coeffs = np.polyfit(log_n - centre, [r["nll"] for r in near], 2)
-            grid = np.linspace(log_n.min() - 0.2, log_n.max() + 0.2, 80)
-            axes[0].plot(np.exp(grid), np.polyval(coeffs, grid - centre), color=color, alpha=0.7)
+        parabola = budget_optimum(budget, group).get("parabola") if group else None  # Approach 2's own fit
+        if parabola:  # drawn over the sizes it was fitted on
+            grid = np.linspace(parabola["log_N"][0] - 0.2, parabola["log_N"][1] + 0.2, 80)
+            axes[0].plot(
+                np.exp(grid), np.polyval(parabola["coeffs"], grid - parabola["centre"]), color=color, alpha=0.7
+            )
         if math.isfinite(found.get("N_opt", float("nan"))):
             vertex = ([found["N_opt"]], [found["L_opt"]])
             axes[0].scatter(*vertex, marker="*", s=160, color=color, edgecolors="k", zorder=4)
